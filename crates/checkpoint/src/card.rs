@@ -1,0 +1,156 @@
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::{Checkpoint, Result};
+
+/// One input checkpoint as recorded in a model card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRecord {
+    /// What the input was used as (`base`, `model`, `source` …).
+    pub role: String,
+    pub path: PathBuf,
+    /// (file name, SHA-256 of its contents) for the weights and `config.json`;
+    /// the same digests the Hub shows for LFS files.
+    pub files: Vec<(String, String)>,
+}
+
+impl InputRecord {
+    /// Hashes the checkpoint's weight files (from their memory maps) and config.
+    pub fn hash(role: &str, checkpoint: &Checkpoint) -> Result<Self> {
+        let mut paths: Vec<PathBuf> = (0..checkpoint.shard_names().len())
+            .map(|i| checkpoint.shard_path(i).to_path_buf())
+            .collect();
+        paths.extend(checkpoint.index_path().map(PathBuf::from));
+        paths.push(checkpoint.dir().join("config.json"));
+        let files = paths
+            .par_iter()
+            .map(|path| {
+                let file = std::fs::File::open(path).map_err(|source| crate::Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let mut hasher = Sha256::new();
+                std::io::copy(
+                    &mut std::io::BufReader::with_capacity(1 << 20, file),
+                    &mut hasher,
+                )
+                .map_err(|source| crate::Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let name = path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                Ok((name, hex(&hasher.finalize())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            role: role.into(),
+            path: checkpoint.dir().to_path_buf(),
+            files,
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The `README.md` written with every output: Hub front matter, what was done,
+/// the recipe verbatim and the inputs with content hashes.
+#[derive(Debug, Clone, Default)]
+pub struct ModelCard {
+    pub title: String,
+    /// One paragraph on how the model was made.
+    pub summary: String,
+    /// The recipe text, verbatim (YAML).
+    pub recipe: Option<String>,
+    pub inputs: Vec<InputRecord>,
+}
+
+impl ModelCard {
+    pub fn render(&self) -> String {
+        let mut out = String::from("---\nlibrary_name: transformers\ntags:\n- amalgam\n");
+        if let Some(base) = self.inputs.iter().find(|i| i.role == "base") {
+            let _ = writeln!(
+                out,
+                "base_model: {}",
+                yaml_string(&base.path.display().to_string())
+            );
+        }
+        let _ = write!(out, "---\n\n# {}\n\n{}\n", self.title, self.summary);
+        let _ = writeln!(out, "\nMade with amalgam {}.", env!("CARGO_PKG_VERSION"));
+        if let Some(recipe) = &self.recipe {
+            let _ = write!(out, "\n## Recipe\n\n```yaml\n{}", recipe);
+            if !recipe.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str("```\n");
+        }
+        if !self.inputs.is_empty() {
+            out.push_str("\n## Inputs\n\n| role | path | file | sha256 |\n|---|---|---|---|\n");
+            for input in &self.inputs {
+                for (file, digest) in &input.files {
+                    let _ = writeln!(
+                        out,
+                        "| {} | `{}` | {} | `{}` |",
+                        input.role,
+                        input.path.display(),
+                        file,
+                        digest
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+fn yaml_string(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_records_recipe_and_hashes() {
+        let card = ModelCard {
+            title: "merged".into(),
+            summary: "Linear merge.".into(),
+            recipe: Some("merge_method: linear".into()),
+            inputs: vec![InputRecord {
+                role: "base".into(),
+                path: "/models/base".into(),
+                files: vec![("model.safetensors".into(), "ab".repeat(32))],
+            }],
+        };
+        let text = card.render();
+        assert!(text.starts_with("---\n"));
+        assert!(text.contains("base_model: \"/models/base\""));
+        assert!(text.contains("```yaml\nmerge_method: linear\n```"));
+        assert!(text.contains(&format!(
+            "| base | `/models/base` | model.safetensors | `{}` |",
+            "ab".repeat(32)
+        )));
+    }
+
+    #[test]
+    fn hex_is_lowercase_two_digits_per_byte() {
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+        // SHA-256 of the empty string, a published test vector.
+        assert_eq!(
+            hex(&Sha256::digest(b"")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

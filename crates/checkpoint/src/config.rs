@@ -1,0 +1,133 @@
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::{dtype::dtype_name, Dtype, Error, Result};
+
+/// A model's `config.json`: kept whole (key order preserved) so it can be
+/// written back with only the fields amalgam changes, plus typed accessors for
+/// the fields amalgam reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    fields: Map<String, Value>,
+}
+
+impl ModelConfig {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read(path).map_err(|e| Error::Config {
+            path: path.into(),
+            message: format!("cannot read config.json: {e}"),
+        })?;
+        let value: Value = serde_json::from_slice(&text).map_err(|e| Error::Config {
+            path: path.into(),
+            message: format!("config.json is not valid JSON: {e}"),
+        })?;
+        match value {
+            Value::Object(fields) => Ok(Self { fields }),
+            _ => Err(Error::Config {
+                path: path.into(),
+                message: "config.json is not a JSON object".into(),
+            }),
+        }
+    }
+
+    pub fn from_json(fields: Map<String, Value>) -> Self {
+        Self { fields }
+    }
+
+    pub fn fields(&self) -> &Map<String, Value> {
+        &self.fields
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key)
+    }
+
+    pub fn set(&mut self, key: &str, value: Value) {
+        self.fields.insert(key.to_owned(), value);
+    }
+
+    pub fn usize(&self, key: &str) -> Option<usize> {
+        self.fields.get(key)?.as_u64().map(|v| v as usize)
+    }
+
+    /// `architectures[0]`, e.g. `LlamaForCausalLM`.
+    pub fn architecture(&self) -> Option<&str> {
+        self.fields.get("architectures")?.get(0)?.as_str()
+    }
+
+    pub fn model_type(&self) -> Option<&str> {
+        self.fields.get("model_type")?.as_str()
+    }
+
+    /// Whether the output head shares the input embedding. When the key is
+    /// absent this follows transformers' defaults: false for the Llama-like
+    /// families whose config classes default it off, true otherwise.
+    pub fn tie_word_embeddings(&self) -> bool {
+        match self
+            .fields
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+        {
+            Some(tied) => tied,
+            None => !matches!(
+                self.model_type(),
+                Some("llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "phi3")
+            ),
+        }
+    }
+
+    /// The stored dtype name (`torch_dtype`, or `dtype` as transformers 5 writes).
+    pub fn dtype(&self) -> Option<&str> {
+        self.fields
+            .get("torch_dtype")
+            .or_else(|| self.fields.get("dtype"))?
+            .as_str()
+    }
+
+    /// Records the dtype the weights are saved in, under both spellings
+    /// transformers reads.
+    pub fn set_dtype(&mut self, dtype: Dtype) {
+        let name = Value::String(dtype_name(dtype));
+        if self.fields.contains_key("dtype") {
+            self.set("dtype", name.clone());
+        }
+        self.set("torch_dtype", name);
+    }
+
+    pub fn to_json_pretty(&self) -> String {
+        let mut text = serde_json::to_string_pretty(&self.fields).expect("a JSON map serialises");
+        text.push('\n');
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(value: Value) -> ModelConfig {
+        ModelConfig::from_json(value.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn tie_defaults_follow_the_model_family() {
+        assert!(!config(json!({"model_type": "llama"})).tie_word_embeddings());
+        assert!(config(json!({"model_type": "gemma"})).tie_word_embeddings());
+        assert!(
+            config(json!({"model_type": "llama", "tie_word_embeddings": true}))
+                .tie_word_embeddings()
+        );
+    }
+
+    #[test]
+    fn set_dtype_keeps_key_order_and_updates_both_spellings() {
+        let mut c = config(json!({"a": 1, "dtype": "float32", "torch_dtype": "float32", "z": 2}));
+        c.set_dtype(Dtype::BF16);
+        assert_eq!(c.dtype(), Some("bfloat16"));
+        assert_eq!(c.get("dtype").unwrap(), "bfloat16");
+        let keys: Vec<_> = c.fields().keys().cloned().collect();
+        assert_eq!(keys, ["a", "dtype", "torch_dtype", "z"]);
+    }
+}

@@ -1,0 +1,113 @@
+//! Mapping between safetensors dtypes, libtorch kinds and the names used in
+//! `config.json` and recipes.
+
+use safetensors::Dtype;
+use tch::Kind;
+
+/// The libtorch kind for a safetensors dtype, where libtorch has one.
+pub fn kind_from_dtype(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F8_E5M2 => Kind::Float8e5m2,
+        Dtype::F8_E4M3 => Kind::Float8e4m3fn,
+        Dtype::F8_E5M2FNUZ => Kind::Float8e5m2fnuz,
+        Dtype::F8_E4M3FNUZ => Kind::Float8e4m3fnuz,
+        _ => return None,
+    })
+}
+
+/// The safetensors dtype for a libtorch kind, where safetensors has one.
+pub fn dtype_from_kind(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Bool => Dtype::BOOL,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int => Dtype::I32,
+        Kind::Int64 => Dtype::I64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Float8e5m2 => Dtype::F8_E5M2,
+        Kind::Float8e4m3fn => Dtype::F8_E4M3,
+        Kind::Float8e5m2fnuz => Dtype::F8_E5M2FNUZ,
+        Kind::Float8e4m3fnuz => Dtype::F8_E4M3FNUZ,
+        _ => return None,
+    })
+}
+
+/// The PyTorch name of a dtype, as `config.json`'s `torch_dtype` spells it.
+pub fn dtype_name(dtype: Dtype) -> String {
+    match dtype {
+        Dtype::F32 => "float32".into(),
+        Dtype::F16 => "float16".into(),
+        Dtype::BF16 => "bfloat16".into(),
+        Dtype::F64 => "float64".into(),
+        Dtype::BOOL => "bool".into(),
+        Dtype::U8 => "uint8".into(),
+        Dtype::I8 => "int8".into(),
+        Dtype::I16 => "int16".into(),
+        Dtype::I32 => "int32".into(),
+        Dtype::I64 => "int64".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Parses the floating-point dtype names users write: PyTorch's (`bfloat16`),
+/// safetensors' (`BF16`) and the short forms (`bf16`, `fp16`, `f32`).
+pub fn parse_dtype(text: &str) -> Option<Dtype> {
+    Some(match text.to_ascii_lowercase().as_str() {
+        "float32" | "f32" | "fp32" | "float" => Dtype::F32,
+        "float16" | "f16" | "fp16" | "half" => Dtype::F16,
+        "bfloat16" | "bf16" => Dtype::BF16,
+        "float64" | "f64" | "fp64" | "double" => Dtype::F64,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mapped_dtype_round_trips_through_kind() {
+        for dtype in [
+            Dtype::BOOL,
+            Dtype::U8,
+            Dtype::I8,
+            Dtype::I16,
+            Dtype::I32,
+            Dtype::I64,
+            Dtype::F16,
+            Dtype::BF16,
+            Dtype::F32,
+            Dtype::F64,
+            Dtype::F8_E5M2,
+            Dtype::F8_E4M3,
+        ] {
+            let kind = kind_from_dtype(dtype).unwrap();
+            assert_eq!(dtype_from_kind(kind), Some(dtype));
+            assert_eq!(kind.elt_size_in_bytes() * 8, dtype.bitsize());
+        }
+        assert_eq!(kind_from_dtype(Dtype::U16), None);
+    }
+
+    #[test]
+    fn dtype_names_parse_back() {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
+            assert_eq!(parse_dtype(&dtype_name(dtype)), Some(dtype));
+        }
+        assert_eq!(parse_dtype("BF16"), Some(Dtype::BF16));
+        assert_eq!(parse_dtype("int4"), None);
+    }
+}

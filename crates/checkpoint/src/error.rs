@@ -1,0 +1,84 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong reading or writing a checkpoint. Every variant
+/// names the file (and the tensor, where one is involved).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a directory (a checkpoint is a Hugging Face model directory)", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error(
+        "{}: refusing pickle checkpoint file {file}: amalgam never unpickles. Convert it to \
+         safetensors where you trust the file, e.g. `python -c \"from transformers import \
+         AutoModelForCausalLM as M; M.from_pretrained('DIR').save_pretrained('OUT', \
+         safe_serialization=True)\"`, then pass the converted directory",
+        dir.display()
+    )]
+    PickleRefused { dir: PathBuf, file: String },
+    #[error(
+        "{}: no weights found (expected model.safetensors or model.safetensors.index.json)",
+        dir.display()
+    )]
+    NoWeights { dir: PathBuf },
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    #[error("{}: invalid index: {message}", path.display())]
+    Index { path: PathBuf, message: String },
+    #[error("{}: shard {shard} (holding tensor {tensor}) is missing", index.display())]
+    ShardMissing {
+        index: PathBuf,
+        shard: String,
+        tensor: String,
+    },
+    #[error("{}: tensor {tensor}: {message}", path.display())]
+    IndexMismatch {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("{}: {}{message}", path.display(), tensor.as_ref().map(|t| format!("tensor {t}: ")).unwrap_or_default())]
+    Safetensors {
+        path: PathBuf,
+        tensor: Option<String>,
+        message: String,
+    },
+    #[error("{}: no tensor named {name}", dir.display())]
+    TensorNotFound { dir: PathBuf, name: String },
+    #[error(
+        "tensor {name}: dtype {dtype:?} has no libtorch equivalent (it can only be passed through)"
+    )]
+    UnsupportedDtype {
+        name: String,
+        dtype: safetensors::Dtype,
+    },
+    #[error("tensor {name}: {source}")]
+    Torch { name: String, source: tch::TchError },
+    #[error("{}: output directory exists and is not empty (pass --force to replace it)", path.display())]
+    OutputNotEmpty { path: PathBuf },
+    #[error("{}: refusing to write over input checkpoint {}", output.display(), input.display())]
+    OutputOverlapsInput { output: PathBuf, input: PathBuf },
+    #[error("writing {}: {message}", path.display())]
+    Write { path: PathBuf, message: String },
+    #[error("invalid size {text:?}: {message}")]
+    ByteSize { text: String, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches a path to an I/O error.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs what amalgam needs into this checkout, idempotently:
+#   .venv/                 Python venv with PyPI torch (the libtorch that `tch` links) and the test oracles
+#   .cargo/config.toml     points the `tch` build at that libtorch and gives binaries an rpath to it
+# A second run with everything in place takes about a second.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+req="scripts/requirements.txt"
+venv="$root/.venv"
+py="$venv/bin/python"
+
+if [ ! -x "$py" ]; then
+    echo "setup: creating $venv" >&2
+    python3 -m venv "$venv"
+fi
+
+# Compare the pins with what is installed (package metadata only; nothing imported).
+missing=$("$py" - "$req" <<'PY'
+import sys, importlib.metadata as md
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, want = line.split("==")
+    try:
+        have = md.version(name)
+    except md.PackageNotFoundError:
+        have = None
+    if have is None or have.split("+")[0] != want:
+        print(f"{name}=={want} (have {have})")
+PY
+)
+if [ -n "$missing" ]; then
+    echo "setup: installing into .venv:" $missing >&2
+    "$py" -m pip install --disable-pip-version-check -q -r "$req"
+fi
+
+torch_dir=$("$py" - <<'PY'
+import importlib.util, os
+spec = importlib.util.find_spec("torch")
+print(os.path.dirname(spec.origin))
+PY
+)
+if [ ! -f "$torch_dir/lib/libtorch_cpu.so" ]; then
+    echo "setup: $torch_dir/lib/libtorch_cpu.so not found; is the torch wheel complete?" >&2
+    exit 1
+fi
+
+mkdir -p .cargo
+config=$(cat <<TOML
+# Written by scripts/setup.sh for this checkout; not committed.
+[env]
+LIBTORCH = "$torch_dir"
+LIBTORCH_CXX11_ABI = "1"
+
+[build]
+rustflags = ["-C", "link-arg=-Wl,-rpath,$torch_dir/lib"]
+TOML
+)
+if [ ! -f .cargo/config.toml ] || [ "$(cat .cargo/config.toml)" != "$config" ]; then
+    printf '%s\n' "$config" > .cargo/config.toml
+    echo "setup: wrote .cargo/config.toml (libtorch at $torch_dir)" >&2
+fi

@@ -1,0 +1,293 @@
+//! Every kind of broken input gets a clear error naming the file (and the
+//! tensor, where one is at fault), exit status 1, and no output at all.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+/// A sharded tiny checkpoint to break, in its own temp dir.
+fn sharded_checkpoint() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    synth(
+        &tmp.path().join("f"),
+        &["--finetunes", "0", "--out-shard-size", "200KB"],
+    );
+    let dir = tmp.path().join("f/base");
+    (tmp, dir)
+}
+
+fn index(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+        .unwrap()
+}
+
+const SHARD: &str = "model-00002-of-00005.safetensors";
+
+/// Splits a safetensors file into (header JSON, data).
+fn split(path: &Path) -> (Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap(),
+        bytes[8 + n..].to_vec(),
+    )
+}
+
+fn join(path: &Path, header: &Value, data: &[u8]) {
+    let mut text = serde_json::to_vec(header).unwrap();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(text);
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// (name, entry) of the shard's tensors in offset order.
+fn entries(header: &Value) -> Vec<(String, Value)> {
+    let mut list: Vec<(String, Value)> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    list.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap());
+    list
+}
+
+/// Runs inspect and convert on the broken checkpoint; both must fail with a
+/// message containing every one of `needles`, and convert must leave nothing.
+fn assert_refused(tmp: &Path, dir: &Path, needles: &[&str]) {
+    let out = tmp.join("out");
+    let before = listing(tmp);
+    for args in [
+        vec!["inspect".as_ref(), dir.as_os_str()],
+        vec!["convert".as_ref(), dir.as_os_str(), out.as_os_str()],
+    ] {
+        let err = fails(args);
+        for needle in needles {
+            assert!(err.contains(needle), "missing {needle:?} in: {err}");
+        }
+    }
+    assert!(!out.exists(), "no output directory");
+    assert_eq!(listing(tmp), before, "no staging directory left behind");
+}
+
+#[test]
+fn truncated_shard() {
+    let (tmp, dir) = sharded_checkpoint();
+    let path = dir.join(SHARD);
+    let (header, _) = split(&path);
+    let last = entries(&header).pop().unwrap().0;
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &[SHARD, &format!("tensor {last}"), "truncated"],
+    );
+}
+
+#[test]
+fn file_shorter_than_a_header() {
+    let (tmp, dir) = sharded_checkpoint();
+    std::fs::write(dir.join(SHARD), b"\x10\x00").unwrap();
+    assert_refused(tmp.path(), &dir, &[SHARD, "too short", "truncated"]);
+}
+
+#[test]
+fn header_length_beyond_the_file() {
+    let (tmp, dir) = sharded_checkpoint();
+    let path = dir.join(SHARD);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let too_long = bytes.len() as u64 + 100;
+    bytes[..8].copy_from_slice(&too_long.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &[
+            SHARD,
+            &format!("header length {too_long} bytes goes beyond"),
+        ],
+    );
+}
+
+#[test]
+fn malformed_header_json() {
+    let (tmp, dir) = sharded_checkpoint();
+    let path = dir.join(SHARD);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8] = b'x';
+    std::fs::write(&path, bytes).unwrap();
+    assert_refused(tmp.path(), &dir, &[SHARD, "not valid safetensors JSON"]);
+}
+
+#[test]
+fn offsets_out_of_range() {
+    let (tmp, dir) = sharded_checkpoint();
+    let path = dir.join(SHARD);
+    let (mut header, data) = split(&path);
+    let (last, entry) = entries(&header).pop().unwrap();
+    // Claim a bigger last tensor than the file holds, consistently with its shape.
+    let start = entry["data_offsets"][0].as_u64().unwrap();
+    let end = entry["data_offsets"][1].as_u64().unwrap();
+    let rows = entry["shape"][0].as_u64().unwrap();
+    header[&last]["shape"][0] = (rows * 2).into();
+    header[&last]["data_offsets"][1] = (start + 2 * (end - start)).into();
+    join(&path, &header, &data);
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &[
+            SHARD,
+            &format!("tensor {last}"),
+            "run past the end of the file",
+        ],
+    );
+}
+
+#[test]
+fn overlapping_offsets() {
+    let (tmp, dir) = sharded_checkpoint();
+    let path = dir.join(SHARD);
+    let (mut header, data) = split(&path);
+    let list = entries(&header);
+    let (first, second) = (&list[0], &list[1]);
+    // Move the second tensor back so it overlaps the first by 8 bytes.
+    let start = second.1["data_offsets"][0].as_u64().unwrap() - 8;
+    let end = second.1["data_offsets"][1].as_u64().unwrap() - 8;
+    header[&second.0]["data_offsets"] = serde_json::json!([start, end]);
+    join(&path, &header, &data);
+    assert!(first.1["data_offsets"][1].as_u64().unwrap() > start);
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &[SHARD, &format!("tensor {}", second.0), "overlap"],
+    );
+}
+
+#[test]
+fn size_disagrees_with_shape() {
+    let (tmp, dir) = sharded_checkpoint();
+    let path = dir.join(SHARD);
+    let (mut header, data) = split(&path);
+    let (name, _) = entries(&header).remove(0);
+    header[&name]["dtype"] = "F16".into();
+    join(&path, &header, &data);
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &[SHARD, &format!("tensor {name}"), "needs"],
+    );
+}
+
+#[test]
+fn index_and_shard_disagree_on_a_tensor() {
+    let (tmp, dir) = sharded_checkpoint();
+    let mut index = index(&dir);
+    let (name, _) = entries(&split(&dir.join(SHARD)).0).remove(0);
+    index["weight_map"][&name] = "model-00003-of-00005.safetensors".into();
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &[
+            "model.safetensors.index.json",
+            &format!("tensor {name}"),
+            SHARD,
+            "model-00003-of-00005",
+        ],
+    );
+}
+
+#[test]
+fn index_names_a_tensor_no_shard_holds() {
+    let (tmp, dir) = sharded_checkpoint();
+    let mut index = index(&dir);
+    index["weight_map"]["model.layers.9.ghost.weight"] = SHARD.into();
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &["tensor model.layers.9.ghost.weight", "does not contain it"],
+    );
+}
+
+#[test]
+fn shard_named_by_the_index_is_missing() {
+    let (tmp, dir) = sharded_checkpoint();
+    let (name, _) = entries(&split(&dir.join(SHARD)).0).remove(0);
+    std::fs::remove_file(dir.join(SHARD)).unwrap();
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &["model.safetensors.index.json", SHARD, "is missing"],
+    );
+    // The message names a tensor the missing shard holds.
+    let err = fails(["inspect".as_ref(), dir.as_os_str()]);
+    assert!(err.contains("holding tensor"), "{err}");
+    let _ = name;
+}
+
+#[test]
+fn index_that_is_not_json() {
+    let (tmp, dir) = sharded_checkpoint();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        "{\"weight_map\": ",
+    )
+    .unwrap();
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &["model.safetensors.index.json", "invalid index"],
+    );
+}
+
+#[test]
+fn index_pointing_outside_the_directory() {
+    let (tmp, dir) = sharded_checkpoint();
+    let mut index = index(&dir);
+    index["weight_map"]["model.norm.weight"] = "../f/base/model-00001-of-00005.safetensors".into();
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_refused(
+        tmp.path(),
+        &dir,
+        &[
+            "model.safetensors.index.json",
+            "not a file name in the checkpoint directory",
+        ],
+    );
+}
+
+#[test]
+fn unreadable_config_json() {
+    let (tmp, dir) = sharded_checkpoint();
+    std::fs::write(dir.join("config.json"), "{\"model_type\": llama}").unwrap();
+    assert_refused(tmp.path(), &dir, &["config.json", "not valid JSON"]);
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    assert_refused(tmp.path(), &dir, &["config.json", "cannot read"]);
+}
+
+#[test]
+fn not_a_checkpoint_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_refused(tmp.path(), &empty, &["empty", "no weights found"]);
+    let missing = tmp.path().join("missing");
+    let err = fails(["inspect".as_ref(), missing.as_os_str()]);
+    assert!(
+        err.contains("missing") && err.contains("No such file"),
+        "{err}"
+    );
+}

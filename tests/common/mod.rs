@@ -1,0 +1,117 @@
+//! Helpers shared by the end-to-end tests: run the binary, ask the Python oracles.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub fn amalgam<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .args(args)
+        .arg("-q")
+        .output()
+        .expect("the amalgam binary runs")
+}
+
+/// Runs amalgam, expects success, returns stdout.
+pub fn ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = amalgam(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "amalgam failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs amalgam, expects a non-zero exit, returns stderr.
+pub fn fails<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = amalgam(args);
+    assert!(!out.status.success(), "amalgam should have failed");
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8(out.stderr).unwrap()
+}
+
+pub fn synth(out: &Path, extra: &[&str]) {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["synth".as_ref(), out.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    ok(args);
+}
+
+pub fn inspect_json(dir: &Path, hashes: bool) -> Value {
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["inspect".as_ref(), dir.as_os_str(), "--json".as_ref()];
+    if hashes {
+        args.push("--hashes".as_ref());
+    }
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
+/// The project venv's Python (scripts/setup.sh makes it).
+pub fn python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup.sh first",
+        python.display()
+    );
+    python
+}
+
+/// Runs tests/oracles/hf_tensors.py over `dirs`; the JSON it prints, keyed by dir.
+pub fn hf_oracle(dirs: &[&Path], meta: bool) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/hf_tensors.py");
+    let mut command = Command::new(python());
+    command.arg(script).args(dirs);
+    if meta {
+        command.arg("--meta");
+    }
+    let out = command.output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "oracle failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Names in a directory, sorted.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// (name → (dtype, shape, sha256)) from `amalgam inspect --json --hashes`.
+pub fn tensor_digests(
+    report: &Value,
+) -> std::collections::BTreeMap<String, (String, Value, String)> {
+    report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_owned(),
+                (
+                    t["dtype"].as_str().unwrap().to_owned(),
+                    t["shape"].clone(),
+                    t["sha256"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
