@@ -2,7 +2,9 @@
 //! One module per subcommand.
 
 mod convert;
+mod device;
 mod inspect;
+mod merge;
 mod progress;
 mod synth;
 
@@ -17,6 +19,7 @@ use clap::{Parser, Subcommand};
     about = "Model merging and elastic models on Hugging Face checkpoints",
     after_help = "Examples:\n  \
         amalgam synth work/models --shape tiny --finetunes 2\n  \
+        amalgam merge recipes/ties.yml work/merged\n  \
         amalgam inspect work/models/base\n  \
         amalgam convert work/models/base work/base-bf16 --dtype bfloat16 --out-shard-size 1GB"
 )]
@@ -33,12 +36,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Merge(merge::Args),
     Inspect(inspect::Args),
     Convert(convert::Args),
     Synth(synth::Args),
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`amalgam inspect … | head`), like other Unix tools.
+    // SAFETY: restoring the default disposition of a signal before any threads start.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
@@ -56,6 +65,7 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let result = match cli.command {
+        Command::Merge(args) => merge::run(args, cli.quiet),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args, cli.quiet),
         Command::Synth(args) => synth::run(args, cli.quiet),

@@ -30,6 +30,12 @@ pub struct Args {
     dtype: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Override the shape's number of layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Override the shape's FFN width.
+    #[arg(long)]
+    intermediate: Option<usize>,
     /// Tie the output head to the input embedding (no lm_head tensor).
     #[arg(long)]
     tied: bool,
@@ -45,6 +51,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let mut shape = LlamaShape::by_name(&args.shape)
         .ok_or_else(|| anyhow!("unknown --shape {:?} (use tiny or tinyllama)", args.shape))?;
     shape.tied = args.tied;
+    shape.layers = args.layers.unwrap_or(shape.layers);
+    shape.intermediate = args.intermediate.unwrap_or(shape.intermediate);
     let dtype = parse_dtype(&args.dtype).ok_or_else(|| {
         anyhow!(
             "unknown --dtype {:?} (use float32, float16 or bfloat16)",

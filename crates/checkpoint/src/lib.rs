@@ -20,6 +20,7 @@ mod dtype;
 mod error;
 mod layout;
 mod reader;
+mod seed;
 pub mod synthetic;
 mod writer;
 
@@ -30,6 +31,7 @@ pub use error::{Error, Result};
 pub use layout::{parse_byte_size, ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
 pub use reader::{Checkpoint, TensorEntry};
 pub use safetensors::Dtype;
+pub use seed::stream_seed;
 pub use writer::{CheckpointWriter, Finish, WriteOptions};
 
 /// Files besides the weights that belong with a model and are copied into outputs.

@@ -81,7 +81,7 @@ proptest! {
         let writer = CheckpointWriter::create(&out, specs.clone(), &options).unwrap();
         // Write in a scrambled order: data goes to precomputed offsets.
         let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by_key(|&i| amalgam_checkpoint::synthetic::stream_seed(order_seed, "", i as u64));
+        order.sort_by_key(|&i| amalgam_checkpoint::stream_seed(order_seed, "", i as u64));
         for i in order {
             writer.write_bytes(&items[i].0.name, &items[i].1).unwrap();
         }

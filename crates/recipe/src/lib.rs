@@ -1,3 +1,18 @@
-//! Recipes: the YAML schema (mergekit-compatible for merges; amalgam's own kinds
-//! for extraction and stitching), validation with line and column, and
-//! resolution of parameters into a plan. Pure data: no tensors, no I/O.
+//! Recipes: the YAML schema (mergekit-compatible for merges), validation with
+//! line and column, and resolution of parameters into a [`Plan`]. Pure data: no
+//! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
+//! and the merge method as a [`MethodSpec`].
+
+mod error;
+mod params;
+mod plan;
+mod schema;
+mod yaml;
+
+pub use error::{Location, RecipeError};
+pub use params::{Conditional, Scalar, Setting};
+pub use plan::{
+    BasePolicy, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope, ParamSpec,
+    Plan, PlannedInput, PlannedTensor, Resolved,
+};
+pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef, TokenizerSource};

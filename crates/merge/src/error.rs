@@ -1,0 +1,19 @@
+/// Why a merge failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error(transparent)]
+    Checkpoint(#[from] amalgam_checkpoint::Error),
+    #[error(transparent)]
+    Recipe(#[from] amalgam_recipe::RecipeError),
+    #[error("tensor {tensor}: {message}")]
+    Tensor { tensor: String, message: String },
+    #[error("tensor {tensor}: {source}")]
+    Torch {
+        tensor: String,
+        source: tch::TchError,
+    },
+    #[error("{0}")]
+    Device(String),
+}
+
+pub type Result<T, E = MergeError> = std::result::Result<T, E>;

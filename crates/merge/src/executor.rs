@@ -1,0 +1,238 @@
+//! Runs a plan: read each output tensor's inputs, cast them to the math dtype,
+//! apply the method, cast to the output dtype and stream the result to the
+//! writer. Output tensors are independent, so they run in parallel on a rayon
+//! pool; libtorch's own threads are pinned to one so that every tensor is
+//! computed the same way whatever the thread count (bit-identical outputs).
+
+use std::path::{Path, PathBuf};
+
+use amalgam_checkpoint::{
+    kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish, InputRecord,
+    ModelCard, TensorSpec, WriteOptions,
+};
+use amalgam_recipe::{Plan, PlannedTensor, Recipe};
+use rayon::prelude::*;
+use tch::{Device, Tensor};
+
+use crate::{MergeContext, MergeError, MergeMethod, Result};
+
+/// How a plan is executed.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    pub seed: u64,
+    pub device: Device,
+    /// Tensors computed at once (rayon threads).
+    pub threads: usize,
+    pub write: WriteOptions,
+}
+
+/// A recipe resolved against its opened input checkpoints.
+pub struct MergeJob<'a> {
+    pub recipe: &'a Recipe,
+    pub plan: &'a Plan,
+    /// Indexed like `plan.models`.
+    pub checkpoints: &'a [Checkpoint],
+    pub method: &'a dyn MergeMethod,
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone)]
+pub struct MergeSummary {
+    pub out: PathBuf,
+    pub tensors: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl MergeJob<'_> {
+    /// The dtype the math runs in for a tensor: the recipe's `dtype`, else the
+    /// first input's own.
+    fn math_dtype(&self, tensor: &PlannedTensor) -> Dtype {
+        match &self.recipe.dtype {
+            Some((name, _)) => parse_dtype(name).expect("validated by the recipe parser"),
+            None => self.input_dtype(tensor, 0),
+        }
+    }
+
+    fn input_dtype(&self, tensor: &PlannedTensor, input: usize) -> Dtype {
+        let planned = &tensor.inputs[input];
+        let checkpoint = &self.checkpoints[planned.model];
+        checkpoint
+            .entry(&planned.tensor)
+            .expect("planned from the inventory")
+            .dtype
+    }
+
+    /// The saved dtype: `out_dtype`, else the math dtype.
+    pub fn output_dtype(&self, tensor: &PlannedTensor) -> Dtype {
+        match &self.recipe.out_dtype {
+            Some((name, _)) => parse_dtype(name).expect("validated by the recipe parser"),
+            None => self.math_dtype(tensor),
+        }
+    }
+
+    pub fn output_specs(&self) -> Vec<TensorSpec> {
+        self.plan
+            .tensors
+            .iter()
+            .map(|t| TensorSpec::new(&t.name, self.output_dtype(t), t.shape.clone()))
+            .collect()
+    }
+
+    /// Bytes of input tensor data the plan reads.
+    pub fn bytes_to_read(&self) -> u64 {
+        self.plan
+            .tensors
+            .iter()
+            .flat_map(|t| &t.inputs)
+            .map(|i| {
+                let entry = self.checkpoints[i.model].entry(&i.tensor).expect("planned");
+                entry.byte_range.end - entry.byte_range.start
+            })
+            .sum()
+    }
+
+    /// A peak-memory estimate: per tensor in flight, its inputs and output in
+    /// the math dtype plus working copies (the methods keep about as many
+    /// temporaries as inputs), for the largest tensors, times the threads.
+    pub fn peak_memory_estimate(&self, threads: usize) -> u64 {
+        let mut per_tensor: Vec<u64> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| {
+                let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
+                let width = (self.math_dtype(t).bitsize() / 8) as u64;
+                numel * width * (2 * t.inputs.len() as u64 + 2)
+            })
+            .collect();
+        per_tensor.sort_unstable_by(|a, b| b.cmp(a));
+        per_tensor.iter().take(threads.max(1)).sum()
+    }
+
+    /// Computes one output tensor (in the output dtype, on the CPU).
+    pub fn compute(&self, tensor: &PlannedTensor, seed: u64, device: Device) -> Result<Tensor> {
+        let math = kind_from_dtype(self.math_dtype(tensor)).expect("float dtype");
+        let torch = |source| MergeError::Torch {
+            tensor: tensor.name.clone(),
+            source,
+        };
+        let inputs = tensor
+            .inputs
+            .iter()
+            .map(|input| {
+                let mut t = self.checkpoints[input.model].tensor(&input.tensor)?;
+                // Vocabulary tensors larger than the output are cut to it.
+                for (dim, &size) in tensor.shape.iter().enumerate() {
+                    if t.size()[dim] as usize != size {
+                        t = t.f_narrow(dim as i64, 0, size as i64).map_err(torch)?;
+                    }
+                }
+                Ok(t.to_device(device).to_kind(math))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cx = MergeContext {
+            name: &tensor.name,
+            inputs: &inputs,
+            base: tensor.base,
+            params: &tensor.params,
+            input_params: tensor.inputs.iter().map(|i| &i.params).collect(),
+            input_ids: tensor
+                .inputs
+                .iter()
+                .map(|i| model_id(&self.plan.models[i.model]))
+                .collect(),
+            seed,
+        };
+        let out = self.method.merge(&cx)?;
+        let kind = kind_from_dtype(self.output_dtype(tensor)).expect("float dtype");
+        Ok(out.to_device(Device::Cpu).to_kind(kind).contiguous())
+    }
+
+    /// Runs the whole plan into `out`; `progress` gets the bytes of each tensor written.
+    pub fn execute(
+        &self,
+        out: &Path,
+        options: &ExecOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<MergeSummary> {
+        let writer = CheckpointWriter::create(out, self.output_specs(), &options.write)?;
+        tch::set_num_threads(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads.max(1))
+            .build()
+            .map_err(|e| MergeError::Device(format!("cannot start worker threads: {e}")))?;
+        pool.install(|| {
+            self.plan
+                .tensors
+                .par_iter()
+                .try_for_each(|tensor| -> Result<()> {
+                    let merged = self.compute(tensor, options.seed, options.device)?;
+                    writer.write_tensor(&tensor.name, &merged)?;
+                    progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
+                    Ok(())
+                })
+        })?;
+
+        let layout = &self.checkpoints[self.plan.layout_model];
+        let mut config = layout.config().clone();
+        config.set("num_hidden_layers", self.plan.layers.into());
+        if let Some(embedding) = self
+            .plan
+            .tensors
+            .iter()
+            .find(|t| t.name.ends_with("embed_tokens.weight"))
+        {
+            config.set("vocab_size", embedding.shape[0].into());
+        }
+        let base = self.recipe.base_model.as_ref().map(|b| b.path.as_str());
+        let inputs = self
+            .plan
+            .models
+            .iter()
+            .zip(self.checkpoints)
+            .map(|(path, checkpoint)| {
+                let role = if Some(path.as_str()) == base {
+                    "base"
+                } else {
+                    "model"
+                };
+                InputRecord::hash(role, checkpoint)
+            })
+            .collect::<amalgam_checkpoint::Result<Vec<_>>>()?;
+        let card = ModelCard {
+            title: out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            summary: format!(
+                "A merge of {} models with the `{}` method, made by amalgam from the recipe below (seed {}).",
+                self.plan.models.len(),
+                self.plan.method,
+                options.seed
+            ),
+            recipe: Some(self.recipe.text.clone()),
+            inputs,
+        };
+        let mut extra: Vec<(&str, Vec<u8>)> =
+            vec![("mergekit_config.yml", self.recipe.text.clone().into_bytes())];
+        if let Some(template) = &self.recipe.chat_template {
+            extra.push(("chat_template.jinja", template.clone().into_bytes()));
+        }
+        let bytes_written = writer.layout().total_bytes();
+        let out = writer.finish(Finish {
+            config: &config,
+            tokenizer_source: Some(self.checkpoints[self.plan.tokenizer_model].dir()),
+            extra_files: &extra,
+            card: &card,
+        })?;
+        Ok(MergeSummary {
+            out,
+            tensors: self.plan.tensors.len(),
+            bytes_read: self.bytes_to_read(),
+            bytes_written,
+        })
+    }
+}
+
+/// A model's identity for random streams: a hash of its path as the recipe writes it.
+pub fn model_id(path: &str) -> u64 {
+    amalgam_checkpoint::stream_seed(0, path, 0)
+}

@@ -1,0 +1,72 @@
+use std::collections::BTreeMap;
+
+use amalgam_recipe::{MethodSpec, Resolved};
+use tch::Tensor;
+
+use crate::{MergeError, Result};
+
+/// Everything a method needs to compute one output tensor.
+pub struct MergeContext<'a> {
+    /// The output tensor's name.
+    pub name: &'a str,
+    /// One tensor per input, in the math dtype, cut to the output shape.
+    pub inputs: &'a [Tensor],
+    /// Index into `inputs` of the base model, if it is among them.
+    pub base: Option<usize>,
+    /// Shared parameters (`lambda`, `t`, `normalize` …).
+    pub params: &'a BTreeMap<String, Resolved>,
+    /// Per-input parameters (`weight`, `density` …); empty maps for the base.
+    pub input_params: Vec<&'a BTreeMap<String, Resolved>>,
+    /// A stable identity per input (a hash of the model's path), so that a
+    /// model's random stream does not depend on its position in the recipe.
+    pub input_ids: Vec<u64>,
+    /// The recipe seed; random methods derive a stream per (tensor, model).
+    pub seed: u64,
+}
+
+impl MergeContext<'_> {
+    pub fn number(&self, name: &str) -> f64 {
+        self.params[name].number()
+    }
+
+    pub fn flag(&self, name: &str) -> bool {
+        self.params[name].flag()
+    }
+
+    pub fn input_number(&self, input: usize, name: &str) -> f64 {
+        self.input_params[input][name].number()
+    }
+
+    /// The base tensor, for methods whose spec requires one.
+    pub fn base_tensor(&self) -> &Tensor {
+        &self.inputs[self
+            .base
+            .expect("the planner checked that a base is present")]
+    }
+
+    /// Indices of the inputs other than the base, in recipe order.
+    pub fn others(&self) -> Vec<usize> {
+        (0..self.inputs.len())
+            .filter(|&i| Some(i) != self.base)
+            .collect()
+    }
+
+    /// A seed for the random stream of one input of this tensor: a function of
+    /// (seed, tensor name, model identity) only.
+    pub fn stream(&self, input: usize) -> u64 {
+        amalgam_checkpoint::stream_seed(self.seed, self.name, self.input_ids[input])
+    }
+
+    pub fn error(&self, message: impl Into<String>) -> MergeError {
+        MergeError::Tensor {
+            tensor: self.name.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A merge method: its parameters, and the math for one tensor.
+pub trait MergeMethod: Sync + Send {
+    fn spec(&self) -> MethodSpec;
+    fn merge(&self, cx: &MergeContext<'_>) -> Result<Tensor>;
+}

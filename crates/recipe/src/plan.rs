@@ -1,0 +1,611 @@
+//! Resolution of a recipe into a plan: one entry per output tensor with its
+//! inputs and fully resolved parameters, following mergekit's rules (models
+//! form → one slice with the base appended; gradients over each slice's
+//! layers, t = 0 outside the layers; source > slice > top-level precedence).
+
+use std::collections::BTreeMap;
+
+use crate::params::{Scalar, Setting};
+use crate::schema::{Params, Recipe};
+use crate::{Location, RecipeError};
+
+/// Whether a method needs a base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasePolicy {
+    Required,
+    Optional,
+    /// The base, if named, is an ordinary input (linear, karcher, passthrough).
+    Ignored,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    Number,
+    Bool,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamScope {
+    /// One value per tensor (`t`, `lambda`, `normalize` …).
+    Shared,
+    /// One value per input model, the base included.
+    PerModel,
+    /// One value per input model other than the base (`weight`, `density` …).
+    PerNonBase,
+}
+
+/// Validates a resolved value; the message says what is wrong.
+pub type ParamCheck = fn(&Scalar) -> Result<(), String>;
+
+/// A parameter a merge method understands.
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: ParamKind,
+    pub scope: ParamScope,
+    /// `None`: required.
+    pub default: Option<Scalar>,
+    /// Extra validation of a resolved value; the message says what is wrong.
+    pub check: Option<ParamCheck>,
+}
+
+/// What the planner needs to know about a merge method.
+#[derive(Debug, Clone)]
+pub struct MethodSpec {
+    pub name: &'static str,
+    pub base: BasePolicy,
+    pub params: Vec<ParamSpec>,
+    /// Least number of inputs besides the base.
+    pub min_models: usize,
+    /// Most number of inputs besides the base.
+    pub max_models: Option<usize>,
+}
+
+/// One tensor of an input model, as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Block index, for tensors inside the repeated layers.
+    pub layer: Option<usize>,
+    /// A vocabulary-indexed tensor (input embedding or output head).
+    pub vocab: bool,
+    /// The input embedding: planned before the layers; everything else outside
+    /// the layers after them.
+    pub embedding: bool,
+    /// Not stored: a tied output head that resolves to the embedding. Usable as
+    /// an input; never planned as an output of its own.
+    pub tied_alias: bool,
+}
+
+/// An input model's tensors and layer count.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelInventory {
+    pub tensors: Vec<InventoryTensor>,
+    pub layers: usize,
+}
+
+impl ModelInventory {
+    fn get(&self, name: &str) -> Option<&InventoryTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// A parameter value and the recipe line it came from (`None`: the default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub value: Scalar,
+    pub at: Option<Location>,
+}
+
+impl Resolved {
+    pub fn number(&self) -> f64 {
+        self.value.as_f64().expect("validated as a number")
+    }
+
+    pub fn flag(&self) -> bool {
+        self.value.as_bool().expect("validated as a bool")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedInput {
+    /// Index into [`Plan::models`].
+    pub model: usize,
+    pub tensor: String,
+    pub shape: Vec<usize>,
+    pub params: BTreeMap<String, Resolved>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTensor {
+    pub name: String,
+    /// The output shape; inputs larger than it (vocabulary tensors) are cut to it.
+    pub shape: Vec<usize>,
+    pub inputs: Vec<PlannedInput>,
+    /// Index into `inputs` of the base model, when it is among them.
+    pub base: Option<usize>,
+    pub params: BTreeMap<String, Resolved>,
+    /// Gradient position (0 outside the layers).
+    pub t: f64,
+}
+
+/// Every output tensor with its inputs and parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub method: String,
+    /// Model paths as written in the recipe; inputs refer to them by index.
+    pub models: Vec<String>,
+    /// The model whose config.json the output starts from (the base, else the first source).
+    pub layout_model: usize,
+    /// Where tokenizer files are copied from.
+    pub tokenizer_model: usize,
+    pub tensors: Vec<PlannedTensor>,
+    /// Layers in the output.
+    pub layers: usize,
+}
+
+struct SliceSource<'r> {
+    model: usize,
+    start: usize,
+    end: usize,
+    params: &'r Params,
+}
+
+struct NormalSlice<'r> {
+    sources: Vec<SliceSource<'r>>,
+    base: Option<usize>,
+    params: Option<&'r Params>,
+    at: Location,
+}
+
+impl Plan {
+    /// Resolves `recipe` for `method`. `inventories[i]` describes
+    /// `recipe.referenced_models()[i]`.
+    pub fn resolve(
+        recipe: &Recipe,
+        method: &MethodSpec,
+        inventories: &[ModelInventory],
+    ) -> Result<Self, RecipeError> {
+        let referenced = recipe.referenced_models();
+        assert_eq!(
+            referenced.len(),
+            inventories.len(),
+            "one inventory per referenced model"
+        );
+        let models: Vec<String> = referenced.iter().map(|m| m.path.clone()).collect();
+        let locations: Vec<Location> = referenced.iter().map(|m| m.at).collect();
+        let index = |path: &str| models.iter().position(|m| m == path).expect("referenced");
+        let top_base = recipe.base_model.as_ref().map(|b| index(&b.path));
+
+        let slices = normalise(recipe, &index, inventories, top_base)?;
+        for slice in &slices {
+            check_inputs(recipe, method, slice, &models)?;
+        }
+        let layout_model = top_base.unwrap_or(slices[0].sources[0].model);
+        let tokenizer_model = match &recipe.tokenizer_source {
+            Some(crate::TokenizerSource::Model(m)) => index(&m.path),
+            _ => layout_model,
+        };
+        let planner = Planner {
+            recipe,
+            method,
+            inventories,
+            models: &models,
+            locations: &locations,
+        };
+        let layout = &inventories[layout_model];
+        let stored = || layout.tensors.iter().filter(|t| !t.tied_alias);
+
+        let mut tensors = vec![];
+        let first = &slices[0];
+        for tensor in stored().filter(|t| t.layer.is_none() && t.embedding) {
+            tensors.push(planner.tensor(&tensor.name, first, |_| tensor.name.clone(), 0.0)?);
+        }
+        let layer_suffixes: Vec<&InventoryTensor> =
+            stored().filter(|t| t.layer == Some(0)).collect();
+        let mut out_layer = 0;
+        for slice in &slices {
+            let count = slice.sources[0].end - slice.sources[0].start;
+            for offset in 0..count {
+                let t = if count > 1 {
+                    offset as f64 / (count - 1) as f64
+                } else {
+                    1.0
+                };
+                for tensor in &layer_suffixes {
+                    let out_name = with_layer(&tensor.name, 0, out_layer);
+                    let input_name = |source: &SliceSource<'_>| {
+                        with_layer(&tensor.name, 0, source.start + offset)
+                    };
+                    tensors.push(planner.tensor(&out_name, slice, input_name, t)?);
+                }
+                out_layer += 1;
+            }
+        }
+        let last = slices.last().expect("at least one slice");
+        // A tied head (an alias in the layout model) is an output when some
+        // input stores one of its own; tied inputs then contribute their embedding.
+        let stored_somewhere = |t: &&InventoryTensor| {
+            !t.tied_alias
+                || last.sources.iter().any(|s| {
+                    inventories[s.model]
+                        .get(&t.name)
+                        .is_some_and(|i| !i.tied_alias)
+                })
+        };
+        for tensor in layout
+            .tensors
+            .iter()
+            .filter(stored_somewhere)
+            .filter(|t| t.layer.is_none() && !t.embedding)
+        {
+            tensors.push(planner.tensor(&tensor.name, last, |_| tensor.name.clone(), 0.0)?);
+        }
+        Ok(Plan {
+            method: method.name.into(),
+            models,
+            layout_model,
+            tokenizer_model,
+            tensors,
+            layers: out_layer,
+        })
+    }
+}
+
+/// mergekit's normal form: every recipe becomes a list of slices.
+fn normalise<'r>(
+    recipe: &'r Recipe,
+    index: &dyn Fn(&str) -> usize,
+    inventories: &[ModelInventory],
+    top_base: Option<usize>,
+) -> Result<Vec<NormalSlice<'r>>, RecipeError> {
+    static NO_PARAMS: Params = Params(vec![]);
+    if !recipe.models.is_empty() {
+        let mut sources: Vec<SliceSource<'r>> = recipe
+            .models
+            .iter()
+            .map(|m| {
+                let model = index(&m.model.path);
+                SliceSource {
+                    model,
+                    start: 0,
+                    end: inventories[model].layers,
+                    params: &m.parameters,
+                }
+            })
+            .collect();
+        if let Some(base) = top_base {
+            if !sources.iter().any(|s| s.model == base) {
+                sources.push(SliceSource {
+                    model: base,
+                    start: 0,
+                    end: inventories[base].layers,
+                    params: &NO_PARAMS,
+                });
+            }
+        }
+        let counts: Vec<usize> = sources.iter().map(|s| s.end).collect();
+        if let Some(i) = counts.iter().position(|&c| c != counts[0]) {
+            let model = &recipe
+                .models
+                .get(i)
+                .map(|m| m.model.at)
+                .unwrap_or(recipe.merge_method_at);
+            return Err(recipe.error(*model, format!(
+                "models have different layer counts ({} has {}, {} has {}); use `slices:` to say which layers to merge",
+                recipe.referenced_models()[sources[0].model].path, counts[0],
+                recipe.referenced_models()[sources[i].model].path, counts[i],
+            )));
+        }
+        return Ok(vec![NormalSlice {
+            sources,
+            base: top_base,
+            params: None,
+            at: recipe.merge_method_at,
+        }]);
+    }
+    let mut slices = vec![];
+    for slice in &recipe.slices {
+        let mut sources = vec![];
+        for source in &slice.sources {
+            let model = index(&source.model.path);
+            let (start, end, at) = source.layer_range.expect("checked by the parser");
+            let layers = inventories[model].layers;
+            if end > layers {
+                return Err(recipe.error(at, format!(
+                    "layer_range [{start}, {end}] goes beyond model `{}`, which has {layers} layers",
+                    source.model.path
+                )));
+            }
+            sources.push(SliceSource {
+                model,
+                start,
+                end,
+                params: &source.parameters,
+            });
+        }
+        let lengths: Vec<usize> = sources.iter().map(|s| s.end - s.start).collect();
+        if lengths.iter().any(|&l| l != lengths[0]) {
+            return Err(recipe.error(
+                slice.at,
+                format!(
+                    "all sources of a slice must span the same number of layers (got {lengths:?})"
+                ),
+            ));
+        }
+        let base = slice
+            .base_model
+            .as_ref()
+            .map(|b| index(&b.path))
+            .or(top_base);
+        slices.push(NormalSlice {
+            sources,
+            base,
+            params: Some(&slice.parameters),
+            at: slice.at,
+        });
+    }
+    Ok(slices)
+}
+
+fn check_inputs(
+    recipe: &Recipe,
+    method: &MethodSpec,
+    slice: &NormalSlice<'_>,
+    models: &[String],
+) -> Result<(), RecipeError> {
+    let base_included = method.base != BasePolicy::Ignored
+        && slice
+            .base
+            .is_some_and(|b| slice.sources.iter().any(|s| s.model == b));
+    if method.base == BasePolicy::Required {
+        match slice.base {
+            None => {
+                return Err(recipe.error(
+                    recipe.merge_method_at,
+                    format!("merge method `{}` needs a `base_model`", method.name),
+                ))
+            }
+            Some(base) if !base_included => {
+                return Err(recipe.error(
+                    slice.at,
+                    format!(
+                        "base model `{}` must be one of this slice's sources for `{}`",
+                        models[base], method.name
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let others = slice.sources.len() - usize::from(base_included);
+    if others < method.min_models || method.max_models.is_some_and(|max| others > max) {
+        let wanted = match method.max_models {
+            Some(max) if max == method.min_models => format!("exactly {max}"),
+            Some(max) => format!("{} to {max}", method.min_models),
+            None => format!("at least {}", method.min_models),
+        };
+        let besides = if base_included {
+            " besides the base"
+        } else {
+            ""
+        };
+        return Err(recipe.error(
+            slice.at,
+            format!(
+                "merge method `{}` takes {wanted} models{besides}, got {others}",
+                method.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+struct Planner<'a> {
+    recipe: &'a Recipe,
+    method: &'a MethodSpec,
+    inventories: &'a [ModelInventory],
+    models: &'a [String],
+    locations: &'a [Location],
+}
+
+impl Planner<'_> {
+    fn tensor(
+        &self,
+        out_name: &str,
+        slice: &NormalSlice<'_>,
+        input_name: impl Fn(&SliceSource<'_>) -> String,
+        t: f64,
+    ) -> Result<PlannedTensor, RecipeError> {
+        let mut inputs = vec![];
+        let mut base = None;
+        let mut vocab = false;
+        for source in &slice.sources {
+            let name = input_name(source);
+            let tensor = self.inventories[source.model].get(&name).ok_or_else(|| {
+                self.recipe.error(
+                    self.locations[source.model],
+                    format!(
+                        "model `{}` has no tensor `{name}`",
+                        self.models[source.model]
+                    ),
+                )
+            })?;
+            vocab |= tensor.vocab;
+            let is_base =
+                self.method.base != BasePolicy::Ignored && slice.base == Some(source.model);
+            if is_base {
+                base = Some(inputs.len());
+            }
+            let mut params = BTreeMap::new();
+            for spec in &self.method.params {
+                let applies = match spec.scope {
+                    ParamScope::Shared => false,
+                    ParamScope::PerModel => true,
+                    ParamScope::PerNonBase => !is_base,
+                };
+                if applies {
+                    let levels = [
+                        Some(source.params),
+                        slice.params,
+                        Some(&self.recipe.parameters),
+                    ];
+                    let value = self.resolve(spec, &levels, &name, t, Some(source.model))?;
+                    params.insert(spec.name.to_owned(), value);
+                }
+            }
+            inputs.push(PlannedInput {
+                model: source.model,
+                tensor: name,
+                shape: tensor.shape.clone(),
+                params,
+            });
+        }
+        let shape = self.output_shape(out_name, &inputs, base, vocab)?;
+        let mut params = BTreeMap::new();
+        for spec in self
+            .method
+            .params
+            .iter()
+            .filter(|s| s.scope == ParamScope::Shared)
+        {
+            let levels = [slice.params, Some(&self.recipe.parameters)];
+            params.insert(
+                spec.name.to_owned(),
+                self.resolve(spec, &levels, out_name, t, None)?,
+            );
+        }
+        Ok(PlannedTensor {
+            name: out_name.into(),
+            shape,
+            inputs,
+            base,
+            params,
+            t,
+        })
+    }
+
+    /// All inputs must agree in shape, except vocabulary tensors, which are
+    /// cut to the base's shape (or the smallest common one without a base).
+    fn output_shape(
+        &self,
+        out_name: &str,
+        inputs: &[PlannedInput],
+        base: Option<usize>,
+        vocab: bool,
+    ) -> Result<Vec<usize>, RecipeError> {
+        // Compare with the base where there is one: the odd one out is then the model named.
+        let first = &inputs[base.unwrap_or(0)];
+        let mismatch = |odd: &PlannedInput, problem: &str| {
+            self.recipe.error(
+                self.locations[odd.model],
+                format!(
+                "tensor `{out_name}`: model `{}` has shape {:?} but model `{}` has {:?}{problem}",
+                self.models[odd.model], odd.shape, self.models[first.model], first.shape
+            ),
+            )
+        };
+        if let Some(odd) = inputs
+            .iter()
+            .find(|i| i.shape.len() != first.shape.len() || (!vocab && i.shape != first.shape))
+        {
+            return Err(mismatch(odd, ""));
+        }
+        if !vocab {
+            return Ok(first.shape.clone());
+        }
+        let Some(base) = base else {
+            return Ok((0..first.shape.len())
+                .map(|d| inputs.iter().map(|i| i.shape[d]).min().unwrap_or(0))
+                .collect());
+        };
+        let shape = inputs[base].shape.clone();
+        if let Some(odd) = inputs
+            .iter()
+            .find(|i| i.shape.iter().zip(&shape).any(|(a, b)| a < b))
+        {
+            return Err(mismatch(odd, ", smaller than the base's"));
+        }
+        Ok(shape)
+    }
+
+    fn resolve(
+        &self,
+        spec: &ParamSpec,
+        levels: &[Option<&Params>],
+        tensor: &str,
+        t: f64,
+        model: Option<usize>,
+    ) -> Result<Resolved, RecipeError> {
+        let numeric = spec.kind == ParamKind::Number;
+        let found = levels.iter().flatten().find_map(|params| {
+            let (setting, at): (&Setting, Location) = params.get(spec.name)?;
+            Some((setting.evaluate(tensor, t, numeric)?, at))
+        });
+        let whose = model
+            .map(|m| format!(" for model `{}`", self.models[m]))
+            .unwrap_or_default();
+        let (value, at) = match (found, &spec.default) {
+            (Some((value, at)), _) => (value, Some(at)),
+            (None, Some(default)) => (default.clone(), None),
+            (None, None) => {
+                let at = model
+                    .map(|m| self.locations[m])
+                    .unwrap_or(self.recipe.merge_method_at);
+                return Err(self.recipe.error(
+                    at,
+                    format!(
+                        "missing parameter `{}`{whose} (tensor `{tensor}`), required by `{}`",
+                        spec.name, self.method.name
+                    ),
+                ));
+            }
+        };
+        let here = at.unwrap_or(self.recipe.merge_method_at);
+        let kind_ok = match spec.kind {
+            ParamKind::Number => value.as_f64().is_some(),
+            ParamKind::Bool => value.as_bool().is_some(),
+            ParamKind::Text => matches!(value, Scalar::Text(_)),
+        };
+        if !kind_ok {
+            let kind = match spec.kind {
+                ParamKind::Number => "number",
+                ParamKind::Bool => "true or false",
+                ParamKind::Text => "string",
+            };
+            return Err(self.recipe.error(
+                here,
+                format!(
+                    "parameter `{}`{whose} must be a {kind}, got {value}",
+                    spec.name
+                ),
+            ));
+        }
+        if let Some(check) = spec.check {
+            check(&value).map_err(|problem| {
+                self.recipe
+                    .error(here, format!("parameter `{}`{whose}: {problem}", spec.name))
+            })?;
+        }
+        Ok(Resolved { value, at })
+    }
+}
+
+/// `name` with its block index `from` replaced by `to`
+/// (`model.layers.0.mlp.up_proj.weight` → `model.layers.7.mlp.up_proj.weight`).
+fn with_layer(name: &str, from: usize, to: usize) -> String {
+    let from = from.to_string();
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let to = to.to_string();
+    if let Some(i) = (1..parts.len())
+        .find(|&i| parts[i] == from && matches!(parts[i - 1], "layers" | "h" | "blocks" | "layer"))
+    {
+        parts[i] = &to;
+    }
+    parts.join(".")
+}
+
+#[cfg(test)]
+mod tests;

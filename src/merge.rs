@@ -1,0 +1,310 @@
+//! `amalgam merge`: run a mergekit-compatible recipe.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use amalgam_checkpoint::arch::{classify, Role};
+use amalgam_checkpoint::{parse_byte_size, Checkpoint, WriteOptions};
+use amalgam_merge::executor::{ExecOptions, MergeJob};
+use amalgam_merge::registry;
+use amalgam_recipe::{InventoryTensor, ModelInventory, ModelRef, Plan, Recipe};
+use anyhow::{anyhow, Context, Result};
+
+/// Merge models as a recipe (mergekit's YAML schema) says.
+///
+/// Everything is checked before anything is written: the recipe (schema,
+/// parameters, layer ranges), every input checkpoint (headers, shapes). The
+/// output is a complete Hugging Face checkpoint whose model card carries the
+/// recipe and the inputs' content hashes.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    amalgam merge recipes/ties.yml work/merged-ties\n  \
+    amalgam merge recipes/ties.yml work/merged-ties --dry-run\n  \
+    amalgam merge recipes/dare_ties.yml work/dare --seed 7 --threads 2 --out-shard-size 1GB")]
+pub struct Args {
+    /// The recipe (YAML).
+    recipe: PathBuf,
+    /// The output directory (must not exist or be empty, unless --force).
+    output: PathBuf,
+    /// Print the plan with its I/O and memory estimate; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: the plan as JSON.
+    #[arg(long, requires = "dry_run")]
+    json: bool,
+    /// Seed for random methods (DARE, DELLA): same seed, same output.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tensors merged at once (default: the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
+    #[arg(long, default_value = "5GB")]
+    out_shard_size: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let text = std::fs::read_to_string(&args.recipe)
+        .with_context(|| format!("reading recipe {}", args.recipe.display()))?;
+    let recipe = Recipe::parse(&text, &args.recipe.display().to_string())?;
+    let method = registry::get(&recipe.merge_method).ok_or_else(|| {
+        recipe.error(
+            recipe.merge_method_at,
+            format!(
+                "unknown merge method `{}` (known: {})",
+                recipe.merge_method,
+                registry::names().join(", ")
+            ),
+        )
+    })?;
+    let referenced = recipe.referenced_models();
+    let checkpoints = referenced
+        .iter()
+        .map(|m| open_model(&recipe, m))
+        .collect::<Result<Vec<_>>>()?;
+    let inventories: Vec<ModelInventory> = checkpoints.iter().map(inventory).collect();
+    let spec = method.spec();
+    let plan = Plan::resolve(&recipe, &spec, &inventories)?;
+    warn_unknown_parameters(&recipe, &spec);
+    let job = MergeJob {
+        recipe: &recipe,
+        plan: &plan,
+        checkpoints: &checkpoints,
+        method,
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+    if args.dry_run {
+        return print_plan(&job, threads, args.json);
+    }
+    let device = crate::device::parse(&args.device)?;
+    let options = ExecOptions {
+        seed: args.seed,
+        device,
+        threads,
+        write: WriteOptions {
+            max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
+            force: args.force,
+            inputs: checkpoints.iter().map(|c| c.dir().to_path_buf()).collect(),
+        },
+    };
+    let total: u64 = job.output_specs().iter().map(|s| s.byte_len()).sum();
+    let bar = crate::progress::bytes(total, &recipe.merge_method, quiet);
+    let summary = job.execute(&args.output, &options, &|bytes| bar.inc(bytes))?;
+    bar.finish_and_clear();
+    if !quiet {
+        println!(
+            "merged {} models with {} into {}: {} tensors, {:.1} MB read, {:.1} MB written, {:.1} s",
+            plan.models.len(),
+            plan.method,
+            summary.out.display(),
+            summary.tensors,
+            summary.bytes_read as f64 / 1e6,
+            summary.bytes_written as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint> {
+    let path = Path::new(&model.path);
+    if !path.exists() {
+        let looks_like_hub_id =
+            model.path.matches('/').count() == 1 && !model.path.starts_with(['.', '/', '~']);
+        let hint = if looks_like_hub_id {
+            format!(
+                "; amalgam does not download models: fetch it first (e.g. `huggingface-cli download {0} --local-dir models/{0}`) and put that directory in the recipe",
+                model.path
+            )
+        } else {
+            String::new()
+        };
+        return Err(recipe
+            .error(
+                model.at,
+                format!("model `{}` is not a local directory{hint}", model.path),
+            )
+            .into());
+    }
+    Checkpoint::open(path)
+        .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))
+}
+
+fn inventory(checkpoint: &Checkpoint) -> ModelInventory {
+    let mut tensors: Vec<InventoryTensor> = checkpoint
+        .tensors()
+        .iter()
+        .map(|t| {
+            let name = classify(&t.name);
+            InventoryTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                layer: name.layer,
+                vocab: matches!(name.role, Role::Embedding | Role::LmHead),
+                embedding: name.role == Role::Embedding,
+                tied_alias: false,
+            }
+        })
+        .collect();
+    let has_head = tensors.iter().any(|t| t.name == "lm_head.weight");
+    if checkpoint.is_tied() && !has_head {
+        if let Ok(embedding) = checkpoint.entry("lm_head.weight") {
+            tensors.push(InventoryTensor {
+                name: "lm_head.weight".into(),
+                shape: embedding.shape.clone(),
+                layer: None,
+                vocab: true,
+                embedding: false,
+                tied_alias: true,
+            });
+        }
+    }
+    let layers = checkpoint
+        .config()
+        .usize("num_hidden_layers")
+        .unwrap_or_else(|| {
+            amalgam_checkpoint::arch::layer_count(tensors.iter().map(|t| t.name.as_str()))
+        });
+    ModelInventory { tensors, layers }
+}
+
+/// mergekit ignores parameters a method does not use; say so instead.
+fn warn_unknown_parameters(recipe: &Recipe, spec: &amalgam_recipe::MethodSpec) {
+    let levels = std::iter::once(&recipe.parameters)
+        .chain(recipe.models.iter().map(|m| &m.parameters))
+        .chain(recipe.slices.iter().flat_map(|s| {
+            std::iter::once(&s.parameters).chain(s.sources.iter().map(|src| &src.parameters))
+        }));
+    for params in levels {
+        for (name, _, at) in &params.0 {
+            if !spec.params.iter().any(|p| p.name == name) {
+                tracing::warn!(
+                    "{}:{at}: `{}` does not use parameter `{name}`; ignored",
+                    recipe.source_name,
+                    spec.name
+                );
+            }
+        }
+    }
+}
+
+fn print_plan(job: &MergeJob<'_>, threads: usize, json: bool) -> Result<()> {
+    let plan = job.plan;
+    let specs = job.output_specs();
+    let written: u64 = specs.iter().map(|s| s.byte_len()).sum();
+    let read = job.bytes_to_read();
+    let peak = job.peak_memory_estimate(threads);
+    if json {
+        let tensors: Vec<serde_json::Value> = plan
+            .tensors
+            .iter()
+            .zip(&specs)
+            .map(|(t, spec)| {
+                serde_json::json!({
+                    "name": t.name,
+                    "shape": t.shape,
+                    "dtype": format!("{:?}", spec.dtype),
+                    "t": t.t,
+                    "base": t.base,
+                    "params": params_json(&t.params),
+                    "inputs": t.inputs.iter().map(|i| serde_json::json!({
+                        "model": plan.models[i.model],
+                        "tensor": i.tensor,
+                        "params": params_json(&i.params),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "method": plan.method,
+            "models": plan.models,
+            "layers": plan.layers,
+            "tensor_count": plan.tensors.len(),
+            "bytes_read": read,
+            "bytes_written": written,
+            "peak_memory_estimate": peak,
+            "threads": threads,
+            "tensors": tensors,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("method        {}", plan.method);
+    for (i, model) in plan.models.iter().enumerate() {
+        let role = if i == plan.layout_model {
+            " (config from here)"
+        } else {
+            ""
+        };
+        println!("model {i}       {model}{role}");
+    }
+    println!(
+        "output        {} tensors, {} layers",
+        plan.tensors.len(),
+        plan.layers
+    );
+    println!("read          {:.1} MB", read as f64 / 1e6);
+    println!("write         {:.1} MB", written as f64 / 1e6);
+    println!(
+        "peak memory   {:.1} MB estimated with {threads} threads",
+        peak as f64 / 1e6
+    );
+    println!();
+    for (t, spec) in plan.tensors.iter().zip(&specs) {
+        let inputs: Vec<String> = t
+            .inputs
+            .iter()
+            .map(|i| {
+                let params: Vec<String> = i
+                    .params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.value))
+                    .collect();
+                format!("{}[{}]", i.model, params.join(","))
+            })
+            .collect();
+        let params: Vec<String> = t
+            .params
+            .iter()
+            .filter(|(_, v)| v.at.is_some())
+            .map(|(k, v)| format!("{k}={}", v.value))
+            .collect();
+        println!(
+            "{:<48} {:?} {:?} ← {} {}",
+            t.name,
+            spec.dtype,
+            t.shape,
+            inputs.join(" "),
+            params.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn params_json(
+    params: &std::collections::BTreeMap<String, amalgam_recipe::Resolved>,
+) -> serde_json::Value {
+    use amalgam_recipe::Scalar;
+    params
+        .iter()
+        .map(|(name, resolved)| {
+            let value = match &resolved.value {
+                Scalar::Number(n) => serde_json::json!(n),
+                Scalar::Bool(b) => serde_json::json!(b),
+                Scalar::Text(t) => serde_json::json!(t),
+            };
+            (name.clone(), value)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}

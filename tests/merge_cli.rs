@@ -1,0 +1,344 @@
+//! `amalgam merge` end to end: the shipped recipes, determinism, out_dtype,
+//! transformers loading the result, dry runs, and every kind of bad recipe.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// The example models the recipes in recipes/ refer to, under `dir/work/example`.
+fn example_models(dir: &Path) {
+    synth(
+        &dir.join("work/example"),
+        &["--finetunes", "2", "--seed", "0"],
+    );
+}
+
+fn recipes() -> Vec<PathBuf> {
+    let mut recipes: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+            .collect();
+    recipes.sort();
+    recipes
+}
+
+/// Runs amalgam in `dir` (recipes use paths relative to the working directory).
+fn amalgam_in(dir: &Path, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .current_dir(dir)
+        .args(args)
+        .arg("-q")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_shipped_recipe_runs_and_loads_in_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let recipes = recipes();
+    assert_eq!(recipes.len(), 17, "one recipe per method");
+    let mut outputs = vec![];
+    for recipe in &recipes {
+        let name = recipe.file_stem().unwrap().to_str().unwrap();
+        let out = tmp.path().join(format!("merged-{name}"));
+        let result = amalgam_in(
+            tmp.path(),
+            &["merge".as_ref(), recipe.as_os_str(), out.as_os_str()],
+        );
+        assert!(
+            result.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.contains(&format!("merge_method: {name}")),
+            "{name}: the card carries the recipe"
+        );
+        assert!(
+            card.contains("finetune-1` | model.safetensors | `"),
+            "{name}: the card hashes the inputs"
+        );
+        outputs.push(out);
+    }
+    let dirs: Vec<&Path> = outputs.iter().map(|p| p.as_path()).collect();
+    let oracle = hf_oracle(&dirs, false);
+    for dir in &dirs {
+        let ours = tensor_digests(&inspect_json(dir, true));
+        let theirs = oracle[dir.to_str().unwrap()]["transformers"]
+            .as_object()
+            .unwrap();
+        for (name, (_, _, sha)) in &ours {
+            assert_eq!(
+                theirs[name]["sha256"],
+                sha.as_str(),
+                "{} {name}",
+                dir.display()
+            );
+        }
+    }
+}
+
+fn write_recipe(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const DARE: &str = "merge_method: dare_ties
+base_model: work/example/base
+models:
+  - model: work/example/finetune-1
+    parameters: {weight: 0.5, density: 0.3}
+  - model: work/example/finetune-2
+    parameters: {weight: 0.5, density: 0.6}
+";
+
+#[test]
+fn same_seed_same_bytes_whatever_the_thread_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let recipe = write_recipe(tmp.path(), "dare.yml", DARE);
+    let run = |out: &str, seed: &str, threads: &str| {
+        let result = amalgam_in(
+            tmp.path(),
+            &[
+                "merge".as_ref(),
+                recipe.as_os_str(),
+                out.as_ref(),
+                "--seed".as_ref(),
+                seed.as_ref(),
+                "--threads".as_ref(),
+                threads.as_ref(),
+            ],
+        );
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        std::fs::read(tmp.path().join(out).join("model.safetensors")).unwrap()
+    };
+    let one = run("t1", "5", "1");
+    assert_eq!(one, run("t2", "5", "2"));
+    assert_eq!(one, run("t4", "5", "4"));
+    assert_ne!(one, run("other-seed", "6", "2"));
+}
+
+#[test]
+fn out_dtype_saves_the_math_result_cast_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let f32_recipe = "merge_method: task_arithmetic\nbase_model: work/example/base\nmodels:\n  - model: work/example/finetune-1\n    parameters: {weight: 0.7}\ndtype: float32\n";
+    let a = write_recipe(tmp.path(), "f32.yml", f32_recipe);
+    let b = write_recipe(
+        tmp.path(),
+        "bf16.yml",
+        &format!("{f32_recipe}out_dtype: bfloat16\n"),
+    );
+    for (recipe, out) in [(&a, "f32"), (&b, "bf16")] {
+        let result = amalgam_in(
+            tmp.path(),
+            &["merge".as_ref(), recipe.as_os_str(), out.as_ref()],
+        );
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    ok([
+        "convert".as_ref(),
+        tmp.path().join("f32").as_os_str(),
+        tmp.path().join("f32-cast").as_os_str(),
+        "--dtype".as_ref(),
+        "bfloat16".as_ref(),
+    ]);
+    let direct = inspect_json(&tmp.path().join("bf16"), true);
+    assert_eq!(
+        direct["dtypes"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["BF16"]
+    );
+    assert_eq!(
+        tensor_digests(&direct),
+        tensor_digests(&inspect_json(&tmp.path().join("f32-cast"), true))
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("bf16/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let recipe = write_recipe(tmp.path(), "dare.yml", DARE);
+    let result = amalgam_in(
+        tmp.path(),
+        &[
+            "merge".as_ref(),
+            recipe.as_os_str(),
+            "out".as_ref(),
+            "--dry-run".as_ref(),
+            "--json".as_ref(),
+        ],
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(plan["tensor_count"], 39);
+    assert_eq!(plan["bytes_written"], 887_040);
+    assert_eq!(plan["bytes_read"], 3 * 887_040);
+    assert!(plan["peak_memory_estimate"].as_u64().unwrap() > 0);
+    let first = &plan["tensors"][0];
+    assert_eq!(first["inputs"][0]["params"]["density"], 0.3);
+    assert!(!tmp.path().join("out").exists());
+}
+
+/// Each bad recipe: exit 1, a message naming the recipe line (and the model),
+/// and no output directory.
+#[test]
+fn bad_recipes_name_the_line_and_the_model_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "missing weight",
+            "merge_method: ties\nbase_model: work/example/base\nmodels:\n  - model: work/example/finetune-1\n    parameters: {density: 0.5}\n",
+            &["bad.yml:4:12:", "missing parameter `weight` for model `work/example/finetune-1`"],
+        ),
+        (
+            "density outside (0, 1]",
+            "merge_method: ties\nbase_model: work/example/base\nmodels:\n  - model: work/example/finetune-1\n    parameters: {weight: 1, density: 1.5}\n",
+            &["bad.yml:5:29:", "parameter `density` for model `work/example/finetune-1`: density must be in (0, 1], got 1.5"],
+        ),
+        (
+            "unknown method",
+            "merge_method: tiez\nbase_model: work/example/base\nmodels:\n  - model: work/example/finetune-1\n",
+            &["bad.yml:1:15:", "unknown merge method `tiez`", "ties"],
+        ),
+        (
+            "layer_range beyond the model",
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: work/example/finetune-1\n        layer_range: [2, 9]\n",
+            &["bad.yml:5:22:", "layer_range [2, 9] goes beyond model `work/example/finetune-1`, which has 4 layers"],
+        ),
+        (
+            "method needing a base without one",
+            "merge_method: task_arithmetic\nmodels:\n  - model: work/example/finetune-1\n    parameters: {weight: 1}\n",
+            &["bad.yml:1:15:", "merge method `task_arithmetic` needs a `base_model`"],
+        ),
+        (
+            "a hub id instead of a directory",
+            "merge_method: linear\nmodels:\n  - model: meta-llama/Llama-3.1-8B\n    parameters: {weight: 1}\n",
+            &["bad.yml:3:12:", "model `meta-llama/Llama-3.1-8B` is not a local directory", "does not download"],
+        ),
+        (
+            "an unknown key",
+            "merge_method: linear\nmodels:\n  - model: work/example/finetune-1\n    parameter: {weight: 1}\n",
+            &["bad.yml:4:5:", "unknown key `parameter`", "did you mean `parameters`?"],
+        ),
+        (
+            "a broken input checkpoint",
+            "merge_method: linear\nmodels:\n  - model: work/example\n    parameters: {weight: 1}\n",
+            &["bad.yml:3:12:", "model `work/example`", "no weights found"],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        let recipe = write_recipe(tmp.path(), "bad.yml", text);
+        let result = amalgam_in(
+            tmp.path(),
+            &["merge".as_ref(), recipe.as_os_str(), "out".as_ref()],
+        );
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{what}: {stderr}");
+        for needle in *needles {
+            assert!(
+                stderr.contains(needle),
+                "{what}: missing {needle:?} in {stderr}"
+            );
+        }
+        assert!(!tmp.path().join("out").exists(), "{what}: nothing written");
+    }
+}
+
+#[test]
+fn shape_and_layer_count_mismatches_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    synth(
+        &tmp.path().join("work/narrow"),
+        &["--finetunes", "0", "--intermediate", "128"],
+    );
+    synth(
+        &tmp.path().join("work/short"),
+        &["--finetunes", "0", "--layers", "3"],
+    );
+    let cases = [
+        ("work/narrow/base", "tensor `model.layers.0.mlp.gate_proj.weight`: model `work/narrow/base` has shape [128, 64] but model `work/example/finetune-1` has [160, 64]"),
+        ("work/short/base", "models have different layer counts (work/example/finetune-1 has 4, work/short/base has 3)"),
+    ];
+    for (other, message) in cases {
+        let text = format!("merge_method: linear\nmodels:\n  - model: work/example/finetune-1\n    parameters: {{weight: 1}}\n  - model: {other}\n    parameters: {{weight: 1}}\n");
+        let recipe = write_recipe(tmp.path(), "bad.yml", &text);
+        let result = amalgam_in(
+            tmp.path(),
+            &["merge".as_ref(), recipe.as_os_str(), "out".as_ref()],
+        );
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("bad.yml:5:12:") && stderr.contains(message),
+            "{stderr}"
+        );
+        assert!(!tmp.path().join("out").exists());
+    }
+}
+
+#[test]
+fn devices_are_checked_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/linear.yml");
+    let result = amalgam_in(
+        tmp.path(),
+        &[
+            "merge".as_ref(),
+            recipe.as_os_str(),
+            "out".as_ref(),
+            "--device".as_ref(),
+            "tpu".as_ref(),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&result.stderr).contains("unknown --device \"tpu\""));
+    assert!(!tmp.path().join("out").exists());
+    let result = amalgam_in(
+        tmp.path(),
+        &[
+            "merge".as_ref(),
+            recipe.as_os_str(),
+            "out".as_ref(),
+            "--device".as_ref(),
+            "cuda".as_ref(),
+        ],
+    );
+    if !result.status.success() {
+        // No GPU here (CI never has one): a clear refusal, nothing written.
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(stderr.contains("libtorch sees no CUDA GPU"), "{stderr}");
+        assert!(!tmp.path().join("out").exists());
+    }
+}

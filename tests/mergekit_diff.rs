@@ -1,0 +1,376 @@
+//! Differential tests against mergekit (the pinned PyPI release, run in-process
+//! by tests/oracles/mergekit_diff.py): every deterministic method, DARE and
+//! DELLA at density 1, gradients, filters, slices/passthrough and out_dtype,
+//! on generated tiny F32 checkpoints. Outputs must agree within 1e-6.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// (name, recipe with {base} {a} {b} {c} placeholders)
+const CASES: &[(&str, &str)] = &[
+    (
+        "linear",
+        "merge_method: linear
+models:
+  - model: {a}
+    parameters: {weight: 0.3}
+  - model: {b}
+    parameters: {weight: 0.7}
+",
+    ),
+    (
+        "linear_with_base_unnormalized",
+        "merge_method: linear
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.5}
+  - model: {base}
+    parameters: {weight: 0.25}
+parameters:
+  normalize: false
+",
+    ),
+    (
+        "task_arithmetic",
+        "merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.5}
+  - model: {b}
+    parameters: {weight: 0.8}
+parameters:
+  lambda: 0.9
+",
+    ),
+    (
+        "ties_with_gradient_and_filters",
+        "merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: {b}
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+  - model: {c}
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0.1
+parameters:
+  normalize: true
+  int8_mask: true
+",
+    ),
+    (
+        "dare_linear_density_1",
+        "merge_method: dare_linear
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.6, density: 1.0}
+  - model: {b}
+    parameters: {weight: 0.4, density: 1.0}
+",
+    ),
+    (
+        "dare_ties_density_1",
+        "merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.6, density: 1.0}
+  - model: {b}
+    parameters: {weight: 0.4, density: 1.0}
+",
+    ),
+    (
+        "breadcrumbs",
+        "merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.6, density: 0.8, gamma: 0.05}
+  - model: {b}
+    parameters: {weight: 0.4, density: 0.9, gamma: 0.0}
+",
+    ),
+    (
+        "breadcrumbs_ties",
+        "merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.6, density: 0.7, gamma: 0.1}
+  - model: {b}
+    parameters: {weight: 0.4, density: 0.7, gamma: 0.1}
+",
+    ),
+    (
+        "della_density_1",
+        "merge_method: della
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.6, density: 1.0}
+  - model: {b}
+    parameters: {weight: 0.4, density: 1.0}
+",
+    ),
+    (
+        "della_linear_density_1",
+        "merge_method: della_linear
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.6, density: 1.0}
+  - model: {b}
+    parameters: {weight: 0.4, density: 1.0}
+",
+    ),
+    (
+        "gradient_slerp_slices",
+        "merge_method: slerp
+base_model: {base}
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 4]
+      - model: {a}
+        layer_range: [0, 4]
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+",
+    ),
+    (
+        "nuslerp_with_base",
+        "merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.4}
+  - model: {b}
+    parameters: {weight: 0.6}
+",
+    ),
+    (
+        "nuslerp_row_wise",
+        "merge_method: nuslerp
+models:
+  - model: {a}
+    parameters: {weight: 0.7}
+  - model: {b}
+    parameters: {weight: 0.3}
+parameters:
+  nuslerp_flatten: false
+  nuslerp_row_wise: true
+",
+    ),
+    (
+        "multislerp",
+        "merge_method: multislerp
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.5}
+  - model: {b}
+    parameters: {weight: 0.3}
+  - model: {c}
+    parameters: {weight: 0.2}
+",
+    ),
+    (
+        "karcher",
+        "merge_method: karcher
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+",
+    ),
+    (
+        "model_stock",
+        "merge_method: model_stock
+base_model: {base}
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+",
+    ),
+    (
+        "model_stock_filter_wise",
+        "merge_method: model_stock
+base_model: {base}
+models:
+  - model: {a}
+  - model: {b}
+parameters:
+  filter_wise: true
+",
+    ),
+    (
+        "sce",
+        "merge_method: sce
+base_model: {base}
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+parameters:
+  select_topk: 0.5
+",
+    ),
+    (
+        "nearswap",
+        "merge_method: nearswap
+base_model: {base}
+models:
+  - model: {base}
+  - model: {a}
+parameters:
+  t: 0.001
+",
+    ),
+    (
+        "passthrough_frankenmerge",
+        "merge_method: passthrough
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 3]
+  - sources:
+      - model: {b}
+        layer_range: [1, 4]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.5
+            - value: 1.0
+",
+    ),
+    (
+        "task_arithmetic_two_slices",
+        "merge_method: task_arithmetic
+base_model: {base}
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {a}
+        layer_range: [0, 2]
+        parameters: {weight: 0.7}
+    parameters:
+      lambda: 0.5
+  - sources:
+      - model: {base}
+        layer_range: [2, 4]
+      - model: {a}
+        layer_range: [2, 4]
+        parameters: {weight: [0.2, 1.0]}
+dtype: float32
+",
+    ),
+    (
+        "linear_out_bfloat16",
+        "merge_method: linear
+models:
+  - model: {a}
+    parameters: {weight: 1.0}
+  - model: {b}
+    parameters: {weight: 2.0}
+dtype: float32
+out_dtype: bfloat16
+",
+    ),
+];
+
+#[test]
+fn every_method_matches_mergekit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("family");
+    synth(&family, &["--finetunes", "3", "--seed", "11"]);
+    let fill = |recipe: &str| {
+        recipe
+            .replace("{base}", family.join("base").to_str().unwrap())
+            .replace("{a}", family.join("finetune-1").to_str().unwrap())
+            .replace("{b}", family.join("finetune-2").to_str().unwrap())
+            .replace("{c}", family.join("finetune-3").to_str().unwrap())
+    };
+    let mut cases = vec![];
+    for (name, recipe) in CASES {
+        let path = tmp.path().join(format!("{name}.yml"));
+        std::fs::write(&path, fill(recipe)).unwrap();
+        let out = tmp.path().join(format!("out-{name}"));
+        ok(["merge".as_ref(), path.as_os_str(), out.as_os_str()]);
+        cases.push(json!({"name": name, "recipe": path, "ours": out}));
+    }
+    let results = mergekit_oracle(tmp.path(), &cases);
+    let mut failures = vec![];
+    for (name, _) in CASES {
+        let r = &results[*name];
+        let bf16 = name.contains("bfloat16");
+        let tolerance_ok = if bf16 {
+            // One bf16 rounding step of results that agree to 1e-6 before rounding.
+            r["max_rel"].as_f64().unwrap_or(f64::MAX) <= 1.0 / 128.0
+        } else {
+            r["max_abs"].as_f64().unwrap_or(f64::MAX) <= 1e-6
+        };
+        let clean = r.get("error").is_none()
+            && r["only_ours"].as_array().is_some_and(Vec::is_empty)
+            && r["only_theirs"].as_array().is_some_and(Vec::is_empty)
+            && r["dtype_mismatch"]
+                .as_object()
+                .is_some_and(|m| m.is_empty());
+        if !(clean && tolerance_ok) {
+            failures.push(format!("{name}: {r}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "differences from mergekit:\n{}",
+        failures.join("\n")
+    );
+    let layers = |name: &str| {
+        let config: Value = serde_json::from_slice(
+            &std::fs::read(tmp.path().join(format!("out-{name}/config.json"))).unwrap(),
+        )
+        .unwrap();
+        config["num_hidden_layers"].clone()
+    };
+    assert_eq!(layers("passthrough_frankenmerge"), 6);
+    assert_eq!(results["passthrough_frankenmerge"]["num_hidden_layers"], 6);
+}
+
+fn mergekit_oracle(dir: &Path, cases: &[Value]) -> Value {
+    let list = dir.join("cases.json");
+    std::fs::write(&list, serde_json::to_vec(cases).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/mergekit_diff.py");
+    let out = std::process::Command::new(python())
+        .arg(script)
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mergekit oracle failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

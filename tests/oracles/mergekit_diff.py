@@ -1,0 +1,83 @@
+"""Oracle: run each recipe with mergekit (in-process, offline) and compare its
+output tensors with amalgam's.
+
+    python mergekit_diff.py CASES.json
+
+CASES.json is a list of {"name", "recipe" (path), "ours" (amalgam's output dir)}.
+Prints one JSON object keyed by case name with, per case, the tensor names only
+one side has, dtype disagreements, and the largest absolute and relative
+differences (or the error mergekit raised).
+"""
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import run_merge  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+
+
+def load(directory):
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def compare(ours, theirs):
+    report = {
+        "only_ours": sorted(set(ours) - set(theirs)),
+        "only_theirs": sorted(set(theirs) - set(ours)),
+        "dtype_mismatch": {},
+        "max_abs": 0.0,
+        "max_rel": 0.0,
+        "worst": None,
+    }
+    for name in sorted(set(ours) & set(theirs)):
+        a, b = ours[name], theirs[name]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            report["dtype_mismatch"][name] = [str(a.dtype), list(a.shape), str(b.dtype), list(b.shape)]
+            continue
+        diff = (a.double() - b.double()).abs()
+        worst = diff.max().item() if diff.numel() else 0.0
+        rel = (diff / b.double().abs().clamp_min(1e-3)).max().item() if diff.numel() else 0.0
+        if worst > report["max_abs"]:
+            report["max_abs"], report["worst"] = worst, name
+        report["max_rel"] = max(report["max_rel"], rel)
+    return report
+
+
+def main():
+    cases = json.load(open(sys.argv[1]))
+    results = {}
+    for case in cases:
+        with open(case["recipe"]) as f:
+            config = MergeConfiguration.model_validate(yaml.safe_load(f))
+        with tempfile.TemporaryDirectory() as out:
+            try:
+                options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+                run_merge(config, out, options=options)
+            except Exception as e:  # reported, not raised: the Rust test decides
+                results[case["name"]] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            report = compare(load(case["ours"]), load(out))
+            with open(os.path.join(out, "config.json")) as f:
+                report["num_hidden_layers"] = json.load(f).get("num_hidden_layers")
+            results[case["name"]] = report
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
