@@ -41,6 +41,9 @@ pub struct Args {
     /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
     #[arg(long, default_value = "5GB")]
     out_shard_size: String,
+    /// Most bytes of tensors in flight, e.g. 4GB (default: half the available memory).
+    #[arg(long)]
+    memory_budget: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -83,14 +86,19 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
+    let memory_budget = match &args.memory_budget {
+        Some(text) => parse_byte_size(text)?,
+        None => default_memory_budget(),
+    };
     if args.dry_run {
-        return print_plan(&job, threads, args.json);
+        return print_plan(&job, threads, memory_budget, args.json);
     }
     let device = crate::device::parse(&args.device)?;
     let options = ExecOptions {
         seed: args.seed,
         device,
         threads,
+        memory_budget,
         write: WriteOptions {
             max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
             force: args.force,
@@ -198,12 +206,30 @@ fn warn_unknown_parameters(recipe: &Recipe, spec: &amalgam_recipe::MethodSpec) {
     }
 }
 
-fn print_plan(job: &MergeJob<'_>, threads: usize, json: bool) -> Result<()> {
+/// Half of MemAvailable (or 4 GB where /proc/meminfo cannot be read).
+fn default_memory_budget() -> u64 {
+    let available_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemAvailable:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        });
+    available_kib.map_or(4_000_000_000, |kib| kib * 1024 / 2)
+}
+
+fn print_plan(job: &MergeJob<'_>, threads: usize, memory_budget: u64, json: bool) -> Result<()> {
     let plan = job.plan;
     let specs = job.output_specs();
     let written: u64 = specs.iter().map(|s| s.byte_len()).sum();
     let read = job.bytes_to_read();
-    let peak = job.peak_memory_estimate(threads);
+    let peak = job.peak_memory_estimate(threads, memory_budget);
     if json {
         let tensors: Vec<serde_json::Value> = plan
             .tensors
@@ -234,6 +260,7 @@ fn print_plan(job: &MergeJob<'_>, threads: usize, json: bool) -> Result<()> {
             "bytes_written": written,
             "peak_memory_estimate": peak,
             "threads": threads,
+            "memory_budget": memory_budget,
             "tensors": tensors,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);

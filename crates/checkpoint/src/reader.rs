@@ -202,20 +202,72 @@ impl Checkpoint {
         &self.shards[entry.shard].mmap[range]
     }
 
-    /// Materialises one tensor as a CPU tch tensor (a copy out of the map).
+    /// Materialises one tensor as a CPU tch tensor of its own dtype (a copy out of the map).
     pub fn tensor(&self, name: &str) -> Result<tch::Tensor> {
         let entry = self.entry(name)?;
         let kind = kind_from_dtype(entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
             name: name.into(),
             dtype: entry.dtype,
         })?;
+        self.read_as(name, kind)
+    }
+
+    /// Materialises one tensor converted to `kind`, in memory of its own: the
+    /// conversion reads the mapped bytes directly (one pass, no staging copy).
+    pub fn read_as(&self, name: &str, kind: tch::Kind) -> Result<tch::Tensor> {
+        let entry = self.entry(name)?;
+        let stored = kind_from_dtype(entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            name: name.into(),
+            dtype: entry.dtype,
+        })?;
         let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
-        tch::Tensor::f_from_data_size(self.bytes(entry), &shape, kind).map_err(|source| {
-            Error::Torch {
-                name: name.into(),
-                source,
-            }
-        })
+        let bytes = self.bytes(entry);
+        let torch = |source| Error::Torch {
+            name: name.into(),
+            source,
+        };
+        if bytes.is_empty() || (bytes.as_ptr() as usize) % stored.elt_size_in_bytes() != 0 {
+            // Nothing to view, or a view libtorch may not read unaligned: copy first.
+            let owned = tch::Tensor::f_from_data_size(bytes, &shape, stored).map_err(torch)?;
+            return owned.f_to_kind(kind).map_err(torch);
+        }
+        // SAFETY: `bytes` is a live, read-only, element-aligned region of exactly
+        // numel × element size bytes (validated at open). The view is consumed
+        // here by a copy or conversion into a new tensor and never escapes.
+        let view = unsafe {
+            tch::Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], stored, tch::Device::Cpu)
+        }
+        .map_err(torch)?;
+        if stored == kind {
+            Ok(view.copy())
+        } else {
+            view.f_to_kind(kind).map_err(torch)
+        }
+    }
+
+    /// Asks the kernel to start reading a tensor's bytes (readahead).
+    pub fn prefetch(&self, entry: &TensorEntry) {
+        let mmap = &self.shards[entry.shard].mmap;
+        let (start, len) = (
+            entry.byte_range.start as usize,
+            (entry.byte_range.end - entry.byte_range.start) as usize,
+        );
+        let _ = mmap.advise_range(memmap2::Advice::WillNeed, start, len);
+    }
+
+    /// Drops a tensor's pages from this process's resident memory once it has
+    /// been read; they stay in the page cache, so a later read costs no I/O.
+    pub fn release(&self, entry: &TensorEntry) {
+        let mmap = &self.shards[entry.shard].mmap;
+        let (start, len) = (
+            entry.byte_range.start as usize,
+            (entry.byte_range.end - entry.byte_range.start) as usize,
+        );
+        // SAFETY: the map is private and read-only, so MADV_DONTNEED only drops
+        // clean pages, which are re-read from the file if touched again; no
+        // reference into the range is held across this call by amalgam.
+        let _ =
+            unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
     }
 }
 

@@ -5,6 +5,7 @@
 //! computed the same way whatever the thread count (bit-identical outputs).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 
 use amalgam_checkpoint::{
     kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish, InputRecord,
@@ -23,8 +24,14 @@ pub struct ExecOptions {
     pub device: Device,
     /// Tensors computed at once (rayon threads).
     pub threads: usize,
+    /// Bytes of tensor memory in flight at most; a tensor waits until its
+    /// share fits (one larger than the budget runs alone).
+    pub memory_budget: u64,
     pub write: WriteOptions,
 }
+
+/// Resident memory of the process before any tensor: libtorch, the maps' page tables, buffers.
+const BASELINE_RSS: u64 = 200_000_000;
 
 /// A recipe resolved against its opened input checkpoints.
 pub struct MergeJob<'a> {
@@ -92,22 +99,38 @@ impl MergeJob<'_> {
             .sum()
     }
 
-    /// A peak-memory estimate: per tensor in flight, its inputs and output in
-    /// the math dtype plus working copies (the methods keep about as many
-    /// temporaries as inputs), for the largest tensors, times the threads.
-    pub fn peak_memory_estimate(&self, threads: usize) -> u64 {
-        let mut per_tensor: Vec<u64> = self
+    /// The memory one output tensor needs while it is computed: its inputs in
+    /// the math dtype, the method's working copies, and the output.
+    pub fn tensor_memory(&self, tensor: &PlannedTensor) -> u64 {
+        let numel: u64 = tensor.shape.iter().map(|&d| d as u64).product();
+        let math = (self.math_dtype(tensor).bitsize() / 8) as u64;
+        let out = (self.output_dtype(tensor).bitsize() / 8) as u64;
+        let copies = (tensor.inputs.len() + self.method.working_copies(tensor.inputs.len())) as u64;
+        numel * (copies * math + out)
+    }
+
+    /// Peak tensor memory with `threads` tensors in flight under `budget`:
+    /// the largest tensors running together, as many as fit.
+    pub fn peak_memory_estimate(&self, threads: usize, budget: u64) -> u64 {
+        let mut needs: Vec<u64> = self
             .plan
             .tensors
             .iter()
-            .map(|t| {
-                let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
-                let width = (self.math_dtype(t).bitsize() / 8) as u64;
-                numel * width * (2 * t.inputs.len() as u64 + 2)
-            })
+            .map(|t| self.tensor_memory(t))
             .collect();
-        per_tensor.sort_unstable_by(|a, b| b.cmp(a));
-        per_tensor.iter().take(threads.max(1)).sum()
+        needs.sort_unstable_by(|a, b| b.cmp(a));
+        let mut peak = needs.first().copied().unwrap_or(0);
+        for window in needs.windows(threads.max(1)) {
+            let mut together = 0;
+            for &need in window {
+                if together + need > budget && together > 0 {
+                    break;
+                }
+                together += need;
+            }
+            peak = peak.max(together);
+        }
+        peak + BASELINE_RSS
     }
 
     /// Computes one output tensor (in the output dtype, on the CPU).
@@ -121,14 +144,19 @@ impl MergeJob<'_> {
             .inputs
             .iter()
             .map(|input| {
-                let mut t = self.checkpoints[input.model].tensor(&input.tensor)?;
+                let checkpoint = &self.checkpoints[input.model];
+                let entry = checkpoint.entry(&input.tensor)?;
+                checkpoint.prefetch(entry);
+                let mut t = checkpoint.read_as(&input.tensor, math)?;
+                // The copy is ours now: let the mapped pages go.
+                checkpoint.release(entry);
                 // Vocabulary tensors larger than the output are cut to it.
                 for (dim, &size) in tensor.shape.iter().enumerate() {
                     if t.size()[dim] as usize != size {
                         t = t.f_narrow(dim as i64, 0, size as i64).map_err(torch)?;
                     }
                 }
-                Ok(t.to_device(device).to_kind(math))
+                Ok(t.to_device(device))
             })
             .collect::<Result<Vec<_>>>()?;
         let cx = MergeContext {
@@ -162,11 +190,14 @@ impl MergeJob<'_> {
             .num_threads(options.threads.max(1))
             .build()
             .map_err(|e| MergeError::Device(format!("cannot start worker threads: {e}")))?;
+        let budget = Budget::new(options.memory_budget);
+        let started = std::time::Instant::now();
         pool.install(|| {
             self.plan
                 .tensors
                 .par_iter()
                 .try_for_each(|tensor| -> Result<()> {
+                    let _permit = budget.acquire(self.tensor_memory(tensor));
                     let merged = self.compute(tensor, options.seed, options.device)?;
                     writer.write_tensor(&tensor.name, &merged)?;
                     progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
@@ -174,6 +205,7 @@ impl MergeJob<'_> {
                 })
         })?;
 
+        tracing::debug!("tensors merged and written in {:.1?}", started.elapsed());
         let layout = &self.checkpoints[self.plan.layout_model];
         let mut config = layout.config().clone();
         config.set("num_hidden_layers", self.plan.layers.into());
@@ -200,6 +232,7 @@ impl MergeJob<'_> {
                 InputRecord::hash(role, checkpoint)
             })
             .collect::<amalgam_checkpoint::Result<Vec<_>>>()?;
+        tracing::debug!("inputs hashed at {:.1?}", started.elapsed());
         let card = ModelCard {
             title: out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             summary: format!(
@@ -223,6 +256,7 @@ impl MergeJob<'_> {
             extra_files: &extra,
             card: &card,
         })?;
+        tracing::debug!("output committed at {:.1?}", started.elapsed());
         Ok(MergeSummary {
             out,
             tensors: self.plan.tensors.len(),
@@ -235,4 +269,46 @@ impl MergeJob<'_> {
 /// A model's identity for random streams: a hash of its path as the recipe writes it.
 pub fn model_id(path: &str) -> u64 {
     amalgam_checkpoint::stream_seed(0, path, 0)
+}
+
+/// A byte budget shared by the worker threads.
+struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+struct Permit<'a> {
+    budget: &'a Budget,
+    bytes: u64,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits until `bytes` fit (or nothing else is running).
+    fn acquire(&self, bytes: u64) -> Permit<'_> {
+        let mut used = self.used.lock().expect("budget lock");
+        while *used > 0 && *used + bytes > self.limit {
+            used = self.freed.wait(used).expect("budget lock");
+        }
+        *used += bytes;
+        Permit {
+            budget: self,
+            bytes,
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.budget.used.lock().expect("budget lock") -= self.bytes;
+        self.budget.freed.notify_all();
+    }
 }

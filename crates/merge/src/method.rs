@@ -66,7 +66,15 @@ impl MergeContext<'_> {
 }
 
 /// A merge method: its parameters, and the math for one tensor.
+///
+/// `merge` must not modify its inputs in place: they may be shared.
 pub trait MergeMethod: Sync + Send {
     fn spec(&self) -> MethodSpec;
     fn merge(&self, cx: &MergeContext<'_>) -> Result<Tensor>;
+
+    /// Tensors of the output's size (in the math dtype) the method holds at
+    /// its peak besides its inputs; used for the memory budget and estimate.
+    fn working_copies(&self, inputs: usize) -> usize {
+        inputs + 2
+    }
 }

@@ -1,0 +1,107 @@
+//! Per-method throughput on 16M-element tensors (4096 × 4096), a base and two
+//! fine-tunes, one thread, as the executor runs each tensor. Prints a table.
+//!
+//!     cargo bench -p amalgam-merge --bench methods [-- FILTER]
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use amalgam_merge::registry::METHODS;
+use amalgam_merge::MergeContext;
+use amalgam_recipe::{ParamScope, Resolved, Scalar};
+use tch::{Device, Kind, Tensor};
+
+const SIDE: i64 = 4096;
+const RUNS: usize = 3;
+
+fn main() {
+    tch::set_num_threads(1);
+    tch::manual_seed(0);
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let base = Tensor::randn([SIDE, SIDE], (Kind::Float, Device::Cpu)) * 0.02;
+    let models: Vec<Tensor> = (0..2)
+        .map(|_| &base + Tensor::randn([SIDE, SIDE], (Kind::Float, Device::Cpu)) * 0.002)
+        .collect();
+    println!("| method | dtype | ms / tensor (median of {RUNS}) | M elements / s |");
+    println!("|---|---|---|---|");
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let inputs: Vec<Tensor> = std::iter::once(&base)
+            .chain(&models)
+            .map(|t| t.to_kind(kind))
+            .collect();
+        for method in METHODS {
+            let spec = method.spec();
+            if filter.as_deref().is_some_and(|f| !spec.name.contains(f)) {
+                continue;
+            }
+            let takes_base = !matches!(spec.base, amalgam_recipe::BasePolicy::Ignored);
+            let (inputs, base_index): (Vec<Tensor>, Option<usize>) =
+                match (takes_base, spec.max_models) {
+                    (true, Some(1)) => (
+                        inputs[..2].iter().map(Tensor::shallow_clone).collect(),
+                        Some(0),
+                    ),
+                    (true, _) => (inputs.iter().map(Tensor::shallow_clone).collect(), Some(0)),
+                    (false, Some(1)) => (
+                        inputs[1..2].iter().map(Tensor::shallow_clone).collect(),
+                        None,
+                    ),
+                    (false, _) => (
+                        inputs[1..].iter().map(Tensor::shallow_clone).collect(),
+                        None,
+                    ),
+                };
+            let mut shared = BTreeMap::new();
+            let mut per_input = vec![BTreeMap::new(); inputs.len()];
+            for p in &spec.params {
+                let value = match p.name {
+                    "density" => Some(Scalar::Number(0.5)),
+                    "epsilon" => Some(Scalar::Number(0.1)),
+                    "t" => Some(Scalar::Number(0.3)),
+                    "weight" => Some(Scalar::Number(0.5)),
+                    _ => p.default.clone(),
+                }
+                .map(|value| Resolved { value, at: None })
+                .expect("every parameter has a value");
+                match p.scope {
+                    ParamScope::Shared => {
+                        shared.insert(p.name.to_owned(), value);
+                    }
+                    scope => {
+                        for (i, map) in per_input.iter_mut().enumerate() {
+                            if !(scope == ParamScope::PerNonBase && Some(i) == base_index) {
+                                map.insert(p.name.to_owned(), value.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            let cx = MergeContext {
+                name: "model.layers.0.mlp.up_proj.weight",
+                inputs: &inputs,
+                base: base_index,
+                params: &shared,
+                input_params: per_input.iter().collect(),
+                input_ids: (0..inputs.len() as u64).collect(),
+                seed: 0,
+            };
+            let mut times: Vec<f64> = (0..RUNS)
+                .map(|_| {
+                    let started = Instant::now();
+                    let out = method.merge(&cx).expect("merge");
+                    assert_eq!(out.size(), [SIDE, SIDE]);
+                    started.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let median = times[RUNS / 2];
+            println!(
+                "| {} | {:?} | {:.0} | {:.0} |",
+                spec.name,
+                kind,
+                median * 1e3,
+                (SIDE * SIDE) as f64 / median / 1e6
+            );
+        }
+    }
+}
