@@ -1,5 +1,5 @@
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -13,7 +13,8 @@ pub struct InputRecord {
     pub role: String,
     pub path: PathBuf,
     /// (file name, SHA-256 of its contents) for the weights and `config.json`;
-    /// the same digests the Hub shows for LFS files.
+    /// the same digests the Hub shows for LFS files. Cached per file (see
+    /// `cached_sha256`), so repeated merges of the same inputs skip the hashing.
     pub files: Vec<(String, String)>,
 }
 
@@ -28,16 +29,7 @@ impl InputRecord {
         let files = paths
             .par_iter()
             .map(|path| {
-                let file = std::fs::File::open(path).map_err(|source| crate::Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                let mut hasher = Sha256::new();
-                std::io::copy(
-                    &mut std::io::BufReader::with_capacity(1 << 20, file),
-                    &mut hasher,
-                )
-                .map_err(|source| crate::Error::Io {
+                let digest = cached_sha256(path).map_err(|source| crate::Error::Io {
                     path: path.clone(),
                     source,
                 })?;
@@ -46,7 +38,7 @@ impl InputRecord {
                     .unwrap_or_default()
                     .to_string_lossy()
                     .into_owned();
-                Ok((name, hex(&hasher.finalize())))
+                Ok((name, digest))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -55,6 +47,60 @@ impl InputRecord {
             files,
         })
     }
+}
+
+/// The SHA-256 of a file, remembered in the user's cache directory under its
+/// path and keyed by (size, modification time, inode), as build tools do: a
+/// repeated merge of the same inputs does not read them all again to hash them.
+fn cached_sha256(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let key = format!(
+        "{} {} {} {}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ino()
+    );
+    let entry = cache_dir().map(|dir| {
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        dir.join(hex(&Sha256::digest(
+            canonical.as_os_str().as_encoded_bytes(),
+        )))
+    });
+    if let Some(text) = entry.as_ref().and_then(|e| std::fs::read_to_string(e).ok()) {
+        if let Some((cached_key, digest)) = text.trim_end().rsplit_once(' ') {
+            if cached_key == key && digest.len() == 64 {
+                return Ok(digest.to_owned());
+            }
+        }
+    }
+    let mut hasher = Sha256::new();
+    std::io::copy(
+        &mut std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?),
+        &mut hasher,
+    )?;
+    let digest = hex(&hasher.finalize());
+    if let Some(entry) = entry {
+        // Best effort: a cache that cannot be written only costs time.
+        let _ = std::fs::create_dir_all(entry.parent().expect("a cache entry has a parent"))
+            .and_then(|()| std::fs::write(&entry, format!("{key} {digest}\n")));
+    }
+    Ok(digest)
+}
+
+/// `$AMALGAM_CACHE`, else `$XDG_CACHE_HOME/amalgam`, else `~/.cache/amalgam`; its `sha256/` folder.
+fn cache_dir() -> Option<PathBuf> {
+    let root = std::env::var_os("AMALGAM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|d| PathBuf::from(d).join("amalgam"))
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/amalgam"))
+                })
+        })?;
+    Some(root.join("sha256"))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -6,6 +6,7 @@ use amalgam_recipe::{BasePolicy, MethodSpec, ParamScope};
 use tch::Tensor;
 
 use super::{at_least_f32, flag, weight};
+use crate::sparsify::chunks;
 use crate::{MergeContext, MergeMethod, Result};
 
 pub struct Linear;
@@ -22,17 +23,25 @@ impl MergeMethod for Linear {
     }
 
     fn merge(&self, cx: &MergeContext<'_>) -> Result<Tensor> {
-        let kind = at_least_f32(cx.inputs[0].kind());
-        let mut sum = cx.inputs[0].zeros_like().to_kind(kind);
-        let mut total = 0f32;
-        for (i, x) in cx.inputs.iter().enumerate() {
-            let w = cx.input_number(i, "weight") as f32;
-            sum += x.to_kind(kind) * f64::from(w);
-            total += w;
+        let kind = cx.inputs[0].kind();
+        let wide = at_least_f32(kind);
+        let weights: Vec<f64> = (0..cx.inputs.len())
+            .map(|i| f64::from(cx.input_number(i, "weight") as f32))
+            .collect();
+        let total = f64::from(weights.iter().map(|&w| w as f32).sum::<f32>());
+        let flat: Vec<Tensor> = cx.inputs.iter().map(|x| x.reshape([-1])).collect();
+        let out = flat[0].empty_like();
+        // Chunk by chunk, so the f32 accumulator stays in cache.
+        for (start, len) in chunks(out.numel() as i64) {
+            let mut sum = Tensor::zeros([len], (wide, out.device()));
+            for (x, &w) in flat.iter().zip(&weights) {
+                sum += x.narrow(0, start, len).to_kind(wide) * w;
+            }
+            if cx.flag("normalize") {
+                sum /= total;
+            }
+            out.narrow(0, start, len).copy_(&sum);
         }
-        if cx.flag("normalize") {
-            sum /= f64::from(total);
-        }
-        Ok(sum.to_kind(cx.inputs[0].kind()))
+        Ok(out.reshape(cx.inputs[0].size()))
     }
 }

@@ -3,10 +3,10 @@
 //! by sign election, optionally normalised, scaled by λ, added to the base.
 
 use amalgam_recipe::{BasePolicy, MethodSpec, ParamScope};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::{density, flag, number, weight};
-use crate::sparsify::{apply_mask, della_mask, magnitude_mask, outlier_mask, random_mask};
+use crate::sparsify::{chunks, della_mask, outlier_mask, Delta, Pruner};
 use crate::{MergeContext, MergeMethod, Result};
 
 /// How a member of the family prunes each delta.
@@ -72,55 +72,107 @@ impl MergeMethod for TaskVectorMethod {
         if others.is_empty() {
             return Ok(base.shallow_clone());
         }
-        let rescale = cx.flag("rescale");
         let kind = base.kind();
-        let mut weighted = Vec::with_capacity(others.len());
-        let mut weights = Vec::with_capacity(others.len());
-        for &i in &others {
-            let delta = &cx.inputs[i] - base;
-            let delta = self.sparsify(cx, i, delta, rescale)?;
-            // Weights are rounded to the math dtype, as the deltas are.
-            let w = Tensor::from_slice(&[cx.input_number(i, "weight")])
-                .to_kind(kind)
-                .to_device(base.device());
-            weighted.push(&delta * &w);
-            weights.push(w);
+        let flat_base = base.reshape([-1]);
+        let flat: Vec<Tensor> = others.iter().map(|&i| cx.inputs[i].reshape([-1])).collect();
+        let deltas: Vec<Delta<'_>> = flat
+            .iter()
+            .map(|model| Delta {
+                model,
+                base: &flat_base,
+            })
+            .collect();
+        let mut pruners = Vec::with_capacity(others.len());
+        let mut scales = Vec::with_capacity(others.len());
+        for (delta, &input) in deltas.iter().zip(&others) {
+            let (pruner, scale) = self.pruner(cx, input, delta)?;
+            pruners.push(pruner);
+            scales.push(scale);
         }
+        // Weights are rounded to the math dtype, as the deltas are.
+        let weights: Vec<Tensor> = others
+            .iter()
+            .map(|&i| {
+                Tensor::from_slice(&[cx.input_number(i, "weight")])
+                    .to_kind(kind)
+                    .to_device(base.device())
+            })
+            .collect();
+        let out = flat_base.empty_like();
+        // Chunk by chunk, so every temporary stays in cache.
+        for (start, len) in chunks(flat_base.numel() as i64) {
+            let weighted: Vec<Tensor> = deltas
+                .iter()
+                .zip(pruners.iter_mut())
+                .zip(&scales)
+                .zip(&weights)
+                .map(|(((delta, pruner), scale), w)| {
+                    let d = delta.chunk(start, len);
+                    let d = match pruner.mask(&d, start) {
+                        Some(mask) => d * mask.to_kind(kind),
+                        None => d,
+                    };
+                    let d = match scale {
+                        Some(scale) => d * *scale,
+                        None => d,
+                    };
+                    d * w
+                })
+                .collect();
+            let merged = self.combine(cx, &flat_base.narrow(0, start, len), &weighted, &weights);
+            out.narrow(0, start, len).copy_(&merged);
+        }
+        Ok(out.reshape(base.size()))
+    }
+}
+
+/// Σ of tensors as torch's `stack(…).sum(0)` computes it: accumulated in f32
+/// for 16-bit floats, rounded once.
+fn sum(tensors: &[Tensor], kind: Kind) -> Tensor {
+    let wide = if matches!(kind, Kind::BFloat16 | Kind::Half) {
+        Kind::Float
+    } else {
+        kind
+    };
+    let total = tensors
+        .iter()
+        .skip(1)
+        .fold(tensors[0].to_kind(wide), |acc, t| acc + t.to_kind(wide));
+    total.to_kind(kind)
+}
+
+impl TaskVectorMethod {
+    /// Sign election (optional), normalisation, λ, and the base, for one chunk
+    /// of weighted task vectors.
+    fn combine(
+        &self,
+        cx: &MergeContext<'_>,
+        base: &Tensor,
+        weighted: &[Tensor],
+        weights: &[Tensor],
+    ) -> Tensor {
+        let kind = base.kind();
         let (mut mixed, divisor) = if self.consensus {
-            let sum = weighted
+            // The weighted majority sign; an exact tie counts as positive, and
+            // zero entries never agree.
+            let majority = sum(weighted, kind).ge(0.0).to_kind(kind) * 2.0 - 1.0;
+            let agree: Vec<Tensor> = weighted
                 .iter()
-                .skip(1)
-                .fold(weighted[0].shallow_clone(), |acc, w| acc + w);
-            let majority = sum.ge(0.0);
-            let mut mixed = base.zeros_like();
-            let mut divisor = base.zeros_like();
-            for (w_delta, w) in weighted.iter().zip(&weights) {
-                // sign(x) == majority sign; zeros never agree.
-                let agrees = w_delta
-                    .gt(0.0)
-                    .logical_and(&majority)
-                    .logical_or(&w_delta.lt(0.0).logical_and(&majority.logical_not()));
-                let agrees = agrees.to_kind(kind);
-                mixed += w_delta * &agrees;
-                divisor += &agrees * w;
-            }
+                .map(|w| w.sign().eq_tensor(&majority).to_kind(kind))
+                .collect();
+            let kept: Vec<Tensor> = weighted.iter().zip(&agree).map(|(w, a)| w * a).collect();
+            let shares: Vec<Tensor> = agree.iter().zip(weights).map(|(a, w)| a * w).collect();
+            let divisor = sum(&shares, kind);
             let divisor = divisor.where_self(&divisor.ne(0.0), &divisor.ones_like());
-            (mixed, divisor)
+            (sum(&kept, kind), divisor)
         } else {
-            let mixed = weighted
-                .iter()
-                .skip(1)
-                .fold(weighted[0].shallow_clone(), |acc, w| acc + w);
-            let total = weights
-                .iter()
-                .skip(1)
-                .fold(weights[0].shallow_clone(), |acc, w| acc + w);
+            let total = sum(weights, kind);
             let total = if total.abs().double_value(&[0]) < 1e-8 {
                 total.ones_like()
             } else {
                 total
             };
-            (mixed, total)
+            (sum(weighted, kind), total)
         };
         if cx.flag("normalize") {
             mixed /= divisor;
@@ -129,42 +181,67 @@ impl MergeMethod for TaskVectorMethod {
         if lambda != 1.0 {
             mixed *= lambda;
         }
-        Ok((base + mixed).to_kind(kind))
+        (base + mixed).to_kind(kind)
     }
-}
 
-impl TaskVectorMethod {
-    fn sparsify(
+    /// How `input`'s task vector is pruned, and the factor its kept part is
+    /// scaled by (L1-norm rescale, or the DARE paper's 1/density).
+    fn pruner(
         &self,
         cx: &MergeContext<'_>,
         input: usize,
-        delta: Tensor,
-        rescale: bool,
-    ) -> Result<Tensor> {
+        delta: &Delta<'_>,
+    ) -> Result<(Pruner, Option<f64>)> {
         let density = cx.input_number(input, "density");
         if self.sparsifier == Sparsifier::None || density >= 1.0 {
-            return Ok(delta);
+            return Ok((Pruner::KeepAll, None));
         }
-        let mask = match self.sparsifier {
+        let whole = || delta.chunk(0, delta.numel());
+        let pruner = match self.sparsifier {
             Sparsifier::None => unreachable!("returned above"),
-            Sparsifier::Magnitude => magnitude_mask(&delta, density),
-            Sparsifier::Outliers => outlier_mask(&delta, density, cx.input_number(input, "gamma")),
-            Sparsifier::Random => random_mask(&delta, density, cx.stream(input)),
+            Sparsifier::Magnitude => Pruner::magnitude(delta, density),
+            Sparsifier::Random => Pruner::random(density, cx.stream(input)),
+            Sparsifier::Outliers => Pruner::Precomputed(outlier_mask(
+                &whole(),
+                density,
+                cx.input_number(input, "gamma"),
+            )),
             Sparsifier::Della => {
                 let epsilon = cx.input_number(input, "epsilon");
                 if density - epsilon <= 0.0 || density + epsilon >= 1.0 {
-                    return Err(cx.error(format!(
-                        "della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})"
-                    )));
+                    return Err(cx.error(format!("della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})")));
                 }
-                della_mask(&delta, density, epsilon, cx.stream(input))
+                let rows = cx.base_tensor().size();
+                let shaped = whole().reshape(rows.as_slice());
+                Pruner::Precomputed(
+                    della_mask(&shaped, density, epsilon, cx.stream(input)).reshape([-1]),
+                )
             }
         };
         if cx.flag("dare_rescale_reciprocal") {
-            // The DARE paper's rescale: every kept entry divided by the keep probability.
-            let kind = delta.kind();
-            return Ok(delta * mask.to_kind(kind) / density);
+            return Ok((pruner, Some(1.0 / density)));
         }
-        Ok(apply_mask(&delta, &mask, rescale))
+        if !cx.flag("rescale") {
+            return Ok((pruner, None));
+        }
+        // L1 rescale: one pass with a replay of the mask to measure what it keeps.
+        let mut replay = pruner.replay();
+        let (mut before, mut after) = (0.0, 0.0);
+        for (start, len) in chunks(delta.numel()) {
+            let d = delta.chunk(start, len);
+            before += d.abs().sum(Kind::Double).double_value(&[]);
+            after += match replay.mask(&d, start) {
+                Some(mask) => (&d * mask.to_kind(d.kind()))
+                    .abs()
+                    .sum(Kind::Double)
+                    .double_value(&[]),
+                None => d.abs().sum(Kind::Double).double_value(&[]),
+            };
+        }
+        let scale = (before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| before / after);
+        Ok((pruner, scale))
     }
 }
+
+/// Below this L1 norm a task vector (or its kept part) is not rescaled.
+const RESCALE_EPS: f64 = 1e-7;

@@ -1,0 +1,231 @@
+"""Whole-merge benchmark: amalgam vs mergekit vs the machine's I/O floor, same run.
+
+    scripts/setup.sh && cargo build --release && .venv/bin/python benches/whole_merge.py
+
+Generates TinyLlama-1.1B-shape BF16 checkpoints (a base and two fine-tunes,
+2.2 GB each) with `amalgam synth` under work/bench/ (reused when present), then,
+with a warm page cache:
+  * the I/O floor: read every input once; write one output-sized file and fsync;
+  * amalgam and mergekit on linear, ties (density 0.5) and dare_ties (density 0.5):
+    median wall time of --runs runs, peak RSS (wait4) and peak anonymous memory
+    (RssAnon sampled every 20 ms);
+  * amalgam's memory scaling: 2 vs 4 fine-tunes, and twice the layers;
+  * amalgam's --dry-run peak-memory estimate next to the measured peak.
+Writes benches/RESULTS.md (machine, command, tables; benches/NOTES.md appended)
+and prints the tables.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AMALGAM = os.path.join(ROOT, "target", "release", "amalgam")
+MERGEKIT = os.path.join(ROOT, ".venv", "bin", "mergekit-yaml")
+GB = 1e9
+
+
+def sh(*args):
+    return subprocess.run(args, check=True, cwd=ROOT)
+
+
+def family(work, name, finetunes, extra=()):
+    path = os.path.join(work, name)
+    if not os.path.exists(os.path.join(path, f"finetune-{finetunes}", "config.json")):
+        print(f"generating {path} …", flush=True)
+        sh(AMALGAM, "synth", path, "--shape", "tinyllama", "--dtype", "bfloat16",
+           "--finetunes", str(finetunes), "--seed", "0", "--force", "-q", *extra)
+    return path
+
+
+def recipe(work, name, method, fam, finetunes):
+    models = "".join(
+        f"  - model: {fam}/finetune-{k}\n    parameters: {{weight: {1 / finetunes:.4f}"
+        + (", density: 0.5" if method != "linear" else "") + "}\n"
+        for k in range(1, finetunes + 1))
+    base = f"base_model: {fam}/base\n" if method != "linear" else ""
+    path = os.path.join(work, "recipes", f"{name}.yml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"merge_method: {method}\n{base}models:\n{models}")
+    return path
+
+
+def inputs_of(fam, finetunes, with_base=True):
+    members = (["base"] if with_base else []) + [f"finetune-{k}" for k in range(1, finetunes + 1)]
+    files = []
+    for m in members:
+        d = os.path.join(fam, m)
+        files += [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
+    return files
+
+
+def read_all(files):
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+
+
+def io_floor(files, out_bytes, out_dir):
+    read_all(files)  # warm the page cache
+    started = time.perf_counter()
+    read_all(files)
+    read_s = time.perf_counter() - started
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "floor.bin")
+    block = os.urandom(64 << 20)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = 0
+    while written < out_bytes:
+        written += os.write(fd, block[: min(len(block), out_bytes - written)])
+    os.fsync(fd)
+    os.close(fd)
+    write_s = time.perf_counter() - started
+    os.remove(path)
+    return read_s, write_s
+
+
+def measure(cmd, env=None):
+    """Wall seconds, peak RSS and peak RssAnon (bytes) of one command."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_anon = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak_anon
+        while not done.is_set():
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stderr = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    return wall, usage.ru_maxrss * 1024, peak_anon
+
+
+def runs(cmd, out, n, env=None):
+    results = []
+    for _ in range(n):
+        shutil.rmtree(os.path.join(ROOT, out), ignore_errors=True)
+        results.append(measure(cmd, env))
+    shutil.rmtree(os.path.join(ROOT, out), ignore_errors=True)
+    return (statistics.median(r[0] for r in results), max(r[1] for r in results), max(r[2] for r in results),
+            [round(r[0], 1) for r in results])
+
+
+def amalgam_cmd(recipe_path, out):
+    return [AMALGAM, "merge", recipe_path, out, "--force", "-q"]
+
+
+def mergekit_cmd(recipe_path, out):
+    return [MERGEKIT, recipe_path, out, "--no-cuda", "--no-copy-tokenizer", "--random-seed", "0"]
+
+
+def dry_run_estimate(recipe_path):
+    out = subprocess.run([AMALGAM, "merge", recipe_path, "unused", "--dry-run", "--json"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["peak_memory_estimate"]
+
+
+def machine():
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    disk = subprocess.run(["df", "-h", "--output=source,fstype,size", ROOT], capture_output=True, text=True).stdout.splitlines()[-1]
+    return f"{model}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB RAM, Linux {platform.release()}, disk `{' '.join(disk.split())}`"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--work", default="work/bench")
+    args = parser.parse_args()
+    work = os.path.join(ROOT, args.work)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+
+    fam = family(work, "tinyllama", 2)
+    out_bytes = sum(os.path.getsize(f) for f in inputs_of(fam, 0))
+    read_s, write_s = io_floor(inputs_of(fam, 2), out_bytes, os.path.join(work, "floor"))
+    floor = read_s + write_s
+    lines = [
+        "# Whole-merge benchmark",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Reproduce: `scripts/setup.sh && cargo build --release && .venv/bin/python benches/whole_merge.py` "
+        f"(this run: `--runs {args.runs}`{' --skip-mergekit' if args.skip_mergekit else ''}).",
+        "",
+        "Inputs: TinyLlama-1.1B-shape BF16 checkpoints from `amalgam synth` (base + 2 fine-tunes, "
+        f"{out_bytes / GB:.2f} GB each); page cache warm; recipes with no `dtype` (math in the inputs' BF16, "
+        "as mergekit does). Times are medians of the runs; memory is the largest over the runs. "
+        "amalgam's input hashes for the model card are cached after the first run (as on a user's machine).",
+        "",
+        f"I/O floor: read the three inputs ({3 * out_bytes / GB:.1f} GB) in {read_s:.2f} s, write "
+        f"{out_bytes / GB:.1f} GB + fsync in {write_s:.2f} s: **{floor:.2f} s**.",
+        "",
+        "| method | tool | wall s (median) | runs | peak RSS GB | peak anon GB | × floor | mergekit / amalgam |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    estimates = []
+    for method in ["linear", "ties", "dare_ties"]:
+        path = recipe(work, method, method, fam, 2)
+        ours = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", args.runs)
+        estimates.append((method, dry_run_estimate(path), ours[1]))
+        theirs = None if args.skip_mergekit else runs(mergekit_cmd(path, f"{args.work}/out"), f"{args.work}/out", args.runs, env)
+        ratio = f"{theirs[0] / ours[0]:.1f}×" if theirs else "—"
+        lines.append(f"| {method} | amalgam | {ours[0]:.2f} | {ours[3]} | {ours[1] / GB:.2f} | {ours[2] / GB:.2f} | {ours[0] / floor:.1f} | {ratio} |")
+        if theirs:
+            lines.append(f"| {method} | mergekit 0.1.5 | {theirs[0]:.2f} | {theirs[3]} | {theirs[1] / GB:.2f} | {theirs[2] / GB:.2f} | {theirs[0] / floor:.1f} | |")
+        print("\n".join(lines[-2:]), flush=True)
+
+    lines += ["", "## Memory scaling (amalgam, ties density 0.5)", "",
+              "| inputs | output GB | wall s | peak RSS GB | peak anon GB | dry-run estimate GB |", "|---|---|---|---|---|---|"]
+    for label, name, k, extra in [("base + 2, 22 layers", "tinyllama", 2, ()),
+                                  ("base + 4, 22 layers", "tinyllama-4", 4, ()),
+                                  ("base + 2, 44 layers", "tinyllama-44", 2, ("--layers", "44"))]:
+        f = family(work, name, k, extra)
+        path = recipe(work, f"scale-{name}", "ties", f, k)
+        size = sum(os.path.getsize(x) for x in inputs_of(f, 0))
+        read_all(inputs_of(f, k))
+        wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", 1)
+        lines.append(f"| {label} | {size / GB:.1f} | {wall:.1f} | {rss / GB:.2f} | {anon / GB:.2f} | {dry_run_estimate(path) / GB:.2f} |")
+        print(lines[-1], flush=True)
+
+    lines += ["", "## `--dry-run` peak-memory estimate vs measured peak RSS", "",
+              "| method | estimate GB | measured GB | estimate / measured |", "|---|---|---|---|"]
+    for method, estimate, measured in estimates:
+        lines.append(f"| {method} | {estimate / GB:.2f} | {measured / GB:.2f} | {estimate / measured:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    notes = os.path.join(ROOT, "benches", "NOTES.md")
+    if os.path.exists(notes):
+        text += "\n" + open(notes).read()
+    with open(os.path.join(ROOT, "benches", "RESULTS.md"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
