@@ -199,7 +199,7 @@ def main():
         lines.append(f"| {method} | amalgam | {ours[0]:.2f} | {ours[3]} | {ours[1] / GB:.2f} | {ours[2] / GB:.2f} | {ours[0] / floor:.1f} | {ratio} |")
         if theirs:
             lines.append(f"| {method} | mergekit 0.1.5 | {theirs[0]:.2f} | {theirs[3]} | {theirs[1] / GB:.2f} | {theirs[2] / GB:.2f} | {theirs[0] / floor:.1f} | |")
-        print("\n".join(lines[-2:]), flush=True)
+        print("\n".join(lines[-(2 if theirs else 1):]), flush=True)
 
     lines += ["", "## Memory scaling (amalgam, ties density 0.5)", "",
               "| inputs | output GB | wall s | peak RSS GB | peak anon GB | dry-run estimate GB |", "|---|---|---|---|---|---|"]

@@ -100,17 +100,24 @@ impl MergeJob<'_> {
     }
 
     /// The memory one output tensor needs while it is computed: its inputs in
-    /// the math dtype, the method's working copies, and the output.
+    /// the math dtype, the method's working copies (the output among them),
+    /// and the cast to the output dtype if it differs.
     pub fn tensor_memory(&self, tensor: &PlannedTensor) -> u64 {
         let numel: u64 = tensor.shape.iter().map(|&d| d as u64).product();
-        let math = (self.math_dtype(tensor).bitsize() / 8) as u64;
-        let out = (self.output_dtype(tensor).bitsize() / 8) as u64;
+        let (math, out) = (self.math_dtype(tensor), self.output_dtype(tensor));
         let copies = (tensor.inputs.len() + self.method.working_copies(tensor.inputs.len())) as u64;
-        numel * (copies * math + out)
+        // A cast to a different output dtype is one more copy.
+        let cast = if out == math {
+            0
+        } else {
+            (out.bitsize() / 8) as u64
+        };
+        numel * (copies * (math.bitsize() / 8) as u64 + cast)
     }
 
-    /// Peak tensor memory with `threads` tensors in flight under `budget`:
-    /// the largest tensors running together, as many as fit.
+    /// Peak memory with `threads` tensors in flight under `budget`: the
+    /// executor starts with the largest tensors, so the peak is the largest
+    /// ones running together, as many as fit, plus the process's baseline.
     pub fn peak_memory_estimate(&self, threads: usize, budget: u64) -> u64 {
         let mut needs: Vec<u64> = self
             .plan
@@ -192,10 +199,14 @@ impl MergeJob<'_> {
             .map_err(|e| MergeError::Device(format!("cannot start worker threads: {e}")))?;
         let budget = Budget::new(options.memory_budget);
         let started = std::time::Instant::now();
+        // Largest first, taken from one queue: the big tensors run together at
+        // the start (a peak the estimate can predict), the small ones balance the end.
+        let mut order: Vec<&PlannedTensor> = self.plan.tensors.iter().collect();
+        order.sort_by_key(|t| std::cmp::Reverse(self.tensor_memory(t)));
         pool.install(|| {
-            self.plan
-                .tensors
-                .par_iter()
+            order
+                .into_iter()
+                .par_bridge()
                 .try_for_each(|tensor| -> Result<()> {
                     let _permit = budget.acquire(self.tensor_memory(tensor));
                     let merged = self.compute(tensor, options.seed, options.device)?;

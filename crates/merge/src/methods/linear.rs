@@ -12,6 +12,11 @@ use crate::{MergeContext, MergeMethod, Result};
 pub struct Linear;
 
 impl MergeMethod for Linear {
+    /// Chunked: only the output is allocated at full size.
+    fn working_copies(&self, _inputs: usize) -> usize {
+        1
+    }
+
     fn spec(&self) -> MethodSpec {
         MethodSpec {
             name: "linear",

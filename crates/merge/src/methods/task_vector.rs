@@ -40,6 +40,11 @@ pub struct TaskVectorMethod {
 }
 
 impl MergeMethod for TaskVectorMethod {
+    /// Chunked: only the output is allocated at full size.
+    fn working_copies(&self, _inputs: usize) -> usize {
+        1
+    }
+
     fn spec(&self) -> MethodSpec {
         let mut params = vec![
             weight(ParamScope::PerNonBase),
