@@ -8,6 +8,7 @@ use amalgam_checkpoint::{
     WriteOptions,
 };
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use serde_json::json;
 
 const DTYPES: &[Dtype] = &[
@@ -66,7 +67,7 @@ fn tensors() -> impl Strategy<Value = Vec<(TensorSpec, Vec<u8>)>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig { cases: 48, rng_seed: RngSeed::Fixed(20_261_126), ..ProptestConfig::default() })]
 
     #[test]
     fn write_then_read_is_bit_exact(

@@ -8,6 +8,7 @@ use amalgam_merge::sparsify::{magnitude_mask, random_mask};
 use amalgam_merge::{MergeContext, MergeMethod};
 use amalgam_recipe::{ParamScope, Resolved, Scalar};
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use tch::{Kind, Tensor};
 
 /// Per-input parameters, by name.
@@ -158,7 +159,8 @@ const TASK_VECTOR_METHODS: &[&TaskVectorMethod] = &[
 ];
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    // A fixed seed: CI explores the same cases every run (set PROPTEST_CASES to explore more).
+    #![proptest_config(ProptestConfig { cases: 64, rng_seed: RngSeed::Fixed(20_261_126), ..ProptestConfig::default() })]
 
     #[test]
     fn averaging_n_copies_returns_the_model((base, _) in family(0), n in 1usize..5, weights in prop::collection::vec(0.1f64..3.0, 4)) {
@@ -253,7 +255,9 @@ proptest! {
         order.sort_by_key(|&i| amalgam_checkpoint::stream_seed(seed, "perm", i as u64));
         let index = Tensor::from_slice(&order);
         let permute = |t: &Tensor| t.index_select(0, &index);
-        let per_input = vec![vec![("weight", 0.5), ("density", 0.6)], vec![("weight", 0.3), ("density", 0.8)], vec![("weight", 0.2), ("density", 0.7)]];
+        // Weights no signed combination of which is zero: multislerp's mean direction
+        // cannot vanish even for one-entry tensors.
+        let per_input = vec![vec![("weight", 0.6), ("density", 0.6)], vec![("weight", 0.3), ("density", 0.8)], vec![("weight", 0.2), ("density", 0.7)]];
         let density_one: Vec<Vec<(&str, f64)>> = per_input.iter().map(|p| vec![p[0], ("density", 1.0)]).collect();
         let cases: Vec<Case<'_>> = vec![
             (&linear::Linear, false, &[], &per_input),
