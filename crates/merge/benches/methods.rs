@@ -14,6 +14,56 @@ use tch::{Device, Kind, Tensor};
 const SIDE: i64 = 4096;
 const RUNS: usize = 3;
 
+/// Median seconds of `RUNS` calls.
+fn time(mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[RUNS / 2]
+}
+
+/// Where TIES' time goes, phase by phase, for one fine-tune of the base (BF16).
+fn ties_phases(base: &Tensor, model: &Tensor) {
+    use amalgam_merge::sparsify::{chunks, Delta, Pruner};
+    let (base, model) = (
+        base.to_kind(Kind::BFloat16).reshape([-1]),
+        model.to_kind(Kind::BFloat16).reshape([-1]),
+    );
+    let delta = Delta {
+        model: &model,
+        base: &base,
+    };
+    let n = delta.numel();
+    let rows = [
+        (
+            "δ chunks only (sub)",
+            time(|| chunks(n).for_each(|(s, l)| drop(delta.chunk(s, l)))),
+        ),
+        (
+            "trim threshold (2 radix passes)",
+            time(|| drop(Pruner::magnitude(&delta, 0.5))),
+        ),
+        ("trim masks, chunk by chunk", {
+            let pruner = Pruner::magnitude(&delta, 0.5);
+            time(|| {
+                let mut p = pruner.replay();
+                chunks(n).for_each(|(s, l)| drop(p.mask(&delta.chunk(s, l), s)));
+            })
+        }),
+    ];
+    println!();
+    println!("| TIES phase (one model, BF16, 16M entries) | ms |");
+    println!("|---|---|");
+    for (phase, seconds) in rows {
+        println!("| {phase} | {:.0} |", seconds * 1e3);
+    }
+}
+
 fn main() {
     tch::set_num_threads(1);
     tch::manual_seed(0);
@@ -85,16 +135,8 @@ fn main() {
                 input_ids: (0..inputs.len() as u64).collect(),
                 seed: 0,
             };
-            let mut times: Vec<f64> = (0..RUNS)
-                .map(|_| {
-                    let started = Instant::now();
-                    let out = method.merge(&cx).expect("merge");
-                    assert_eq!(out.size(), [SIDE, SIDE]);
-                    started.elapsed().as_secs_f64()
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
-            let median = times[RUNS / 2];
+            let median =
+                time(|| assert_eq!(method.merge(&cx).expect("merge").size(), [SIDE, SIDE]));
             println!(
                 "| {} | {:?} | {:.0} | {:.0} |",
                 spec.name,
@@ -103,5 +145,8 @@ fn main() {
                 (SIDE * SIDE) as f64 / median / 1e6
             );
         }
+    }
+    if filter.is_none() {
+        ties_phases(&base, &models[0]);
     }
 }
