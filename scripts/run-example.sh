@@ -9,4 +9,4 @@ cargo build --release --locked
 amalgam=target/release/amalgam
 $amalgam synth work/example --shape tiny --finetunes 2 --seed 0 --force
 $amalgam merge recipes/ties.yml work/merged-ties --force
-$amalgam inspect work/merged-ties | head -n 8
+$amalgam inspect work/merged-ties | sed -n 1,8p   # sed reads to the end: no SIGPIPE
