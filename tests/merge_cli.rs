@@ -28,6 +28,18 @@ fn recipes() -> Vec<PathBuf> {
 }
 
 /// Runs amalgam in `dir` (recipes use paths relative to the working directory).
+/// Runs `amalgam merge ARGS…` in `dir` and expects success.
+fn merge_in(dir: &Path, args: &[&std::ffi::OsStr]) {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["merge".as_ref()];
+    all.extend_from_slice(args);
+    let result = amalgam_in(dir, &all);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
 fn amalgam_in(dir: &Path, args: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_amalgam"))
         .current_dir(dir)
@@ -106,23 +118,19 @@ fn same_seed_same_bytes_whatever_the_thread_count() {
     example_models(tmp.path());
     let recipe = write_recipe(tmp.path(), "dare.yml", DARE);
     let run = |out: &str, seed: &str, threads: &str| {
-        let result = amalgam_in(
-            tmp.path(),
-            &[
-                "merge".as_ref(),
-                recipe.as_os_str(),
-                out.as_ref(),
-                "--seed".as_ref(),
-                seed.as_ref(),
-                "--threads".as_ref(),
-                threads.as_ref(),
-            ],
-        );
-        assert!(
-            result.status.success(),
-            "{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
+        // A one-byte budget makes every tensor run alone: the same bytes again.
+        let budget = if threads == "4" { "1" } else { "4GB" };
+        let args = [
+            recipe.to_str().unwrap(),
+            out,
+            "--seed",
+            seed,
+            "--threads",
+            threads,
+            "--memory-budget",
+            budget,
+        ];
+        merge_in(tmp.path(), &args.map(std::ffi::OsStr::new));
         std::fs::read(tmp.path().join(out).join("model.safetensors")).unwrap()
     };
     let one = run("t1", "5", "1");
@@ -143,15 +151,7 @@ fn out_dtype_saves_the_math_result_cast_once() {
         &format!("{f32_recipe}out_dtype: bfloat16\n"),
     );
     for (recipe, out) in [(&a, "f32"), (&b, "bf16")] {
-        let result = amalgam_in(
-            tmp.path(),
-            &["merge".as_ref(), recipe.as_os_str(), out.as_ref()],
-        );
-        assert!(
-            result.status.success(),
-            "{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
+        merge_in(tmp.path(), &[recipe.as_os_str(), out.as_ref()]);
     }
     ok([
         "convert".as_ref(),
