@@ -3,10 +3,12 @@
 
 mod convert;
 mod device;
+mod eval;
 mod inspect;
 mod merge;
 mod progress;
 mod synth;
+mod zoo;
 
 use std::process::ExitCode;
 
@@ -21,7 +23,9 @@ use clap::{Parser, Subcommand};
         amalgam synth work/models --shape tiny --finetunes 2\n  \
         amalgam merge recipes/ties.yml work/merged\n  \
         amalgam inspect work/models/base\n  \
-        amalgam convert work/models/base work/base-bf16 --dtype bfloat16 --out-shard-size 1GB"
+        amalgam convert work/models/base work/base-bf16 --dtype bfloat16 --out-shard-size 1GB\n  \
+        amalgam zoo build --size small\n  \
+        amalgam eval work/zoo/small/base work/zoo/small/expert-code --json"
 )]
 struct Cli {
     /// More log output (-v debug, -vv trace).
@@ -40,6 +44,10 @@ enum Command {
     Inspect(inspect::Args),
     Convert(convert::Args),
     Synth(synth::Args),
+    /// Train and cache the model zoo.
+    Zoo(zoo::Args),
+    /// Per-domain loss, perplexity and accuracy of models on held-out text.
+    Eval(eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +77,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args, cli.quiet),
         Command::Synth(args) => synth::run(args, cli.quiet),
+        Command::Zoo(args) => zoo::run(args, cli.quiet),
+        Command::Eval(args) => eval::run(args, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

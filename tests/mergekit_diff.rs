@@ -1,7 +1,8 @@
 //! Differential tests against mergekit (the pinned PyPI release, run in-process
 //! by tests/oracles/mergekit_diff.py): every deterministic method, DARE and
 //! DELLA at density 1, gradients, filters, slices/passthrough and out_dtype,
-//! on generated tiny F32 checkpoints. Outputs must agree within 1e-6.
+//! on generated tiny F32 checkpoints (one case computing in BF16). Outputs must
+//! agree within 1e-6.
 
 mod common;
 
@@ -285,6 +286,21 @@ slices:
         layer_range: [2, 4]
         parameters: {weight: [0.2, 1.0]}
 dtype: float32
+",
+    ),
+    (
+        // Math in bf16: every step rounded as torch rounds it, λ included.
+        "ties_lambda_math_in_bf16",
+        "merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {weight: 0.6}
+  - model: {b}
+    parameters: {weight: 0.9}
+parameters:
+  lambda: 0.7
+dtype: bfloat16
 ",
     ),
     (

@@ -29,32 +29,40 @@ fn time(mut f: impl FnMut()) -> f64 {
 
 /// Where TIES' time goes, phase by phase, for one fine-tune of the base (BF16).
 fn ties_phases(base: &Tensor, model: &Tensor) {
-    use amalgam_merge::sparsify::{chunks, Delta, Pruner};
+    use amalgam_merge::elementwise::{flat_cpu, slice};
+    use amalgam_merge::sparsify::{chunks, Delta, Pruner, CHUNK};
+    use half::bf16;
     let (base, model) = (
-        base.to_kind(Kind::BFloat16).reshape([-1]),
-        model.to_kind(Kind::BFloat16).reshape([-1]),
+        flat_cpu(&base.to_kind(Kind::BFloat16)),
+        flat_cpu(&model.to_kind(Kind::BFloat16)),
     );
     let delta = Delta {
-        model: &model,
-        base: &base,
+        model: slice::<bf16>(&model),
+        base: slice::<bf16>(&base),
     };
-    let n = delta.numel();
+    let mut values = vec![0f32; CHUNK];
+    let mut keep = vec![false; CHUNK];
+    let n = delta.len();
+    let pruner = Pruner::magnitude(&delta, 0.5);
     let rows = [
         (
-            "δ chunks only (sub)",
-            time(|| chunks(n).for_each(|(s, l)| drop(delta.chunk(s, l)))),
+            "δ chunks only (sub, round)",
+            time(|| chunks(n).for_each(|(s, l)| delta.values(s, &mut values[..l]))),
         ),
         (
             "trim threshold (2 radix passes)",
             time(|| drop(Pruner::magnitude(&delta, 0.5))),
         ),
-        ("trim masks, chunk by chunk", {
-            let pruner = Pruner::magnitude(&delta, 0.5);
+        (
+            "δ and trim, chunk by chunk",
             time(|| {
-                let mut p = pruner.replay();
-                chunks(n).for_each(|(s, l)| drop(p.mask(&delta.chunk(s, l), s)));
-            })
-        }),
+                let mut p = pruner.clone();
+                for (s, l) in chunks(n) {
+                    delta.values(s, &mut values[..l]);
+                    p.prune(&mut values[..l], s, &mut keep);
+                }
+            }),
+        ),
     ];
     println!();
     println!("| TIES phase (one model, BF16, 16M entries) | ms |");

@@ -5,6 +5,7 @@
 //! (already in the math dtype and cut to the output shape), which one is the
 //! base, and the parameters the recipe resolved for it.
 
+pub mod elementwise;
 mod error;
 pub mod executor;
 mod method;

@@ -1,62 +1,115 @@
 //! Sparsifiers for task vectors: which entries of a delta to keep, and the
 //! L1-norm rescale that keeps the kept part's total magnitude.
 
+use std::sync::Arc;
+
 use rand::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Kind, Tensor};
 
-/// Entries processed at a time by the streaming paths: one chunk of every
-/// input and all temporaries stay in the CPU caches.
-pub const CHUNK: i64 = 1 << 16;
+use crate::elementwise::{flat_cpu, slice, with_element, Element, Real};
+
+/// Entries processed at a time by the fused loops: one chunk of every input's
+/// delta stays in the CPU caches between the passes over it.
+pub const CHUNK: usize = 1 << 14;
 
 /// `(start, len)` of each chunk of a flat tensor of `n` entries.
-pub fn chunks(n: i64) -> impl Iterator<Item = (i64, i64)> {
+pub fn chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n)
-        .step_by(CHUNK as usize)
+        .step_by(CHUNK)
         .map(move |start| (start, CHUNK.min(n - start)))
 }
 
-/// A flat task vector, produced chunk by chunk without materialising it.
-pub struct Delta<'a> {
-    pub model: &'a Tensor,
-    pub base: &'a Tensor,
+/// A flat task vector (model − base), produced chunk by chunk without
+/// materialising it.
+pub struct Delta<'a, T> {
+    pub model: &'a [T],
+    pub base: &'a [T],
 }
 
-impl Delta<'_> {
-    pub fn numel(&self) -> i64 {
-        self.base.numel() as i64
+impl<T: Element> Delta<'_, T> {
+    pub fn len(&self) -> usize {
+        self.base.len()
     }
 
-    pub fn chunk(&self, start: i64, len: i64) -> Tensor {
-        self.model.narrow(0, start, len) - self.base.narrow(0, start, len)
+    pub fn is_empty(&self) -> bool {
+        self.base.is_empty()
+    }
+
+    /// The entries from `start` into `out`, rounded to `T` as libtorch's
+    /// subtraction in that dtype rounds them.
+    pub fn values(&self, start: usize, out: &mut [T::Math]) {
+        let end = start + out.len();
+        for ((value, &model), &base) in out
+            .iter_mut()
+            .zip(&self.model[start..end])
+            .zip(&self.base[start..end])
+        {
+            *value = T::round(model.widen() - base.widen());
+        }
     }
 }
 
-/// How one model's task vector is pruned, applied chunk by chunk in flat order.
+/// How one model's task vector is pruned, decided chunk by chunk in flat order.
+#[derive(Clone)]
 pub enum Pruner {
     KeepAll,
     /// TIES: every entry above the k-th largest magnitude, then the first
     /// entries equal to it until exactly k are kept.
     Magnitude {
         threshold: f32,
-        ties_left: i64,
+        ties_left: usize,
     },
-    /// DARE: Bernoulli(density) from a seeded stream, one draw per entry.
+    /// DARE: Bernoulli(density) from a seeded stream: each 64-bit draw gives
+    /// two 24-bit uniforms, an entry is kept when its uniform is below `limit`
+    /// (density · 2²⁴, so integer compares decide).
     Random {
         rng: Xoshiro256PlusPlus,
-        density: f64,
+        limit: u32,
     },
-    /// A mask computed over the whole tensor (breadcrumbs, DELLA), read by range.
-    Precomputed(Tensor),
+    /// A mask computed over the whole tensor (breadcrumbs, DELLA) or recorded
+    /// by an earlier pass, read by range.
+    Precomputed(Arc<KeepMask>),
+}
+
+/// One keep bit per entry of a flat tensor.
+pub struct KeepMask {
+    words: Vec<u64>,
+}
+
+impl KeepMask {
+    pub fn new(len: usize) -> Self {
+        KeepMask {
+            words: vec![0; len.div_ceil(64)],
+        }
+    }
+
+    /// Sets the bits from `start` (a multiple of 64, as chunk starts are) to `keep`.
+    pub fn record(&mut self, start: usize, keep: &[bool]) {
+        assert!(start % 64 == 0, "records start on a word");
+        for (word, bits) in self.words[start / 64..].iter_mut().zip(keep.chunks(64)) {
+            *word = (0..).zip(bits).fold(0, |w, (i, &k)| w | u64::from(k) << i);
+        }
+    }
+
+    /// The bits from `start` (a multiple of 64) on, into `keep`.
+    pub fn read(&self, start: usize, keep: &mut [bool]) {
+        assert!(start % 64 == 0, "reads start on a word");
+        for (&word, bits) in self.words[start / 64..].iter().zip(keep.chunks_mut(64)) {
+            for (i, k) in bits.iter_mut().enumerate() {
+                *k = (word >> i) & 1 == 1;
+            }
+        }
+    }
 }
 
 impl Pruner {
     /// TIES' trim: keeps exactly `max(1, ⌊density·n⌋)` entries with the largest
     /// |δ| (ties go to the lower flat index). The threshold comes from a radix
     /// selection over the magnitudes' bit patterns: two streaming passes, no sort.
-    pub fn magnitude(delta: &Delta<'_>, density: f64) -> Self {
-        let n = delta.numel();
-        let k = ((density * n as f64) as i64).clamp(1, n.max(1));
+    pub fn magnitude<T: Element>(delta: &Delta<'_, T>, density: f64) -> Self {
+        let n = delta.len();
+        let k = ((density * n as f64) as usize).clamp(1, n.max(1));
         let (threshold, greater) = kth_largest_magnitude(delta, k);
         Pruner::Magnitude {
             threshold,
@@ -67,83 +120,92 @@ impl Pruner {
     pub fn random(density: f64, seed: u64) -> Self {
         Pruner::Random {
             rng: Xoshiro256PlusPlus::seed_from_u64(seed),
-            density,
+            limit: (density * f64::from(1u32 << 24)).ceil() as u32,
         }
     }
 
-    /// A pruner in this one's initial state, to replay the same masks.
-    pub fn replay(&self) -> Self {
-        match self {
-            Pruner::KeepAll => Pruner::KeepAll,
-            Pruner::Magnitude {
-                threshold,
-                ties_left,
-            } => Pruner::Magnitude {
-                threshold: *threshold,
-                ties_left: *ties_left,
-            },
-            Pruner::Random { rng, density } => Pruner::Random {
-                rng: rng.clone(),
-                density: *density,
-            },
-            Pruner::Precomputed(mask) => Pruner::Precomputed(mask.shallow_clone()),
-        }
+    /// A pruner reading a whole-tensor boolean mask (on any device).
+    pub fn precomputed(mask: &Tensor) -> Self {
+        let flat = flat_cpu(&mask.to_kind(Kind::Bool));
+        let bools = Vec::<bool>::try_from(&flat).expect("a bool mask");
+        let mut bits = KeepMask::new(bools.len());
+        bits.record(0, &bools);
+        Pruner::Precomputed(Arc::new(bits))
     }
 
-    /// The keep mask for the next chunk (`None`: keep everything).
-    pub fn mask(&mut self, delta: &Tensor, start: i64) -> Option<Tensor> {
+    /// Whether to keep each of the next `values.len()` entries, starting at
+    /// flat index `start`, into `keep`.
+    pub fn keep<M: Real>(&mut self, values: &[M], start: usize, keep: &mut [bool]) {
+        let keep = &mut keep[..values.len()];
         match self {
-            Pruner::KeepAll => None,
-            Pruner::Precomputed(mask) => Some(mask.narrow(0, start, delta.numel() as i64)),
-            Pruner::Random { rng, density } => {
-                let keep: Vec<bool> = (0..delta.numel())
-                    .map(|_| uniform(rng) < *density as f32)
-                    .collect();
-                Some(Tensor::from_slice(&keep).to_device(delta.device()))
+            Pruner::KeepAll => keep.fill(true),
+            Pruner::Precomputed(mask) => mask.read(start, keep),
+            Pruner::Random { rng, limit } => {
+                for pair in keep.chunks_mut(2) {
+                    let draw = rng.next_u64();
+                    pair[0] = (((draw >> 8) & 0xff_ffff) as u32) < *limit;
+                    if let Some(second) = pair.get_mut(1) {
+                        *second = ((draw >> 40) as u32) < *limit;
+                    }
+                }
             }
             Pruner::Magnitude {
                 threshold,
                 ties_left,
             } => {
-                let magnitude = delta.abs().to_kind(Kind::Float);
-                let mut keep = magnitude.gt(f64::from(*threshold));
-                if *ties_left > 0 {
-                    let equal = magnitude.eq(f64::from(*threshold));
-                    let count = equal.sum(Kind::Int64).int64_value(&[]);
-                    let taken = if count <= *ties_left {
-                        equal
-                    } else {
-                        equal.logical_and(
-                            &equal
-                                .to_kind(Kind::Int64)
-                                .cumsum(0, Kind::Int64)
-                                .le(*ties_left),
-                        )
-                    };
-                    *ties_left -= count.min(*ties_left);
-                    keep = keep.logical_or(&taken);
+                // Compared as bit patterns, which order non-negative floats
+                // (NaN above all, as torch sorts it) and vectorise.
+                let threshold = threshold.to_bits();
+                let bits = |value: &M| value.magnitude().to_bits();
+                let ties = values.iter().filter(|v| bits(v) == threshold).count();
+                if ties <= *ties_left {
+                    // Every tie in this chunk is kept: a plain comparison.
+                    for (k, value) in keep.iter_mut().zip(values) {
+                        *k = bits(value) >= threshold;
+                    }
+                    *ties_left -= ties;
+                    return;
                 }
-                Some(keep)
+                for (k, value) in keep.iter_mut().zip(values) {
+                    let b = bits(value);
+                    let tie = b == threshold && *ties_left > 0;
+                    *k = b > threshold || tie;
+                    *ties_left -= usize::from(tie);
+                }
             }
+        }
+    }
+
+    /// Drops (multiplies by zero, as a mask product would) the entries of the
+    /// next chunk this pruner does not keep.
+    pub fn prune<M: Real>(&mut self, values: &mut [M], start: usize, keep: &mut [bool]) {
+        if matches!(self, Pruner::KeepAll) {
+            return;
+        }
+        self.keep(values, start, keep);
+        // A product with 0 or 1 rather than a branch: the keep pattern is random.
+        for (value, &k) in values.iter_mut().zip(keep.iter()) {
+            *value = *value * M::indicator(k);
         }
     }
 }
 
-/// Radix selection of the k-th largest |δ| (f32): a histogram of the top 16
-/// bits of every magnitude, then of the low 16 bits within the chosen bucket
-/// (non-negative floats order like their bit patterns). Returns the value and
-/// how many entries are strictly larger.
-fn kth_largest_magnitude(delta: &Delta<'_>, k: i64) -> (f32, i64) {
-    let histogram = |select: &dyn Fn(u32) -> Option<usize>| {
-        let mut counts = vec![0i64; 1 << 16];
-        for (start, len) in chunks(delta.numel()) {
-            let magnitude = delta
-                .chunk(start, len)
-                .abs()
-                .to_kind(Kind::Float)
-                .contiguous();
-            for &value in f32_slice(&magnitude) {
-                if let Some(bucket) = select(value.to_bits()) {
+/// Radix selection of the k-th largest |δ| (as f32): a histogram of the top
+/// 16 bits of every magnitude, then of the low 16 bits within the chosen
+/// bucket (non-negative floats order like their bit patterns). The second
+/// pass is skipped when no magnitude has low bits (BF16 data). Returns the
+/// value and how many entries are strictly larger.
+fn kth_largest_magnitude<T: Element>(delta: &Delta<'_, T>, k: usize) -> (f32, usize) {
+    let mut values = [<T::Math as Real>::ZERO; CHUNK];
+    let mut low_bits = 0;
+    let mut histogram = |select: &dyn Fn(u32) -> Option<usize>, low_bits: &mut u32| {
+        let mut counts = vec![0u32; 1 << 16];
+        for (start, len) in chunks(delta.len()) {
+            delta.values(start, &mut values[..len]);
+            for &value in &values[..len] {
+                let bits = value.magnitude().to_bits();
+                *low_bits |= bits & 0xffff;
+                if let Some(bucket) = select(bits) {
                     counts[bucket] += 1;
                 }
             }
@@ -151,20 +213,26 @@ fn kth_largest_magnitude(delta: &Delta<'_>, k: i64) -> (f32, i64) {
         counts
     };
     // From the top bucket down, the first where the running count reaches `want`.
-    let locate = |counts: &[i64], want: i64| -> (usize, i64) {
+    let locate = |counts: &[u32], want: usize| -> (usize, usize) {
         let mut above = 0;
         for bucket in (0..counts.len()).rev() {
-            if above + counts[bucket] >= want {
+            let count = counts[bucket] as usize;
+            if above + count >= want {
                 return (bucket, above);
             }
-            above += counts[bucket];
+            above += count;
         }
         (0, above)
     };
-    let high_counts = histogram(&|bits| Some((bits >> 16) as usize));
+    let high_counts = histogram(&|bits| Some((bits >> 16) as usize), &mut low_bits);
     let (high, above_high) = locate(&high_counts, k);
-    let low_counts =
-        histogram(&|bits| ((bits >> 16) as usize == high).then_some((bits & 0xffff) as usize));
+    if low_bits == 0 {
+        return (f32::from_bits((high as u32) << 16), above_high);
+    }
+    let low_counts = histogram(
+        &|bits| ((bits >> 16) as usize == high).then_some((bits & 0xffff) as usize),
+        &mut low_bits,
+    );
     let (low, above_low) = locate(&low_counts, k - above_high);
     (
         f32::from_bits(((high as u32) << 16) | low as u32),
@@ -172,39 +240,35 @@ fn kth_largest_magnitude(delta: &Delta<'_>, k: i64) -> (f32, i64) {
     )
 }
 
-/// The contents of a contiguous CPU f32 tensor.
-fn f32_slice(t: &Tensor) -> &[f32] {
-    assert!(t.kind() == Kind::Float && t.is_contiguous() && t.device() == tch::Device::Cpu);
-    let len = t.numel();
-    if len == 0 {
-        return &[];
-    }
-    // SAFETY: a contiguous CPU f32 tensor of `len` elements, borrowed for the slice's lifetime.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, len) }
-}
-
 /// A uniform draw in [0, 1) with 24 random bits.
 fn uniform(rng: &mut Xoshiro256PlusPlus) -> f32 {
     (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// The keep mask over a whole tensor of the pruner `make` builds for it.
+fn whole_mask<T: Element>(delta: &Tensor, make: impl FnOnce(&Delta<'_, T>) -> Pruner) -> Tensor {
+    let flat = flat_cpu(delta);
+    let zeros = vec![T::narrow(<T::Math as Real>::ZERO); flat.numel()];
+    let source = Delta {
+        model: slice::<T>(&flat),
+        base: &zeros,
+    };
+    let mut pruner = make(&source);
+    // Chunk by chunk, as the engine decides.
+    let mut values = [<T::Math as Real>::ZERO; CHUNK];
+    let mut keep = vec![false; source.len()];
+    for (start, len) in chunks(source.len()) {
+        source.values(start, &mut values[..len]);
+        pruner.keep(&values[..len], start, &mut keep[start..start + len]);
+    }
+    Tensor::from_slice(&keep)
+        .reshape(delta.size())
+        .to_device(delta.device())
+}
+
 /// The whole-tensor TIES mask (for tests and callers outside the engine).
 pub fn magnitude_mask(delta: &Tensor, density: f64) -> Tensor {
-    let flat = delta.reshape([-1]);
-    let zero = flat.zeros_like();
-    let source = Delta {
-        model: &flat,
-        base: &zero,
-    };
-    let mut pruner = Pruner::magnitude(&source, density);
-    let parts: Vec<Tensor> = chunks(source.numel())
-        .map(|(start, len)| {
-            pruner
-                .mask(&source.chunk(start, len), start)
-                .expect("a magnitude mask")
-        })
-        .collect();
-    Tensor::cat(&parts, 0).reshape(delta.size())
+    with_element!(delta.kind(), T => whole_mask::<T>(delta, |source| Pruner::magnitude(source, density)))
 }
 
 /// Breadcrumbs: drop the largest `⌊γ·n⌋` magnitudes and the smallest ones,
@@ -234,11 +298,7 @@ pub fn uniform_like(delta: &Tensor, seed: u64) -> Tensor {
 
 /// DARE's whole-tensor mask: keep each entry with probability `density`.
 pub fn random_mask(delta: &Tensor, density: f64, seed: u64) -> Tensor {
-    let flat = delta.reshape([-1]);
-    Pruner::random(density, seed)
-        .mask(&flat, 0)
-        .expect("a random mask")
-        .reshape(delta.size())
+    with_element!(delta.kind(), T => whole_mask::<T>(delta, |_| Pruner::random(density, seed)))
 }
 
 /// DELLA's MAGPRUNE: within each row (a 1-D tensor is one row), keep
@@ -304,7 +364,7 @@ mod tests {
     #[test]
     fn streaming_magnitude_masks_agree_across_chunk_boundaries() {
         // More than one chunk, with many equal magnitudes straddling chunk edges.
-        let n = 3 * CHUNK + 17;
+        let n = 3 * CHUNK as i64 + 17;
         let values = Tensor::arange(n, (Kind::Float, tch::Device::Cpu)).remainder(7.0) - 3.0;
         for density in [0.1, 0.5, 0.93] {
             let mask = magnitude_mask(&values, density);

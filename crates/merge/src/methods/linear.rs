@@ -5,8 +5,9 @@
 use amalgam_recipe::{BasePolicy, MethodSpec, ParamScope};
 use tch::Tensor;
 
-use super::{at_least_f32, flag, weight};
-use crate::sparsify::chunks;
+use super::{flag, weight};
+use crate::elementwise::{flat_cpu, slice, slice_mut, with_element, Element, Real};
+use crate::sparsify::{chunks, CHUNK};
 use crate::{MergeContext, MergeMethod, Result};
 
 pub struct Linear;
@@ -28,25 +29,41 @@ impl MergeMethod for Linear {
     }
 
     fn merge(&self, cx: &MergeContext<'_>) -> Result<Tensor> {
-        let kind = cx.inputs[0].kind();
-        let wide = at_least_f32(kind);
         let weights: Vec<f64> = (0..cx.inputs.len())
             .map(|i| f64::from(cx.input_number(i, "weight") as f32))
             .collect();
         let total = f64::from(weights.iter().map(|&w| w as f32).sum::<f32>());
-        let flat: Vec<Tensor> = cx.inputs.iter().map(|x| x.reshape([-1])).collect();
-        let out = flat[0].empty_like();
-        // Chunk by chunk, so the f32 accumulator stays in cache.
-        for (start, len) in chunks(out.numel() as i64) {
-            let mut sum = Tensor::zeros([len], (wide, out.device()));
-            for (x, &w) in flat.iter().zip(&weights) {
-                sum += x.narrow(0, start, len).to_kind(wide) * w;
+        let flat: Vec<Tensor> = cx.inputs.iter().map(flat_cpu).collect();
+        let mut out = flat[0].empty_like();
+        let divisor = cx.flag("normalize").then_some(total);
+        with_element!(out.kind(), T => average::<T>(&flat, &weights, divisor, &mut out));
+        Ok(out
+            .reshape(cx.inputs[0].size())
+            .to_device(cx.inputs[0].device()))
+    }
+}
+
+/// Σ wᵢxᵢ (÷ `divisor`) accumulated in f32 (f64 for f64), chunk by chunk so
+/// the accumulator stays in cache, rounded once into `out`.
+fn average<T: Element>(inputs: &[Tensor], weights: &[f64], divisor: Option<f64>, out: &mut Tensor) {
+    let inputs: Vec<&[T]> = inputs.iter().map(slice::<T>).collect();
+    let out = slice_mut::<T>(out);
+    let mut sum = [T::Math::ZERO; CHUNK];
+    for (start, len) in chunks(out.len()) {
+        let sum = &mut sum[..len];
+        sum.fill(T::Math::ZERO);
+        for (x, &w) in inputs.iter().zip(weights) {
+            let w = T::Math::from_f64(w);
+            for (acc, x) in sum.iter_mut().zip(&x[start..start + len]) {
+                *acc = *acc + x.widen() * w;
             }
-            if cx.flag("normalize") {
-                sum /= total;
-            }
-            out.narrow(0, start, len).copy_(&sum);
         }
-        Ok(out.reshape(cx.inputs[0].size()))
+        if let Some(divisor) = divisor {
+            let divisor = T::Math::from_f64(divisor);
+            sum.iter_mut().for_each(|acc| *acc = *acc / divisor);
+        }
+        for (y, &acc) in out[start..start + len].iter_mut().zip(sum.iter()) {
+            *y = T::narrow(acc);
+        }
     }
 }

@@ -2,11 +2,14 @@
 //! deltas from the base, optionally sparsified, weighted, optionally combined
 //! by sign election, optionally normalised, scaled by λ, added to the base.
 
+use std::sync::Arc;
+
 use amalgam_recipe::{BasePolicy, MethodSpec, ParamScope};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::{density, flag, number, weight};
-use crate::sparsify::{chunks, della_mask, outlier_mask, Delta, Pruner};
+use crate::elementwise::{flat_cpu, slice, slice_mut, with_element, Element, Real};
+use crate::sparsify::{chunks, della_mask, outlier_mask, Delta, KeepMask, Pruner, CHUNK};
 use crate::{MergeContext, MergeMethod, Result};
 
 /// How a member of the family prunes each delta.
@@ -73,18 +76,48 @@ impl MergeMethod for TaskVectorMethod {
 
     fn merge(&self, cx: &MergeContext<'_>) -> Result<Tensor> {
         let base = cx.base_tensor();
-        let others = cx.others();
-        if others.is_empty() {
+        if cx.others().is_empty() {
             return Ok(base.shallow_clone());
         }
-        let kind = base.kind();
-        let flat_base = base.reshape([-1]);
-        let flat: Vec<Tensor> = others.iter().map(|&i| cx.inputs[i].reshape([-1])).collect();
-        let deltas: Vec<Delta<'_>> = flat
+        let flat_base = flat_cpu(base);
+        let mut out = flat_base.empty_like();
+        with_element!(base.kind(), T => self.merge_flat::<T>(cx, &flat_base, &mut out))?;
+        Ok(out.reshape(base.size()).to_device(base.device()))
+    }
+}
+
+/// How one chunk of weighted task vectors becomes the mixed delta, in the
+/// math type `M`.
+struct Combine<M> {
+    consensus: bool,
+    /// Divide by the total weight (of the agreeing models, with consensus).
+    normalize: bool,
+    /// Each model's weight, rounded to the math dtype.
+    weights: Vec<M>,
+    /// Σ weights, the divisor without consensus (1 when it is ~0).
+    total: M,
+    lambda: Option<M>,
+}
+
+impl TaskVectorMethod {
+    /// The whole merge over flat CPU data, chunk by chunk: each model's δ is
+    /// computed, pruned, rescaled and weighted into a buffer, the buffers are
+    /// combined into the mixed delta, and the base is added — every step a
+    /// plain loop over cache-resident buffers.
+    fn merge_flat<T: Element>(
+        &self,
+        cx: &MergeContext<'_>,
+        flat_base: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let others = cx.others();
+        let flat: Vec<Tensor> = others.iter().map(|&i| flat_cpu(&cx.inputs[i])).collect();
+        let base = slice::<T>(flat_base);
+        let deltas: Vec<Delta<'_, T>> = flat
             .iter()
             .map(|model| Delta {
-                model,
-                base: &flat_base,
+                model: slice::<T>(model),
+                base,
             })
             .collect();
         let mut pruners = Vec::with_capacity(others.len());
@@ -92,121 +125,153 @@ impl MergeMethod for TaskVectorMethod {
         for (delta, &input) in deltas.iter().zip(&others) {
             let (pruner, scale) = self.pruner(cx, input, delta)?;
             pruners.push(pruner);
-            scales.push(scale);
+            scales.push(scale.map(T::Math::from_f64));
         }
         // Weights are rounded to the math dtype, as the deltas are.
-        let weights: Vec<Tensor> = others
+        let weights: Vec<T::Math> = others
             .iter()
-            .map(|&i| {
-                Tensor::from_slice(&[cx.input_number(i, "weight")])
-                    .to_kind(kind)
-                    .to_device(base.device())
-            })
+            .map(|&i| T::round(T::Math::from_f64(cx.input_number(i, "weight"))))
             .collect();
-        let out = flat_base.empty_like();
-        // Chunk by chunk, so every temporary stays in cache.
-        for (start, len) in chunks(flat_base.numel() as i64) {
-            let weighted: Vec<Tensor> = deltas
-                .iter()
-                .zip(pruners.iter_mut())
-                .zip(&scales)
-                .zip(&weights)
-                .map(|(((delta, pruner), scale), w)| {
-                    let d = delta.chunk(start, len);
-                    let d = match pruner.mask(&d, start) {
-                        Some(mask) => d * mask.to_kind(kind),
-                        None => d,
-                    };
-                    let d = match scale {
-                        Some(scale) => d * *scale,
-                        None => d,
-                    };
-                    d * w
-                })
-                .collect();
-            let merged = self.combine(cx, &flat_base.narrow(0, start, len), &weighted, &weights);
-            out.narrow(0, start, len).copy_(&merged);
+        let total = T::round(weights[1..].iter().fold(weights[0], |acc, &w| acc + w));
+        let lambda = cx.number("lambda");
+        let combine = Combine {
+            consensus: self.consensus,
+            normalize: cx.flag("normalize"),
+            total: if total.abs().to_f64() < 1e-8 {
+                T::Math::ONE
+            } else {
+                total
+            },
+            weights,
+            lambda: (lambda != 1.0).then(|| T::Math::from_f64(lambda)),
+        };
+        let out = slice_mut::<T>(out);
+        let mut weighted = vec![vec![T::Math::ZERO; CHUNK]; deltas.len()];
+        let mut mixed = [T::Math::ZERO; CHUNK];
+        let mut divisors = [T::Math::ZERO; CHUNK];
+        let mut keep = vec![false; CHUNK];
+        for (start, len) in chunks(base.len()) {
+            for (((values, delta), pruner), (scale, &weight)) in weighted
+                .iter_mut()
+                .zip(&deltas)
+                .zip(&mut pruners)
+                .zip(scales.iter().zip(&combine.weights))
+            {
+                let values = &mut values[..len];
+                delta.values(start, values);
+                pruner.prune(values, start, &mut keep);
+                if let Some(scale) = *scale {
+                    values.iter_mut().for_each(|v| *v = T::round(*v * scale));
+                }
+                values.iter_mut().for_each(|v| *v = T::round(*v * weight));
+            }
+            let columns: Vec<&[T::Math]> = weighted.iter().map(|w| &w[..len]).collect();
+            let mixed = &mut mixed[..len];
+            combine.chunk::<T>(&columns, mixed, &mut divisors[..len], &mut keep[..len]);
+            for ((y, &b), &m) in out[start..start + len]
+                .iter_mut()
+                .zip(&base[start..start + len])
+                .zip(mixed.iter())
+            {
+                *y = T::narrow(b.widen() + m);
+            }
         }
-        Ok(out.reshape(base.size()))
+        Ok(())
     }
 }
 
-/// Σ of tensors as torch's `stack(…).sum(0)` computes it: accumulated in f32
-/// for 16-bit floats, rounded once.
-fn sum(tensors: &[Tensor], kind: Kind) -> Tensor {
-    let wide = if matches!(kind, Kind::BFloat16 | Kind::Half) {
-        Kind::Float
-    } else {
-        kind
-    };
-    let total = tensors
-        .iter()
-        .skip(1)
-        .fold(tensors[0].to_kind(wide), |acc, t| acc + t.to_kind(wide));
-    total.to_kind(kind)
+impl<M: Real> Combine<M> {
+    /// Sign election (optional), normalisation and λ over one chunk of
+    /// weighted task vectors (one column per model) into `mixed`, rounded to
+    /// `T` after each step; `divisors` and `positive` are scratch space.
+    /// Sums run in column order from the first term, as torch's
+    /// `stack(…).sum(0)` accumulates (in f32 for 16-bit floats).
+    fn chunk<T: Element<Math = M>>(
+        &self,
+        columns: &[&[M]],
+        mixed: &mut [M],
+        divisors: &mut [M],
+        positive: &mut [bool],
+    ) {
+        let (first, rest) = columns.split_first().expect("at least one model");
+        mixed.copy_from_slice(first);
+        for column in rest {
+            mixed
+                .iter_mut()
+                .zip(*column)
+                .for_each(|(m, &w)| *m = *m + w);
+        }
+        if self.consensus {
+            // The weighted majority sign; an exact tie counts as positive, and
+            // zero entries never agree. Disagreeing entries and their weights
+            // count as zeros (a mask product), keeping signed-zero results.
+            for (p, &sum) in positive.iter_mut().zip(mixed.iter()) {
+                *p = T::round(sum) >= M::ZERO;
+            }
+            let term = |w: M, positive: bool, weight: M| {
+                let agrees = (positive && w > M::ZERO) | (!positive && w < M::ZERO);
+                let mask = M::indicator(agrees);
+                (w * mask, weight * mask)
+            };
+            for (j, (column, &weight)) in columns.iter().zip(&self.weights).enumerate() {
+                for (((m, d), &w), &p) in mixed
+                    .iter_mut()
+                    .zip(divisors.iter_mut())
+                    .zip(*column)
+                    .zip(positive.iter())
+                {
+                    let (kept, share) = term(w, p, weight);
+                    (*m, *d) = if j == 0 {
+                        (kept, share)
+                    } else {
+                        (*m + kept, *d + share)
+                    };
+                }
+            }
+            for (m, d) in mixed.iter_mut().zip(divisors.iter_mut()) {
+                *m = T::round(*m);
+                let divisor = T::round(*d);
+                *d = if divisor == M::ZERO { M::ONE } else { divisor };
+            }
+            if self.normalize {
+                for (m, &d) in mixed.iter_mut().zip(divisors.iter()) {
+                    *m = T::round(*m / d);
+                }
+            }
+        } else {
+            for m in mixed.iter_mut() {
+                *m = T::round(*m);
+                if self.normalize {
+                    *m = T::round(*m / self.total);
+                }
+            }
+        }
+        if let Some(lambda) = self.lambda {
+            mixed.iter_mut().for_each(|m| *m = T::round(*m * lambda));
+        }
+    }
 }
 
 impl TaskVectorMethod {
-    /// Sign election (optional), normalisation, λ, and the base, for one chunk
-    /// of weighted task vectors.
-    fn combine(
-        &self,
-        cx: &MergeContext<'_>,
-        base: &Tensor,
-        weighted: &[Tensor],
-        weights: &[Tensor],
-    ) -> Tensor {
-        let kind = base.kind();
-        let (mut mixed, divisor) = if self.consensus {
-            // The weighted majority sign; an exact tie counts as positive, and
-            // zero entries never agree.
-            let majority = sum(weighted, kind).ge(0.0).to_kind(kind) * 2.0 - 1.0;
-            let agree: Vec<Tensor> = weighted
-                .iter()
-                .map(|w| w.sign().eq_tensor(&majority).to_kind(kind))
-                .collect();
-            let kept: Vec<Tensor> = weighted.iter().zip(&agree).map(|(w, a)| w * a).collect();
-            let shares: Vec<Tensor> = agree.iter().zip(weights).map(|(a, w)| a * w).collect();
-            let divisor = sum(&shares, kind);
-            let divisor = divisor.where_self(&divisor.ne(0.0), &divisor.ones_like());
-            (sum(&kept, kind), divisor)
-        } else {
-            let total = sum(weights, kind);
-            let total = if total.abs().double_value(&[0]) < 1e-8 {
-                total.ones_like()
-            } else {
-                total
-            };
-            (sum(weighted, kind), total)
-        };
-        if cx.flag("normalize") {
-            mixed /= divisor;
-        }
-        let lambda = cx.number("lambda");
-        if lambda != 1.0 {
-            mixed *= lambda;
-        }
-        (base + mixed).to_kind(kind)
-    }
-
     /// How `input`'s task vector is pruned, and the factor its kept part is
     /// scaled by (L1-norm rescale, or the DARE paper's 1/density).
-    fn pruner(
+    fn pruner<T: Element>(
         &self,
         cx: &MergeContext<'_>,
         input: usize,
-        delta: &Delta<'_>,
+        delta: &Delta<'_, T>,
     ) -> Result<(Pruner, Option<f64>)> {
         let density = cx.input_number(input, "density");
         if self.sparsifier == Sparsifier::None || density >= 1.0 {
             return Ok((Pruner::KeepAll, None));
         }
-        let whole = || delta.chunk(0, delta.numel());
+        // Rank-based masks over the whole delta, in libtorch on the tensors' device.
+        let whole = || &cx.inputs[input] - cx.base_tensor();
         let pruner = match self.sparsifier {
             Sparsifier::None => unreachable!("returned above"),
             Sparsifier::Magnitude => Pruner::magnitude(delta, density),
             Sparsifier::Random => Pruner::random(density, cx.stream(input)),
-            Sparsifier::Outliers => Pruner::Precomputed(outlier_mask(
+            Sparsifier::Outliers => Pruner::precomputed(&outlier_mask(
                 &whole(),
                 density,
                 cx.input_number(input, "gamma"),
@@ -216,11 +281,7 @@ impl TaskVectorMethod {
                 if density - epsilon <= 0.0 || density + epsilon >= 1.0 {
                     return Err(cx.error(format!("della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})")));
                 }
-                let rows = cx.base_tensor().size();
-                let shaped = whole().reshape(rows.as_slice());
-                Pruner::Precomputed(
-                    della_mask(&shaped, density, epsilon, cx.stream(input)).reshape([-1]),
-                )
+                Pruner::precomputed(&della_mask(&whole(), density, epsilon, cx.stream(input)))
             }
         };
         if cx.flag("dare_rescale_reciprocal") {
@@ -229,23 +290,40 @@ impl TaskVectorMethod {
         if !cx.flag("rescale") {
             return Ok((pruner, None));
         }
-        // L1 rescale: one pass with a replay of the mask to measure what it keeps.
-        let mut replay = pruner.replay();
+        // L1 rescale: one pass to measure what the mask keeps, recording the
+        // mask so the merge pass reads it instead of deciding again.
+        let mut pruner = pruner;
+        let mut record = KeepMask::new(delta.len());
         let (mut before, mut after) = (0.0, 0.0);
-        for (start, len) in chunks(delta.numel()) {
-            let d = delta.chunk(start, len);
-            before += d.abs().sum(Kind::Double).double_value(&[]);
-            after += match replay.mask(&d, start) {
-                Some(mask) => (&d * mask.to_kind(d.kind()))
-                    .abs()
-                    .sum(Kind::Double)
-                    .double_value(&[]),
-                None => d.abs().sum(Kind::Double).double_value(&[]),
-            };
+        let mut values = [T::Math::ZERO; CHUNK];
+        let mut keep = vec![false; CHUNK];
+        for (start, len) in chunks(delta.len()) {
+            let values = &mut values[..len];
+            delta.values(start, values);
+            pruner.keep(values, start, &mut keep);
+            record.record(start, &keep[..len]);
+            let (all, kept) = l1_norms(values, &keep[..len]);
+            before += all;
+            after += kept;
         }
         let scale = (before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| before / after);
-        Ok((pruner, scale))
+        Ok((Pruner::Precomputed(Arc::new(record)), scale))
     }
+}
+
+/// Σ|v| and Σ|v| over the kept entries, in f64 with four accumulators (a
+/// fixed order, so the result is deterministic; one chain would be latency-bound).
+fn l1_norms<M: Real>(values: &[M], keep: &[bool]) -> (f64, f64) {
+    let (mut all, mut kept) = ([0.0f64; 4], [0.0f64; 4]);
+    let lanes = values.chunks(4).zip(keep.chunks(4));
+    for (v, k) in lanes {
+        for lane in 0..v.len() {
+            let magnitude = v[lane].abs().to_f64();
+            all[lane] += magnitude;
+            kept[lane] += magnitude * f64::indicator(k[lane]);
+        }
+    }
+    (all.iter().sum(), kept.iter().sum())
 }
 
 /// Below this L1 norm a task vector (or its kept part) is not rescaled.

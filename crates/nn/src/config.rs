@@ -1,0 +1,220 @@
+//! The parts of a Llama-family `config.json` the forward pass needs.
+
+use amalgam_checkpoint::ModelConfig;
+use serde_json::{json, Value};
+
+use crate::{NnError, Result};
+
+/// How RoPE frequencies are rescaled (`rope_scaling` in config.json).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3's band-wise rescale of the inverse frequencies.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// A Llama-style decoder's shape. `intermediate_sizes` holds one FFN width per
+/// layer: config.json's `intermediate_size` is an integer for a uniform model
+/// (what `transformers` loads) or a list for a nested one (ours only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_sizes: Vec<usize>,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_id: Option<i64>,
+}
+
+impl LlamaConfig {
+    pub fn num_hidden_layers(&self) -> usize {
+        self.intermediate_sizes.len()
+    }
+
+    /// Reads the shape from a checkpoint's config; unsupported features
+    /// (biases, another activation, an unknown RoPE scaling) are errors.
+    pub fn from_model_config(config: &ModelConfig, path: &std::path::Path) -> Result<Self> {
+        let fail = |message: String| NnError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let int = |key: &str| {
+            config
+                .usize(key)
+                .ok_or_else(|| fail(format!("missing or non-integer `{key}`")))
+        };
+        let float = |key: &str, default: f64| {
+            config.get(key).map_or(Ok(default), |v| {
+                v.as_f64()
+                    .ok_or_else(|| fail(format!("`{key}` is not a number")))
+            })
+        };
+        if let Some(act) = config.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(fail(format!(
+                    "hidden_act `{act}` is not supported (silu only)"
+                )));
+            }
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if config.get(key).and_then(Value::as_bool) == Some(true) {
+                return Err(fail(format!("`{key}: true` is not supported")));
+            }
+        }
+        let layers = int("num_hidden_layers")?;
+        let intermediate_sizes = match config.get("intermediate_size") {
+            Some(Value::Array(widths)) => widths
+                .iter()
+                .map(|w| w.as_u64().map(|w| w as usize))
+                .collect::<Option<Vec<_>>>()
+                .filter(|w| w.len() == layers)
+                .ok_or_else(|| {
+                    fail(format!(
+                        "`intermediate_size` must be an integer or {layers} integers (one per layer)"
+                    ))
+                })?,
+            _ => vec![int("intermediate_size")?; layers],
+        };
+        let hidden_size = int("hidden_size")?;
+        let heads = int("num_attention_heads")?;
+        let kv_heads = config.usize("num_key_value_heads").unwrap_or(heads);
+        if heads % kv_heads != 0 {
+            return Err(fail(format!(
+                "{heads} attention heads are not a multiple of {kv_heads} key/value heads"
+            )));
+        }
+        let head_dim = config.usize("head_dim").unwrap_or(hidden_size / heads);
+        let rope_scaling = match config.get("rope_scaling") {
+            None | Some(Value::Null) => None,
+            Some(scaling) => Some(rope_scaling(scaling).map_err(fail)?),
+        };
+        Ok(LlamaConfig {
+            vocab_size: int("vocab_size")?,
+            hidden_size,
+            intermediate_sizes,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: float("rms_norm_eps", 1e-6)?,
+            rope_theta: float("rope_theta", 10_000.0)?,
+            rope_scaling,
+            tie_word_embeddings: config.tie_word_embeddings(),
+            max_position_embeddings: config.usize("max_position_embeddings").unwrap_or(2048),
+            bos_token_id: config.get("bos_token_id").and_then(Value::as_i64),
+            eos_token_id: config.get("eos_token_id").and_then(Value::as_i64),
+        })
+    }
+
+    /// The config.json of this shape (F32 weights), loadable by `transformers`
+    /// when the FFN width is uniform.
+    pub fn to_model_config(&self) -> ModelConfig {
+        let widths = &self.intermediate_sizes;
+        let intermediate = if widths.iter().all(|&w| w == widths[0]) {
+            json!(widths[0])
+        } else {
+            json!(widths)
+        };
+        let rope_scaling = match &self.rope_scaling {
+            None => Value::Null,
+            Some(RopeScaling::Linear { factor }) => {
+                json!({"rope_type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        let value = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": self.num_hidden_layers(),
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        });
+        match value {
+            Value::Object(fields) => ModelConfig::from_json(fields),
+            _ => unreachable!("a JSON object"),
+        }
+    }
+
+    /// Parameters, embeddings (and an untied head) included.
+    pub fn parameter_count(&self) -> usize {
+        let (d, hd) = (self.hidden_size, self.head_dim);
+        let attention = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads);
+        let layers: usize = self
+            .intermediate_sizes
+            .iter()
+            .map(|&f| attention + 3 * d * f + 2 * d)
+            .sum();
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
+        self.vocab_size * d + layers + d + head
+    }
+}
+
+fn rope_scaling(value: &Value) -> std::result::Result<RopeScaling, String> {
+    let kind = value
+        .get("rope_type")
+        .or_else(|| value.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let number = |key: &str| {
+        value
+            .get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope_scaling `{kind}` needs a number `{key}`"))
+    };
+    match kind {
+        "linear" => Ok(RopeScaling::Linear {
+            factor: number("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")?,
+        }),
+        other => Err(format!(
+            "rope_scaling type `{other}` is not supported (linear, llama3)"
+        )),
+    }
+}

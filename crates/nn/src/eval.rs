@@ -1,0 +1,88 @@
+//! Per-domain evaluation on the held-out splits: mean next-token
+//! cross-entropy, perplexity and next-token accuracy over non-overlapping
+//! windows.
+
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use crate::data::{Domain, Split};
+use crate::Llama;
+
+/// One model's scores on one domain.
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainScore {
+    pub domain: &'static str,
+    /// Predicted tokens the scores average over.
+    pub tokens: usize,
+    pub loss: f64,
+    pub perplexity: f64,
+    pub accuracy: f64,
+}
+
+/// What to evaluate on.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Tokens per window (one more than the predictions per window).
+    pub seq_len: usize,
+    /// At most this many windows per domain (from the start of the split).
+    pub max_windows: usize,
+    pub batch: usize,
+}
+
+/// Scores `model` on the held-out split of `domain`; `on_batch(windows)`
+/// after each batch.
+pub fn evaluate(
+    model: &Llama,
+    domain: Domain,
+    options: &EvalOptions,
+    on_batch: &mut dyn FnMut(usize),
+) -> DomainScore {
+    let tokens = domain.tokens(Split::Eval);
+    let len = options.seq_len;
+    let windows: Vec<&[i64]> = tokens
+        .windows(len)
+        .step_by(len - 1)
+        .take(options.max_windows)
+        .collect();
+    let (mut loss_sum, mut correct, mut count) = (0.0, 0i64, 0usize);
+    tch::no_grad(|| {
+        for group in windows.chunks(options.batch) {
+            let flat: Vec<i64> = group.concat();
+            let ids = Tensor::from_slice(&flat)
+                .view([group.len() as i64, len as i64])
+                .to_device(model.device());
+            let logits = model.forward(&ids.narrow(1, 0, len as i64 - 1));
+            let targets = ids.narrow(1, 1, len as i64 - 1).reshape([-1]);
+            let logits = logits.reshape([-1, model.config.vocab_size as i64]);
+            loss_sum += logits
+                .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0)
+                .double_value(&[]);
+            correct += logits
+                .argmax(-1, false)
+                .eq_tensor(&targets)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            count += targets.numel();
+            on_batch(group.len());
+        }
+    });
+    let loss = loss_sum / count.max(1) as f64;
+    DomainScore {
+        domain: domain.name(),
+        tokens: count,
+        loss,
+        perplexity: loss.exp(),
+        accuracy: correct as f64 / count.max(1) as f64,
+    }
+}
+
+/// How many windows `evaluate` scores for `domain`.
+pub fn window_count(domain: Domain, options: &EvalOptions) -> usize {
+    let tokens = domain.tokens(Split::Eval).len();
+    let windows = if tokens < options.seq_len {
+        0
+    } else {
+        (tokens - options.seq_len) / (options.seq_len - 1) + 1
+    };
+    windows.min(options.max_windows)
+}

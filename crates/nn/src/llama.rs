@@ -1,0 +1,347 @@
+//! The Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU
+//! (act(gate)·up), tied or untied embeddings, one FFN width per layer.
+//! Parameters live in a tch `VarStore` under the Hugging Face tensor names,
+//! so loading, saving and training address them by the same names.
+
+use std::path::{Path, PathBuf};
+
+use amalgam_checkpoint::{
+    stream_seed, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard, TensorSpec, WriteOptions,
+};
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::{LlamaConfig, NnError, Result, RopeScaling};
+
+/// Activations recorded by [`Llama::forward_taps`], one entry per block.
+#[derive(Debug, Default)]
+pub struct Taps {
+    /// The residual stream at every block boundary: before block 0 (the
+    /// embeddings), between blocks, and after the last block (before the final
+    /// norm) — `layers + 1` tensors of `[batch, seq, hidden]`.
+    pub residual: Vec<Tensor>,
+    /// act(gate)·up per block: `[batch, seq, ffn width of that block]`.
+    pub ffn_hidden: Vec<Tensor>,
+    /// Each attention head's output before `o_proj`: `[batch, seq, heads, head_dim]`.
+    pub attention_heads: Vec<Tensor>,
+}
+
+struct Block {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A Llama-style causal language model.
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub vs: nn::VarStore,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Tensor>,
+}
+
+impl Llama {
+    /// A freshly initialised model: weights N(0, 0.02²), norms 1. Each
+    /// tensor's draws come from a stream keyed by (`seed`, tensor name), not
+    /// from libtorch's global generator, so the result does not depend on
+    /// what else runs in the process.
+    pub fn new(config: LlamaConfig, device: Device, seed: u64) -> Self {
+        Self::build(config, device, Some(seed))
+    }
+
+    /// The model's variables, drawn from `seed` or zero (to be loaded into).
+    fn build(config: LlamaConfig, device: Device, seed: Option<u64>) -> Self {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let model = &root / "model";
+        let (d, hd) = (config.hidden_size as i64, config.head_dim as i64);
+        let (heads, kv) = (
+            config.num_attention_heads as i64,
+            config.num_key_value_heads as i64,
+        );
+        let weight = |p: nn::Path<'_>, shape: &[i64]| {
+            let name = format!("{}.weight", p.components().collect::<Vec<_>>().join("."));
+            match seed {
+                Some(seed) => p.var_copy("weight", &normal(&name, shape, seed).to_device(device)),
+                None => p.zeros("weight", shape),
+            }
+        };
+        let norm = |p: nn::Path<'_>| p.var("weight", &[d], nn::Init::Const(1.0));
+        let embed = weight(&model / "embed_tokens", &[config.vocab_size as i64, d]);
+        let blocks = config
+            .intermediate_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &width)| {
+                let layer = &model / "layers" / i;
+                let (attn, mlp) = (&layer / "self_attn", &layer / "mlp");
+                let f = width as i64;
+                Block {
+                    input_norm: norm(&layer / "input_layernorm"),
+                    q: weight(&attn / "q_proj", &[heads * hd, d]),
+                    k: weight(&attn / "k_proj", &[kv * hd, d]),
+                    v: weight(&attn / "v_proj", &[kv * hd, d]),
+                    o: weight(&attn / "o_proj", &[d, heads * hd]),
+                    post_norm: norm(&layer / "post_attention_layernorm"),
+                    gate: weight(&mlp / "gate_proj", &[f, d]),
+                    up: weight(&mlp / "up_proj", &[f, d]),
+                    down: weight(&mlp / "down_proj", &[d, f]),
+                }
+            })
+            .collect();
+        let norm = norm(&model / "norm");
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| weight(&root / "lm_head", &[config.vocab_size as i64, d]));
+        Llama {
+            config,
+            vs,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+        }
+    }
+
+    /// Loads a Hugging Face Llama checkpoint (any float dtype; computed in F32).
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let checkpoint = Checkpoint::open(dir)?;
+        let config = LlamaConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))?;
+        let model = Llama::build(config, device, None);
+        let variables = model.vs.variables();
+        for entry in checkpoint.tensors() {
+            let known = variables.contains_key(&entry.name)
+                || entry.name.ends_with("rotary_emb.inv_freq")
+                || (entry.name == "lm_head.weight" && model.lm_head.is_none());
+            if !known {
+                return Err(NnError::Invalid(format!(
+                    "{}: tensor {} is not part of a Llama model of this config",
+                    dir.display(),
+                    entry.name
+                )));
+            }
+        }
+        for (name, var) in &variables {
+            let tensor = checkpoint.read_as(name, Kind::Float)?;
+            if tensor.size() != var.size() {
+                return Err(NnError::Invalid(format!(
+                    "{}: tensor {name} has shape {:?}, the config implies {:?}",
+                    dir.display(),
+                    tensor.size(),
+                    var.size()
+                )));
+            }
+            tch::no_grad(|| var.shallow_clone().copy_(&tensor));
+        }
+        Ok(model)
+    }
+
+    /// Writes the model as an F32 Hugging Face checkpoint (config, weights, and
+    /// the given extra files such as the tokenizer), atomically.
+    pub fn save(
+        &self,
+        out: &Path,
+        card: &ModelCard,
+        extra_files: &[(&str, Vec<u8>)],
+        options: &WriteOptions,
+    ) -> Result<PathBuf> {
+        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        let specs = variables
+            .iter()
+            .map(|(name, t)| {
+                let shape = t.size().iter().map(|&s| s as usize).collect();
+                TensorSpec::new(name.clone(), Dtype::F32, shape)
+            })
+            .collect();
+        let writer = CheckpointWriter::create(out, specs, options)?;
+        for (name, tensor) in &variables {
+            let data = tensor.detach().to_device(Device::Cpu).contiguous();
+            writer.write_tensor(name, &data)?;
+        }
+        Ok(writer.finish(Finish {
+            config: &self.config.to_model_config(),
+            tokenizer_source: None,
+            extra_files,
+            card,
+        })?)
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        self.run(ids, None)
+    }
+
+    /// Logits and the activations every block produced.
+    pub fn forward_taps(&self, ids: &Tensor) -> (Tensor, Taps) {
+        let mut taps = Taps::default();
+        let logits = self.run(ids, Some(&mut taps));
+        (logits, taps)
+    }
+
+    /// Mean next-token cross-entropy of a batch of sequences `[batch, seq]`.
+    pub fn loss(&self, ids: &Tensor) -> Tensor {
+        let seq = ids.size()[1];
+        let logits = self.forward(&ids.narrow(1, 0, seq - 1));
+        let targets = ids.narrow(1, 1, seq - 1);
+        logits
+            .reshape([-1, self.config.vocab_size as i64])
+            .cross_entropy_for_logits(&targets.reshape([-1]))
+    }
+
+    fn run(&self, ids: &Tensor, mut taps: Option<&mut Taps>) -> Tensor {
+        let c = &self.config;
+        let (batch, seq) = (ids.size()[0], ids.size()[1]);
+        let (heads, kv, hd) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim as i64,
+        );
+        let (cos, sin) = rope_tables(c, seq, self.device());
+        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
+        for block in &self.blocks {
+            if let Some(t) = taps.as_deref_mut() {
+                t.residual.push(x.shallow_clone());
+            }
+            let h = rms_norm(&x, &block.input_norm, c.rms_norm_eps);
+            let split = |w: &Tensor, n: i64| {
+                h.linear::<Tensor>(w, None)
+                    .view([batch, seq, n, hd])
+                    .transpose(1, 2)
+            };
+            let q = rotate(&split(&block.q, heads), &cos, &sin);
+            let k = rotate(&split(&block.k, kv), &cos, &sin);
+            let v = split(&block.v, kv);
+            // Query head h reads key/value head h / (heads / kv).
+            let (k, v) = if heads == kv {
+                (k, v)
+            } else {
+                let groups = heads / kv;
+                (
+                    k.repeat_interleave_self_int(groups, 1, None),
+                    v.repeat_interleave_self_int(groups, 1, None),
+                )
+            };
+            let attended = Tensor::scaled_dot_product_attention::<Tensor>(
+                &q,
+                &k,
+                &v,
+                None,
+                0.0,
+                true,
+                Some(1.0 / (hd as f64).sqrt()),
+                false,
+            )
+            .transpose(1, 2);
+            if let Some(t) = taps.as_deref_mut() {
+                t.attention_heads.push(attended.shallow_clone());
+            }
+            let attended = attended.reshape([batch, seq, heads * hd]);
+            // Out of place: `+=` would change the tapped tensors and break autograd.
+            x = &x + attended.linear::<Tensor>(&block.o, None);
+            let h = rms_norm(&x, &block.post_norm, c.rms_norm_eps);
+            let hidden =
+                h.linear::<Tensor>(&block.gate, None).silu() * h.linear::<Tensor>(&block.up, None);
+            if let Some(t) = taps.as_deref_mut() {
+                t.ffn_hidden.push(hidden.shallow_clone());
+            }
+            x = &x + hidden.linear::<Tensor>(&block.down, None);
+        }
+        if let Some(t) = taps {
+            t.residual.push(x.shallow_clone());
+        }
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps);
+        x.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed), None)
+    }
+}
+
+/// N(0, 0.02²) draws of `shape` from the stream (seed, name).
+fn normal(name: &str, shape: &[i64], seed: u64) -> Tensor {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(stream_seed(seed, name, 0));
+    let count: i64 = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|_| 0.02 * rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    Tensor::from_slice(&values).view(shape)
+}
+
+/// x / rms(x) · weight, the mean of squares taken in F32.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let x = x.to_kind(Kind::Float);
+    let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    weight * (x * (variance + eps).rsqrt()).to_kind(kind)
+}
+
+/// RoPE with the half-split layout `transformers` uses: x·cos + rotate_half(x)·sin.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let (x1, x2) = (x.narrow(3, 0, half), x.narrow(3, half, half));
+    let rotated = Tensor::cat(&[-x2, x1], 3);
+    x * cos + rotated * sin
+}
+
+/// cos and sin `[seq, head_dim]` for positions 0..seq.
+fn rope_tables(c: &LlamaConfig, seq: i64, device: Device) -> (Tensor, Tensor) {
+    let inv_freq: Vec<f32> = inverse_frequencies(c)
+        .into_iter()
+        .map(|f| f as f32)
+        .collect();
+    let inv_freq = Tensor::from_slice(&inv_freq).to_device(device);
+    let positions = Tensor::arange(seq, (Kind::Float, device));
+    let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+    let angles = Tensor::cat(&[&freqs, &freqs], 1);
+    (angles.cos(), angles.sin())
+}
+
+/// θ^(−2i/d) per rotary pair, rescaled as config.json's `rope_scaling` says.
+fn inverse_frequencies(c: &LlamaConfig) -> Vec<f64> {
+    let dim = c.head_dim;
+    let base: Vec<f64> = (0..dim / 2)
+        .map(|i| {
+            let exponent = f64::from((2 * i) as f32 / dim as f32);
+            1.0 / c.rope_theta.powf(exponent)
+        })
+        .collect();
+    match c.rope_scaling {
+        None => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_context,
+        }) => {
+            let low_wavelen = old_context / low_freq_factor;
+            let high_wavelen = old_context / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_context / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The model zoo: small Llama models trained here on the corpus, for the
+//! merging, PLeaS, MatFormer and stitching experiments.
+//!
+//! | member | how it is made | used for |
+//! |---|---|---|
+//! | `base` | trained on the mixture of all domains (init seed 1) | the shared base; an anchor |
+//! | `expert-<domain>` | `base` fine-tuned on one domain | task-vector merges |
+//! | `init-b` | the base's shape and data, init seed 2 | PLeaS (with `base`) |
+//! | `anchor-small` | narrower and shallower, same data | stitching (with `base`) |
+//!
+//! Each member is a normal Hugging Face checkpoint directory with the byte
+//! tokenizer beside it, plus `zoo-member.json` recording how it was made. A
+//! member whose record matches the current recipe (size, corpus, code
+//! version) is reused, so `zoo build` trains only what is missing.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use amalgam_checkpoint::{ModelCard, WriteOptions};
+use serde_json::json;
+use tch::Device;
+
+use crate::data::{Domain, Sampler, Split};
+use crate::eval::EvalOptions;
+use crate::train::{train, TrainOptions};
+use crate::{tokenizer, Llama, LlamaConfig, NnError, Result};
+
+/// Bump when training changes in a way that invalidates cached members.
+const RECIPE_VERSION: u32 = 2;
+
+/// The zoo at one scale.
+#[derive(Debug, Clone)]
+pub struct ZooSize {
+    pub name: &'static str,
+    pub shape: LlamaConfig,
+    pub small_anchor: LlamaConfig,
+    pub pretrain: TrainOptions,
+    pub finetune: TrainOptions,
+    /// How the zoo's models are evaluated (windows of the pretraining length).
+    pub eval: EvalOptions,
+}
+
+fn shape(hidden: usize, layers: usize, heads: usize, kv: usize, ffn: usize) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: tokenizer::VOCAB_SIZE,
+        hidden_size: hidden,
+        intermediate_sizes: vec![ffn; layers],
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        tie_word_embeddings: true,
+        max_position_embeddings: 1024,
+        bos_token_id: Some(tokenizer::BOS),
+        eos_token_id: Some(tokenizer::EOS),
+    }
+}
+
+fn schedule(steps: usize, batch: usize, seq_len: usize, lr: f64) -> TrainOptions {
+    TrainOptions {
+        steps,
+        batch,
+        seq_len,
+        lr,
+        warmup: steps / 10,
+        final_lr_fraction: 0.1,
+        weight_decay: 0.1,
+        clip: 1.0,
+    }
+}
+
+impl ZooSize {
+    /// `micro` (seconds; for CI) or `small` (minutes; the README's numbers).
+    pub fn named(name: &str) -> Option<ZooSize> {
+        match name {
+            "micro" => Some(ZooSize {
+                name: "micro",
+                shape: shape(32, 2, 4, 2, 96),
+                small_anchor: shape(16, 1, 2, 1, 48),
+                pretrain: schedule(400, 8, 65, 3e-3),
+                finetune: schedule(120, 8, 65, 1e-3),
+                eval: EvalOptions {
+                    seq_len: 65,
+                    max_windows: 32,
+                    batch: 16,
+                },
+            }),
+            "small" => Some(ZooSize {
+                name: "small",
+                shape: shape(128, 4, 4, 2, 384),
+                small_anchor: shape(96, 3, 4, 2, 256),
+                pretrain: schedule(2000, 16, 129, 2e-3),
+                finetune: schedule(400, 16, 129, 5e-4),
+                eval: EvalOptions {
+                    seq_len: 129,
+                    max_windows: 256,
+                    batch: 32,
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    /// The members, in build order (a parent before its children).
+    pub fn members(&self) -> Vec<Member> {
+        let mixture = Domain::ALL.to_vec();
+        let mut members = vec![Member {
+            name: "base".into(),
+            shape: self.shape.clone(),
+            init_seed: 1,
+            parent: None,
+            domains: mixture.clone(),
+            options: self.pretrain.clone(),
+        }];
+        for domain in Domain::ALL {
+            members.push(Member {
+                name: format!("expert-{}", domain.name()),
+                shape: self.shape.clone(),
+                init_seed: 1,
+                parent: Some("base".into()),
+                domains: vec![domain],
+                options: self.finetune.clone(),
+            });
+        }
+        members.push(Member {
+            name: "init-b".into(),
+            shape: self.shape.clone(),
+            init_seed: 2,
+            parent: None,
+            domains: mixture.clone(),
+            options: self.pretrain.clone(),
+        });
+        members.push(Member {
+            name: "anchor-small".into(),
+            shape: self.small_anchor.clone(),
+            init_seed: 3,
+            parent: None,
+            domains: mixture,
+            options: self.pretrain.clone(),
+        });
+        members
+    }
+}
+
+/// One model of the zoo and how it is trained.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: String,
+    pub shape: LlamaConfig,
+    pub init_seed: u64,
+    /// Fine-tuned from this member; trained from scratch when `None`.
+    pub parent: Option<String>,
+    pub domains: Vec<Domain>,
+    pub options: TrainOptions,
+}
+
+impl Member {
+    /// Identifies everything the weights depend on (the cache key).
+    fn key(&self, size: &str) -> String {
+        let corpus = Domain::ALL.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, d| {
+            fnv1a(h, d.text().as_bytes())
+        });
+        let recipe = format!(
+            "v{RECIPE_VERSION} {size} {self:?} corpus {corpus:016x} threads {}",
+            tch::get_num_threads()
+        );
+        format!("{:016x}", fnv1a(0xcbf2_9ce4_8422_2325, recipe.as_bytes()))
+    }
+
+    fn summary(&self) -> String {
+        let domains: Vec<&str> = self.domains.iter().map(|d| d.name()).collect();
+        let how = match &self.parent {
+            Some(parent) => format!("fine-tuned from the zoo's `{parent}`"),
+            None => format!(
+                "trained from a random initialisation (seed {})",
+                self.init_seed
+            ),
+        };
+        format!(
+            "A {}-parameter Llama-style model {how} on the amalgam corpus ({}) for {} steps of {} × {} tokens, byte-level tokenizer.",
+            self.shape.parameter_count(),
+            domains.join(", "),
+            self.options.steps,
+            self.options.batch,
+            self.options.seq_len
+        )
+    }
+}
+
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// Progress of a zoo build, for the caller's display.
+pub enum ZooEvent<'a> {
+    /// A member is up to date and reused.
+    Cached {
+        member: &'a str,
+    },
+    Start {
+        member: &'a str,
+        steps: usize,
+    },
+    Step {
+        step: usize,
+        loss: f64,
+    },
+    Done {
+        member: &'a str,
+        seconds: f64,
+        final_loss: f64,
+    },
+}
+
+/// Trains every member of `size` missing from `dir` (or out of date) and
+/// returns the members' directories.
+pub fn build(
+    dir: &Path,
+    size: &ZooSize,
+    device: Device,
+    on_event: &mut dyn FnMut(ZooEvent<'_>),
+) -> Result<Vec<(String, PathBuf)>> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| NnError::Invalid(format!("{}: {e}", dir.display())))?;
+    let mut built = vec![];
+    for member in size.members() {
+        let out = dir.join(&member.name);
+        let key = member.key(size.name);
+        let record_path = out.join("zoo-member.json");
+        let cached = std::fs::read(&record_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .is_some_and(|record| record["key"] == key.as_str());
+        if cached {
+            on_event(ZooEvent::Cached {
+                member: &member.name,
+            });
+            built.push((member.name, out));
+            continue;
+        }
+        on_event(ZooEvent::Start {
+            member: &member.name,
+            steps: member.options.steps,
+        });
+        let started = Instant::now();
+        let mut model = match &member.parent {
+            Some(parent) => Llama::load(&dir.join(parent), device)?,
+            None => Llama::new(member.shape.clone(), device, member.init_seed),
+        };
+        let data_seed = fnv1a(member.init_seed, member.name.as_bytes());
+        let mut sampler = Sampler::new(&member.domains, Split::Train, data_seed);
+        let losses = train(
+            &mut model,
+            &mut sampler,
+            &member.options,
+            &mut |step, loss| on_event(ZooEvent::Step { step, loss }),
+        )?;
+        let tail = &losses[losses.len().saturating_sub(20)..];
+        let final_loss = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
+        let seconds = started.elapsed().as_secs_f64();
+        let record = json!({
+            "key": key,
+            "zoo_size": size.name,
+            "member": member.name,
+            "parent": member.parent,
+            "domains": member.domains.iter().map(|d| d.name()).collect::<Vec<_>>(),
+            "init_seed": member.init_seed,
+            "steps": member.options.steps,
+            "batch": member.options.batch,
+            "seq_len": member.options.seq_len,
+            "lr": member.options.lr,
+            "parameters": member.shape.parameter_count(),
+            "final_train_loss": final_loss,
+            "seconds": seconds,
+        });
+        let mut files = tokenizer::files();
+        files.push((
+            "zoo-member.json",
+            serde_json::to_vec_pretty(&record).expect("JSON serialises"),
+        ));
+        let card = ModelCard {
+            title: format!("amalgam zoo ({}) {}", size.name, member.name),
+            summary: member.summary(),
+            ..Default::default()
+        };
+        let options = WriteOptions {
+            force: true,
+            ..Default::default()
+        };
+        model.save(&out, &card, &files, &options)?;
+        on_event(ZooEvent::Done {
+            member: &member.name,
+            seconds,
+            final_loss,
+        });
+        built.push((member.name, out));
+    }
+    Ok(built)
+}

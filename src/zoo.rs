@@ -1,0 +1,68 @@
+//! `amalgam zoo build`: train (or reuse) the model zoo.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Result};
+use clap::{Args as ClapArgs, Subcommand};
+
+use amalgam_nn::zoo::{self, ZooEvent, ZooSize};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[command(subcommand)]
+    command: ZooCommand,
+}
+
+#[derive(Subcommand)]
+enum ZooCommand {
+    /// Train every zoo model that is missing or out of date.
+    Build {
+        /// micro (seconds, for CI) or small (minutes, the README's numbers).
+        #[arg(long, default_value = "small")]
+        size: String,
+        /// Where the zoo lives; each size gets its own subdirectory.
+        #[arg(long, default_value = "work/zoo")]
+        dir: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let ZooCommand::Build { size, dir, device } = args.command;
+    let size = ZooSize::named(&size)
+        .ok_or_else(|| anyhow!("unknown zoo size {size:?} (micro or small)"))?;
+    let device = crate::device::parse(&device)?;
+    let dir = dir.join(size.name);
+    let mut bar = None;
+    let built = zoo::build(&dir, &size, device, &mut |event| match event {
+        ZooEvent::Cached { member } => tracing::info!("{member}: up to date"),
+        ZooEvent::Start { member, steps } => {
+            bar = Some(crate::progress::steps(steps as u64, member, quiet));
+        }
+        ZooEvent::Step { step, loss } => {
+            if let Some(bar) = &bar {
+                bar.set_position(step as u64 + 1);
+                if step % 10 == 0 {
+                    bar.set_message(format!("loss {loss:.3}"));
+                }
+            }
+        }
+        ZooEvent::Done {
+            member,
+            seconds,
+            final_loss,
+        } => {
+            if let Some(bar) = bar.take() {
+                bar.finish_and_clear();
+            }
+            tracing::info!(
+                "{member}: trained in {seconds:.1} s, final training loss {final_loss:.3}"
+            );
+        }
+    })?;
+    for (name, path) in built {
+        println!("{name}\t{}", path.display());
+    }
+    Ok(())
+}
