@@ -131,7 +131,10 @@ impl Llama {
                 )));
             }
         }
-        for (name, var) in &variables {
+        let mut names: Vec<&String> = variables.keys().collect();
+        names.sort(); // the first mismatch reported is the same every time
+        for name in names {
+            let var = &variables[name];
             let tensor = checkpoint.read_as(name, Kind::Float)?;
             if tensor.size() != var.size() {
                 return Err(NnError::Invalid(format!(

@@ -92,7 +92,7 @@ impl ZooSize {
                 shape: shape(128, 4, 4, 2, 384),
                 small_anchor: shape(96, 3, 4, 2, 256),
                 pretrain: schedule(2000, 16, 129, 2e-3),
-                finetune: schedule(400, 16, 129, 5e-4),
+                finetune: schedule(300, 16, 129, 2e-4),
                 eval: EvalOptions {
                     seq_len: 129,
                     max_windows: 256,
