@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
-use amalgam_nn::data::Domain;
-use amalgam_nn::eval::{evaluate, window_count, DomainScore, EvalOptions};
+use amalgam_nn::data::{Domain, Split};
+use amalgam_nn::eval::{check_vocabulary, evaluate, window_count, DomainScore, EvalOptions};
 use amalgam_nn::Llama;
 
 #[derive(ClapArgs)]
@@ -58,10 +58,21 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         max_windows: args.max_windows,
         batch: args.batch.max(1),
     };
+    for &domain in &domains {
+        if window_count(domain, &options) == 0 {
+            return Err(anyhow!(
+                "--seq-len {} is longer than the {} held-out text ({} tokens)",
+                args.seq_len,
+                domain.name(),
+                domain.tokens(Split::Eval).len()
+            ));
+        }
+    }
     let mut results: Vec<(String, Vec<DomainScore>)> = vec![];
     for path in &args.models {
         let model =
             Llama::load(path, device).with_context(|| format!("loading {}", path.display()))?;
+        check_vocabulary(&model).with_context(|| path.display().to_string())?;
         let total: usize = domains.iter().map(|&d| window_count(d, &options)).sum();
         let bar = crate::progress::steps(total as u64, &path.display().to_string(), quiet);
         let scores = domains

@@ -96,3 +96,18 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
         );
     }
 }
+
+#[test]
+fn eval_and_zoo_refuse_bad_arguments_by_name() {
+    let message = fails(["eval", "/nonexistent/model"]);
+    assert!(message.contains("/nonexistent/model"), "{message}");
+    let message = fails(["eval", "x", "--domains", "prose,french"]);
+    assert!(message.contains("unknown domain \"french\""), "{message}");
+    let message = fails(["eval", "x", "--seq-len", "10000000"]);
+    assert!(
+        message.contains("longer than the prose held-out text"),
+        "{message}"
+    );
+    let message = fails(["zoo", "build", "--size", "huge"]);
+    assert!(message.contains("unknown zoo size \"huge\""), "{message}");
+}

@@ -173,6 +173,15 @@ impl LlamaConfig {
         }
     }
 
+    /// The nested FFN widths at `fraction` of every layer's width (MatFormer's
+    /// granularities 1/8, 1/4, 1/2, 1), rounded, at least 1.
+    pub fn nested_widths(&self, fraction: f64) -> Vec<usize> {
+        self.intermediate_sizes
+            .iter()
+            .map(|&f| ((f as f64 * fraction).round() as usize).clamp(1, f))
+            .collect()
+    }
+
     /// Parameters, embeddings (and an untied head) included.
     pub fn parameter_count(&self) -> usize {
         let (d, hd) = (self.hidden_size, self.head_dim);

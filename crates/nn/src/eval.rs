@@ -6,7 +6,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use crate::data::{Domain, Split};
-use crate::Llama;
+use crate::{tokenizer, Llama, NnError, Result};
 
 /// One model's scores on one domain.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +27,20 @@ pub struct EvalOptions {
     /// At most this many windows per domain (from the start of the split).
     pub max_windows: usize,
     pub batch: usize,
+}
+
+/// Whether `model` can be scored on the corpus: its vocabulary must hold the
+/// byte tokenizer's ids (models trained here, such as the zoo, do).
+pub fn check_vocabulary(model: &Llama) -> Result<()> {
+    if model.config.vocab_size < tokenizer::VOCAB_SIZE {
+        return Err(NnError::Invalid(format!(
+            "the model's vocabulary has {} tokens, fewer than the byte tokenizer's {}: \
+             eval scores models trained on amalgam's byte tokenizer (the zoo)",
+            model.config.vocab_size,
+            tokenizer::VOCAB_SIZE
+        )));
+    }
+    Ok(())
 }
 
 /// Scores `model` on the held-out split of `domain`; `on_batch(windows)`
@@ -85,4 +99,21 @@ pub fn window_count(domain: Domain, options: &EvalOptions) -> usize {
         (tokens - options.seq_len) / (options.seq_len - 1) + 1
     };
     windows.min(options.max_windows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zoo::ZooSize;
+
+    #[test]
+    fn models_without_the_byte_vocabulary_are_refused() {
+        let mut shape = ZooSize::named("micro").unwrap().shape;
+        shape.vocab_size = 100;
+        let model = Llama::new(shape, tch::Device::Cpu, 0);
+        let message = check_vocabulary(&model).unwrap_err().to_string();
+        assert!(message.contains("vocabulary has 100 tokens"), "{message}");
+        let full = Llama::new(ZooSize::named("micro").unwrap().shape, tch::Device::Cpu, 0);
+        assert!(check_vocabulary(&full).is_ok());
+    }
 }

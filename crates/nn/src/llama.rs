@@ -186,27 +186,52 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
-        self.run(ids, None)
+        self.run(ids, None, None)
+    }
+
+    /// Logits of the nested submodel that keeps the first `widths[l]` FFN
+    /// units of layer `l` (MatFormer): rows `..m` of gate and up, columns
+    /// `..m` of down. Gradients flow into those slices of the full weights.
+    pub fn forward_nested(&self, ids: &Tensor, widths: &[usize]) -> Result<Tensor> {
+        self.check_widths(widths)?;
+        Ok(self.run(ids, None, Some(widths)))
     }
 
     /// Logits and the activations every block produced.
     pub fn forward_taps(&self, ids: &Tensor) -> (Tensor, Taps) {
         let mut taps = Taps::default();
-        let logits = self.run(ids, Some(&mut taps));
+        let logits = self.run(ids, Some(&mut taps), None);
         (logits, taps)
     }
 
     /// Mean next-token cross-entropy of a batch of sequences `[batch, seq]`.
     pub fn loss(&self, ids: &Tensor) -> Tensor {
+        self.loss_nested(ids, None)
+    }
+
+    /// The loss of the nested submodel of `widths` (`None`: the whole model).
+    /// The widths must be valid (see [`Llama::forward_nested`]).
+    pub fn loss_nested(&self, ids: &Tensor, widths: Option<&[usize]>) -> Tensor {
         let seq = ids.size()[1];
-        let logits = self.forward(&ids.narrow(1, 0, seq - 1));
+        let logits = self.run(&ids.narrow(1, 0, seq - 1), None, widths);
         let targets = ids.narrow(1, 1, seq - 1);
         logits
             .reshape([-1, self.config.vocab_size as i64])
             .cross_entropy_for_logits(&targets.reshape([-1]))
     }
 
-    fn run(&self, ids: &Tensor, mut taps: Option<&mut Taps>) -> Tensor {
+    /// One width per layer, each between 1 and the layer's full width.
+    pub fn check_widths(&self, widths: &[usize]) -> Result<()> {
+        let full = &self.config.intermediate_sizes;
+        if widths.len() != full.len() || widths.iter().zip(full).any(|(&w, &f)| w == 0 || w > f) {
+            return Err(NnError::Invalid(format!(
+                "nested FFN widths {widths:?} do not fit the model's {full:?} (one per layer, 1 ≤ width ≤ full)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn run(&self, ids: &Tensor, mut taps: Option<&mut Taps>, widths: Option<&[usize]>) -> Tensor {
         let c = &self.config;
         let (batch, seq) = (ids.size()[0], ids.size()[1]);
         let (heads, kv, hd) = (
@@ -216,7 +241,22 @@ impl Llama {
         );
         let (cos, sin) = rope_tables(c, seq, self.device());
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
-        for block in &self.blocks {
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let (gate, up, down) = match widths {
+                Some(widths) => {
+                    let m = widths[layer] as i64;
+                    (
+                        block.gate.narrow(0, 0, m),
+                        block.up.narrow(0, 0, m),
+                        block.down.narrow(1, 0, m),
+                    )
+                }
+                None => (
+                    block.gate.shallow_clone(),
+                    block.up.shallow_clone(),
+                    block.down.shallow_clone(),
+                ),
+            };
             if let Some(t) = taps.as_deref_mut() {
                 t.residual.push(x.shallow_clone());
             }
@@ -257,12 +297,11 @@ impl Llama {
             // Out of place: `+=` would change the tapped tensors and break autograd.
             x = &x + attended.linear::<Tensor>(&block.o, None);
             let h = rms_norm(&x, &block.post_norm, c.rms_norm_eps);
-            let hidden =
-                h.linear::<Tensor>(&block.gate, None).silu() * h.linear::<Tensor>(&block.up, None);
+            let hidden = h.linear::<Tensor>(&gate, None).silu() * h.linear::<Tensor>(&up, None);
             if let Some(t) = taps.as_deref_mut() {
                 t.ffn_hidden.push(hidden.shallow_clone());
             }
-            x = &x + hidden.linear::<Tensor>(&block.down, None);
+            x = &x + hidden.linear::<Tensor>(&down, None);
         }
         if let Some(t) = taps {
             t.residual.push(x.shallow_clone());

@@ -3,6 +3,7 @@
 //! and thread count, two runs give the same weights.
 
 use tch::nn::{self, OptimizerConfig};
+use tch::{Kind, Tensor};
 
 use crate::data::Sampler;
 use crate::{Llama, Result};
@@ -21,6 +22,10 @@ pub struct TrainOptions {
     pub weight_decay: f64,
     /// Global gradient-norm limit.
     pub clip: f64,
+    /// MatFormer training: each step's loss is the sum of the nested
+    /// submodels' losses at these fractions of every FFN width. Empty: the
+    /// whole model only.
+    pub nested: Vec<f64>,
 }
 
 impl TrainOptions {
@@ -56,7 +61,17 @@ pub fn train(
     for step in 0..options.steps {
         optimizer.set_lr(options.lr_at(step));
         let ids = sampler.batch(options.batch, options.seq_len, model.device());
-        let loss = model.loss(&ids);
+        let loss = if options.nested.is_empty() {
+            model.loss(&ids)
+        } else {
+            options
+                .nested
+                .iter()
+                .map(|&g| model.loss_nested(&ids, Some(&model.config.nested_widths(g))))
+                .fold(Tensor::zeros([], (Kind::Float, model.device())), |a, b| {
+                    a + b
+                })
+        };
         optimizer.backward_step_clip_norm(&loss, options.clip);
         let value = loss.double_value(&[]);
         if !value.is_finite() {
@@ -85,6 +100,7 @@ mod tests {
             final_lr_fraction: 0.1,
             weight_decay: 0.0,
             clip: 1.0,
+            nested: vec![],
         };
         assert!((o.lr_at(0) - 1e-4).abs() < 1e-12);
         assert!((o.lr_at(9) - 1e-3).abs() < 1e-12);

@@ -68,6 +68,7 @@ fn schedule(steps: usize, batch: usize, seq_len: usize, lr: f64) -> TrainOptions
         final_lr_fraction: 0.1,
         weight_decay: 0.1,
         clip: 1.0,
+        nested: vec![],
     }
 }
 

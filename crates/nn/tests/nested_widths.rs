@@ -67,3 +67,81 @@ fn a_config_that_does_not_fit_the_weights_is_refused_by_tensor_name() {
         "{error}"
     );
 }
+
+/// A model whose FFN weights are the first `widths` units of `full`'s.
+fn sliced(full: &Llama, widths: &[usize]) -> Llama {
+    let mut shape = full.config.clone();
+    shape.intermediate_sizes = widths.to_vec();
+    let small = Llama::new(shape, Device::Cpu, 0);
+    let source = full.vs.variables();
+    tch::no_grad(|| {
+        for (name, var) in small.vs.variables() {
+            let mut value = source[&name].shallow_clone();
+            for (dim, (&have, &want)) in value.size().clone().iter().zip(&var.size()).enumerate() {
+                if have != want {
+                    value = value.narrow(dim as i64, 0, want);
+                }
+            }
+            var.shallow_clone().copy_(&value);
+        }
+    });
+    small
+}
+
+#[test]
+fn nested_forward_equals_the_sliced_model() {
+    let mut shape = ZooSize::named("micro").unwrap().shape;
+    shape.intermediate_sizes = vec![96, 64];
+    let full = Llama::new(shape, Device::Cpu, 5);
+    let ids = Tensor::randint(
+        tokenizer::VOCAB_SIZE as i64,
+        [3, 17],
+        (Kind::Int64, Device::Cpu),
+    );
+    tch::no_grad(|| {
+        let whole = full.forward_nested(&ids, &[96, 64]).unwrap();
+        assert!(whole.equal(&full.forward(&ids)));
+        for widths in [[12, 8], [48, 64], [1, 1]] {
+            let nested = full.forward_nested(&ids, &widths).unwrap();
+            let reference = sliced(&full, &widths).forward(&ids);
+            let diff = (nested - reference).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{widths:?}: {diff}");
+        }
+    });
+    for bad in [&[97, 64][..], &[0, 64], &[96]] {
+        assert!(full.forward_nested(&ids, bad).is_err(), "{bad:?}");
+    }
+    assert_eq!(full.config.nested_widths(0.125), [12, 8]);
+}
+
+#[test]
+fn nested_training_makes_the_small_submodel_work() {
+    use amalgam_nn::data::{Domain, Sampler, Split};
+    use amalgam_nn::train::{train, TrainOptions};
+    let size = ZooSize::named("micro").unwrap();
+    let eighth = size.shape.nested_widths(0.125);
+    let eval_ids = Sampler::new(&[Domain::Prose], Split::Eval, 3).batch(16, 65, Device::Cpu);
+    let eighth_loss = |nested: Vec<f64>| {
+        let mut model = Llama::new(size.shape.clone(), Device::Cpu, 9);
+        let options = TrainOptions {
+            steps: 150,
+            nested,
+            ..size.pretrain.clone()
+        };
+        let mut sampler = Sampler::new(&[Domain::Prose], Split::Train, 4);
+        train(&mut model, &mut sampler, &options, &mut |_, _| {}).unwrap();
+        tch::no_grad(|| {
+            model
+                .loss_nested(&eval_ids, Some(&eighth))
+                .double_value(&[])
+        })
+    };
+    let (plain, nested) = (
+        eighth_loss(vec![]),
+        eighth_loss(vec![0.125, 0.25, 0.5, 1.0]),
+    );
+    assert!(
+        nested < plain - 0.1,
+        "1/8-width held-out loss: plain {plain}, nested {nested}"
+    );
+}
