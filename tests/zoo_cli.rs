@@ -101,6 +101,11 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
 fn eval_and_zoo_refuse_bad_arguments_by_name() {
     let message = fails(["eval", "/nonexistent/model"]);
     assert!(message.contains("/nonexistent/model"), "{message}");
+    assert_eq!(
+        message.matches("No such file").count(),
+        1,
+        "the cause once: {message}"
+    );
     let message = fails(["eval", "x", "--domains", "prose,french"]);
     assert!(message.contains("unknown domain \"french\""), "{message}");
     let message = fails(["eval", "x", "--seq-len", "10000000"]);

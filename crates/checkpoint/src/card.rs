@@ -29,9 +29,9 @@ impl InputRecord {
         let files = paths
             .par_iter()
             .map(|path| {
-                let digest = cached_sha256(path).map_err(|source| crate::Error::Io {
+                let digest = cached_sha256(path).map_err(|cause| crate::Error::Io {
                     path: path.clone(),
-                    source,
+                    cause,
                 })?;
                 let name = path
                     .file_name()

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 /// names the file (and the tensor, where one is involved).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    // The cause is part of the message, not a `source`: error reporters that
+    // print the chain would otherwise show it twice.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{}: not a directory (a checkpoint is a Hugging Face model directory)", path.display())]
     NotADirectory { path: PathBuf },
@@ -55,8 +57,8 @@ pub enum Error {
         name: String,
         dtype: safetensors::Dtype,
     },
-    #[error("tensor {name}: {source}")]
-    Torch { name: String, source: tch::TchError },
+    #[error("tensor {name}: {cause}")]
+    Torch { name: String, cause: tch::TchError },
     #[error("{}: output directory exists and is not empty (pass --force to replace it)", path.display())]
     OutputNotEmpty { path: PathBuf },
     #[error("{}: refusing to write over input checkpoint {}", output.display(), input.display())]
@@ -76,9 +78,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|cause| Error::Io {
             path: path.into(),
-            source,
+            cause,
         })
     }
 }

@@ -222,9 +222,9 @@ impl Checkpoint {
         })?;
         let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
         let bytes = self.bytes(entry);
-        let torch = |source| Error::Torch {
+        let torch = |cause| Error::Torch {
             name: name.into(),
-            source,
+            cause,
         };
         if bytes.is_empty() || (bytes.as_ptr() as usize) % stored.elt_size_in_bytes() != 0 {
             // Nothing to view, or a view libtorch may not read unaligned: copy first.

@@ -311,7 +311,7 @@ impl CheckpointWriter {
             }
             return Err(Error::Io {
                 path: self.out.clone(),
-                source: e,
+                cause: e,
             });
         }
         self.committed = true;

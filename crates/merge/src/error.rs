@@ -7,10 +7,11 @@ pub enum MergeError {
     Recipe(#[from] amalgam_recipe::RecipeError),
     #[error("tensor {tensor}: {message}")]
     Tensor { tensor: String, message: String },
-    #[error("tensor {tensor}: {source}")]
+    // The cause is in the message, not a `source` (a chain would repeat it).
+    #[error("tensor {tensor}: {cause}")]
     Torch {
         tensor: String,
-        source: tch::TchError,
+        cause: tch::TchError,
     },
     #[error("{0}")]
     Device(String),

@@ -143,9 +143,9 @@ impl MergeJob<'_> {
     /// Computes one output tensor (in the output dtype, on the CPU).
     pub fn compute(&self, tensor: &PlannedTensor, seed: u64, device: Device) -> Result<Tensor> {
         let math = kind_from_dtype(self.math_dtype(tensor)).expect("float dtype");
-        let torch = |source| MergeError::Torch {
+        let torch = |cause| MergeError::Torch {
             tensor: tensor.name.clone(),
-            source,
+            cause,
         };
         let inputs = tensor
             .inputs
