@@ -58,22 +58,21 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         max_windows: args.max_windows,
         batch: args.batch.max(1),
     };
-    for &domain in &domains {
-        if window_count(domain, &options) == 0 {
-            return Err(anyhow!(
-                "--seq-len {} is longer than the {} held-out text ({} tokens)",
-                args.seq_len,
-                domain.name(),
-                domain.tokens(Split::Eval).len()
-            ));
-        }
+    let counts: Vec<usize> = domains.iter().map(|&d| window_count(d, &options)).collect();
+    if let Some((domain, _)) = domains.iter().zip(&counts).find(|(_, &n)| n == 0) {
+        return Err(anyhow!(
+            "--seq-len {} is longer than the {} held-out text ({} tokens)",
+            args.seq_len,
+            domain.name(),
+            domain.tokens(Split::Eval).len()
+        ));
     }
+    let total: usize = counts.iter().sum();
     let mut results: Vec<(String, Vec<DomainScore>)> = vec![];
     for path in &args.models {
         let model =
             Llama::load(path, device).with_context(|| format!("loading {}", path.display()))?;
         check_vocabulary(&model).with_context(|| path.display().to_string())?;
-        let total: usize = domains.iter().map(|&d| window_count(d, &options)).sum();
         let bar = crate::progress::steps(total as u64, &path.display().to_string(), quiet);
         let scores = domains
             .iter()

@@ -53,11 +53,7 @@ pub fn evaluate(
 ) -> DomainScore {
     let tokens = domain.tokens(Split::Eval);
     let len = options.seq_len;
-    let windows: Vec<&[i64]> = tokens
-        .windows(len)
-        .step_by(len - 1)
-        .take(options.max_windows)
-        .collect();
+    let windows = windows(&tokens, options);
     let (mut loss_sum, mut correct, mut count) = (0.0, 0i64, 0usize);
     tch::no_grad(|| {
         for group in windows.chunks(options.batch) {
@@ -90,15 +86,19 @@ pub fn evaluate(
     }
 }
 
+/// The non-overlapping windows `evaluate` scores (each window's last token
+/// is the next one's first), at most `max_windows`.
+fn windows<'a>(tokens: &'a [i64], options: &EvalOptions) -> Vec<&'a [i64]> {
+    tokens
+        .windows(options.seq_len)
+        .step_by(options.seq_len - 1)
+        .take(options.max_windows)
+        .collect()
+}
+
 /// How many windows `evaluate` scores for `domain`.
 pub fn window_count(domain: Domain, options: &EvalOptions) -> usize {
-    let tokens = domain.tokens(Split::Eval).len();
-    let windows = if tokens < options.seq_len {
-        0
-    } else {
-        (tokens - options.seq_len) / (options.seq_len - 1) + 1
-    };
-    windows.min(options.max_windows)
+    windows(&domain.tokens(Split::Eval), options).len()
 }
 
 #[cfg(test)]
