@@ -26,6 +26,11 @@ pub struct Args {
     max_windows: usize,
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Also compare each model's next-token predictions with this model's
+    /// (agreement and KL(reference ‖ model)), e.g. a submodel against the
+    /// full model it was cut from.
+    #[arg(long)]
+    reference: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -68,23 +73,52 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         ));
     }
     let total: usize = counts.iter().sum();
-    let mut results: Vec<(String, Vec<DomainScore>)> = vec![];
-    for path in &args.models {
+    let load = |path: &PathBuf| -> Result<Llama> {
         let model =
             Llama::load(path, device).with_context(|| format!("loading {}", path.display()))?;
         check_vocabulary(&model).with_context(|| path.display().to_string())?;
+        Ok(model)
+    };
+    let reference = args.reference.as_ref().map(load).transpose()?;
+    let mut results: Vec<Evaluated> = vec![];
+    for path in &args.models {
+        let model = load(path)?;
+        if let Some(reference) = &reference {
+            if reference.config.vocab_size != model.config.vocab_size {
+                return Err(anyhow!(
+                    "{}: vocabulary of {} tokens, the reference has {}",
+                    path.display(),
+                    model.config.vocab_size,
+                    reference.config.vocab_size
+                ));
+            }
+        }
         let bar = crate::progress::steps(total as u64, &path.display().to_string(), quiet);
         let scores = domains
             .iter()
-            .map(|&d| evaluate(&model, d, &options, &mut |n| bar.inc(n as u64)))
+            .map(|&d| {
+                evaluate(&model, reference.as_ref(), d, &options, &mut |n| {
+                    bar.inc(n as u64)
+                })
+            })
             .collect();
         bar.finish_and_clear();
-        results.push((path.display().to_string(), scores));
+        results.push(Evaluated {
+            model: path.display().to_string(),
+            parameters: model.config.parameter_count(),
+            scores,
+        });
     }
     if args.json {
         let value: Vec<serde_json::Value> = results
             .iter()
-            .map(|(model, scores)| serde_json::json!({"model": model, "domains": scores}))
+            .map(|r| {
+                serde_json::json!({
+                    "model": r.model,
+                    "parameters": r.parameters,
+                    "domains": r.scores,
+                })
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -93,33 +127,75 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         print_by_model(&results);
         return Ok(());
     }
-    println!("| model | domain | loss | perplexity | accuracy | tokens |");
-    println!("|---|---|---|---|---|---|");
-    for (model, scores) in &results {
-        for s in scores {
+    let compared = reference.is_some();
+    println!(
+        "| model | domain | loss | perplexity | accuracy | tokens |{}",
+        if compared { " agreement | KL |" } else { "" }
+    );
+    println!(
+        "|---|---|---|---|---|---|{}",
+        if compared { "---|---|" } else { "" }
+    );
+    for r in &results {
+        for s in &r.scores {
             println!(
-                "| {model} | {} | {:.4} | {:.3} | {:.4} | {} |",
-                s.domain, s.loss, s.perplexity, s.accuracy, s.tokens
+                "| {} | {} | {:.4} | {:.3} | {:.4} | {} |{}",
+                r.model,
+                s.domain,
+                s.loss,
+                s.perplexity,
+                s.accuracy,
+                s.tokens,
+                consistency(s)
             );
         }
     }
     Ok(())
 }
 
-fn print_by_model(results: &[(String, Vec<DomainScore>)]) {
-    let domains: Vec<&str> = results[0].1.iter().map(|s| s.domain).collect();
-    let mut header = String::from("| model |");
+/// One model's scores.
+struct Evaluated {
+    model: String,
+    parameters: usize,
+    scores: Vec<DomainScore>,
+}
+
+/// The agreement and KL cells, when scored against a reference.
+fn consistency(s: &DomainScore) -> String {
+    match (s.agreement, s.kl) {
+        (Some(agreement), Some(kl)) => format!(" {agreement:.4} | {kl:.4} |"),
+        _ => String::new(),
+    }
+}
+
+fn print_by_model(results: &[Evaluated]) {
+    let domains: Vec<&str> = results[0].scores.iter().map(|s| s.domain).collect();
+    let compared = results[0].scores[0].agreement.is_some();
+    let mut header = String::from("| model | parameters |");
     for d in &domains {
         header += &format!(" {d} loss | {d} acc |");
     }
-    println!("{header} mean loss |");
-    println!("|---|{}---|", "---|---|".repeat(domains.len()));
-    for (model, scores) in results {
-        let mut row = format!("| {model} |");
-        for s in scores {
+    let extra = if compared { " agreement | KL |" } else { "" };
+    println!("{header} mean loss |{extra}");
+    println!(
+        "|---|---:|{}---|{}",
+        "---|---|".repeat(domains.len()),
+        if compared { "---|---|" } else { "" }
+    );
+    for r in results {
+        let mut row = format!("| {} | {} |", r.model, r.parameters);
+        for s in &r.scores {
             row += &format!(" {:.4} | {:.4} |", s.loss, s.accuracy);
         }
-        let mean = scores.iter().map(|s| s.loss).sum::<f64>() / scores.len() as f64;
-        println!("{row} {mean:.4} |");
+        let n = r.scores.len() as f64;
+        let mean = |f: &dyn Fn(&DomainScore) -> Option<f64>| -> Option<f64> {
+            r.scores.iter().map(f).sum::<Option<f64>>().map(|s| s / n)
+        };
+        let loss = mean(&|s| Some(s.loss)).unwrap_or_default();
+        let tail = match (mean(&|s| s.agreement), mean(&|s| s.kl)) {
+            (Some(a), Some(kl)) => format!(" {a:.4} | {kl:.4} |"),
+            _ => String::new(),
+        };
+        println!("{row} {loss:.4} |{tail}");
     }
 }

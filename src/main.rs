@@ -4,8 +4,10 @@
 mod convert;
 mod device;
 mod eval;
+mod extract;
 mod inspect;
 mod merge;
+mod pareto;
 mod progress;
 mod synth;
 mod zoo;
@@ -22,6 +24,7 @@ use clap::{Parser, Subcommand};
     after_help = "Examples:\n  \
         amalgam synth work/models --shape tiny --finetunes 2\n  \
         amalgam merge recipes/ties.yml work/merged\n  \
+        amalgam extract recipes/extract/matformer-m.yml work/matformer-m\n  \
         amalgam inspect work/models/base\n  \
         amalgam convert work/models/base work/base-bf16 --dtype bfloat16 --out-shard-size 1GB\n  \
         amalgam zoo build --size small\n  \
@@ -41,6 +44,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Merge(merge::Args),
+    Extract(extract::Args),
     Inspect(inspect::Args),
     Convert(convert::Args),
     Synth(synth::Args),
@@ -48,6 +52,7 @@ enum Command {
     Zoo(zoo::Args),
     /// Per-domain loss, perplexity and accuracy of models on held-out text.
     Eval(eval::Args),
+    Pareto(pareto::Args),
 }
 
 fn main() -> ExitCode {
@@ -74,11 +79,13 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Merge(args) => merge::run(args, cli.quiet),
+        Command::Extract(args) => extract::run(args, cli.quiet),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args, cli.quiet),
         Command::Synth(args) => synth::run(args, cli.quiet),
         Command::Zoo(args) => zoo::run(args, cli.quiet),
         Command::Eval(args) => eval::run(args, cli.quiet),
+        Command::Pareto(args) => pareto::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Result};
 use clap::{Args as ClapArgs, Subcommand};
 
-use amalgam_nn::zoo::{self, ZooEvent, ZooSize};
+use amalgam_nn::zoo::{self, ZooEvent, ZooSet, ZooSize};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -23,19 +23,30 @@ enum ZooCommand {
         /// Where the zoo lives; each size gets its own subdirectory.
         #[arg(long, default_value = "work/zoo")]
         dir: PathBuf,
+        /// Which members: merging (base, experts, init-b, anchor-small) or
+        /// matformer (base, matformer, baseline-s/m/l).
+        #[arg(long, default_value = "merging")]
+        set: String,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let ZooCommand::Build { size, dir, device } = args.command;
+    let ZooCommand::Build {
+        size,
+        dir,
+        set,
+        device,
+    } = args.command;
     let size = ZooSize::named(&size)
         .ok_or_else(|| anyhow!("unknown zoo size {size:?} (micro or small)"))?;
+    let set = ZooSet::named(&set)
+        .ok_or_else(|| anyhow!("unknown zoo set {set:?} ({})", ZooSet::NAMES))?;
     let device = crate::device::parse(&device)?;
     let dir = dir.join(size.name);
     let mut bar = None;
-    let built = zoo::build(&dir, &size, device, &mut |event| match event {
+    let built = zoo::build(&dir, &size, set, device, &mut |event| match event {
         ZooEvent::Cached { member } => tracing::info!("{member}: up to date"),
         ZooEvent::Start { member, steps } => {
             bar = Some(crate::progress::steps(steps as u64, member, quiet));

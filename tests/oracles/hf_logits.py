@@ -2,8 +2,8 @@
 
     python hf_logits.py MODEL_DIR CASE.safetensors [TEXT]
 
-CASE holds `ids` (int64 [batch, seq]), our `logits` and our residual stream
-`residual.{i}` before each block i. Prints JSON: the largest absolute logit
+CASE holds `ids` (int64 [batch, seq]), our `logits` and, optionally, our
+residual stream `residual.{i}` before each block i. Prints JSON: the largest absolute logit
 difference, the largest difference per block boundary, and the logits' scale;
 with TEXT, also the ids AutoTokenizer (from MODEL_DIR's tokenizer files) gives it.
 """
@@ -31,7 +31,9 @@ def main():
     logits = out.logits.float()
     layers = model.config.num_hidden_layers
     hidden = [
-        (out.hidden_states[i] - case[f"residual.{i}"]).abs().max().item() for i in range(layers)
+        (out.hidden_states[i] - case[f"residual.{i}"]).abs().max().item()
+        for i in range(layers)
+        if f"residual.{i}" in case
     ]
     report = {
         "max_logit_diff": (logits - case["logits"]).abs().max().item(),

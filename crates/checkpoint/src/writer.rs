@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
@@ -62,7 +62,8 @@ pub struct CheckpointWriter {
     specs: Vec<(usize, TensorSpec)>,
     files: Vec<File>,
     slots: HashMap<String, Slot>,
-    written: Vec<AtomicBool>,
+    /// Bytes written so far, per planned tensor.
+    written: Vec<AtomicU64>,
     committed: bool,
 }
 
@@ -154,7 +155,7 @@ impl CheckpointWriter {
                 }
                 offset += spec.byte_len();
                 self.specs.push((shard, spec.clone()));
-                self.written.push(AtomicBool::new(false));
+                self.written.push(AtomicU64::new(0));
             }
             self.files.push(file);
         }
@@ -169,11 +170,7 @@ impl CheckpointWriter {
     /// Writes one tensor's raw little-endian bytes. Safe to call from several
     /// threads at once; each tensor exactly once.
     pub fn write_bytes(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let slot = self
-            .slots
-            .get(name)
-            .ok_or_else(|| self.error(format!("tensor {name} is not in the planned output")))?;
-        let spec = &self.specs[slot.spec].1;
+        let (_, spec) = self.slot(name)?;
         if bytes.len() as u64 != spec.byte_len() {
             return Err(self.error(format!(
                 "tensor {name}: got {} bytes, planned {} ({:?} {:?})",
@@ -183,22 +180,43 @@ impl CheckpointWriter {
                 spec.shape
             )));
         }
-        if self.written[slot.spec].swap(true, Ordering::AcqRel) {
+        self.write_part(name, 0, bytes)
+    }
+
+    /// Writes `bytes` at `offset` within one tensor's data, for tensors
+    /// produced piece by piece; the pieces must not overlap and must cover
+    /// the tensor by [`CheckpointWriter::finish`].
+    pub fn write_part(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
+        let (slot, spec) = self.slot(name)?;
+        let len = bytes.len() as u64;
+        if offset + len > spec.byte_len() {
+            return Err(self.error(format!(
+                "tensor {name}: bytes {offset}..{} lie outside its {} bytes",
+                offset + len,
+                spec.byte_len()
+            )));
+        }
+        let before = self.written[slot.spec].fetch_add(len, Ordering::AcqRel);
+        if before + len > spec.byte_len() {
             return Err(self.error(format!("tensor {name} written twice")));
         }
         let path = self.staging.join(self.layout.file_name(slot.shard));
         self.files[slot.shard]
-            .write_all_at(bytes, slot.offset)
+            .write_all_at(bytes, slot.offset + offset)
             .at(path)
+    }
+
+    fn slot(&self, name: &str) -> Result<(&Slot, &TensorSpec)> {
+        let slot = self
+            .slots
+            .get(name)
+            .ok_or_else(|| self.error(format!("tensor {name} is not in the planned output")))?;
+        Ok((slot, &self.specs[slot.spec].1))
     }
 
     /// Writes a tch tensor, which must have the planned dtype and shape.
     pub fn write_tensor(&self, name: &str, tensor: &tch::Tensor) -> Result<()> {
-        let spec = self
-            .slots
-            .get(name)
-            .map(|slot| &self.specs[slot.spec].1)
-            .ok_or_else(|| self.error(format!("tensor {name} is not in the planned output")))?;
+        let (_, spec) = self.slot(name)?;
         let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
         if dtype_from_kind(tensor.kind()) != Some(spec.dtype) || shape != spec.shape {
             return Err(self.error(format!(
@@ -229,7 +247,7 @@ impl CheckpointWriter {
             .specs
             .iter()
             .zip(&self.written)
-            .find(|(_, done)| !done.load(Ordering::Acquire))
+            .find(|((_, spec), done)| done.load(Ordering::Acquire) != spec.byte_len())
             .map(|(s, _)| s)
         {
             return Err(self.error(format!("tensor {} was never written", spec.name)));

@@ -5,6 +5,14 @@ use serde_json::{json, Value};
 
 use crate::{NnError, Result};
 
+/// MatFormer's granularities: names and fractions of each FFN's width.
+pub const GRANULARITIES: [(&str, f64); 4] = [("S", 0.125), ("M", 0.25), ("L", 0.5), ("XL", 1.0)];
+
+/// The nested width at `fraction` of an FFN `full` units wide: rounded, at least 1.
+pub fn nested_width(full: usize, fraction: f64) -> usize {
+    ((full as f64 * fraction).round() as usize).clamp(1, full)
+}
+
 /// How RoPE frequencies are rescaled (`rope_scaling` in config.json).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -178,7 +186,7 @@ impl LlamaConfig {
     pub fn nested_widths(&self, fraction: f64) -> Vec<usize> {
         self.intermediate_sizes
             .iter()
-            .map(|&f| ((f as f64 * fraction).round() as usize).clamp(1, f))
+            .map(|&f| nested_width(f, fraction))
             .collect()
     }
 

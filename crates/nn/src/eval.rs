@@ -17,6 +17,14 @@ pub struct DomainScore {
     pub loss: f64,
     pub perplexity: f64,
     pub accuracy: f64,
+    /// Against a reference model (e.g. the full model a submodel was cut
+    /// from): how often the two predict the same next token, and the mean
+    /// KL(reference ‖ model) per token in nats — what speculative decoding
+    /// with the model as a draft depends on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
 }
 
 /// What to evaluate on.
@@ -43,10 +51,11 @@ pub fn check_vocabulary(model: &Llama) -> Result<()> {
     Ok(())
 }
 
-/// Scores `model` on the held-out split of `domain`; `on_batch(windows)`
-/// after each batch.
+/// Scores `model` on the held-out split of `domain`, and against
+/// `reference` when given; `on_batch(windows)` after each batch.
 pub fn evaluate(
     model: &Llama,
+    reference: Option<&Llama>,
     domain: Domain,
     options: &EvalOptions,
     on_batch: &mut dyn FnMut(usize),
@@ -55,6 +64,7 @@ pub fn evaluate(
     let len = options.seq_len;
     let windows = windows(&tokens, options);
     let (mut loss_sum, mut correct, mut count) = (0.0, 0i64, 0usize);
+    let (mut agreeing, mut kl_sum) = (0i64, 0.0);
     tch::no_grad(|| {
         for group in windows.chunks(options.batch) {
             let flat: Vec<i64> = group.concat();
@@ -67,11 +77,27 @@ pub fn evaluate(
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0)
                 .double_value(&[]);
-            correct += logits
-                .argmax(-1, false)
+            let predicted = logits.argmax(-1, false);
+            correct += predicted
                 .eq_tensor(&targets)
                 .sum(Kind::Int64)
                 .int64_value(&[]);
+            if let Some(reference) = reference {
+                let theirs = reference
+                    .forward(&ids.narrow(1, 0, len as i64 - 1))
+                    .reshape([-1, model.config.vocab_size as i64]);
+                agreeing += predicted
+                    .eq_tensor(&theirs.argmax(-1, false))
+                    .sum(Kind::Int64)
+                    .int64_value(&[]);
+                let (p_log, q_log) = (
+                    theirs.log_softmax(-1, Kind::Double),
+                    logits.log_softmax(-1, Kind::Double),
+                );
+                kl_sum += (p_log.exp() * (&p_log - q_log))
+                    .sum(Kind::Double)
+                    .double_value(&[]);
+            }
             count += targets.numel();
             on_batch(group.len());
         }
@@ -83,6 +109,8 @@ pub fn evaluate(
         loss,
         perplexity: loss.exp(),
         accuracy: correct as f64 / count.max(1) as f64,
+        agreement: reference.map(|_| agreeing as f64 / count.max(1) as f64),
+        kl: reference.map(|_| kl_sum / count.max(1) as f64),
     }
 }
 

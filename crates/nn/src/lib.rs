@@ -16,6 +16,6 @@ pub mod tokenizer;
 pub mod train;
 pub mod zoo;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{nested_width, LlamaConfig, RopeScaling, GRANULARITIES};
 pub use error::{NnError, Result};
 pub use llama::{Llama, Taps};

@@ -73,7 +73,8 @@ pub fn train(
                 })
         };
         optimizer.backward_step_clip_norm(&loss, options.clip);
-        let value = loss.double_value(&[]);
+        // Reported per granularity (the mean), so nested and plain losses compare.
+        let value = loss.double_value(&[]) / options.nested.len().max(1) as f64;
         if !value.is_finite() {
             return Err(crate::NnError::Invalid(format!(
                 "training diverged at step {step} (loss {value})"

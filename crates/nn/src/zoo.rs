@@ -7,7 +7,12 @@
 //! | `expert-<domain>` | `base` fine-tuned on one domain | task-vector merges |
 //! | `init-b` | the base's shape and data, init seed 2 | PLeaS (with `base`) |
 //! | `anchor-small` | narrower and shallower, same data | stitching (with `base`) |
+//! | `matformer` | the base's shape, init and data, trained with the nested MatFormer loss | extraction |
+//! | `baseline-{s,m,l}` | FFNs at 1/8, 1/4, 1/2 of the base's, trained like it | MatFormer's comparison |
 //!
+//! The members come in sets ([`ZooSet`]): `merging` (base, experts, init-b,
+//! anchor-small) and `matformer` (base — the full-width baseline — matformer
+//! and the three narrower baselines).
 //! Each member is a normal Hugging Face checkpoint directory with the byte
 //! tokenizer beside it, plus `zoo-member.json` recording how it was made. A
 //! member whose record matches the current recipe (size, corpus, code
@@ -23,7 +28,7 @@ use tch::Device;
 use crate::data::{Domain, Sampler, Split};
 use crate::eval::EvalOptions;
 use crate::train::{train, TrainOptions};
-use crate::{tokenizer, Llama, LlamaConfig, NnError, Result};
+use crate::{tokenizer, Llama, LlamaConfig, NnError, Result, GRANULARITIES};
 
 /// Bump when training changes in a way that invalidates cached members.
 const RECIPE_VERSION: u32 = 2;
@@ -104,17 +109,21 @@ impl ZooSize {
         }
     }
 
-    /// The members, in build order (a parent before its children).
-    pub fn members(&self) -> Vec<Member> {
+    /// The members of `set`, in build order (a parent before its children).
+    pub fn members(&self, set: ZooSet) -> Vec<Member> {
         let mixture = Domain::ALL.to_vec();
-        let mut members = vec![Member {
+        let base = Member {
             name: "base".into(),
             shape: self.shape.clone(),
             init_seed: 1,
             parent: None,
             domains: mixture.clone(),
             options: self.pretrain.clone(),
-        }];
+        };
+        if set == ZooSet::Matformer {
+            return self.matformer_members(base);
+        }
+        let mut members = vec![base];
         for domain in Domain::ALL {
             members.push(Member {
                 name: format!("expert-{}", domain.name()),
@@ -142,6 +151,44 @@ impl ZooSize {
             options: self.pretrain.clone(),
         });
         members
+    }
+
+    /// The MatFormer model and one independently trained model per
+    /// granularity; the base, trained with the same data budget and init, is
+    /// the full-width baseline.
+    fn matformer_members(&self, base: Member) -> Vec<Member> {
+        let mut nested = base.clone();
+        nested.name = "matformer".into();
+        nested.options.nested = GRANULARITIES.iter().map(|g| g.1).collect();
+        let mut members = vec![base.clone(), nested];
+        for (name, fraction) in &GRANULARITIES[..GRANULARITIES.len() - 1] {
+            let mut baseline = base.clone();
+            baseline.name = format!("baseline-{}", name.to_lowercase());
+            baseline.shape.intermediate_sizes = self.shape.nested_widths(*fraction);
+            members.push(baseline);
+        }
+        members
+    }
+}
+
+/// A group of zoo members built together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZooSet {
+    /// base, the domain experts, init-b and anchor-small.
+    Merging,
+    /// base, matformer and the per-granularity baselines.
+    Matformer,
+}
+
+impl ZooSet {
+    pub const NAMES: &'static str = "merging or matformer";
+
+    pub fn named(name: &str) -> Option<ZooSet> {
+        match name {
+            "merging" => Some(ZooSet::Merging),
+            "matformer" => Some(ZooSet::Matformer),
+            _ => None,
+        }
     }
 }
 
@@ -218,18 +265,19 @@ pub enum ZooEvent<'a> {
     },
 }
 
-/// Trains every member of `size` missing from `dir` (or out of date) and
+/// Trains every member of `set` at `size` missing from `dir` (or out of date) and
 /// returns the members' directories.
 pub fn build(
     dir: &Path,
     size: &ZooSize,
+    set: ZooSet,
     device: Device,
     on_event: &mut dyn FnMut(ZooEvent<'_>),
 ) -> Result<Vec<(String, PathBuf)>> {
     std::fs::create_dir_all(dir)
         .map_err(|e| NnError::Invalid(format!("{}: {e}", dir.display())))?;
     let mut built = vec![];
-    for member in size.members() {
+    for member in size.members(set) {
         let out = dir.join(&member.name);
         let key = member.key(size.name);
         let record_path = out.join("zoo-member.json");

@@ -39,7 +39,7 @@ fn training_lowers_held_out_loss() {
         max_windows: 16,
         batch: 16,
     };
-    let loss = |model: &Llama| evaluate(model, Domain::Code, &options, &mut |_| {}).loss;
+    let loss = |model: &Llama| evaluate(model, None, Domain::Code, &options, &mut |_| {}).loss;
     let (before, after) = (loss(&trained(0, 1)), loss(&trained(150, 1)));
     assert!(
         after < before - 1.0,

@@ -1,15 +1,18 @@
-//! Recipes: the YAML schema (mergekit-compatible for merges), validation with
+//! Recipes: the YAML schemas (mergekit-compatible for merges; `kind: extract`
+//! for nested submodels), validation with
 //! line and column, and resolution of parameters into a [`Plan`]. Pure data: no
 //! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
 //! and the merge method as a [`MethodSpec`].
 
 mod error;
+mod extract;
 mod params;
 mod plan;
 mod schema;
 mod yaml;
 
 pub use error::{Location, RecipeError};
+pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
 pub use params::{Conditional, Scalar, Setting};
 pub use plan::{
     BasePolicy, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope, ParamSpec,

@@ -108,6 +108,14 @@ impl Recipe {
         };
         let mut has_models = None;
         let mut has_slices = None;
+        if let Ok(entries) = reader.mapping(&root, "the recipe", &[]) {
+            if let Some((_, _, at)) = entries.iter().find(|(k, _, _)| k == "kind") {
+                return Err(reader.error(
+                    *at,
+                    "this is an extraction recipe (`kind`); run it with `amalgam extract`",
+                ));
+            }
+        }
         for (key, node, at) in reader.mapping(&root, "the recipe", TOP_LEVEL)? {
             match key.as_str() {
                 "merge_method" => {
@@ -441,6 +449,7 @@ dtype: float16
             "r.yml:4:8: `dtype: float8` is not supported (use one of: float32, float16, bfloat16)"
         );
         assert!(error("models:\n  - model: a\n").contains("missing `merge_method`"));
+        assert!(error("kind: extract\nmodel: a\n").contains("amalgam extract"));
         assert!(
             error("merge_method: x\nslices:\n  - sources:\n    - model: a\n")
                 .contains("r.yml:4:7: slice source `a` needs `layer_range")

@@ -1,0 +1,18 @@
+use std::path::PathBuf;
+
+/// What can go wrong when extracting a submodel.
+#[derive(Debug, thiserror::Error)]
+pub enum ElasticError {
+    #[error(transparent)]
+    Checkpoint(#[from] amalgam_checkpoint::Error),
+    #[error(transparent)]
+    Recipe(#[from] amalgam_recipe::RecipeError),
+    /// The model does not have the layout or config extraction needs.
+    #[error("{}: {message}", path.display())]
+    Model { path: PathBuf, message: String },
+    /// A slicing table (CSV) that cannot be read or has no such row.
+    #[error("{}: {message}", path.display())]
+    Table { path: PathBuf, message: String },
+}
+
+pub type Result<T, E = ElasticError> = std::result::Result<T, E>;

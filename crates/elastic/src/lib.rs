@@ -1,0 +1,13 @@
+//! Elastic models: one trained model, many deployable sizes.
+//!
+//! * [`matformer`] extracts nested submodels from MatFormer-style checkpoints:
+//!   an FFN width per layer (the first m hidden units; granularities, a
+//!   parameter budget turned into a Mix'n'Match choice, or a row of Google's
+//!   slicing table) and layers to skip, for Llama-family and Gemma 3n
+//!   checkpoints. Extraction streams bytes from the input's memory maps to
+//!   the output's shards.
+
+mod error;
+pub mod matformer;
+
+pub use error::{ElasticError, Result};

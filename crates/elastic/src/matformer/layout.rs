@@ -1,0 +1,266 @@
+//! Where a checkpoint keeps its nested FFNs and per-layer state, and how its
+//! config changes when layers are dropped or narrowed.
+//!
+//! Two families are known: Llama-style decoders (`model.layers.N.mlp.
+//! {gate,up,down}_proj`, any `model_type`) and Gemma 3n, whose text model
+//! also has per-layer embeddings packed layer-major into two global tensors
+//! and shares the KV cache of a few layers with the last ones. Gemma 3n's
+//! tensors live under `model.language_model.` in the multimodal checkpoint
+//! (`model_type: gemma3n`, text config in `text_config`) and under `model.`
+//! in a text-only one (`gemma3n_text`).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use amalgam_checkpoint::{Checkpoint, ModelConfig};
+use serde_json::{Map, Value};
+
+use crate::{ElasticError, Result};
+
+/// What one stored tensor is, for slicing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part<'n> {
+    /// Outside the text model's layers: copied unchanged.
+    Global,
+    /// `{prefix}layers.{index}.{rest}`.
+    Layer { index: usize, rest: &'n str },
+    /// A global tensor holding one block per layer along `axis` (Gemma 3n's
+    /// per-layer embeddings), each block `block` wide.
+    PerLayerBlocks { axis: usize, block: usize },
+}
+
+/// The rows (`gate_proj`, `up_proj`, their biases) or columns (`down_proj`)
+/// that hold a layer's FFN hidden units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FfnAxis {
+    Rows,
+    Columns,
+}
+
+pub(crate) fn ffn_axis(rest: &str) -> Option<FfnAxis> {
+    match rest {
+        "mlp.gate_proj.weight"
+        | "mlp.up_proj.weight"
+        | "mlp.gate_proj.bias"
+        | "mlp.up_proj.bias" => Some(FfnAxis::Rows),
+        "mlp.down_proj.weight" => Some(FfnAxis::Columns),
+        _ => None,
+    }
+}
+
+/// A checkpoint's slicing-relevant structure, read from its config and headers.
+#[derive(Debug, Clone)]
+pub struct ModelLayout {
+    pub(crate) dir: PathBuf,
+    /// Prefix of the text model's module names, e.g. `model.`.
+    prefix: String,
+    /// The key holding the text config inside config.json (`None`: top level).
+    text_config_key: Option<&'static str>,
+    /// Gemma 3n's `hidden_size_per_layer_input`.
+    per_layer_input: Option<usize>,
+    /// Every layer's FFN width, from the stored `gate_proj` rows.
+    pub ffn_widths: Vec<usize>,
+    /// Layers whose KV cache later layers reuse (Gemma 3n): never skipped.
+    pub kv_producers: Vec<usize>,
+}
+
+impl ModelLayout {
+    pub fn read(checkpoint: &Checkpoint) -> Result<Self> {
+        let dir = checkpoint.dir().to_path_buf();
+        let error = |message: String| ElasticError::Model {
+            path: dir.join("config.json"),
+            message,
+        };
+        let config = checkpoint.config();
+        let (prefix, text_config_key) = match config.model_type() {
+            Some("gemma3n") => ("model.language_model.", Some("text_config")),
+            _ => ("model.", None),
+        };
+        let text = text_config(config, text_config_key).map_err(error)?;
+        let field = |key: &str| text.get(key).and_then(Value::as_u64).map(|v| v as usize);
+        let layers = field("num_hidden_layers")
+            .ok_or_else(|| error("no `num_hidden_layers` in the (text) config".into()))?;
+        let gemma = matches!(config.model_type(), Some("gemma3n" | "gemma3n_text"));
+        let per_layer_input = if gemma {
+            Some(field("hidden_size_per_layer_input").ok_or_else(|| {
+                error("a Gemma 3n config without `hidden_size_per_layer_input`".into())
+            })?)
+        } else {
+            None
+        };
+        let mut layout = ModelLayout {
+            dir: dir.clone(),
+            prefix: prefix.into(),
+            text_config_key,
+            per_layer_input,
+            ffn_widths: vec![],
+            kv_producers: vec![],
+        };
+        for layer in 0..layers {
+            let name = format!("{prefix}layers.{layer}.mlp.gate_proj.weight");
+            let entry = checkpoint.entry(&name).map_err(|_| {
+                error(format!(
+                    "no tensor {name}: extraction knows Llama-style decoders \
+                     (model.layers.N.mlp.{{gate,up,down}}_proj) and Gemma 3n"
+                ))
+            })?;
+            layout.ffn_widths.push(entry.shape[0]);
+        }
+        for entry in checkpoint.tensors() {
+            if let Part::Layer { index, .. } = layout.part(&entry.name) {
+                if index >= layers {
+                    return Err(error(format!(
+                        "tensor {} belongs to layer {index}, but the config has {layers} layers",
+                        entry.name
+                    )));
+                }
+            }
+        }
+        layout.kv_producers = kv_producers(&text, layers).map_err(error)?;
+        Ok(layout)
+    }
+
+    pub fn layers(&self) -> usize {
+        self.ffn_widths.len()
+    }
+
+    pub(crate) fn part<'n>(&self, name: &'n str) -> Part<'n> {
+        let Some(local) = name.strip_prefix(self.prefix.as_str()) else {
+            return Part::Global;
+        };
+        if let Some(block) = self.per_layer_input {
+            match local {
+                "embed_tokens_per_layer.weight" => return Part::PerLayerBlocks { axis: 1, block },
+                "per_layer_model_projection.weight" => {
+                    return Part::PerLayerBlocks { axis: 0, block }
+                }
+                _ => {}
+            }
+        }
+        let Some(rest) = local.strip_prefix("layers.") else {
+            return Part::Global;
+        };
+        match rest.split_once('.') {
+            Some((index, rest)) => match index.parse() {
+                Ok(index) => Part::Layer { index, rest },
+                Err(_) => Part::Global,
+            },
+            None => Part::Global,
+        }
+    }
+
+    /// The name of a kept layer's tensor after renumbering.
+    pub(crate) fn layer_name(&self, new_index: usize, rest: &str) -> String {
+        format!("{}layers.{new_index}.{rest}", self.prefix)
+    }
+
+    /// The config of the submodel keeping `kept` (original indices, ascending)
+    /// with `widths` (one per kept layer).
+    pub(crate) fn rewrite_config(
+        &self,
+        config: &ModelConfig,
+        kept: &[usize],
+        widths: &[usize],
+    ) -> Result<ModelConfig> {
+        let error = |message: String| ElasticError::Model {
+            path: self.dir.join("config.json"),
+            message,
+        };
+        let mut text = text_config(config, self.text_config_key).map_err(error)?;
+        let layers = self.layers();
+        let skipped = layers - kept.len();
+        text.insert("num_hidden_layers".into(), kept.len().into());
+        // An integer when the widths are uniform and the input had one (what
+        // transformers' Llama loads); otherwise a list, one per layer.
+        let uniform = widths.windows(2).all(|w| w[0] == w[1]);
+        let was_list = matches!(text.get("intermediate_size"), Some(Value::Array(_)));
+        text.insert(
+            "intermediate_size".into(),
+            match (uniform && !was_list, widths.first()) {
+                (true, Some(&w)) => w.into(),
+                _ => widths.to_vec().into(),
+            },
+        );
+        for key in ["layer_types", "activation_sparsity_pattern"] {
+            match text.get(key) {
+                Some(Value::Array(items)) if items.len() == layers => {
+                    let kept_items: Vec<Value> = kept.iter().map(|&l| items[l].clone()).collect();
+                    text.insert(key.into(), kept_items.into());
+                }
+                Some(Value::Array(items)) => {
+                    return Err(error(format!(
+                        "`{key}` has {} entries for {layers} layers",
+                        items.len()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if let Some(shared) = text.get("num_kv_shared_layers").and_then(Value::as_u64) {
+            let first_shared = layers - shared as usize;
+            let kept_shared = kept.iter().filter(|&&l| l >= first_shared).count();
+            debug_assert!(shared as usize - kept_shared <= skipped);
+            text.insert("num_kv_shared_layers".into(), kept_shared.into());
+        }
+        let mut out = config.clone();
+        match self.text_config_key {
+            Some(key) => out.set(key, Value::Object(text)),
+            None => out = ModelConfig::from_json(text),
+        }
+        Ok(out)
+    }
+}
+
+fn text_config(
+    config: &ModelConfig,
+    key: Option<&'static str>,
+) -> std::result::Result<Map<String, Value>, String> {
+    match key {
+        None => Ok(config.fields().clone()),
+        Some(key) => match config.get(key) {
+            Some(Value::Object(text)) => Ok(text.clone()),
+            _ => Err(format!("no `{key}` object in config.json")),
+        },
+    }
+}
+
+/// Gemma 3n's KV sharing, as transformers implements it: the last
+/// `num_kv_shared_layers` layers compute no keys and values of their own;
+/// each reuses those of the last earlier, non-shared layer of the same
+/// attention type (`layer_types`). Those source layers are the producers.
+fn kv_producers(
+    text: &Map<String, Value>,
+    layers: usize,
+) -> std::result::Result<Vec<usize>, String> {
+    let shared = match text.get("num_kv_shared_layers").and_then(Value::as_u64) {
+        Some(0) | None => return Ok(vec![]),
+        Some(n) if n as usize >= layers => {
+            return Err(format!(
+            "`num_kv_shared_layers` {n} leaves no layer to produce the shared KV ({layers} layers)"
+        ))
+        }
+        Some(n) => n as usize,
+    };
+    let types: Vec<&str> = match text.get("layer_types") {
+        Some(Value::Array(items)) if items.len() == layers => items
+            .iter()
+            .map(|t| t.as_str().unwrap_or_default())
+            .collect(),
+        _ => return Err("`num_kv_shared_layers` without a `layer_types` list per layer".into()),
+    };
+    let first_shared = layers - shared;
+    let mut producers = BTreeSet::new();
+    for layer in first_shared..layers {
+        let source = (0..first_shared)
+            .rev()
+            .find(|&l| types[l] == types[layer])
+            .ok_or_else(|| {
+                format!(
+                    "layer {layer} ({}) shares KV, but no earlier layer of its type computes any",
+                    types[layer]
+                )
+            })?;
+        producers.insert(source);
+    }
+    Ok(producers.into_iter().collect())
+}
