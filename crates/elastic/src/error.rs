@@ -13,6 +13,9 @@ pub enum ElasticError {
     /// A slicing table (CSV) that cannot be read or has no such row.
     #[error("{}: {message}", path.display())]
     Table { path: PathBuf, message: String },
+    /// A stitching layer that cannot be fitted or applied.
+    #[error("stitching: {0}")]
+    Stitch(String),
 }
 
 pub type Result<T, E = ElasticError> = std::result::Result<T, E>;

@@ -6,8 +6,11 @@
 //!   slicing table) and layers to skip, for Llama-family and Gemma 3n
 //!   checkpoints. Extraction streams bytes from the input's memory maps to
 //!   the output's shards.
+//! * [`stitch`] (SN-Net, in progress): stitching layers fitted by least
+//!   squares, routes through two anchors, the stitched forward pass.
 
 mod error;
 pub mod matformer;
+pub mod stitch;
 
 pub use error::{ElasticError, Result};

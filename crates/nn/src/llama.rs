@@ -232,16 +232,53 @@ impl Llama {
     }
 
     fn run(&self, ids: &Tensor, mut taps: Option<&mut Taps>, widths: Option<&[usize]>) -> Tensor {
+        let x = self.embed(ids);
+        let x = self.run_blocks(x, 0..self.blocks.len(), taps.as_deref_mut(), widths);
+        if let Some(t) = taps {
+            t.residual.push(x.shallow_clone());
+        }
+        self.head(&x)
+    }
+
+    /// The residual stream entering block 0: the token embeddings `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, ids, -1, false, false)
+    }
+
+    /// Logits from the residual stream after the last block (final norm, head).
+    pub fn head(&self, x: &Tensor) -> Tensor {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps);
+        x.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed), None)
+    }
+
+    /// Runs the blocks `layers` on the residual stream `x` entering the first
+    /// of them (positions 0..seq); returns the stream leaving the last.
+    pub fn blocks(&self, x: Tensor, layers: std::ops::Range<usize>) -> Tensor {
+        self.run_blocks(x, layers, None, None)
+    }
+
+    fn run_blocks(
+        &self,
+        mut x: Tensor,
+        layers: std::ops::Range<usize>,
+        mut taps: Option<&mut Taps>,
+        widths: Option<&[usize]>,
+    ) -> Tensor {
         let c = &self.config;
-        let (batch, seq) = (ids.size()[0], ids.size()[1]);
+        let (batch, seq) = (x.size()[0], x.size()[1]);
         let (heads, kv, hd) = (
             c.num_attention_heads as i64,
             c.num_key_value_heads as i64,
             c.head_dim as i64,
         );
         let (cos, sin) = rope_tables(c, seq, self.device());
-        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
-        for (layer, block) in self.blocks.iter().enumerate() {
+        for (layer, block) in self
+            .blocks
+            .iter()
+            .enumerate()
+            .take(layers.end)
+            .skip(layers.start)
+        {
             let (gate, up, down) = match widths {
                 Some(widths) => {
                     let m = widths[layer] as i64;
@@ -303,11 +340,7 @@ impl Llama {
             }
             x = &x + hidden.linear::<Tensor>(&down, None);
         }
-        if let Some(t) = taps {
-            t.residual.push(x.shallow_clone());
-        }
-        let x = rms_norm(&x, &self.norm, c.rms_norm_eps);
-        x.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed), None)
+        x
     }
 }
 
