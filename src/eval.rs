@@ -1,18 +1,22 @@
 //! `amalgam eval MODEL...`: per-domain loss, perplexity and next-token
-//! accuracy on the corpus' held-out splits.
+//! accuracy on the corpus' held-out splits, for checkpoints and the networks
+//! of stitched families.
 
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
+use amalgam_elastic::stitch::Family;
 use amalgam_nn::data::{Domain, Split};
-use amalgam_nn::eval::{check_vocabulary, evaluate, window_count, DomainScore, EvalOptions};
+use amalgam_nn::eval::{
+    check_vocabulary, evaluate, window_count, DomainScore, EvalOptions, LanguageModel,
+};
 use amalgam_nn::Llama;
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Model directories (Hugging Face Llama checkpoints).
+    /// Model directories (Hugging Face Llama checkpoints, or stitched families).
     #[arg(required = true)]
     models: Vec<PathBuf>,
     /// Comma-separated domains (default: all).
@@ -26,6 +30,9 @@ pub struct Args {
     max_windows: usize,
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// With a stitched family: only these routes (default: every network).
+    #[arg(long)]
+    route: Vec<String>,
     /// Also compare each model's next-token predictions with this model's
     /// (agreement and KL(reference ‖ model)), e.g. a submodel against the
     /// full model it was cut from.
@@ -81,43 +88,92 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     let reference = args.reference.as_ref().map(load).transpose()?;
     let mut results: Vec<Evaluated> = vec![];
-    for path in &args.models {
-        let model = load(path)?;
+    let mut score = |name: String,
+                     model: &dyn LanguageModel,
+                     parameters: usize,
+                     flops_per_token: Option<u64>|
+     -> Result<()> {
         if let Some(reference) = &reference {
-            if reference.config.vocab_size != model.config.vocab_size {
+            if reference.config.vocab_size != model.vocab_size() {
                 return Err(anyhow!(
-                    "{}: vocabulary of {} tokens, the reference has {}",
-                    path.display(),
-                    model.config.vocab_size,
+                    "{name}: vocabulary of {} tokens, the reference has {}",
+                    model.vocab_size(),
                     reference.config.vocab_size
                 ));
             }
         }
-        let bar = crate::progress::steps(total as u64, &path.display().to_string(), quiet);
+        let reference = reference.as_ref().map(|r| r as &dyn LanguageModel);
+        let bar = crate::progress::steps(total as u64, &name, quiet);
         let scores = domains
             .iter()
-            .map(|&d| {
-                evaluate(&model, reference.as_ref(), d, &options, &mut |n| {
-                    bar.inc(n as u64)
-                })
-            })
+            .map(|&d| evaluate(model, reference, d, &options, &mut |n| bar.inc(n as u64)))
             .collect();
         bar.finish_and_clear();
         results.push(Evaluated {
-            model: path.display().to_string(),
-            parameters: model.config.parameter_count(),
+            model: name,
+            parameters,
+            flops_per_token,
             scores,
         });
+        Ok(())
+    };
+    for path in &args.models {
+        if Family::is_family(path) {
+            let family = Family::load(path, device)?;
+            let names: Vec<&str> = if args.route.is_empty() {
+                family.members.iter().map(|m| m.name.as_str()).collect()
+            } else {
+                args.route.iter().map(String::as_str).collect()
+            };
+            for name in names {
+                let member = family.member(name).ok_or_else(|| {
+                    anyhow!(
+                        "{}: no route {name:?} (the family has: {})",
+                        path.display(),
+                        family
+                            .members
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+                score(
+                    format!("{}#{name}", path.display()),
+                    &family.scorer(member),
+                    member.parameters as usize,
+                    Some(member.flops_per_token),
+                )?;
+            }
+            continue;
+        }
+        if !args.route.is_empty() {
+            return Err(anyhow!(
+                "{}: --route needs a stitched family (amalgam stitch)",
+                path.display()
+            ));
+        }
+        let model = load(path)?;
+        score(
+            path.display().to_string(),
+            &model,
+            model.config.parameter_count(),
+            None,
+        )?;
     }
     if args.json {
         let value: Vec<serde_json::Value> = results
             .iter()
             .map(|r| {
-                serde_json::json!({
+                let mut entry = serde_json::json!({
                     "model": r.model,
                     "parameters": r.parameters,
                     "domains": r.scores,
-                })
+                });
+                if let Some(flops) = r.flops_per_token {
+                    entry["flops_per_token"] = flops.into();
+                }
+                entry
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -157,6 +213,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 struct Evaluated {
     model: String,
     parameters: usize,
+    /// For the networks of a stitched family.
+    flops_per_token: Option<u64>,
     scores: Vec<DomainScore>,
 }
 

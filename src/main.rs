@@ -9,6 +9,7 @@ mod inspect;
 mod merge;
 mod pareto;
 mod progress;
+mod stitch;
 mod synth;
 mod zoo;
 
@@ -45,6 +46,7 @@ struct Cli {
 enum Command {
     Merge(merge::Args),
     Extract(extract::Args),
+    Stitch(stitch::Args),
     Inspect(inspect::Args),
     Convert(convert::Args),
     Synth(synth::Args),
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(args) => merge::run(args, cli.quiet),
         Command::Extract(args) => extract::run(args, cli.quiet),
+        Command::Stitch(args) => stitch::run(args, cli.quiet),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args, cli.quiet),
         Command::Synth(args) => synth::run(args, cli.quiet),

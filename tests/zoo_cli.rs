@@ -1,6 +1,6 @@
 //! End to end: `amalgam zoo build --size micro` trains every zoo member, each
-//! loads in transformers, a second build reuses them, and `amalgam eval`
-//! scores them per domain.
+//! loads in transformers, a second build reuses them, `amalgam eval` scores
+//! them per domain, and `amalgam stitch` joins the two anchors.
 
 mod common;
 
@@ -82,6 +82,7 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
         assert!((0.0..=1.0).contains(&accuracy));
         score["loss"].as_f64().unwrap()
     };
+    stitch_the_anchors(&micro, tmp.path());
     let uniform = (amalgam_nn::tokenizer::VOCAB_SIZE as f64).ln();
     for domain in ["prose", "code", "legal"] {
         let base = loss("base", domain);
@@ -94,6 +95,93 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
             expert < base,
             "{domain}: its expert ({expert}) beats the base ({base})"
         );
+    }
+}
+
+/// `amalgam stitch` on the micro zoo's two anchors: a family of both anchors
+/// and one stitched route each way, which `eval` scores; its anchors score as
+/// the checkpoints they came from.
+fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
+    let recipe = tmp.join("stitch.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "kind: stitch\nanchors: [{}, {}]\ncalibration: {{samples: 8, seq_len: 65}}\n",
+            micro.join("anchor-small").display(),
+            micro.join("base").display()
+        ),
+    )
+    .unwrap();
+    let family = tmp.join("family");
+    ok(["stitch".as_ref(), recipe.as_os_str(), family.as_os_str()]);
+    let eval = |extra: &[&str]| -> Value {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref(), family.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        args.extend(
+            [
+                "--json",
+                "--seq-len",
+                "65",
+                "--max-windows",
+                "4",
+                "--domains",
+                "code",
+            ]
+            .map(std::ffi::OsStr::new),
+        );
+        serde_json::from_str(&ok(args)).unwrap()
+    };
+    let all = eval(&[]);
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["model"].as_str().unwrap().rsplit('#').next().unwrap())
+        .collect();
+    assert_eq!(names, ["anchor-0", "anchor-1", "0:1-1:1", "1:1-0:1"]);
+    let base: Value = serde_json::from_str(&ok([
+        "eval".as_ref(),
+        micro.join("base").as_os_str(),
+        "--json".as_ref(),
+        "--seq-len".as_ref(),
+        "65".as_ref(),
+        "--max-windows".as_ref(),
+        "4".as_ref(),
+        "--domains".as_ref(),
+        "code".as_ref(),
+    ]))
+    .unwrap();
+    assert_eq!(
+        all[1]["domains"], base[0]["domains"],
+        "anchor-1 is the base"
+    );
+    assert_eq!(all[1]["parameters"], base[0]["parameters"]);
+    for route in &all.as_array().unwrap()[2..] {
+        assert!(route["flops_per_token"].as_u64().unwrap() > 0);
+        assert!(route["domains"][0]["loss"].as_f64().unwrap().is_finite());
+    }
+    let one = eval(&["--route", "1:1-0:1"]);
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["domains"], all[3]["domains"]);
+    let message = fails([
+        "eval".as_ref(),
+        family.as_os_str(),
+        "--route".as_ref(),
+        "9:9-9:9".as_ref(),
+    ]);
+    assert!(
+        message.contains("no route \"9:9-9:9\"") && message.contains("0:1-1:1"),
+        "{message}"
+    );
+    let message = fails(["stitch".as_ref(), recipe.as_os_str(), family.as_os_str()]);
+    assert!(message.contains("not empty"), "{message}");
+    // The shipped example recipes are valid stitching recipes.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/stitch");
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        amalgam_recipe::StitchRecipe::parse(&text, &path.display().to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

@@ -32,7 +32,7 @@ pub use layout::{parse_byte_size, ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
 pub use reader::{Checkpoint, TensorEntry};
 pub use safetensors::Dtype;
 pub use seed::stream_seed;
-pub use writer::{CheckpointWriter, Finish, WriteOptions};
+pub use writer::{sibling as staging_sibling, CheckpointWriter, Finish, WriteOptions};
 
 /// Files besides the weights that belong with a model and are copied into outputs.
 pub const TOKENIZER_FILES: &[&str] = &[

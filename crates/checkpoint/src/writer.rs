@@ -367,7 +367,7 @@ fn absolute_output(out: &Path) -> Result<PathBuf> {
 }
 
 /// A hidden sibling of `out`, unique to this process and moment.
-fn sibling(out: &Path, purpose: &str) -> PathBuf {
+pub fn sibling(out: &Path, purpose: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -192,19 +192,23 @@ impl LlamaConfig {
 
     /// Parameters, embeddings (and an untied head) included.
     pub fn parameter_count(&self) -> usize {
-        let (d, hd) = (self.hidden_size, self.head_dim);
-        let attention = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads);
-        let layers: usize = self
-            .intermediate_sizes
-            .iter()
-            .map(|&f| attention + 3 * d * f + 2 * d)
+        let layers: usize = (0..self.intermediate_sizes.len())
+            .map(|l| self.block_matrix_parameters(l) + 2 * self.hidden_size)
             .sum();
         let head = if self.tie_word_embeddings {
             0
         } else {
-            self.vocab_size * d
+            self.vocab_size * self.hidden_size
         };
-        self.vocab_size * d + layers + d + head
+        self.vocab_size * self.hidden_size + layers + self.hidden_size + head
+    }
+
+    /// The weights of block `layer`'s matrix products (attention projections
+    /// and FFN; its two norms excluded): half its FLOPs per token.
+    pub fn block_matrix_parameters(&self, layer: usize) -> usize {
+        let (d, hd) = (self.hidden_size, self.head_dim);
+        let attention = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads);
+        attention + 3 * d * self.intermediate_sizes[layer]
     }
 }
 

@@ -51,11 +51,31 @@ pub fn check_vocabulary(model: &Llama) -> Result<()> {
     Ok(())
 }
 
+/// A network `evaluate` can score: next-token logits for token ids.
+pub trait LanguageModel {
+    /// Logits `[batch, seq, vocab]` for ids `[batch, seq]`.
+    fn logits(&self, ids: &Tensor) -> Tensor;
+    fn vocab_size(&self) -> usize;
+    fn device(&self) -> tch::Device;
+}
+
+impl LanguageModel for Llama {
+    fn logits(&self, ids: &Tensor) -> Tensor {
+        self.forward(ids)
+    }
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+    fn device(&self) -> tch::Device {
+        Llama::device(self)
+    }
+}
+
 /// Scores `model` on the held-out split of `domain`, and against
 /// `reference` when given; `on_batch(windows)` after each batch.
 pub fn evaluate(
-    model: &Llama,
-    reference: Option<&Llama>,
+    model: &dyn LanguageModel,
+    reference: Option<&dyn LanguageModel>,
     domain: Domain,
     options: &EvalOptions,
     on_batch: &mut dyn FnMut(usize),
@@ -71,9 +91,9 @@ pub fn evaluate(
             let ids = Tensor::from_slice(&flat)
                 .view([group.len() as i64, len as i64])
                 .to_device(model.device());
-            let logits = model.forward(&ids.narrow(1, 0, len as i64 - 1));
+            let logits = model.logits(&ids.narrow(1, 0, len as i64 - 1));
             let targets = ids.narrow(1, 1, len as i64 - 1).reshape([-1]);
-            let logits = logits.reshape([-1, model.config.vocab_size as i64]);
+            let logits = logits.reshape([-1, model.vocab_size() as i64]);
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0)
                 .double_value(&[]);
@@ -84,8 +104,8 @@ pub fn evaluate(
                 .int64_value(&[]);
             if let Some(reference) = reference {
                 let theirs = reference
-                    .forward(&ids.narrow(1, 0, len as i64 - 1))
-                    .reshape([-1, model.config.vocab_size as i64]);
+                    .logits(&ids.narrow(1, 0, len as i64 - 1))
+                    .reshape([-1, model.vocab_size() as i64]);
                 agreeing += predicted
                     .eq_tensor(&theirs.argmax(-1, false))
                     .sum(Kind::Int64)

@@ -84,7 +84,8 @@ impl ZooSize {
             "micro" => Some(ZooSize {
                 name: "micro",
                 shape: shape(32, 2, 4, 2, 96),
-                small_anchor: shape(16, 1, 2, 1, 48),
+                // Two blocks: stitching needs a cut strictly inside each anchor.
+                small_anchor: shape(16, 2, 2, 1, 48),
                 pretrain: schedule(400, 8, 65, 3e-3),
                 finetune: schedule(120, 8, 65, 1e-3),
                 eval: EvalOptions {

@@ -102,21 +102,7 @@ impl ExtractRecipe {
                 _ => unreachable!("mapping() admits only KEYS"),
             }
         }
-        match kind {
-            Some((kind, _)) if kind == "extract" => {}
-            Some((kind, at)) => {
-                return Err(reader.error(
-                    at,
-                    format!("unknown recipe kind `{kind}` (expected `extract`)"),
-                ))
-            }
-            None => {
-                return Err(reader.error(
-                    root_at,
-                    "missing `kind: extract` (this command runs extraction recipes)",
-                ))
-            }
-        }
+        reader.expect_kind(kind, "extract", root_at, "extraction")?;
         let (model, model_at) = model
             .ok_or_else(|| reader.error(root_at, "missing `model` (the checkpoint to slice)"))?;
         let table = match (csv, slice) {

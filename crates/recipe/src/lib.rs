@@ -1,5 +1,5 @@
 //! Recipes: the YAML schemas (mergekit-compatible for merges; `kind: extract`
-//! for nested submodels), validation with
+//! for nested submodels; `kind: stitch` for SN-Net families), validation with
 //! line and column, and resolution of parameters into a [`Plan`]. Pure data: no
 //! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
 //! and the merge method as a [`MethodSpec`].
@@ -9,6 +9,7 @@ mod extract;
 mod params;
 mod plan;
 mod schema;
+mod stitch;
 mod yaml;
 
 pub use error::{Location, RecipeError};
@@ -19,3 +20,4 @@ pub use plan::{
     Plan, PlannedInput, PlannedTensor, Resolved,
 };
 pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef, TokenizerSource};
+pub use stitch::StitchRecipe;

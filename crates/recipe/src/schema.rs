@@ -112,7 +112,7 @@ impl Recipe {
             if let Some((_, _, at)) = entries.iter().find(|(k, _, _)| k == "kind") {
                 return Err(reader.error(
                     *at,
-                    "this is an extraction recipe (`kind`); run it with `amalgam extract`",
+                    "this recipe has a `kind` (extraction or stitching); run it with `amalgam extract` or `amalgam stitch`",
                 ));
             }
         }

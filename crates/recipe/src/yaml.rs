@@ -116,6 +116,28 @@ impl<'a> Reader<'a> {
         matches!(node.data, YamlData::Value(YamlScalar::Null))
     }
 
+    /// Checks a recipe's `kind` (read with its location, if present) is
+    /// `expected`; `what` names the recipes the command runs.
+    pub fn expect_kind(
+        &self,
+        kind: Option<(String, Location)>,
+        expected: &str,
+        root_at: Location,
+        what: &str,
+    ) -> Result<(), RecipeError> {
+        match kind {
+            Some((kind, _)) if kind == expected => Ok(()),
+            Some((kind, at)) => Err(self.error(
+                at,
+                format!("unknown recipe kind `{kind}` (expected `{expected}`)"),
+            )),
+            None => Err(self.error(
+                root_at,
+                format!("missing `kind: {expected}` (this command runs {what} recipes)"),
+            )),
+        }
+    }
+
     pub fn usize(&self, node: &Node<'_>, what: &str) -> Result<usize, RecipeError> {
         match &node.data {
             YamlData::Value(YamlScalar::Integer(i)) if *i >= 0 => Ok(*i as usize),

@@ -4,12 +4,16 @@
 //! end anchor, resume) route. The stitching layers start from least squares
 //! on calibration activations.
 
+mod family;
+
 use std::ops::Range;
 
 use amalgam_nn::Llama;
 use tch::{Kind, Tensor};
 
 use crate::{ElasticError, Result};
+
+pub use family::{Family, Member, Network, Scorer, FAMILY_FILE};
 
 /// A linear map with bias from one residual stream to another.
 #[derive(Debug)]

@@ -1,0 +1,89 @@
+//! `amalgam stitch`: join two anchors into an SN-Net family.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use amalgam_checkpoint::ModelCard;
+use amalgam_elastic::stitch::Family;
+use amalgam_nn::data::{Domain, Sampler, Split};
+use amalgam_nn::Llama;
+use amalgam_recipe::StitchRecipe;
+use anyhow::{anyhow, Context, Result};
+
+/// Stitch two anchors (same tokenizer, any widths and depths) into a family
+/// of networks: each anchor, and every SN-Net route from one anchor's first
+/// blocks into the other's later blocks through a linear stitching layer
+/// fitted by least squares on calibration text. Evaluate it with
+/// `amalgam eval FAMILY` (all routes, or `--route NAME`).
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  \
+    amalgam stitch recipes/stitch/zoo.yml work/family\n  \
+    amalgam eval work/family --by-model")]
+pub struct Args {
+    /// The recipe (YAML, `kind: stitch`).
+    recipe: PathBuf,
+    /// The family's directory (must not exist or be empty, unless --force).
+    output: PathBuf,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    force: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let text = std::fs::read_to_string(&args.recipe)
+        .with_context(|| format!("reading recipe {}", args.recipe.display()))?;
+    let recipe = StitchRecipe::parse(&text, &args.recipe.display().to_string())?;
+    let device = crate::device::parse(&args.device)?;
+    let anchors = recipe
+        .anchors
+        .iter()
+        .map(|(path, at)| {
+            Llama::load(path.as_ref(), device)
+                .map_err(|e| anyhow!("{}:{at}: anchor `{path}`: {e}", recipe.source_name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let output = std::path::absolute(&args.output)?;
+    for (path, at) in &recipe.anchors {
+        if std::path::absolute(path)?.starts_with(&output) {
+            return Err(anyhow!(
+                "{}:{at}: refusing to write the family over its anchor `{path}`",
+                recipe.source_name
+            ));
+        }
+    }
+    let ids = Sampler::new(&Domain::ALL, Split::Train, recipe.seed).batch(
+        recipe.samples,
+        recipe.seq_len,
+        device,
+    );
+    let family = Family::fit(anchors, &ids, recipe.ridge)?;
+    let card = ModelCard {
+        title: "An anchor of a stitched family".into(),
+        summary: format!(
+            "Saved by `amalgam stitch` as an anchor of the family in this directory's parent \
+             ({} networks; see family.json).",
+            family.members.len()
+        ),
+        recipe: Some(recipe.text.clone()),
+        inputs: vec![],
+    };
+    family.save(&args.output, args.force, &card)?;
+    if !quiet {
+        println!(
+            "stitched {} networks into {} in {:.1} s",
+            family.members.len(),
+            args.output.display(),
+            started.elapsed().as_secs_f64()
+        );
+        for m in &family.members {
+            println!(
+                "{}\t{} parameters\t{} FLOPs/token",
+                m.name, m.parameters, m.flops_per_token
+            );
+        }
+    }
+    Ok(())
+}
