@@ -6,21 +6,12 @@
 # (narrowing with depth, against the rule), and evaluates them against the
 # independently trained baselines; submodels are also compared with the full
 # MatFormer (next-token agreement, KL). Usage: scripts/matformer-table.sh [small|micro]
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-size=${1:-small}
-scripts/setup.sh
-cargo build --release --locked
-amalgam=target/release/amalgam
+source "$(dirname "${BASH_SOURCE[0]}")/table-env.sh"
 $amalgam zoo build --size "$size" --set matformer --dir work/zoo
 zoo=work/zoo/$size
 out=work/matformer/$size
 rm -rf "$out"
 mkdir -p "$out/recipes"
-case $size in
-  micro) window=65 ;;
-  *) window=129 ;;
-esac
 
 names=(S M L XL)
 # extract NAME WIDTHS...: writes a recipe and extracts it to $out/NAME.

@@ -3,12 +3,7 @@
 # three domain experts with linear, task arithmetic, TIES and DARE-TIES
 # (recipes/zoo/*.yml), and evaluates the base, each expert and each merge on every
 # domain's held-out text. Usage: scripts/merge-table.sh [small|micro]
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-size=${1:-small}
-scripts/setup.sh
-cargo build --release --locked
-amalgam=target/release/amalgam
+source "$(dirname "${BASH_SOURCE[0]}")/table-env.sh"
 $amalgam zoo build --size "$size" --dir work/zoo
 zoo=work/zoo/$size
 models=("$zoo/base" "$zoo/expert-prose" "$zoo/expert-code" "$zoo/expert-legal")
@@ -19,8 +14,4 @@ for method in linear task-arithmetic ties dare-ties; do
   $amalgam merge "$recipe" "work/zoo-merged/$size/$method" --force --seed 0
   models+=("work/zoo-merged/$size/$method")
 done
-case $size in
-  micro) window=65 ;;
-  *) window=129 ;;
-esac
 $amalgam eval "${models[@]}" --seq-len "$window" --by-model

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
-use amalgam_elastic::stitch::Family;
+use amalgam_elastic::stitch::{Family, Network};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
     check_vocabulary, evaluate, window_count, DomainScore, EvalOptions, LanguageModel,
@@ -91,7 +91,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let mut score = |name: String,
                      model: &dyn LanguageModel,
                      parameters: usize,
-                     flops_per_token: Option<u64>|
+                     stitched: Option<(u64, &'static str)>|
      -> Result<()> {
         if let Some(reference) = &reference {
             if reference.config.vocab_size != model.vocab_size() {
@@ -112,7 +112,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         results.push(Evaluated {
             model: name,
             parameters,
-            flops_per_token,
+            stitched,
             scores,
         });
         Ok(())
@@ -142,7 +142,13 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                     format!("{}#{name}", path.display()),
                     &family.scorer(member),
                     member.parameters as usize,
-                    Some(member.flops_per_token),
+                    Some((
+                        member.flops_per_token,
+                        match member.network {
+                            Network::Anchor(_) => "anchors",
+                            Network::Stitched(..) => "stitched routes",
+                        },
+                    )),
                 )?;
             }
             continue;
@@ -170,8 +176,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                     "parameters": r.parameters,
                     "domains": r.scores,
                 });
-                if let Some(flops) = r.flops_per_token {
-                    entry["flops_per_token"] = flops.into();
+                if let Some((flops, group)) = &r.stitched {
+                    entry["flops_per_token"] = (*flops).into();
+                    entry["group"] = (*group).into();
                 }
                 entry
             })
@@ -213,8 +220,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 struct Evaluated {
     model: String,
     parameters: usize,
-    /// For the networks of a stitched family.
-    flops_per_token: Option<u64>,
+    /// For the networks of a stitched family: FLOPs per token, and
+    /// `anchors` or `stitched routes`.
+    stitched: Option<(u64, &'static str)>,
     scores: Vec<DomainScore>,
 }
 

@@ -21,15 +21,27 @@ pub struct Args {
     /// Write the plot here.
     #[arg(long)]
     png: Option<PathBuf>,
+    /// The size axis: parameters, or FLOPs per token (stitched families).
+    #[arg(long, value_enum, default_value = "parameters")]
+    x: Size,
     /// The plot's title.
     #[arg(long, default_value = "Parameters vs. held-out loss")]
     title: String,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Size {
+    Parameters,
+    Flops,
 }
 
 #[derive(Deserialize)]
 struct Evaluated {
     model: String,
     parameters: u64,
+    flops_per_token: Option<u64>,
+    /// A sub-series within the file (a stitched family's anchors or routes).
+    group: Option<String>,
     domains: Vec<Score>,
 }
 
@@ -46,6 +58,9 @@ struct Point {
     series: usize,
     name: String,
     parameters: u64,
+    flops_per_token: Option<u64>,
+    /// Parameters or FLOPs per token, as `--x` says.
+    size: u64,
     losses: Vec<(String, f64)>,
     loss: f64,
     agreement: Option<f64>,
@@ -54,13 +69,12 @@ struct Point {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut labels = vec![];
+    let mut labels: Vec<String> = vec![];
     let mut points = vec![];
-    for (series, spec) in args.series.iter().enumerate() {
+    for spec in &args.series {
         let (label, file) = spec
             .split_once('=')
             .ok_or_else(|| anyhow!("--series {spec:?}: expected LABEL=FILE"))?;
-        labels.push(label.to_owned());
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading series {file}"))?;
         let models: Vec<Evaluated> = serde_json::from_str(&text)
@@ -73,12 +87,31 @@ pub fn run(args: Args) -> Result<()> {
             let mean = |f: &dyn Fn(&Score) -> Option<f64>| -> Option<f64> {
                 m.domains.iter().map(f).sum::<Option<f64>>().map(|s| s / n)
             };
+            let label = match &m.group {
+                Some(group) => format!("{label}: {group}"),
+                None => label.to_owned(),
+            };
+            let series = labels.iter().position(|l| *l == label).unwrap_or_else(|| {
+                labels.push(label);
+                labels.len() - 1
+            });
+            let size = match args.x {
+                Size::Parameters => m.parameters,
+                Size::Flops => m.flops_per_token.ok_or_else(|| {
+                    anyhow!(
+                        "{file}: {} has no flops_per_token (--x flops is for stitched families)",
+                        m.model
+                    )
+                })?,
+            };
             points.push(Point {
                 series,
                 name: Path::new(&m.model)
                     .file_name()
                     .map_or(m.model.clone(), |n| n.to_string_lossy().into_owned()),
                 parameters: m.parameters,
+                flops_per_token: m.flops_per_token,
+                size,
                 loss: mean(&|s| Some(s.loss)).unwrap_or_default(),
                 agreement: mean(&|s| s.agreement),
                 kl: mean(&|s| s.kl),
@@ -94,22 +127,20 @@ pub fn run(args: Args) -> Result<()> {
     mark_front(&mut points);
     print_table(&labels, &points);
     if let Some(png) = &args.png {
-        plot(png, &args.title, &labels, &points)
+        plot(png, args.x, &args.title, &labels, &points)
             .map_err(|e| anyhow!("{}: cannot draw the plot: {e}", png.display()))?;
     }
     Ok(())
 }
 
-/// A point is on the front when no other point is at most as large and
-/// strictly better.
+/// A point is on the front when no other point is at most as large (by the
+/// chosen size) and strictly better.
 fn mark_front(points: &mut [Point]) {
     let dominated: Vec<bool> = points
         .iter()
         .map(|p| {
             points.iter().any(|q| {
-                q.parameters <= p.parameters
-                    && q.loss <= p.loss
-                    && (q.parameters < p.parameters || q.loss < p.loss)
+                q.size <= p.size && q.loss <= p.loss && (q.size < p.size || q.loss < p.loss)
             })
         })
         .collect();
@@ -121,7 +152,11 @@ fn mark_front(points: &mut [Point]) {
 fn print_table(labels: &[String], points: &[Point]) {
     let domains: Vec<&str> = points[0].losses.iter().map(|(d, _)| d.as_str()).collect();
     let compared = points.iter().any(|p| p.agreement.is_some());
+    let flops = points.iter().any(|p| p.flops_per_token.is_some());
     let mut header = String::from("| series | model | parameters |");
+    if flops {
+        header += " FLOPs/token |";
+    }
     for d in &domains {
         header += &format!(" {d} |");
     }
@@ -131,14 +166,21 @@ fn print_table(labels: &[String], points: &[Point]) {
     }
     println!("{header} front |");
     println!(
-        "|---|---|---:|{}---:|{}:-:|",
+        "|---|---|---:|{}{}---:|{}:-:|",
+        if flops { "---:|" } else { "" },
         "---:|".repeat(domains.len()),
         if compared { "---:|---:|" } else { "" }
     );
     let mut order: Vec<&Point> = points.iter().collect();
-    order.sort_by_key(|p| (p.series, p.parameters));
+    order.sort_by_key(|p| (p.series, p.size));
     for p in order {
         let mut row = format!("| {} | {} | {} |", labels[p.series], p.name, p.parameters);
+        if flops {
+            row += &format!(
+                " {} |",
+                p.flops_per_token.map_or("–".into(), |f| f.to_string())
+            );
+        }
         for (_, loss) in &p.losses {
             row += &format!(" {loss:.4} |");
         }
@@ -162,6 +204,7 @@ const COLORS: [RGBColor; 6] = [
 
 fn plot(
     png: &Path,
+    x: Size,
     title: &str,
     labels: &[String],
     points: &[Point],
@@ -170,7 +213,7 @@ fn plot(
         .map_err(|_| "the embedded font does not load")?;
     let root = BitMapBackend::new(png, (960, 640)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (x_min, x_max) = bounds(points.iter().map(|p| p.parameters as f64));
+    let (x_min, x_max) = bounds(points.iter().map(|p| p.size as f64));
     let (y_min, y_max) = bounds(points.iter().map(|p| p.loss));
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
@@ -180,7 +223,10 @@ fn plot(
         .build_cartesian_2d(x_min..x_max, y_min..y_max)?;
     chart
         .configure_mesh()
-        .x_desc("parameters")
+        .x_desc(match x {
+            Size::Parameters => "parameters",
+            Size::Flops => "FLOPs per token",
+        })
         .y_desc("mean held-out loss (nats/token)")
         .x_label_formatter(&|x| format!("{:.0}k", x / 1e3))
         .y_label_formatter(&|y| format!("{y:.2}"))
@@ -189,7 +235,7 @@ fn plot(
     let mut front: Vec<(f64, f64)> = points
         .iter()
         .filter(|p| p.on_front)
-        .map(|p| (p.parameters as f64, p.loss))
+        .map(|p| (p.size as f64, p.loss))
         .collect();
     front.sort_by(|a, b| a.0.total_cmp(&b.0));
     chart
@@ -205,7 +251,7 @@ fn plot(
                 points
                     .iter()
                     .filter(|p| p.series == series)
-                    .map(|p| Circle::new((p.parameters as f64, p.loss), 5, color.filled())),
+                    .map(|p| Circle::new((p.size as f64, p.loss), 5, color.filled())),
             )?
             .label(label.as_str())
             .legend(move |(x, y)| Circle::new((x + 9, y), 5, color.filled()));
@@ -239,6 +285,8 @@ mod tests {
             series: 0,
             name: String::new(),
             parameters,
+            flops_per_token: None,
+            size: parameters,
             losses: vec![],
             loss,
             agreement: None,

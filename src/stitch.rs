@@ -13,7 +13,8 @@ use anyhow::{anyhow, Context, Result};
 /// Stitch two anchors (same tokenizer, any widths and depths) into a family
 /// of networks: each anchor, and every SN-Net route from one anchor's first
 /// blocks into the other's later blocks through a linear stitching layer
-/// fitted by least squares on calibration text. Evaluate it with
+/// fitted by least squares on calibration text, then optionally trained
+/// (`train:` in the recipe, one route sampled per step). Evaluate it with
 /// `amalgam eval FAMILY` (all routes, or `--route NAME`).
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  \
@@ -59,7 +60,23 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         recipe.seq_len,
         device,
     );
-    let family = Family::fit(anchors, &ids, recipe.ridge)?;
+    let mut family = Family::fit(anchors, &ids, recipe.ridge)?;
+    if let Some(train) = &recipe.train {
+        let bar = crate::progress::steps(train.steps as u64, "training routes", quiet);
+        let losses = family.train(train, &mut |step, loss| {
+            bar.set_position(step as u64 + 1);
+            if step % 10 == 0 {
+                bar.set_message(format!("loss {loss:.3}"));
+            }
+        })?;
+        bar.finish_and_clear();
+        let tail = &losses[losses.len().saturating_sub(20)..];
+        tracing::info!(
+            "trained the routes for {} steps; final loss {:.3}",
+            train.steps,
+            tail.iter().sum::<f64>() / tail.len().max(1) as f64
+        );
+    }
     let card = ModelCard {
         title: "An anchor of a stitched family".into(),
         summary: format!(

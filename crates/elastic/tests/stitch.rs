@@ -120,3 +120,65 @@ fn calibrated_routes_join_two_anchors_both_ways() {
     let error = (&stitch.weight - eye).abs().max().double_value(&[]);
     assert!(error < 1e-3, "identity off by {error}");
 }
+
+#[test]
+fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
+    use amalgam_elastic::stitch::{Family, Network};
+    use amalgam_recipe::StitchTraining;
+    let micro = ZooSize::named("micro").unwrap();
+    let family = || {
+        let anchors = vec![
+            Llama::new(micro.small_anchor.clone(), Device::Cpu, 1),
+            Llama::new(micro.shape.clone(), Device::Cpu, 2),
+        ];
+        Family::fit(anchors, &ids(), 1e-4).unwrap()
+    };
+    let options = |steps, anchor_lr_scale| StitchTraining {
+        steps,
+        batch: 4,
+        seq_len: 33,
+        lr: 1e-2,
+        anchor_lr_scale,
+        seed: 0,
+    };
+    // Untrained anchors know nothing: training everything, the loss falls.
+    let losses = family().train(&options(80, 1.0), &mut |_, _| {}).unwrap();
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    assert!(
+        mean(&losses[60..]) < mean(&losses[..20]) - 0.3,
+        "{:.3} → {:.3}",
+        mean(&losses[..20]),
+        mean(&losses[60..])
+    );
+    // Frozen anchors: only the stitching layers move.
+    let mut frozen = family();
+    let snapshot = |f: &Family| -> (Vec<Tensor>, Vec<Tensor>) {
+        // Sorted by name: each variables() call is a new HashMap.
+        let sorted = |a: &Llama| {
+            let mut vars: Vec<(String, Tensor)> = a.vs.variables().into_iter().collect();
+            vars.sort_by(|x, y| x.0.cmp(&y.0));
+            vars.into_iter().map(|(_, t)| t.copy())
+        };
+        let anchors = f.anchors.iter().flat_map(sorted).collect();
+        let stitches = f
+            .members
+            .iter()
+            .filter_map(|m| match &m.network {
+                Network::Stitched(_, s) => Some(s.weight.copy()),
+                Network::Anchor(_) => None,
+            })
+            .collect();
+        (anchors, stitches)
+    };
+    let before = snapshot(&frozen);
+    frozen.train(&options(10, 0.0), &mut |_, _| {}).unwrap();
+    let after = snapshot(&frozen);
+    assert!(
+        before.0.iter().zip(&after.0).all(|(a, b)| a.equal(b)),
+        "frozen anchors changed"
+    );
+    assert!(
+        before.1.iter().zip(&after.1).any(|(a, b)| !a.equal(b)),
+        "no stitch moved"
+    );
+}

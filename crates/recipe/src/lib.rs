@@ -20,4 +20,4 @@ pub use plan::{
     Plan, PlannedInput, PlannedTensor, Resolved,
 };
 pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef, TokenizerSource};
-pub use stitch::StitchRecipe;
+pub use stitch::{StitchRecipe, StitchTraining};

@@ -4,8 +4,22 @@
 use crate::yaml::{load, location, Reader};
 use crate::{Location, RecipeError};
 
-const KEYS: &[&str] = &["kind", "anchors", "calibration", "ridge"];
+const KEYS: &[&str] = &["kind", "anchors", "calibration", "ridge", "train"];
 const CALIBRATION_KEYS: &[&str] = &["samples", "seq_len", "seed"];
+const TRAIN_KEYS: &[&str] = &["steps", "batch", "seq_len", "lr", "anchor_lr_scale", "seed"];
+
+/// Route training after the least-squares initialisation (SN-Net's: one
+/// route sampled per step).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StitchTraining {
+    pub steps: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    /// The anchors' learning rate as a fraction of `lr` (0: anchors frozen).
+    pub anchor_lr_scale: f64,
+    pub seed: u64,
+}
 
 /// A parsed, schema-checked stitching recipe.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +35,7 @@ pub struct StitchRecipe {
     pub seed: u64,
     /// Added to the least-squares normal equations' diagonal.
     pub ridge: f64,
+    pub train: Option<StitchTraining>,
 }
 
 impl StitchRecipe {
@@ -36,6 +51,7 @@ impl StitchRecipe {
             seq_len: 129,
             seed: 0,
             ridge: 1e-4,
+            train: None,
         };
         let mut kind = None;
         for (key, node, _) in reader.mapping(&root, "the recipe", KEYS)? {
@@ -71,6 +87,33 @@ impl StitchRecipe {
                         }
                     }
                 }
+                "train" => {
+                    let mut train = StitchTraining {
+                        steps: 0,
+                        batch: 16,
+                        seq_len: 129,
+                        lr: 1e-3,
+                        anchor_lr_scale: 0.0,
+                        seed: 0,
+                    };
+                    for (key, value, _) in reader.mapping(node, "train", TRAIN_KEYS)? {
+                        let number =
+                            || match reader.scalar(value) {
+                                Some(crate::Scalar::Number(n)) if n >= 0.0 => Ok(n),
+                                _ => Err(reader
+                                    .error(location(value), format!("`{key}` is a number ≥ 0"))),
+                            };
+                        match key.as_str() {
+                            "lr" => train.lr = number()?,
+                            "anchor_lr_scale" => train.anchor_lr_scale = number()?,
+                            "steps" => train.steps = reader.usize(value, "steps")?,
+                            "batch" => train.batch = reader.usize(value, "batch")?.max(1),
+                            "seq_len" => train.seq_len = reader.usize(value, "seq_len")?.max(2),
+                            _ => train.seed = reader.usize(value, "seed")? as u64,
+                        }
+                    }
+                    recipe.train = Some(train);
+                }
                 "ridge" => match reader.scalar(node) {
                     Some(crate::Scalar::Number(r)) if r >= 0.0 => recipe.ridge = r,
                     _ => return Err(reader.error(location(node), "`ridge` is a number ≥ 0")),
@@ -102,6 +145,21 @@ mod tests {
             ["a", "b"]
         );
         assert_eq!((r.samples, r.seq_len, r.seed, r.ridge), (8, 33, 0, 0.01));
+        assert_eq!(r.train, None);
+        let t = StitchRecipe::parse(
+            "kind: stitch\nanchors: [a, b]\ntrain: {steps: 5, lr: 0.01}\n",
+            "s.yml",
+        )
+        .unwrap()
+        .train
+        .unwrap();
+        assert_eq!((t.steps, t.lr, t.anchor_lr_scale), (5, 0.01, 0.0));
+        assert!(
+            StitchRecipe::parse("kind: stitch\nanchors: [a, b]\ntrain: {lr: -1}\n", "s.yml")
+                .unwrap_err()
+                .to_string()
+                .contains("s.yml:3:13: `lr` is a number")
+        );
         let error = |text: &str| StitchRecipe::parse(text, "s.yml").unwrap_err().to_string();
         assert!(
             error("kind: stitch\nanchors: [a]\n").contains("s.yml:2:10: `anchors` lists 1 models")

@@ -14,10 +14,15 @@
 use std::path::Path;
 
 use amalgam_checkpoint::{staging_sibling, ModelCard, WriteOptions};
+use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::eval::LanguageModel;
 use amalgam_nn::{tokenizer, Llama};
+use amalgam_recipe::StitchTraining;
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
 use serde_json::{json, Value};
-use tch::{Device, Tensor};
+use tch::nn::OptimizerConfig;
+use tch::{nn, Device, Tensor};
 
 use super::{calibrate, family_routes, stitched_logits, Route, Stitch};
 use crate::{ElasticError, Result};
@@ -149,6 +154,95 @@ impl Family {
                 (parameters, 2 * (front_m + stitch_m + end_m + head(end)))
             }
         }
+    }
+
+    /// SN-Net's training: each step samples one stitched route uniformly
+    /// (and, when the anchors train too, the anchors among them) and takes
+    /// an AdamW step on its next-token loss — the stitching layers at
+    /// `options.lr`, the anchors at `options.lr × anchor_lr_scale` (0: frozen,
+    /// so the anchors stay exactly the checkpoints they came from).
+    /// `on_step(step, loss)` after every step; returns the losses.
+    pub fn train(
+        &mut self,
+        options: &StitchTraining,
+        on_step: &mut dyn FnMut(usize, f64),
+    ) -> Result<Vec<f64>> {
+        let torch = |e: tch::TchError| ElasticError::Stitch(format!("training: {e}"));
+        let device = self.anchors[0].device();
+        let stitch_vars = nn::VarStore::new(device);
+        for (i, m) in self.members.iter_mut().enumerate() {
+            if let Network::Stitched(_, stitch) = &mut m.network {
+                stitch.weight = stitch_vars
+                    .root()
+                    .var_copy(&format!("weight_{i}"), &stitch.weight);
+                stitch.bias = stitch_vars
+                    .root()
+                    .var_copy(&format!("bias_{i}"), &stitch.bias);
+            }
+        }
+        let adamw = nn::AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            wd: 0.0,
+            eps: 1e-8,
+            amsgrad: false,
+        };
+        let mut optimizers = vec![adamw.build(&stitch_vars, options.lr).map_err(torch)?];
+        let anchors_train = options.anchor_lr_scale > 0.0;
+        if anchors_train {
+            for anchor in &self.anchors {
+                optimizers.push(
+                    adamw
+                        .build(&anchor.vs, options.lr * options.anchor_lr_scale)
+                        .map_err(torch)?,
+                );
+            }
+        }
+        let candidates: Vec<usize> = (0..self.members.len())
+            .filter(|&i| anchors_train || matches!(self.members[i].network, Network::Stitched(..)))
+            .collect();
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(options.seed);
+        let mut sampler = Sampler::new(&Domain::ALL, Split::Train, options.seed);
+        let mut losses = Vec::with_capacity(options.steps);
+        for step in 0..options.steps {
+            let member = &self.members[candidates[rng.random_range(0..candidates.len())]];
+            let ids = sampler.batch(options.batch, options.seq_len, device);
+            let seq = options.seq_len as i64;
+            let logits = self.scorer(member).logits(&ids.narrow(1, 0, seq - 1));
+            let loss = logits
+                .reshape([-1, logits.size()[2]])
+                .cross_entropy_for_logits(&ids.narrow(1, 1, seq - 1).reshape([-1]));
+            // Only the parameters this network used get a step (optimizer 0
+            // holds the stitches, 1 + a anchor a's weights).
+            let used: Vec<usize> = match &member.network {
+                Network::Stitched(route, _) => vec![0, 1 + route.front, 1 + route.end],
+                Network::Anchor(a) => vec![1 + a],
+            };
+            let used: Vec<usize> = used.into_iter().filter(|&o| o < optimizers.len()).collect();
+            for &o in &used {
+                optimizers[o].zero_grad();
+            }
+            loss.backward();
+            for &o in &used {
+                optimizers[o].clip_grad_norm(1.0);
+                optimizers[o].step();
+            }
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                return Err(ElasticError::Stitch(format!(
+                    "training diverged at step {step} ({value})"
+                )));
+            }
+            losses.push(value);
+            on_step(step, value);
+        }
+        for m in &mut self.members {
+            if let Network::Stitched(_, stitch) = &mut m.network {
+                stitch.weight = stitch.weight.detach();
+                stitch.bias = stitch.bias.detach();
+            }
+        }
+        Ok(losses)
     }
 
     pub fn member(&self, name: &str) -> Option<&Member> {
