@@ -17,14 +17,19 @@ use anyhow::{anyhow, Context, Result};
 /// (`train:` in the recipe, one route sampled per step). Evaluate it with
 /// `amalgam eval FAMILY` (all routes, or `--route NAME`).
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  \
+#[command(after_help = "Examples:\n  \
     amalgam stitch recipes/stitch/zoo.yml work/family\n  \
-    amalgam eval work/family --by-model")]
+    amalgam eval work/family --by-model\n  \
+    amalgam stitch --export 1:3-0:1 work/family work/route")]
 pub struct Args {
-    /// The recipe (YAML, `kind: stitch`).
+    /// The recipe (YAML, `kind: stitch`); with --export, the family.
     recipe: PathBuf,
     /// The family's directory (must not exist or be empty, unless --force).
     output: PathBuf,
+    /// Write this route of the family (the first argument) as a family of
+    /// its own holding only the blocks it runs.
+    #[arg(long, value_name = "ROUTE")]
+    export: Option<String>,
     /// Replace a non-empty output directory.
     #[arg(long)]
     force: bool,
@@ -34,6 +39,26 @@ pub struct Args {
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
+    if let Some(route) = &args.export {
+        let device = crate::device::parse(&args.device)?;
+        let family = Family::load(&args.recipe, device)?;
+        let exported = family
+            .export(route)
+            .with_context(|| args.recipe.display().to_string())?;
+        let card = ModelCard {
+            title: format!("Part of the stitched route {route}"),
+            summary: format!(
+                "Exported by `amalgam stitch --export` from {}: the blocks route {route} runs.",
+                args.recipe.display()
+            ),
+            ..Default::default()
+        };
+        exported.save(&args.output, args.force, &card)?;
+        if !quiet {
+            println!("exported route {route} into {}", args.output.display());
+        }
+        return Ok(());
+    }
     let text = std::fs::read_to_string(&args.recipe)
         .with_context(|| format!("reading recipe {}", args.recipe.display()))?;
     let recipe = StitchRecipe::parse(&text, &args.recipe.display().to_string())?;

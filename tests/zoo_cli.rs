@@ -175,6 +175,40 @@ fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
     );
     let message = fails(["stitch".as_ref(), recipe.as_os_str(), family.as_os_str()]);
     assert!(message.contains("not empty"), "{message}");
+    // One route exported alone is the same network: same scores and size.
+    let exported = tmp.join("route");
+    ok([
+        "stitch".as_ref(),
+        "--export".as_ref(),
+        "1:1-0:1".as_ref(),
+        family.as_os_str(),
+        exported.as_os_str(),
+    ]);
+    let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref(), exported.as_os_str()];
+    args.extend(
+        [
+            "--json",
+            "--seq-len",
+            "65",
+            "--max-windows",
+            "4",
+            "--domains",
+            "code",
+        ]
+        .map(std::ffi::OsStr::new),
+    );
+    let alone: Value = serde_json::from_str(&ok(args)).unwrap();
+    assert_eq!(alone.as_array().unwrap().len(), 1);
+    assert_eq!(alone[0]["domains"], all[3]["domains"]);
+    assert_eq!(alone[0]["parameters"], all[3]["parameters"]);
+    let message = fails([
+        "stitch".as_ref(),
+        "--export".as_ref(),
+        "anchor-0".as_ref(),
+        family.as_os_str(),
+        tmp.join("x").as_os_str(),
+    ]);
+    assert!(message.contains("is an anchor"), "{message}");
     // The shipped example recipes are valid stitching recipes.
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/stitch");
     for entry in std::fs::read_dir(examples).unwrap() {

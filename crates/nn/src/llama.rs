@@ -184,6 +184,29 @@ impl Llama {
         self.vs.device()
     }
 
+    /// A separate model made of blocks `layers` of this one (renumbered from
+    /// 0), with its embeddings, final norm and head.
+    pub fn sub_layers(&self, layers: std::ops::Range<usize>) -> Llama {
+        let mut config = self.config.clone();
+        config.intermediate_sizes = config.intermediate_sizes[layers.clone()].to_vec();
+        let sub = Self::build(config, self.device(), None);
+        let source = self.vs.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in sub.vs.variables() {
+                let from = match name
+                    .strip_prefix("model.layers.")
+                    .and_then(|rest| rest.split_once('.'))
+                    .and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest)))
+                {
+                    Some((i, rest)) => format!("model.layers.{}.{rest}", i + layers.start),
+                    None => name.clone(),
+                };
+                var.copy_(&source[&from]);
+            }
+        });
+        sub
+    }
+
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
         self.run(ids, None, None)

@@ -245,6 +245,45 @@ impl Family {
         Ok(losses)
     }
 
+    /// One stitched route as a family of its own: the front anchor cut to
+    /// the blocks the route runs, the end anchor to the blocks it resumes
+    /// with, and the stitch — the same network (same logits), holding only
+    /// what it uses. Anchors are already standalone checkpoints (`anchor-N/`).
+    pub fn export(&self, name: &str) -> Result<Family> {
+        let member = self
+            .member(name)
+            .ok_or_else(|| ElasticError::Stitch(format!("no route {name:?} in the family")))?;
+        let (route, stitch) = match &member.network {
+            Network::Stitched(route, stitch) => (*route, stitch),
+            Network::Anchor(a) => {
+                return Err(ElasticError::Stitch(format!(
+                    "{name} is an anchor, a checkpoint already (the family's anchor-{a}/)"
+                )))
+            }
+        };
+        let end = &self.anchors[route.end];
+        let anchors = vec![
+            self.anchors[route.front].sub_layers(0..route.cut),
+            end.sub_layers(route.resume..end.config.intermediate_sizes.len()),
+        ];
+        let mut family = Family {
+            anchors,
+            members: vec![],
+        };
+        let exported = Route {
+            front: 0,
+            cut: route.cut,
+            end: 1,
+            resume: 0,
+        };
+        let stitch = Stitch {
+            weight: stitch.weight.copy(),
+            bias: stitch.bias.copy(),
+        };
+        family.push(name.to_owned(), Network::Stitched(exported, stitch));
+        Ok(family)
+    }
+
     pub fn member(&self, name: &str) -> Option<&Member> {
         self.members.iter().find(|m| m.name == name)
     }
