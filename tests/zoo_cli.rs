@@ -114,8 +114,8 @@ fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
     .unwrap();
     let family = tmp.join("family");
     ok(["stitch".as_ref(), recipe.as_os_str(), family.as_os_str()]);
-    let eval = |extra: &[&str]| -> Value {
-        let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref(), family.as_os_str()];
+    let eval_dir = |dir: &std::path::Path, extra: &[&str]| -> Value {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref(), dir.as_os_str()];
         args.extend(extra.iter().map(std::ffi::OsStr::new));
         args.extend(
             [
@@ -131,6 +131,7 @@ fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
         );
         serde_json::from_str(&ok(args)).unwrap()
     };
+    let eval = |extra: &[&str]| eval_dir(&family, extra);
     let all = eval(&[]);
     let names: Vec<&str> = all
         .as_array()
@@ -184,20 +185,7 @@ fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
         family.as_os_str(),
         exported.as_os_str(),
     ]);
-    let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref(), exported.as_os_str()];
-    args.extend(
-        [
-            "--json",
-            "--seq-len",
-            "65",
-            "--max-windows",
-            "4",
-            "--domains",
-            "code",
-        ]
-        .map(std::ffi::OsStr::new),
-    );
-    let alone: Value = serde_json::from_str(&ok(args)).unwrap();
+    let alone = eval_dir(&exported, &[]);
     assert_eq!(alone.as_array().unwrap().len(), 1);
     assert_eq!(alone[0]["domains"], all[3]["domains"]);
     assert_eq!(alone[0]["parameters"], all[3]["parameters"]);
