@@ -15,6 +15,9 @@ pub enum MergeError {
     },
     #[error("{0}")]
     Device(String),
+    /// A permutation that does not fit its group or the model.
+    #[error("permutation: {0}")]
+    Permutation(String),
 }
 
 pub type Result<T, E = MergeError> = std::result::Result<T, E>;

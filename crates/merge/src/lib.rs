@@ -10,6 +10,7 @@ mod error;
 pub mod executor;
 mod method;
 pub mod methods;
+pub mod pleas;
 pub mod registry;
 pub mod sparsify;
 

@@ -1,0 +1,122 @@
+//! The Llama permutation spec is a true symmetry: any valid permutation of
+//! every group leaves a model's logits unchanged (F32, 1e-5).
+
+use std::collections::BTreeMap;
+
+use amalgam_merge::pleas::permutation::{apply, llama, DecoderShape};
+use amalgam_nn::{tokenizer, Llama, LlamaConfig};
+use proptest::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+fn config(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: tokenizer::VOCAB_SIZE,
+        hidden_size: 24,
+        intermediate_sizes: vec![40, 56],
+        num_attention_heads: 6,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500.0,
+        rope_scaling: None,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 64,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+/// A seeded shuffle of 0..n (Fisher–Yates over a splitmix stream).
+fn shuffle(n: usize, seed: &mut u64) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        *seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        v.swap(i, ((z ^ (z >> 31)) % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+    #[test]
+    fn permuting_every_group_leaves_the_logits_unchanged(seed in any::<u64>(), tied in any::<bool>()) {
+        let config = config(tied);
+        let model = Llama::new(config.clone(), Device::Cpu, seed);
+        // Larger weights than the init, and norm scales that differ per
+        // channel, so every part moves the logits and a misplaced norm shows.
+        tch::no_grad(|| {
+            for (name, mut var) in model.vs.variables() {
+                if name.ends_with("norm.weight") {
+                    let n = var.size()[0];
+                    let ramp = Tensor::arange(n, (Kind::Float, Device::Cpu)) / n as f64;
+                    var.copy_(&(ramp * 0.5 + 0.75));
+                } else {
+                    let _ = var.g_mul_scalar_(6.0);
+                }
+            }
+        });
+        let shape = DecoderShape {
+            hidden: config.hidden_size,
+            heads: config.num_attention_heads,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            ffn: config.intermediate_sizes.clone(),
+            untied_head: !tied,
+        };
+        let groups = llama(&shape);
+        let mut state = seed;
+        let perms: Vec<Vec<usize>> = groups.iter().map(|g| shuffle(g.units, &mut state)).collect();
+        let mut tensors: BTreeMap<String, Tensor> =
+            model.vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
+        apply(&mut tensors, &groups, &perms).unwrap();
+        let permuted = Llama::new(config, Device::Cpu, 0);
+        tch::no_grad(|| {
+            for (name, mut var) in permuted.vs.variables() {
+                var.copy_(&tensors[&name]);
+            }
+        });
+        let ids: Vec<i64> = (0..2 * 16).map(|i| (i * 41 + (seed % 7) as i64) % 258).collect();
+        let ids = Tensor::from_slice(&ids).view([2, 16]);
+        let (a, b) = tch::no_grad(|| (model.forward(&ids), permuted.forward(&ids)));
+        let diff = (&a - &b).abs().max().double_value(&[]);
+        prop_assert!(diff <= 1e-5, "logits differ by {}", diff);
+        prop_assert!(a.std(true).double_value(&[]) > 0.1, "the logits move");
+        // And the permutation did change the weights (a real test).
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        prop_assert!(!tensors[q].equal(&model.vs.variables()[q].to_kind(Kind::Float)));
+    }
+}
+
+#[test]
+fn invalid_permutations_are_refused() {
+    let shape = DecoderShape {
+        hidden: 4,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 2,
+        ffn: vec![3],
+        untied_head: false,
+    };
+    let groups = llama(&shape);
+    let mut tensors = BTreeMap::new();
+    let mut perms: Vec<Vec<usize>> = groups.iter().map(|g| (0..g.units).collect()).collect();
+    perms[0] = vec![0, 0, 1, 2];
+    let message = apply(&mut tensors, &groups, &perms)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("group residual: not a permutation of 4 units"),
+        "{message}"
+    );
+    perms[0] = vec![0, 1, 2, 3];
+    let message = apply(&mut tensors, &groups, &perms)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("no tensor model.embed_tokens.weight"),
+        "{message}"
+    );
+}
