@@ -43,14 +43,40 @@ pub struct Args {
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
+    // --config-csv/--slice choose the widths and skipped layers, for a recipe or --model.
+    let table = match (&args.config_csv, &args.slice) {
+        (Some(csv), Some(slice)) => Some(WidthChoice::SlicingTable {
+            csv: csv.display().to_string(),
+            slice: slice.clone(),
+            at: Location::default(),
+        }),
+        _ => None,
+    };
     let (recipe, output) = match (&args.model, args.paths.as_slice()) {
-        (Some(model), [output]) => (table_recipe(model, &args)?, output.clone()),
+        (Some(model), [output]) => {
+            let recipe = ExtractRecipe {
+                source_name: "(command line)".into(),
+                text: format!(
+                    "amalgam extract --model {} --config-csv {} --slice {:?}\n",
+                    model.display(),
+                    args.config_csv
+                        .as_ref()
+                        .map_or(String::new(), |c| c.display().to_string()),
+                    args.slice.as_deref().unwrap_or_default()
+                ),
+                model: model.display().to_string(),
+                model_at: Location::default(),
+                widths: table.expect("clap requires --config-csv and --slice with --model"),
+                skip_layers: vec![],
+            };
+            (recipe, output.clone())
+        }
         (Some(_), _) => return Err(anyhow!("with --model, give only the output directory")),
         (None, [recipe, output]) => {
             let text = std::fs::read_to_string(recipe)
                 .with_context(|| format!("reading recipe {}", recipe.display()))?;
             let mut parsed = ExtractRecipe::parse(&text, &recipe.display().to_string())?;
-            if let (Some(csv), Some(slice)) = (&args.config_csv, &args.slice) {
+            if let Some(table) = table {
                 if !matches!(parsed.widths, WidthChoice::Full) || !parsed.skip_layers.is_empty() {
                     return Err(anyhow!(
                         "{}: the recipe chooses widths or skipped layers; --config-csv/--slice \
@@ -58,11 +84,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                         recipe.display()
                     ));
                 }
-                parsed.widths = WidthChoice::SlicingTable {
-                    csv: csv.display().to_string(),
-                    slice: slice.clone(),
-                    at: Location::default(),
-                };
+                parsed.widths = table;
             }
             (parsed, output.clone())
         }
@@ -128,18 +150,4 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The recipe `--model DIR --config-csv FILE --slice NAME` stands for.
-fn table_recipe(model: &std::path::Path, args: &Args) -> Result<ExtractRecipe> {
-    let (Some(csv), Some(slice)) = (&args.config_csv, &args.slice) else {
-        unreachable!("clap requires both with --model")
-    };
-    let text = format!(
-        "kind: extract\nmodel: {:?}\nconfig_csv: {:?}\nslice: {:?}\n",
-        model.display().to_string(),
-        csv.display().to_string(),
-        slice
-    );
-    Ok(ExtractRecipe::parse(&text, "(command line)")?)
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use amalgam_checkpoint::{ModelCard, WriteOptions};
+use amalgam_checkpoint::ModelCard;
 use amalgam_nn::zoo::ZooSize;
 use amalgam_nn::{tokenizer, Llama};
 use tch::{Device, Kind, Tensor};
@@ -23,12 +23,7 @@ fn main() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path().join("model");
     model
-        .save(
-            &dir,
-            &ModelCard::default(),
-            &tokenizer::files(),
-            &WriteOptions::default(),
-        )
+        .save_with_tokenizer(&dir, &ModelCard::default())
         .expect("saved");
     let ids = Tensor::randint(
         tokenizer::VOCAB_SIZE as i64,

@@ -149,6 +149,17 @@ impl Llama {
         Ok(model)
     }
 
+    /// [`Llama::save`] with amalgam's byte tokenizer files beside the
+    /// weights, to a new (or empty) directory.
+    pub fn save_with_tokenizer(&self, out: &Path, card: &ModelCard) -> Result<PathBuf> {
+        self.save(
+            out,
+            card,
+            &crate::tokenizer::files(),
+            &WriteOptions::default(),
+        )
+    }
+
     /// Writes the model as an F32 Hugging Face checkpoint (config, weights, and
     /// the given extra files such as the tokenizer), atomically.
     pub fn save(

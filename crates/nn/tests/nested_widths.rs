@@ -15,12 +15,7 @@ fn per_layer_widths_round_trip_and_drive_the_forward_pass() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("nested");
     model
-        .save(
-            &dir,
-            &ModelCard::default(),
-            &tokenizer::files(),
-            &WriteOptions::default(),
-        )
+        .save_with_tokenizer(&dir, &ModelCard::default())
         .unwrap();
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();

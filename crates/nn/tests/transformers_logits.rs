@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use amalgam_checkpoint::{ModelCard, WriteOptions};
+use amalgam_checkpoint::ModelCard;
 use amalgam_nn::{tokenizer, Llama, LlamaConfig, RopeScaling};
 use tch::{Device, Kind, Tensor};
 
@@ -90,12 +90,7 @@ fn logits_and_residual_stream_match_transformers() {
         let model = random_model(config, k as i64);
         let dir = tmp.path().join(name);
         model
-            .save(
-                &dir,
-                &ModelCard::default(),
-                &tokenizer::files(),
-                &WriteOptions::default(),
-            )
+            .save_with_tokenizer(&dir, &ModelCard::default())
             .unwrap();
         // Loading our own output must give the same model.
         let loaded = Llama::load(&dir, Device::Cpu).unwrap();

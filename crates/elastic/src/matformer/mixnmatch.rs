@@ -65,8 +65,9 @@ pub fn choose(
     best.map(|(_, _, choice)| choice)
 }
 
-/// Every choice the rule admits (for tables of Mix'n'Match submodels).
-pub fn all_choices(layers: usize, granularities: usize) -> Vec<Vec<usize>> {
+/// Every choice the rule admits.
+#[cfg(test)]
+fn all_choices(layers: usize, granularities: usize) -> Vec<Vec<usize>> {
     let mut all = vec![];
     for_each_choice(layers, granularities, &mut |c| all.push(c.to_vec()));
     all

@@ -13,10 +13,10 @@
 
 use std::path::Path;
 
-use amalgam_checkpoint::{staging_sibling, ModelCard, WriteOptions};
+use amalgam_checkpoint::{staging_sibling, ModelCard};
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::eval::LanguageModel;
-use amalgam_nn::{tokenizer, Llama};
+use amalgam_nn::Llama;
 use amalgam_recipe::StitchTraining;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -303,9 +303,6 @@ impl Family {
     /// Writes the family to `out`, built in a hidden sibling and renamed
     /// into place when complete; a non-empty `out` is replaced only with `force`.
     pub fn save(&self, out: &Path, force: bool, card: &ModelCard) -> Result<()> {
-        let io = |path: &Path, e: std::io::Error| {
-            ElasticError::Stitch(format!("{}: {e}", path.display()))
-        };
         if out.exists()
             && std::fs::read_dir(out)
                 .map_err(|e| io(out, e))?
@@ -331,18 +328,10 @@ impl Family {
     }
 
     fn write_into(&self, dir: &Path, card: &ModelCard) -> Result<()> {
-        let io = |path: &Path, e: std::io::Error| {
-            ElasticError::Stitch(format!("{}: {e}", path.display()))
-        };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         for (a, anchor) in self.anchors.iter().enumerate() {
             anchor
-                .save(
-                    &dir.join(format!("anchor-{a}")),
-                    card,
-                    &tokenizer::files(),
-                    &WriteOptions::default(),
-                )
+                .save_with_tokenizer(&dir.join(format!("anchor-{a}")), card)
                 .map_err(|e| ElasticError::Stitch(format!("saving anchor {a}: {e}")))?;
         }
         let mut tensors = vec![];
@@ -469,6 +458,10 @@ impl Family {
         }
         Ok(family)
     }
+}
+
+fn io(path: &Path, e: std::io::Error) -> ElasticError {
+    ElasticError::Stitch(format!("{}: {e}", path.display()))
 }
 
 fn route_name(r: Route) -> String {

@@ -149,7 +149,6 @@ pub fn positions(front_depth: usize, end_depth: usize) -> Vec<(usize, usize)> {
             out.push((cut, resume));
         }
     }
-    out.dedup();
     out
 }
 
