@@ -8,6 +8,7 @@ mod extract;
 mod inspect;
 mod merge;
 mod pareto;
+mod pleas;
 mod progress;
 mod stitch;
 mod synth;

@@ -23,33 +23,33 @@ use anyhow::{anyhow, Context, Result};
     amalgam merge recipes/dare_ties.yml work/dare --seed 7 --threads 2 --out-shard-size 1GB")]
 pub struct Args {
     /// The recipe (YAML).
-    recipe: PathBuf,
+    pub(crate) recipe: PathBuf,
     /// The output directory (must not exist or be empty, unless --force).
-    output: PathBuf,
+    pub(crate) output: PathBuf,
     /// Print the plan with its I/O and memory estimate; write nothing.
     #[arg(long)]
-    dry_run: bool,
+    pub(crate) dry_run: bool,
     /// With --dry-run: the plan as JSON.
     #[arg(long, requires = "dry_run")]
-    json: bool,
+    pub(crate) json: bool,
     /// Seed for random methods (DARE, DELLA): same seed, same output.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Tensors merged at once (default: the number of cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
     #[arg(long, default_value = "5GB")]
-    out_shard_size: String,
+    pub(crate) out_shard_size: String,
     /// Most bytes of tensors in flight, e.g. 4GB (default: half the available memory).
     #[arg(long)]
-    memory_budget: Option<String>,
+    pub(crate) memory_budget: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Replace a non-empty output directory.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -57,11 +57,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let text = std::fs::read_to_string(&args.recipe)
         .with_context(|| format!("reading recipe {}", args.recipe.display()))?;
     let recipe = Recipe::parse(&text, &args.recipe.display().to_string())?;
+    if recipe.merge_method == "pleas" {
+        return crate::pleas::run(&recipe, &args, quiet);
+    }
     let method = registry::get(&recipe.merge_method).ok_or_else(|| {
         recipe.error(
             recipe.merge_method_at,
             format!(
-                "unknown merge method `{}` (known: {})",
+                "unknown merge method `{}` (known: {}, pleas)",
                 recipe.merge_method,
                 registry::names().join(", ")
             ),
@@ -124,7 +127,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint> {
+pub(crate) fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint> {
     let path = Path::new(&model.path);
     if !path.exists() {
         let looks_like_hub_id =

@@ -7,35 +7,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use amalgam_checkpoint::Checkpoint;
 use amalgam_nn::{Llama, GRANULARITIES};
 use common::*;
 use serde_json::Value;
 use tch::{Device, Tensor};
-
-fn oracle(script: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
-    Command::new(python())
-        .arg(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/oracles")
-                .join(script),
-        )
-        .args(args)
-        .output()
-        .expect("python runs")
-}
-
-fn oracle_ok(script: &str, args: &[&std::ffi::OsStr]) -> String {
-    let out = oracle(script, args);
-    assert!(
-        out.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn extract(recipe_dir: &Path, name: &str, recipe: &str) -> PathBuf {
     let path = recipe_dir.join(format!("{name}.yml"));

@@ -1,6 +1,7 @@
 //! End to end: `amalgam zoo build --size micro` trains every zoo member, each
 //! loads in transformers, a second build reuses them, `amalgam eval` scores
-//! them per domain, and `amalgam stitch` joins the two anchors.
+//! them per domain, `amalgam stitch` joins the two anchors, and PLeaS merges
+//! the two differently initialised models.
 
 mod common;
 
@@ -83,6 +84,7 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
         score["loss"].as_f64().unwrap()
     };
     stitch_the_anchors(&micro, tmp.path());
+    pleas_merges_base_and_init_b(&micro, tmp.path());
     let uniform = (amalgam_nn::tokenizer::VOCAB_SIZE as f64).ln();
     for domain in ["prose", "code", "legal"] {
         let base = loss("base", domain);
@@ -225,4 +227,101 @@ fn eval_and_zoo_refuse_bad_arguments_by_name() {
     );
     let message = fails(["zoo", "build", "--size", "huge"]);
     assert!(message.contains("unknown zoo size \"huge\""), "{message}");
+}
+
+/// `merge_method: pleas` on `base` and `init-b` (same data, different
+/// initialisations): naive averaging is far worse than either model, aligning
+/// first helps, least squares helps more, and a larger budget more again; the
+/// 1× output is a uniform checkpoint transformers computes as we do.
+fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) {
+    let merge = |name: &str, parameters: &str| {
+        let recipe = tmp.join(format!("pleas-{name}.yml"));
+        std::fs::write(
+            &recipe,
+            format!(
+                "merge_method: pleas\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  seq_len: 64\n{parameters}",
+                micro.join("base").display(),
+                micro.join("init-b").display()
+            ),
+        )
+        .unwrap();
+        let out = tmp.join(format!("pleas-{name}"));
+        ok(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+        out
+    };
+    let naive = merge("naive", "  matching: none\n  least_squares: false\n");
+    let aligned = merge("aligned", "  least_squares: false\n");
+    let pleas = merge("1x", "  budget: 1\n");
+    let wider = merge("1.5x", "  budget: 1.5\n");
+    let weight = merge("weight", "  matching: weight\n  calibration: random\n");
+
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(wider.join("config.json")).unwrap()).unwrap();
+    let widths: Vec<u64> = config["intermediate_size"]
+        .as_array()
+        .expect("per-layer widths")
+        .iter()
+        .map(|w| w.as_u64().unwrap())
+        .collect();
+    assert!(widths.iter().sum::<u64>() > 2 * 96, "{widths:?}");
+
+    // transformers on the 1x merge computes our logits.
+    let ids: Vec<i64> = (0..2 * 40).map(|i| (i * 37 + 5) % 258).collect();
+    let ids = tch::Tensor::from_slice(&ids).view([2, 40]);
+    let ours = amalgam_nn::Llama::load(&pleas, tch::Device::Cpu).unwrap();
+    let logits = tch::no_grad(|| ours.forward(&ids));
+    let case = tmp.join("pleas-case.safetensors");
+    tch::Tensor::write_safetensors(&[("ids", &ids), ("logits", &logits)], &case).unwrap();
+    let report: Value = serde_json::from_str(&oracle_ok(
+        "hf_logits.py",
+        &[pleas.as_os_str(), case.as_os_str()],
+    ))
+    .unwrap();
+    let diff = report["max_logit_diff"].as_f64().unwrap();
+    assert!(diff <= 1e-4, "transformers differs by {diff}: {report}");
+
+    let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref()];
+    let dirs = [
+        micro.join("base"),
+        micro.join("init-b"),
+        naive,
+        aligned,
+        pleas,
+        wider,
+        weight,
+    ];
+    args.extend(dirs.iter().map(|d| d.as_os_str()));
+    args.extend(["--json", "--seq-len", "65", "--max-windows", "16"].map(std::ffi::OsStr::new));
+    let scores: Value = serde_json::from_str(&ok(args)).unwrap();
+    let mean_loss = |dir: &std::path::Path| -> f64 {
+        let entry = scores
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["model"].as_str().unwrap() == dir.to_str().unwrap())
+            .unwrap();
+        let losses: Vec<f64> = entry["domains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["loss"].as_f64().unwrap())
+            .collect();
+        losses.iter().sum::<f64>() / losses.len() as f64
+    };
+    let [base, init_b, naive, aligned, pleas, wider, weight] = dirs.map(|d| mean_loss(&d));
+    let table = format!(
+        "base {base:.3}, init-b {init_b:.3}, naive {naive:.3}, aligned {aligned:.3}, \
+         pleas 1x {pleas:.3}, 1.5x {wider:.3}, weight-matched (random calibration) {weight:.3}"
+    );
+    assert!(
+        naive > base.max(init_b) + 0.5,
+        "naive averaging is far worse: {table}"
+    );
+    assert!(aligned < naive - 0.15, "aligning first helps: {table}");
+    assert!(pleas < aligned - 0.1, "least squares help: {table}");
+    assert!(wider < pleas - 0.05, "a larger budget helps: {table}");
+    assert!(
+        weight < aligned,
+        "data-free PLeaS beats permute-then-average: {table}"
+    );
 }

@@ -115,3 +115,27 @@ pub fn tensor_digests(
         })
         .collect()
 }
+
+/// Runs one of tests/oracles/ with the project venv's Python.
+pub fn oracle(script: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(python())
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/oracles")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .expect("python runs")
+}
+
+/// [`oracle`], which must succeed; its stdout.
+pub fn oracle_ok(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = oracle(script, args);
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

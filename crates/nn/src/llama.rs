@@ -28,6 +28,26 @@ pub struct Taps {
     pub attention_heads: Vec<Tensor>,
 }
 
+impl Taps {
+    /// Every tap flattened over batch and positions: `[tokens, width]`
+    /// (attention heads side by side), in the order residual, attention, FFN.
+    pub fn flattened(&self) -> [Vec<Tensor>; 3] {
+        let flat = |taps: &[Tensor]| {
+            taps.iter()
+                .map(|t| {
+                    let width: i64 = t.size()[2..].iter().product();
+                    t.reshape([-1, width])
+                })
+                .collect()
+        };
+        [
+            flat(&self.residual),
+            flat(&self.attention_heads),
+            flat(&self.ffn_hidden),
+        ]
+    }
+}
+
 struct Block {
     input_norm: Tensor,
     q: Tensor,
@@ -149,23 +169,55 @@ impl Llama {
         Ok(model)
     }
 
+    /// A model of `config` holding `tensors` (Hugging Face names; every
+    /// variable must be given with its shape).
+    pub fn from_tensors(
+        config: LlamaConfig,
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+        device: Device,
+    ) -> Result<Self> {
+        let model = Llama::build(config, device, None);
+        for (name, var) in model.vs.variables() {
+            let tensor = tensors
+                .get(&name)
+                .ok_or_else(|| NnError::Invalid(format!("no tensor {name}")))?;
+            if tensor.size() != var.size() {
+                return Err(NnError::Invalid(format!(
+                    "tensor {name} has shape {:?}, the config implies {:?}",
+                    tensor.size(),
+                    var.size()
+                )));
+            }
+            tch::no_grad(|| var.shallow_clone().copy_(tensor));
+        }
+        Ok(model)
+    }
+
+    /// The model's tensors by name (shallow: they share the variables' storage).
+    pub fn tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
+        self.vs.variables().into_iter().collect()
+    }
+
     /// [`Llama::save`] with amalgam's byte tokenizer files beside the
     /// weights, to a new (or empty) directory.
     pub fn save_with_tokenizer(&self, out: &Path, card: &ModelCard) -> Result<PathBuf> {
         self.save(
             out,
             card,
+            None,
             &crate::tokenizer::files(),
             &WriteOptions::default(),
         )
     }
 
-    /// Writes the model as an F32 Hugging Face checkpoint (config, weights, and
-    /// the given extra files such as the tokenizer), atomically.
+    /// Writes the model as an F32 Hugging Face checkpoint (config, weights,
+    /// the tokenizer files of `tokenizer_source` and the given extra files),
+    /// atomically.
     pub fn save(
         &self,
         out: &Path,
         card: &ModelCard,
+        tokenizer_source: Option<&Path>,
         extra_files: &[(&str, Vec<u8>)],
         options: &WriteOptions,
     ) -> Result<PathBuf> {
@@ -185,7 +237,7 @@ impl Llama {
         }
         Ok(writer.finish(Finish {
             config: &self.config.to_model_config(),
-            tokenizer_source: None,
+            tokenizer_source,
             extra_files,
             card,
         })?)

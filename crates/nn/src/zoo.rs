@@ -342,7 +342,7 @@ pub fn build(
             force: true,
             ..Default::default()
         };
-        model.save(&out, &card, &files, &options)?;
+        model.save(&out, &card, None, &files, &options)?;
         on_event(ZooEvent::Done {
             member: &member.name,
             seconds,

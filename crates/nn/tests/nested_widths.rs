@@ -47,7 +47,13 @@ fn a_config_that_does_not_fit_the_weights_is_refused_by_tensor_name() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("m");
     Llama::new(shape.clone(), Device::Cpu, 1)
-        .save(&dir, &ModelCard::default(), &[], &WriteOptions::default())
+        .save(
+            &dir,
+            &ModelCard::default(),
+            None,
+            &[],
+            &WriteOptions::default(),
+        )
         .unwrap();
     // A config that implies other widths: the error names the tensor and both shapes.
     let mut config = shape.to_model_config();

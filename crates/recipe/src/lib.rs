@@ -1,5 +1,6 @@
 //! Recipes: the YAML schemas (mergekit-compatible for merges; `kind: extract`
-//! for nested submodels; `kind: stitch` for SN-Net families), validation with
+//! for nested submodels; `kind: stitch` for SN-Net families; `merge_method:
+//! pleas`'s own parameters), validation with
 //! line and column, and resolution of parameters into a [`Plan`]. Pure data: no
 //! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
 //! and the merge method as a [`MethodSpec`].
@@ -8,6 +9,7 @@ mod error;
 mod extract;
 mod params;
 mod plan;
+mod pleas;
 mod schema;
 mod stitch;
 mod yaml;
@@ -19,5 +21,6 @@ pub use plan::{
     BasePolicy, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope, ParamSpec,
     Plan, PlannedInput, PlannedTensor, Resolved,
 };
+pub use pleas::{PleasMatching, PleasRecipe};
 pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef, TokenizerSource};
 pub use stitch::{StitchRecipe, StitchTraining};

@@ -25,6 +25,10 @@ pub struct PermutationGroup {
     pub name: String,
     pub units: usize,
     pub axes: Vec<Axis>,
+    /// `(group, unit)` when this group permutes units inside one unit of
+    /// another group (the query heads of one KV head): it is applied after
+    /// its parent, to whatever the parent moved to position `unit`.
+    pub parent: Option<(usize, usize)>,
 }
 
 /// The shape facts a Llama-family decoder's symmetries depend on.
@@ -38,6 +42,7 @@ pub struct DecoderShape {
     pub ffn: Vec<usize>,
     /// A separate `lm_head.weight` (untied embeddings).
     pub untied_head: bool,
+    pub rms_norm_eps: f64,
 }
 
 /// The permutation groups of a Llama-family decoder: one residual-stream
@@ -60,7 +65,13 @@ pub fn llama(shape: &DecoderShape) -> Vec<PermutationGroup> {
     if shape.untied_head {
         residual.push(axis("lm_head.weight".into(), 1, 0, 1));
     }
-    let mut groups = vec![];
+    // The residual group comes first; its axes are collected on the way.
+    let mut groups = vec![PermutationGroup {
+        name: "residual".into(),
+        units: shape.hidden,
+        axes: vec![],
+        parent: None,
+    }];
     let (hd, per_group) = (shape.head_dim, shape.heads / shape.kv_heads);
     for (l, &ffn) in shape.ffn.iter().enumerate() {
         let name = |part: &str| format!("model.layers.{l}.{part}.weight");
@@ -89,7 +100,9 @@ pub fn llama(shape: &DecoderShape) -> Vec<PermutationGroup> {
                 axis(name("mlp.up_proj"), 0, 0, 1),
                 axis(name("mlp.down_proj"), 1, 0, 1),
             ],
+            parent: None,
         });
+        let kv_group = groups.len();
         groups.push(PermutationGroup {
             name: format!("layers.{l}.kv_heads"),
             units: shape.kv_heads,
@@ -99,6 +112,7 @@ pub fn llama(shape: &DecoderShape) -> Vec<PermutationGroup> {
                 axis(name("self_attn.v_proj"), 0, 0, hd),
                 axis(name("self_attn.o_proj"), 1, 0, per_group * hd),
             ],
+            parent: None,
         });
         for g in 0..shape.kv_heads {
             groups.push(PermutationGroup {
@@ -108,18 +122,39 @@ pub fn llama(shape: &DecoderShape) -> Vec<PermutationGroup> {
                     axis(name("self_attn.q_proj"), 0, g * per_group * hd, hd),
                     axis(name("self_attn.o_proj"), 1, g * per_group * hd, hd),
                 ],
+                parent: Some((kv_group, g)),
             });
         }
     }
-    groups.insert(
-        0,
-        PermutationGroup {
-            name: "residual".into(),
-            units: shape.hidden,
-            axes: residual,
-        },
-    );
+    groups[0].axes = residual;
     groups
+}
+
+/// The permutation groups of a plain MLP whose layers are
+/// `layers.{i}.weight` `[out, in]` and `layers.{i}.bias`, with `hidden[i]`
+/// units between layer `i` and `i + 1` (elementwise activations commute
+/// with permutations; the input and output features are fixed).
+pub fn mlp(hidden: &[usize]) -> Vec<PermutationGroup> {
+    let axis = |tensor: String, dim| Axis {
+        tensor,
+        dim,
+        offset: 0,
+        block: 1,
+    };
+    hidden
+        .iter()
+        .enumerate()
+        .map(|(i, &units)| PermutationGroup {
+            name: format!("hidden{i}"),
+            units,
+            axes: vec![
+                axis(format!("layers.{i}.weight"), 0),
+                axis(format!("layers.{i}.bias"), 0),
+                axis(format!("layers.{}.weight", i + 1), 1),
+            ],
+            parent: None,
+        })
+        .collect()
 }
 
 /// Applies one permutation per group (`perms[i]` maps new unit j to old unit

@@ -1,0 +1,161 @@
+//! The least-squares step: one linear layer of the merged model, fitted in
+//! closed form so that, fed the (merged) features of the original models,
+//! it reproduces their (merged) outputs.
+//!
+//! Both sides of a layer are laid out in blocks `[merged | A-only | B-only]`.
+//! An A-only output must not read B-only inputs (and vice versa): those two
+//! blocks are zero by construction, because each output block is solved only
+//! from the inputs it may read — merged outputs from all inputs, A-only
+//! outputs from `[merged | A-only]`, B-only from `[merged | B-only]`.
+
+use tch::{Kind, Tensor};
+
+use crate::{MergeError, Result};
+
+/// Sizes of a side's `[merged, A-only, B-only]` blocks.
+pub type Blocks = [usize; 3];
+
+/// The normal equations of one layer, accumulated batch by batch:
+/// `XᵀX` `[in, in]` and `XᵀY` `[in, out]`.
+pub struct NormalEquations {
+    gram: Tensor,
+    cross: Tensor,
+    kind: Kind,
+}
+
+impl NormalEquations {
+    /// Empty equations in `kind` (F32 or F64) for `inputs` → `outputs` features.
+    pub fn new(inputs: usize, outputs: usize, kind: Kind, device: tch::Device) -> Self {
+        NormalEquations {
+            gram: Tensor::zeros([inputs as i64, inputs as i64], (kind, device)),
+            cross: Tensor::zeros([inputs as i64, outputs as i64], (kind, device)),
+            kind,
+        }
+    }
+
+    /// Adds a batch: inputs `[n, in]`, targets `[n, out]`.
+    pub fn add(&mut self, x: &Tensor, y: &Tensor) {
+        let x = x.to_kind(self.kind);
+        let xt = x.transpose(0, 1);
+        self.gram += xt.matmul(&x);
+        self.cross += xt.matmul(&y.to_kind(self.kind));
+    }
+
+    /// The weight `[out, in]` (F32) minimising ‖XWᵀ − Y‖² + λ‖W‖² blockwise,
+    /// with λ = `ridge` × the mean diagonal of `XᵀX` (scale-free), and the
+    /// A-only × B-only blocks exactly zero.
+    pub fn solve(&self, inputs: Blocks, outputs: Blocks, ridge: f64) -> Result<Tensor> {
+        let n_in: usize = inputs.iter().sum();
+        let n_out: usize = outputs.iter().sum();
+        if self.gram.size() != [n_in as i64, n_in as i64]
+            || self.cross.size() != [n_in as i64, n_out as i64]
+        {
+            return Err(MergeError::Permutation(format!(
+                "least squares: blocks {inputs:?} → {outputs:?} do not fit equations {:?} → {:?}",
+                self.gram.size(),
+                self.cross.size()
+            )));
+        }
+        let starts = |b: Blocks| [0, b[0], b[0] + b[1]];
+        let (in_at, out_at) = (starts(inputs), starts(outputs));
+        let range = |at: usize, len: usize| (at as i64..(at + len) as i64).collect::<Vec<_>>();
+        let device = self.gram.device();
+        let weight = Tensor::zeros([n_out as i64, n_in as i64], (self.kind, device));
+        for (o, readable) in [[0, 1, 2], [0, 1, usize::MAX], [0, usize::MAX, 2]]
+            .into_iter()
+            .enumerate()
+        {
+            if outputs[o] == 0 {
+                continue;
+            }
+            let columns: Vec<i64> = readable
+                .iter()
+                .filter(|&&i| i != usize::MAX)
+                .flat_map(|&i| range(in_at[i], inputs[i]))
+                .collect();
+            if columns.is_empty() {
+                continue;
+            }
+            let index = Tensor::from_slice(&columns).to_device(device);
+            let gram = self.gram.index_select(0, &index).index_select(1, &index);
+            let cross =
+                self.cross
+                    .index_select(0, &index)
+                    .narrow(1, out_at[o] as i64, outputs[o] as i64);
+            let size = columns.len() as i64;
+            let scale = f64::max(
+                gram.diagonal(0, 0, 1).mean(self.kind).double_value(&[]),
+                1e-12,
+            );
+            let regularised = gram + Tensor::eye(size, (self.kind, device)) * (ridge * scale);
+            let solution = Tensor::f_linalg_solve(&regularised, &cross, true).map_err(|e| {
+                MergeError::Permutation(format!("least squares: solve failed ({e})"))
+            })?;
+            // A view of the output block's rows; the solution lands in the
+            // columns it was solved for, the rest stay zero.
+            let mut rows = weight.narrow(0, out_at[o] as i64, outputs[o] as i64);
+            let _ = rows.index_copy_(1, &index, &solution.transpose(0, 1));
+        }
+        Ok(weight.to_kind(Kind::Float))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn randn(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Double, Device::Cpu))
+    }
+
+    #[test]
+    fn block_solution_recovers_a_block_weight_and_keeps_cross_blocks_zero() {
+        tch::manual_seed(3);
+        let (inputs, outputs) = ([3, 2, 4], [2, 3, 1]);
+        let mut truth = randn(&[6, 9]);
+        // The A-only × B-only blocks of the true weight are zero.
+        let _ = truth.narrow(0, 2, 3).narrow(1, 5, 4).zero_();
+        let _ = truth.narrow(0, 5, 1).narrow(1, 3, 2).zero_();
+        let mut equations = NormalEquations::new(9, 6, Kind::Double, Device::Cpu);
+        for _ in 0..3 {
+            let x = randn(&[40, 9]);
+            equations.add(&x, &x.matmul(&truth.transpose(0, 1)));
+        }
+        let weight = equations.solve(inputs, outputs, 0.0).unwrap();
+        assert!(weight
+            .to_kind(Kind::Double)
+            .allclose(&truth, 1e-5, 1e-5, false));
+        // With noisy targets the cross blocks are still exactly zero.
+        let mut noisy = NormalEquations::new(9, 6, Kind::Float, Device::Cpu);
+        noisy.add(&randn(&[50, 9]), &randn(&[50, 6]));
+        let weight = noisy.solve(inputs, outputs, 1e-3).unwrap();
+        assert_eq!(
+            weight
+                .narrow(0, 2, 3)
+                .narrow(1, 5, 4)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        assert_eq!(
+            weight
+                .narrow(0, 5, 1)
+                .narrow(1, 3, 2)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        assert_ne!(
+            weight
+                .narrow(0, 0, 2)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        assert!(noisy.solve([9, 0, 0], [7, 0, 0], 0.0).is_err());
+    }
+}

@@ -1,0 +1,244 @@
+//! `amalgam merge` for `merge_method: pleas`: loads the two models into the
+//! forward pass, feeds the PLeaS pipeline their features on calibration
+//! batches, and writes the merged model (its FFN widths in the config).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use amalgam_checkpoint::{parse_byte_size, InputRecord, ModelCard, WriteOptions};
+use amalgam_merge::pleas::permutation::DecoderShape;
+use amalgam_merge::pleas::statistics::Metric;
+use amalgam_merge::pleas::{self, Activations, Matching, Model, Taps};
+use amalgam_merge::MergeError;
+use amalgam_nn::data::{Domain, Sampler, Split};
+use amalgam_nn::{tokenizer, Llama};
+use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe};
+use anyhow::{anyhow, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use tch::{Device, Kind, Tensor};
+
+use crate::merge::Args;
+
+/// The forward pass as PLeaS's feature source.
+struct Forward<'a>(&'a Llama);
+
+impl Activations for Forward<'_> {
+    fn taps(&self, ids: &Tensor) -> amalgam_merge::Result<Taps> {
+        let (_, taps) = tch::no_grad(|| self.0.forward_taps(ids));
+        // The pipeline's statistics and equations live on the CPU.
+        let [residual, attention, ffn] = taps
+            .flattened()
+            .map(|taps| taps.iter().map(|t| t.to_device(Device::Cpu)).collect());
+        Ok(Taps {
+            residual,
+            attention,
+            ffn,
+        })
+    }
+}
+
+/// Calibration batches `[batch, seq_len]` as the recipe asks: corpus text
+/// (one domain or the mixture, training split, byte tokenizer) or uniformly
+/// random token ids.
+fn calibration(recipe: &Recipe, pleas: &PleasRecipe, vocab: usize) -> Result<Vec<Tensor>> {
+    let sizes: Vec<usize> = (0..pleas.samples)
+        .step_by(pleas.batch)
+        .map(|start| pleas.batch.min(pleas.samples - start))
+        .collect();
+    if pleas.calibration == "random" {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(pleas.seed);
+        return Ok(sizes
+            .iter()
+            .map(|&n| {
+                let ids: Vec<i64> = (0..n * pleas.seq_len)
+                    .map(|_| rng.random_range(0..vocab as i64))
+                    .collect();
+                Tensor::from_slice(&ids).view([n as i64, pleas.seq_len as i64])
+            })
+            .collect());
+    }
+    let domains = match pleas.calibration.as_str() {
+        "mixture" => Domain::ALL.to_vec(),
+        name => vec![Domain::parse(name).ok_or_else(|| {
+            recipe.error(
+                pleas.calibration_at,
+                format!(
+                    "unknown calibration `{name}` (known: mixture, random, {})",
+                    Domain::ALL.map(|d| d.name()).join(", ")
+                ),
+            )
+        })?],
+    };
+    if vocab != tokenizer::VOCAB_SIZE {
+        return Err(recipe
+            .error(
+                pleas.calibration_at,
+                format!(
+                    "corpus calibration is tokenized with amalgam's byte tokenizer ({} tokens), \
+                     this model has {vocab}: use `calibration: random`",
+                    tokenizer::VOCAB_SIZE
+                ),
+            )
+            .into());
+    }
+    let mut sampler = Sampler::new(&domains, Split::Train, pleas.seed);
+    Ok(sizes
+        .iter()
+        .map(|&n| sampler.batch(n, pleas.seq_len, Device::Cpu))
+        .collect())
+}
+
+pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let pleas = PleasRecipe::from_recipe(recipe)?;
+    let checkpoints = pleas
+        .models
+        .iter()
+        .map(|m| crate::merge::open_model(recipe, m))
+        .collect::<Result<Vec<_>>>()?;
+    let device = crate::device::parse(&args.device)?;
+    let models = pleas
+        .models
+        .iter()
+        .map(|m| {
+            Llama::load(Path::new(&m.path), device)
+                .map_err(|e| anyhow!(recipe.error(m.at, format!("model `{}`: {e}", m.path))))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = models[0].config.clone();
+    if models[1].config.intermediate_sizes != config.intermediate_sizes
+        || models[1].config.hidden_size != config.hidden_size
+    {
+        return Err(anyhow!(recipe.error(
+            pleas.models[1].at,
+            "pleas merges two models of one shape (hidden size, layers, FFN widths)"
+        )));
+    }
+    let shape = DecoderShape {
+        hidden: config.hidden_size,
+        heads: config.num_attention_heads,
+        kv_heads: config.num_key_value_heads,
+        head_dim: config.head_dim,
+        ffn: config.intermediate_sizes.clone(),
+        untied_head: !config.tie_word_embeddings,
+        rms_norm_eps: config.rms_norm_eps,
+    };
+    let batches = calibration(recipe, &pleas, config.vocab_size)?;
+    let options = pleas::Options {
+        matching: match pleas.matching {
+            PleasMatching::Activation if pleas.metric == "distance" => {
+                Matching::Activation(Metric::Distance)
+            }
+            PleasMatching::Activation => Matching::Activation(Metric::Correlation),
+            PleasMatching::Weight => Matching::Weight { seed: pleas.seed },
+            PleasMatching::None => Matching::None,
+        },
+        budget: pleas.budget,
+        ridge: pleas.ridge,
+        kind: if pleas.precision == "float32" {
+            Kind::Float
+        } else {
+            Kind::Double
+        },
+        least_squares: pleas.least_squares,
+    };
+    if args.dry_run {
+        println!(
+            "pleas: {} + {} ({} layers, hidden {}, FFN {:?}), {:?}, budget {}, {} calibration batches of {}",
+            pleas.models[0].path,
+            pleas.models[1].path,
+            shape.ffn.len(),
+            shape.hidden,
+            shape.ffn,
+            options.matching,
+            options.budget,
+            batches.len(),
+            pleas.calibration
+        );
+        return Ok(());
+    }
+    let on_cpu = |m: &Llama| -> BTreeMap<String, Tensor> {
+        m.tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
+            .collect()
+    };
+    let (tensors_a, tensors_b) = (on_cpu(&models[0]), on_cpu(&models[1]));
+    let passes = if options.least_squares { 2 } else { 1 };
+    let bar = crate::progress::steps((passes * batches.len()) as u64, "pleas", quiet);
+    let merged = pleas::merge(
+        &shape,
+        Model {
+            tensors: &tensors_a,
+            activations: &Forward(&models[0]),
+        },
+        Model {
+            tensors: &tensors_b,
+            activations: &Forward(&models[1]),
+        },
+        &batches,
+        &options,
+        &|| bar.inc(1),
+    )
+    .map_err(|e: MergeError| anyhow!("pleas: {e}"))?;
+    bar.finish_and_clear();
+    if merged.budget_capped {
+        tracing::warn!(
+            "budget {} is more than keeping every FFN unit separate costs; the output is {:.3}× \
+             (the residual stream and attention heads are always merged)",
+            pleas.budget,
+            merged.ratio
+        );
+    }
+    let mut out_config = config.clone();
+    out_config.intermediate_sizes = merged.ffn_widths.clone();
+    let model = Llama::from_tensors(out_config, &merged.tensors, Device::Cpu)?;
+    let inputs = checkpoints
+        .iter()
+        .zip(["model-a", "model-b"])
+        .map(|(c, role)| InputRecord::hash(role, c))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let t = &merged.timings;
+    let card = ModelCard {
+        title: "PLeaS merge".into(),
+        summary: format!(
+            "Merged by `amalgam merge` (PLeaS: permutation alignment and least squares): \
+             {} parameters ({:.3}× one input), FFN widths {:?} ({:?} units kept separately \
+             from each model). Features {:.1} s, matching {:.1} s, least squares {:.1} s.",
+            merged.parameters,
+            merged.ratio,
+            merged.ffn_widths,
+            merged.separate,
+            t.features,
+            t.matching,
+            t.least_squares
+        ),
+        recipe: Some(recipe.text.clone()),
+        inputs,
+    };
+    let write = WriteOptions {
+        max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
+        force: args.force,
+        inputs: checkpoints.iter().map(|c| c.dir().to_path_buf()).collect(),
+    };
+    let out = model
+        .save(&args.output, &card, Some(checkpoints[0].dir()), &[], &write)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    if !quiet {
+        println!(
+            "merged 2 models with pleas into {}: {} parameters ({:.3}×), FFN widths {:?}; \
+             features {:.1} s, matching {:.1} s, least squares {:.1} s, total {:.1} s",
+            out.display(),
+            merged.parameters,
+            merged.ratio,
+            merged.ffn_widths,
+            t.features,
+            t.matching,
+            t.least_squares,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
