@@ -26,7 +26,8 @@ struct Forward<'a>(&'a Llama);
 
 impl Activations for Forward<'_> {
     fn taps(&self, ids: &Tensor) -> amalgam_merge::Result<Taps> {
-        let (_, taps) = tch::no_grad(|| self.0.forward_taps(ids));
+        let ids = ids.to_device(self.0.device());
+        let (_, taps) = tch::no_grad(|| self.0.forward_taps(&ids));
         // The pipeline's statistics and equations live on the CPU.
         let [residual, attention, ffn] = taps
             .flattened()

@@ -291,3 +291,65 @@ fn not_a_checkpoint_directory() {
         "{err}"
     );
 }
+
+/// PLeaS recipes with mistakes name their line; nothing is written. A good
+/// one runs on synthetic models (untied head, a vocabulary that is not the
+/// byte tokenizer's) with random-token calibration.
+#[test]
+fn pleas_recipes_name_their_mistakes() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth(&tmp.path().join("f"), &["--finetunes", "1"]);
+    let recipe = |name: &str, body: &str| {
+        let path = tmp.path().join(format!("{name}.yml"));
+        let (a, b) = (tmp.path().join("f/base"), tmp.path().join("f/finetune-1"));
+        std::fs::write(
+            &path,
+            format!(
+                "merge_method: pleas\nmodels:\n  - model: {}\n  - model: {}\n{body}",
+                a.display(),
+                b.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let out = tmp.path().join("out");
+    for (name, body, needles) in [
+        (
+            "text",
+            "parameters:\n  calibration: prose\n",
+            &["text.yml:6:", "calibration: random"][..],
+        ),
+        (
+            "unknown",
+            "parameters:\n  calibration: poetry\n",
+            &["unknown.yml:6:", "unknown calibration `poetry`"][..],
+        ),
+        (
+            "budget",
+            "parameters:\n  budget: 2.5\n",
+            &["budget.yml:6:", "`budget` is a number from 1 to 2"][..],
+        ),
+        (
+            "per-model",
+            "parameters:\n  densty: 0.5\n",
+            &["per-model.yml:6:", "unknown pleas parameter `densty`"][..],
+        ),
+    ] {
+        let path = recipe(name, body);
+        let message = fails(["merge".as_ref(), path.as_os_str(), out.as_os_str()]);
+        for needle in needles {
+            assert!(message.contains(needle), "{name}: {message}");
+        }
+        assert!(!out.exists(), "{name}: nothing written");
+    }
+    let good = recipe(
+        "good",
+        "parameters:\n  calibration: random\n  samples: 8\n  seq_len: 16\n  budget: 1.3\n",
+    );
+    ok(["merge".as_ref(), good.as_os_str(), out.as_os_str()]);
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert!(config["intermediate_size"].is_array(), "{config}");
+    assert_eq!(config["tie_word_embeddings"], false);
+}

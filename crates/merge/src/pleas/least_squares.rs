@@ -113,7 +113,7 @@ mod tests {
     fn block_solution_recovers_a_block_weight_and_keeps_cross_blocks_zero() {
         tch::manual_seed(3);
         let (inputs, outputs) = ([3, 2, 4], [2, 3, 1]);
-        let mut truth = randn(&[6, 9]);
+        let truth = randn(&[6, 9]);
         // The A-only × B-only blocks of the true weight are zero.
         let _ = truth.narrow(0, 2, 3).narrow(1, 5, 4).zero_();
         let _ = truth.narrow(0, 5, 1).narrow(1, 3, 2).zero_();
