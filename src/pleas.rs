@@ -9,7 +9,7 @@ use std::time::Instant;
 use amalgam_checkpoint::{parse_byte_size, InputRecord, ModelCard, WriteOptions};
 use amalgam_merge::pleas::permutation::DecoderShape;
 use amalgam_merge::pleas::statistics::Metric;
-use amalgam_merge::pleas::{self, Activations, Matching, Model, Taps};
+use amalgam_merge::pleas::{self, Activations, Matching, Model, Taps, Widen};
 use amalgam_merge::MergeError;
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::{tokenizer, Llama};
@@ -144,6 +144,11 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
             Kind::Double
         },
         least_squares: pleas.least_squares,
+        widen: if pleas.widen == "ffn" {
+            Widen::Ffn
+        } else {
+            Widen::All
+        },
     };
     if args.dry_run {
         println!(
@@ -185,16 +190,12 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
     )
     .map_err(|e: MergeError| anyhow!("pleas: {e}"))?;
     bar.finish_and_clear();
-    if merged.budget_capped {
-        tracing::warn!(
-            "budget {} is more than keeping every FFN unit separate costs; the output is {:.3}× \
-             (the residual stream and attention heads are always merged)",
-            pleas.budget,
-            merged.ratio
-        );
-    }
     let mut out_config = config.clone();
     out_config.intermediate_sizes = merged.ffn_widths.clone();
+    out_config.hidden_size = merged.hidden;
+    out_config.num_attention_heads =
+        merged.kv_heads * (config.num_attention_heads / config.num_key_value_heads);
+    out_config.num_key_value_heads = merged.kv_heads;
     let model = Llama::from_tensors(out_config, &merged.tensors, Device::Cpu)?;
     let inputs = checkpoints
         .iter()
@@ -206,12 +207,15 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
         title: "PLeaS merge".into(),
         summary: format!(
             "Merged by `amalgam merge` (PLeaS: permutation alignment and least squares): \
-             {} parameters ({:.3}× one input), FFN widths {:?} ({:?} units kept separately \
-             from each model). Features {:.1} s, matching {:.1} s, least squares {:.1} s.",
+             {} parameters ({:.3}× one input), hidden size {} ({} channels kept separately \
+             from each model), FFN widths {:?} ({:?} units kept separately). \
+             Features {:.1} s, matching {:.1} s, least squares {:.1} s.",
             merged.parameters,
             merged.ratio,
+            merged.hidden,
+            merged.separate_residual,
             merged.ffn_widths,
-            merged.separate,
+            merged.separate_ffn,
             t.features,
             t.matching,
             t.least_squares
@@ -229,11 +233,12 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
         .with_context(|| format!("writing {}", args.output.display()))?;
     if !quiet {
         println!(
-            "merged 2 models with pleas into {}: {} parameters ({:.3}×), FFN widths {:?}; \
-             features {:.1} s, matching {:.1} s, least squares {:.1} s, total {:.1} s",
+            "merged 2 models with pleas into {}: {} parameters ({:.3}×), hidden size {}, \
+             FFN widths {:?}; features {:.1} s, matching {:.1} s, least squares {:.1} s, total {:.1} s",
             out.display(),
             merged.parameters,
             merged.ratio,
+            merged.hidden,
             merged.ffn_widths,
             t.features,
             t.matching,

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use amalgam_merge::pleas::permutation::{apply, llama, DecoderShape};
+use amalgam_merge::pleas::permutation::{apply, llama, mlp, DecoderShape};
 use amalgam_nn::{tokenizer, Llama, LlamaConfig};
 use common::{shape, structured_model};
 use proptest::prelude::*;
@@ -103,4 +103,47 @@ fn invalid_permutations_are_refused() {
         message.contains("no tensor model.embed_tokens.weight"),
         "{message}"
     );
+}
+
+/// The plain-MLP spec is a symmetry too: permuting every hidden layer leaves
+/// the outputs of a ReLU MLP unchanged.
+#[test]
+fn permuting_an_mlps_hidden_units_leaves_its_outputs_unchanged() {
+    let widths = [5usize, 7, 6, 3];
+    let hidden = &widths[1..widths.len() - 1];
+    let mut tensors = BTreeMap::new();
+    for (i, pair) in widths.windows(2).enumerate() {
+        let options = (Kind::Float, Device::Cpu);
+        tensors.insert(
+            format!("layers.{i}.weight"),
+            Tensor::randn([pair[1] as i64, pair[0] as i64], options),
+        );
+        tensors.insert(
+            format!("layers.{i}.bias"),
+            Tensor::randn([pair[1] as i64], options),
+        );
+    }
+    let forward = |t: &BTreeMap<String, Tensor>, x: &Tensor| {
+        let mut x = x.shallow_clone();
+        for i in 0..widths.len() - 1 {
+            x = x.linear(
+                &t[&format!("layers.{i}.weight")],
+                Some(&t[&format!("layers.{i}.bias")]),
+            );
+            if i < widths.len() - 2 {
+                x = x.relu();
+            }
+        }
+        x
+    };
+    let x = Tensor::randn([4, 5], (Kind::Float, Device::Cpu));
+    let before = forward(&tensors, &x);
+    let groups = mlp(hidden);
+    let mut seed = 5;
+    let perms: Vec<Vec<usize>> = groups.iter().map(|g| shuffle(g.units, &mut seed)).collect();
+    let original = tensors["layers.1.weight"].copy();
+    apply(&mut tensors, &groups, &perms).unwrap();
+    assert!(!tensors["layers.1.weight"].equal(&original));
+    let after = forward(&tensors, &x);
+    assert!((before - after).abs().max().double_value(&[]) <= 1e-5);
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use amalgam_merge::pleas::permutation::{apply, llama};
 use amalgam_merge::pleas::statistics::Metric;
-use amalgam_merge::pleas::{merge, Activations, Matching, Model, Options, Taps};
+use amalgam_merge::pleas::{merge, Activations, Matching, Model, Options, Taps, Widen};
 use amalgam_nn::{tokenizer, Llama, LlamaConfig};
 use common::{shape, structured_model};
 use tch::{Device, Kind, Tensor};
@@ -78,6 +78,17 @@ fn batches() -> Vec<Tensor> {
 }
 
 fn run(a: &Llama, b: &Llama, matching: Matching, budget: f64, least_squares: bool) -> Llama {
+    run_widening(a, b, matching, budget, least_squares, Widen::Ffn)
+}
+
+fn run_widening(
+    a: &Llama,
+    b: &Llama,
+    matching: Matching,
+    budget: f64,
+    least_squares: bool,
+    widen: Widen,
+) -> Llama {
     let (ta, tb) = (copy(&a.tensors()), copy(&b.tensors()));
     let merged = merge(
         &shape(&a.config),
@@ -96,12 +107,17 @@ fn run(a: &Llama, b: &Llama, matching: Matching, budget: f64, least_squares: boo
             ridge: 1e-8,
             kind: Kind::Double,
             least_squares,
+            widen,
         },
         &|| {},
     )
     .unwrap();
     let mut config = a.config.clone();
     config.intermediate_sizes = merged.ffn_widths.clone();
+    config.hidden_size = merged.hidden;
+    config.num_attention_heads =
+        merged.kv_heads * (config.num_attention_heads / config.num_key_value_heads);
+    config.num_key_value_heads = merged.kv_heads;
     Llama::from_tensors(config, &merged.tensors, Device::Cpu).unwrap()
 }
 
@@ -141,7 +157,9 @@ fn least_squares_merge_of_a_model_with_its_shuffled_copy_is_the_model() {
     let merged = run(&model, &shuffled, matching, 1.0, true);
     let diff = max_logit_difference(&model, &merged);
     assert!(diff < 1e-3, "PLeaS 1x: logits differ by {diff}");
-    // Wider: separate units are duplicates; the function is still the model's.
+    // Wider FFNs: separate units are duplicates; the function is still the
+    // model's. (A wider residual stream is not: duplicated channels change
+    // what RMSNorm divides by.)
     let wider = run(&model, &shuffled, matching, 1.4, true);
     assert!(wider.config.intermediate_sizes.iter().sum::<usize>() > 72);
     let diff = max_logit_difference(&model, &wider);

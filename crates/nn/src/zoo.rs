@@ -6,11 +6,12 @@
 //! | `base` | trained on the mixture of all domains (init seed 1) | the shared base; an anchor |
 //! | `expert-<domain>` | `base` fine-tuned on one domain | task-vector merges |
 //! | `init-b` | the base's shape and data, init seed 2 | PLeaS (with `base`) |
+//! | `init-b-code` | `init-b` fine-tuned on code | PLeaS (with `expert-prose`: experts from different bases) |
 //! | `anchor-small` | narrower and shallower, same data | stitching (with `base`) |
 //! | `matformer` | the base's shape, init and data, trained with the nested MatFormer loss | extraction |
 //! | `baseline-{s,m,l}` | FFNs at 1/8, 1/4, 1/2 of the base's, trained like it | MatFormer's comparison |
 //!
-//! The members come in sets ([`ZooSet`]): `merging` (base, experts, init-b,
+//! The members come in sets ([`ZooSet`]): `merging` (base, experts, init-b, init-b-code,
 //! anchor-small) and `matformer` (base — the full-width baseline — matformer
 //! and the three narrower baselines).
 //! Each member is a normal Hugging Face checkpoint directory with the byte
@@ -143,6 +144,15 @@ impl ZooSize {
             domains: mixture.clone(),
             options: self.pretrain.clone(),
         });
+        // An expert from the other base: PLeaS merges it with expert-prose.
+        members.push(Member {
+            name: "init-b-code".into(),
+            shape: self.shape.clone(),
+            init_seed: 2,
+            parent: Some("init-b".into()),
+            domains: vec![Domain::Code],
+            options: self.finetune.clone(),
+        });
         members.push(Member {
             name: "anchor-small".into(),
             shape: self.small_anchor.clone(),
@@ -175,7 +185,7 @@ impl ZooSize {
 /// A group of zoo members built together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZooSet {
-    /// base, the domain experts, init-b and anchor-small.
+    /// base, the domain experts, init-b, init-b-code and anchor-small.
     Merging,
     /// base, matformer and the per-granularity baselines.
     Matformer,

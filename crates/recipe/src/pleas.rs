@@ -15,6 +15,7 @@ const PARAMETERS: &[&str] = &[
     "ridge",
     "precision",
     "least_squares",
+    "widen",
     "seed",
 ];
 
@@ -50,6 +51,9 @@ pub struct PleasRecipe {
     /// `float32` or `float64` normal equations.
     pub precision: String,
     pub least_squares: bool,
+    /// `all` (the residual stream and every FFN) or `ffn`: which groups a
+    /// budget above 1 widens.
+    pub widen: String,
     pub seed: u64,
 }
 
@@ -98,6 +102,7 @@ impl PleasRecipe {
             ridge: 1e-4,
             precision: "float64".into(),
             least_squares: true,
+            widen: "all".into(),
             seed: 0,
         };
         for (name, setting, at) in &recipe.parameters.0 {
@@ -125,7 +130,7 @@ impl PleasRecipe {
                     }
                 }
                 "metric" => out.metric = choice(&["correlation", "distance"])?,
-                "budget" => out.budget = number(1.0, 2.0)?,
+                "budget" => out.budget = number(1.0, 4.0)?,
                 "calibration" => match value {
                     Scalar::Text(t) => {
                         out.calibration = t.clone();
@@ -142,6 +147,7 @@ impl PleasRecipe {
                     Scalar::Bool(b) => out.least_squares = *b,
                     _ => return Err(recipe.error(at, "`least_squares` is true or false")),
                 },
+                "widen" => out.widen = choice(&["all", "ffn"])?,
                 "seed" => out.seed = count(0.0)? as u64,
                 _ => {
                     return Err(recipe.error(

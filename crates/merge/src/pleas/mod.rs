@@ -6,31 +6,34 @@
 //! 2. **Matching** — one permutation per group of [`permutation::llama`] lines
 //!    B's units up with A's ([`matching`]: activations or weights).
 //! 3. **Partial matching** — a parameter budget between 1× and 2× one model
-//!    buys FFN units kept separately from each model instead of merged: the
-//!    least-alike matched pairs anywhere in the network go first ([`allocate`]).
-//!    A layer whose FFN keeps `s` of its `f` units separate is `f + s` wide.
+//!    buys units kept separately from each model instead of merged
+//!    ([`allocate`]: KV groups first, then the residual stream and every FFN
+//!    by one common fraction; the least-alike matched pairs of a group are
+//!    its separate ones). A group keeping `s` of its `n` units separate is
+//!    `n + s` wide, in blocks `[merged | A-only | B-only]` ([`UnitLayout`]).
 //! 4. **Least squares** — every linear layer of the merged model is solved in
-//!    closed form ([`least_squares`]) so that, fed the average of the two
-//!    models' (aligned) inputs, it outputs the average of their outputs on
-//!    merged units and each model's own output on its separate units.
+//!    closed form ([`least_squares`]) from the two models' own features:
+//!    inputs and targets in the block layouts (merged units averaged,
+//!    separate ones each model's own), A-only outputs never reading B-only
+//!    inputs. The layers' problems are independent, as in PLeaS.
 //!
 //! How the parts that are not plain linear layers are treated:
-//! - The **residual stream** is one permutation for the whole network and is
-//!   always merged (the hidden size stays; widening it would change every
-//!   RMSNorm's statistics and the config's single `hidden_size`). Every
-//!   layer writing to it (`o_proj`, `down_proj`) is fitted to the average of
-//!   the two models' writes, so the merged stream tracks the average stream;
-//!   the embeddings are the average of the aligned embeddings.
 //! - **Norm scales** are folded into the weights that read the norm (exact:
 //!   `W·diag(γ)`), the merged model's layer norms get scale 1, and the least
-//!   squares see the two models' normalised streams `x / rms(x)`. The final
-//!   norm is folded into an untied head the same way; a tied head cannot
-//!   absorb it, so there the final norm is the aligned average.
-//! - **Attention heads** are matched as whole heads (KV groups, then query
-//!   heads within them) and merged; their count stays uniform across layers,
-//!   as the config requires. q/k/v and o are fitted by least squares.
-//! - The **least squares** read the original models' features (not the merged
-//!   model's), so the layers' problems are independent, as in PLeaS.
+//!   squares see each model's normalised stream `x / rms(x)`. A wider
+//!   residual stream is normalised over its whole width by the merged model;
+//!   with separate channels that approximates each model's own statistics
+//!   when the two streams' scales agree, and the least squares absorb the rest.
+//! - The **residual stream** is one permutation for the whole network. The
+//!   embeddings and every writer into it (`o_proj`, `down_proj`) are fitted
+//!   to the two models' writes in its layout (merged channels: the average),
+//!   so the merged stream tracks both streams. An untied head is fitted the
+//!   same way (final norm folded in); a tied head reads the embeddings, and
+//!   the final norm is the aligned average with separate channels' scales
+//!   halved, so the logits are the average of the two models'.
+//! - **Attention heads** move as whole heads (KV groups with their query
+//!   heads); a separate KV group keeps its query heads separate too. Counts
+//!   stay uniform across layers, as the config requires.
 
 pub mod least_squares;
 pub mod matching;
@@ -46,7 +49,7 @@ use crate::{MergeError, Result};
 use least_squares::NormalEquations;
 use matching::{activation_matching, group_index, matched_scores, weight_matching, SiteStats};
 use permutation::{apply, llama, DecoderShape, PermutationGroup};
-use statistics::{CrossStats, Metric};
+use statistics::{block_diagonal_sums, CrossStats, Metric};
 
 /// One model's features on a batch, flattened over tokens: `[tokens, width]`.
 pub struct Taps {
@@ -77,6 +80,15 @@ pub enum Matching {
     None,
 }
 
+/// Which permutation groups may keep units separate (be wider than one model's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Widen {
+    /// The residual stream and every FFN.
+    All,
+    /// Only the FFNs (the residual stream stays one model's width).
+    Ffn,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub matching: Matching,
@@ -86,6 +98,8 @@ pub struct Options {
     pub ridge: f64,
     /// F32 or F64 normal equations.
     pub kind: Kind,
+    /// Which groups a budget above 1 widens.
+    pub widen: Widen,
     /// Fit the layers by least squares; otherwise average the aligned
     /// weights (PLeaS's initial model; with `budget: 1`, permute-then-average).
     pub least_squares: bool,
@@ -102,15 +116,19 @@ pub struct Timings {
 /// The merged model.
 pub struct Merged {
     pub tensors: BTreeMap<String, Tensor>,
+    /// The residual stream's width: merged + A-only + B-only channels.
+    pub hidden: usize,
+    /// KV heads (each with its query heads), the same count in every layer.
+    pub kv_heads: usize,
     /// FFN width per layer: merged + A-only + B-only units.
     pub ffn_widths: Vec<usize>,
-    /// Units kept separately from each model, per layer.
-    pub separate: Vec<usize>,
+    /// Residual channels kept separately from each model.
+    pub separate_residual: usize,
+    /// FFN units kept separately from each model, per layer.
+    pub separate_ffn: Vec<usize>,
     pub parameters: usize,
     /// Parameters as a multiple of model A's.
     pub ratio: f64,
-    /// The budget asked for more than separate FFN units can buy.
-    pub budget_capped: bool,
     pub timings: Timings,
 }
 
@@ -130,7 +148,7 @@ pub fn merge(
     progress: &dyn Fn(),
 ) -> Result<Merged> {
     check_same_shapes(a.tensors, b.tensors)?;
-    if !(1.0..=2.0).contains(&options.budget) {
+    if !(1.0..=4.0).contains(&options.budget) {
         return Err(MergeError::Permutation(format!(
             "budget {} is outside 1 to 2 (a multiple of one model's parameters)",
             options.budget
@@ -189,26 +207,62 @@ pub fn merge(
     let mut aligned = shallow_copy(b.tensors);
     apply(&mut aligned, &groups, &perms)?;
 
-    // 3. Partial matching: which FFN units stay separate.
-    let pair_scores: Vec<Vec<f64>> = (0..layers)
+    // 3. Partial matching: which units stay separate.
+    let matched = |g: usize, scores: Tensor| matched_scores(&scores, &perms[g]);
+    let boundaries = stats.residual.len() as f64;
+    let residual_scores = matched(
+        group_index(&groups, "residual")?,
+        stats
+            .residual
+            .iter()
+            .map(|s| s.scores(Metric::Correlation))
+            .reduce(|x, y| x + y)
+            .expect("at least one boundary")
+            / boundaries,
+    );
+    let ffn_scores: Vec<Vec<f64>> = (0..layers)
         .map(|l| {
             let g = group_index(&groups, &format!("layers.{l}.ffn"))?;
-            Ok(matched_scores(
-                &stats.ffn[l].scores(Metric::Correlation),
-                &perms[g],
-            ))
+            Ok(matched(g, stats.ffn[l].scores(Metric::Correlation)))
         })
         .collect::<Result<_>>()?;
+    let index = FeatureIndex::new(&groups, &perms, shape)?;
+    let per_group = shape.heads / shape.kv_heads;
+    // A KV group's score: the mean over its matched query heads' features.
+    let kv_scores: Vec<Vec<f64>> = (0..layers)
+        .map(|l| {
+            let heads = block_diagonal_sums(
+                &stats.attention[l].scores(Metric::Correlation),
+                shape.head_dim as i64,
+            );
+            let matched = matched_scores(&heads, &index.heads[l]);
+            matched
+                .chunks(per_group)
+                .map(|c| c.iter().sum::<f64>() / (per_group * shape.head_dim) as f64)
+                .collect()
+        })
+        .collect();
+    let vocab = get(a.tensors, "model.embed_tokens.weight")?.size()[0] as usize;
     let model_parameters: usize = a.tensors.values().map(|t| t.numel()).sum();
     let allocation = allocate(
-        &pair_scores,
-        model_parameters,
-        3 * shape.hidden,
-        options.budget,
+        shape,
+        vocab,
+        options.widen,
+        options.budget * model_parameters as f64,
     );
+    let layouts = Layouts {
+        residual: UnitLayout::new(allocation.residual, &residual_scores),
+        kv_groups: kv_scores
+            .iter()
+            .map(|s| UnitLayout::new(allocation.kv_groups, s))
+            .collect(),
+        ffn: ffn_scores
+            .iter()
+            .zip(&allocation.ffn)
+            .map(|(s, &count)| UnitLayout::new(count, s))
+            .collect(),
+    };
     timings.matching += started.elapsed().as_secs_f64();
-    let layout = FfnLayout::new(&allocation.separate, &pair_scores);
-    let index = FeatureIndex::new(&groups, &perms, shape)?;
 
     // 4. The merged weights.
     let tensors = if options.least_squares {
@@ -218,117 +272,220 @@ pub fn merge(
             &b,
             &aligned,
             &index,
-            &layout,
+            &layouts,
             batches,
             options,
             &mut timings,
             progress,
         )?
     } else {
-        average_layers(shape, a.tensors, &aligned, &layout)
+        average_layers(shape, a.tensors, &aligned, &layouts)
     };
     let parameters: usize = tensors.values().map(|t| t.numel()).sum();
     Ok(Merged {
-        ffn_widths: layout.widths(shape),
-        separate: allocation.separate,
+        hidden: layouts.residual.width(),
+        kv_heads: layouts.kv_groups[0].width(),
+        ffn_widths: layouts.ffn.iter().map(UnitLayout::width).collect(),
+        separate_residual: layouts.residual.separate.len(),
+        separate_ffn: layouts.ffn.iter().map(|l| l.separate.len()).collect(),
         parameters,
         ratio: parameters as f64 / model_parameters as f64,
-        budget_capped: allocation.capped,
         tensors,
         timings,
     })
 }
 
-/// The per-layer count of FFN units kept separate, from a global budget.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Allocation {
-    pub separate: Vec<usize>,
-    pub capped: bool,
-}
-
-/// The allocation rule: `(budget − 1) × parameters` buys separate FFN units
-/// at `unit_cost` parameters each (a gate row, an up row and a down column:
-/// the extra copy of the unit); they go to the matched pairs with the lowest
-/// scores anywhere in the network (ties: earlier layer, lower unit first).
-/// A budget above what separating every FFN unit costs is capped there.
-pub fn allocate(
-    pair_scores: &[Vec<f64>],
-    parameters: usize,
-    unit_cost: usize,
-    budget: f64,
-) -> Allocation {
-    let extra = (budget - 1.0).max(0.0) * parameters as f64;
-    let affordable = (extra / unit_cost as f64 + 1e-9).floor() as usize;
-    let mut pairs: Vec<(f64, usize, usize)> = pair_scores
+/// Parameters stored by a Llama of this shape at hidden size `hidden`,
+/// `kv_heads` KV heads (each with its query heads) and FFN widths `ffn`
+/// (every tensor dense, zero blocks included).
+pub fn stored_parameters(
+    shape: &DecoderShape,
+    vocab: usize,
+    hidden: usize,
+    kv_heads: usize,
+    ffn: &[usize],
+) -> usize {
+    let kv = kv_heads * shape.head_dim;
+    let heads = kv * (shape.heads / shape.kv_heads);
+    let embeddings = vocab * hidden * if shape.untied_head { 2 } else { 1 };
+    let layers: usize = ffn
         .iter()
-        .enumerate()
-        .flat_map(|(l, s)| s.iter().enumerate().map(move |(u, &score)| (score, l, u)))
-        .collect();
-    pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
-    let mut separate = vec![0; pair_scores.len()];
-    for &(_, l, _) in pairs.iter().take(affordable) {
-        separate[l] += 1;
-    }
+        .map(|&f| 2 * hidden + (2 * heads + 2 * kv) * hidden + 3 * f * hidden)
+        .sum();
+    embeddings + hidden + layers
+}
+
+/// How many units of each group a budget keeps separate from each model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub residual: usize,
+    /// KV groups (a KV head with its query heads), the same in every layer.
+    pub kv_groups: usize,
+    pub ffn: Vec<usize>,
+}
+
+/// The allocation rule, for a `target` stored parameter count. Attention
+/// first: as many KV groups per layer as fit are kept separate (merged heads
+/// are what an average of two unrelated models loses most — see the README).
+/// Then the residual stream and every FFN keep the same fraction `r` of
+/// their units separate, `r` the largest in [0, 1] that fits (the residual
+/// stream's width rounded to a multiple of the head count, as transformers
+/// requires). With
+/// [`Widen::Ffn`] only the FFNs grow. Within a group the least-alike matched
+/// pairs are the separate ones ([`UnitLayout`]).
+pub fn allocate(shape: &DecoderShape, vocab: usize, widen: Widen, target: f64) -> Allocation {
+    let fraction = |units: usize, r: f64| (r * units as f64).round() as usize;
+    let count = |residual: usize, kv_groups: usize, r: f64| {
+        let ffn: Vec<usize> = shape.ffn.iter().map(|&f| f + fraction(f, r)).collect();
+        stored_parameters(
+            shape,
+            vocab,
+            shape.hidden + residual,
+            shape.kv_heads + kv_groups,
+            &ffn,
+        ) as f64
+    };
+    // transformers wants the hidden size a multiple of the head count: the
+    // fewest residual channels that make it so with `k` more KV groups.
+    let heads = |k: usize| (shape.kv_heads + k) * (shape.heads / shape.kv_heads);
+    let least_residual = |k: usize| shape.hidden.div_ceil(heads(k)) * heads(k) - shape.hidden;
+    let kv_groups = match widen {
+        Widen::All => (0..=shape.kv_heads)
+            .rev()
+            .find(|&k| count(least_residual(k), k, 0.0) <= target)
+            .unwrap_or(0),
+        Widen::Ffn => 0,
+    };
+    let residual = |r: f64| match widen {
+        Widen::All => {
+            let step = heads(kv_groups);
+            let wanted = shape.hidden + fraction(shape.hidden, r);
+            (wanted / step * step - shape.hidden).max(least_residual(kv_groups))
+        }
+        Widen::Ffn => 0,
+    };
+    let fits = |r: f64| count(residual(r), kv_groups, r) <= target;
+    let r = if fits(1.0) {
+        1.0
+    } else {
+        let (mut low, mut high) = (0.0, 1.0);
+        for _ in 0..50 {
+            let mid = (low + high) / 2.0;
+            if fits(mid) {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        low
+    };
     Allocation {
-        separate,
-        capped: affordable > pairs.len(),
+        residual: residual(r),
+        kv_groups,
+        ffn: shape.ffn.iter().map(|&f| fraction(f, r)).collect(),
     }
 }
 
-/// Each layer's FFN units in the merged model: the merged ones (A's unit
-/// indices, which after alignment are also B's), then the separate ones
-/// (the same indices, taken once from A and once from B).
-struct FfnLayout {
-    merged: Vec<Vec<i64>>,
-    separate: Vec<Vec<i64>>,
+/// One group's units in the merged model, in blocks `[merged | A-only |
+/// B-only]`: the merged ones (A's unit indices, which after alignment are
+/// also B's), then the separate ones taken once from A and once from B.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitLayout {
+    merged: Vec<i64>,
+    separate: Vec<i64>,
 }
 
-impl FfnLayout {
-    fn new(separate: &[usize], pair_scores: &[Vec<f64>]) -> Self {
-        let (mut merged_units, mut separate_units) = (vec![], vec![]);
-        for (&count, scores) in separate.iter().zip(pair_scores) {
-            let mut order: Vec<usize> = (0..scores.len()).collect();
-            order.sort_by(|&x, &y| scores[x].total_cmp(&scores[y]).then(x.cmp(&y)));
-            let mut kept: Vec<i64> = order[..count].iter().map(|&u| u as i64).collect();
-            let mut merged: Vec<i64> = order[count..].iter().map(|&u| u as i64).collect();
-            kept.sort_unstable();
-            merged.sort_unstable();
-            merged_units.push(merged);
-            separate_units.push(kept);
-        }
-        FfnLayout {
-            merged: merged_units,
-            separate: separate_units,
+impl UnitLayout {
+    /// Keeps the `count` matched pairs with the lowest scores separate
+    /// (ties: lower unit first); the rest are merged.
+    pub fn new(count: usize, scores: &[f64]) -> Self {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&x, &y| scores[x].total_cmp(&scores[y]).then(x.cmp(&y)));
+        let mut separate: Vec<i64> = order[..count].iter().map(|&u| u as i64).collect();
+        let mut merged: Vec<i64> = order[count..].iter().map(|&u| u as i64).collect();
+        separate.sort_unstable();
+        merged.sort_unstable();
+        UnitLayout { merged, separate }
+    }
+
+    /// Every unit merged.
+    fn merged_only(units: usize) -> Self {
+        UnitLayout {
+            merged: (0..units as i64).collect(),
+            separate: vec![],
         }
     }
 
-    fn widths(&self, shape: &DecoderShape) -> Vec<usize> {
-        (0..shape.ffn.len())
-            .map(|l| self.merged[l].len() + 2 * self.separate[l].len())
-            .collect()
+    fn width(&self) -> usize {
+        self.merged.len() + 2 * self.separate.len()
     }
 
-    fn blocks(&self, l: usize) -> least_squares::Blocks {
-        let s = self.separate[l].len();
-        [self.merged[l].len(), s, s]
+    /// The same layout over entries when each unit spans `block` consecutive ones.
+    fn expand(&self, block: usize) -> UnitLayout {
+        let entries = |units: &[i64]| {
+            units
+                .iter()
+                .flat_map(|&u| u * block as i64..(u + 1) * block as i64)
+                .collect()
+        };
+        UnitLayout {
+            merged: entries(&self.merged),
+            separate: entries(&self.separate),
+        }
+    }
+
+    fn blocks(&self) -> least_squares::Blocks {
+        let s = self.separate.len();
+        [self.merged.len(), s, s]
     }
 
     /// `[merged average | A's separate | B's separate]` along `dim` of
-    /// per-unit data of both models (features, or weights' unit axis).
-    fn combine(&self, l: usize, a: &Tensor, b: &Tensor, dim: i64, separate_scale: f64) -> Tensor {
-        let pick = |t: &Tensor, units: &[i64]| {
-            t.index_select(dim, &Tensor::from_slice(units).to_device(t.device()))
-        };
-        let (m, s) = (&self.merged[l], &self.separate[l]);
+    /// per-unit data of both models (features, or a weight's unit axis),
+    /// the separate parts scaled by `separate_scale`.
+    fn combine(&self, a: &Tensor, b: &Tensor, dim: i64, separate_scale: f64) -> Tensor {
+        let (m, s) = (&self.merged, &self.separate);
         Tensor::cat(
             &[
-                (pick(a, m) + pick(b, m)) * 0.5,
-                pick(a, s) * separate_scale,
-                pick(b, s) * separate_scale,
+                (pick(a, dim, m) + pick(b, dim, m)) * 0.5,
+                pick(a, dim, s) * separate_scale,
+                pick(b, dim, s) * separate_scale,
             ],
             dim,
         )
     }
+}
+
+fn pick(t: &Tensor, dim: i64, units: &[i64]) -> Tensor {
+    t.index_select(dim, &Tensor::from_slice(units).to_device(t.device()))
+}
+
+/// A weight `[out, in]` of PLeaS's initial model in block layout: merged
+/// outputs average both models' (each reading its own separate inputs at
+/// half weight); separate outputs are each model's own, reading merged
+/// inputs and their own model's separate inputs, never the other's.
+fn combine_weight(out: &UnitLayout, input: &UnitLayout, a: &Tensor, b: &Tensor) -> Tensor {
+    let rows = |w: &Tensor, units: &[i64]| pick(w, 0, units);
+    let (a_merged, b_merged) = (rows(a, &out.merged), rows(b, &out.merged));
+    let merged = input.combine(&a_merged, &b_merged, 1, 0.5);
+    let own = |w: &Tensor, first: bool| {
+        let r = rows(w, &out.separate);
+        let zeros = pick(&r, 1, &input.separate).zeros_like();
+        let (m, s) = (pick(&r, 1, &input.merged), pick(&r, 1, &input.separate));
+        if first {
+            Tensor::cat(&[m, s, zeros], 1)
+        } else {
+            Tensor::cat(&[m, zeros, s], 1)
+        }
+    };
+    Tensor::cat(&[merged, own(a, true), own(b, false)], 0)
+}
+
+/// The layouts of the widened groups.
+struct Layouts {
+    residual: UnitLayout,
+    /// Per layer, in units of KV groups (a KV head and its query heads).
+    kv_groups: Vec<UnitLayout>,
+    ffn: Vec<UnitLayout>,
 }
 
 /// Index vectors that put B's features into the aligned order.
@@ -337,6 +494,8 @@ struct FeatureIndex {
     ffn: Vec<Tensor>,
     /// Per layer, every head's features (heads × head_dim entries).
     attention: Vec<Tensor>,
+    /// Per layer, B's head at each aligned head position.
+    heads: Vec<Vec<usize>>,
 }
 
 impl FeatureIndex {
@@ -350,26 +509,30 @@ impl FeatureIndex {
         let per_group = shape.heads / shape.kv_heads;
         let mut ffn = vec![];
         let mut attention = vec![];
+        let mut heads = vec![];
         for l in 0..shape.ffn.len() {
             ffn.push(index(
                 &perms[group_index(groups, &format!("layers.{l}.ffn"))?],
             ));
             let kv = &perms[group_index(groups, &format!("layers.{l}.kv_heads"))?];
-            let mut entries = vec![];
+            let mut order = vec![];
             for (position, &source) in kv.iter().enumerate() {
                 let q =
                     &perms[group_index(groups, &format!("layers.{l}.group{position}.q_heads"))?];
-                for &head in q {
-                    let from = (source * per_group + head) * shape.head_dim;
-                    entries.extend(from..from + shape.head_dim);
-                }
+                order.extend(q.iter().map(|&head| source * per_group + head));
             }
+            let entries: Vec<usize> = order
+                .iter()
+                .flat_map(|&h| h * shape.head_dim..(h + 1) * shape.head_dim)
+                .collect();
             attention.push(index(&entries));
+            heads.push(order);
         }
         Ok(FeatureIndex {
             residual: index(&perms[group_index(groups, "residual")?]),
             ffn,
             attention,
+            heads,
         })
     }
 
@@ -446,31 +609,53 @@ fn check_same_shapes(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>)
     }
 }
 
-/// PLeaS's initial model: aligned weights averaged, separate FFN units
-/// copied (their share of `down_proj` halved, as both copies add up).
+/// PLeaS's initial model: aligned weights averaged in block layout
+/// ([`combine_weight`]); each model's separate units copied.
 fn average_layers(
     shape: &DecoderShape,
     a: &BTreeMap<String, Tensor>,
     b: &BTreeMap<String, Tensor>,
-    layout: &FfnLayout,
+    layouts: &Layouts,
 ) -> BTreeMap<String, Tensor> {
-    let mut out: BTreeMap<String, Tensor> = a
-        .iter()
-        .map(|(n, t)| (n.clone(), (t + &b[n]) * 0.5))
-        .collect();
-    for l in 0..shape.ffn.len() {
-        for part in ["mlp.gate_proj", "mlp.up_proj"] {
-            let name = layer(l, part);
-            out.insert(
-                name.clone(),
-                layout.combine(l, &a[&name], &b[&name], 0, 1.0),
-            );
-        }
-        let name = layer(l, "mlp.down_proj");
-        out.insert(
-            name.clone(),
-            layout.combine(l, &a[&name], &b[&name], 1, 0.5),
-        );
+    let residual = &layouts.residual;
+    let per_group = shape.heads / shape.kv_heads;
+    let mut out = BTreeMap::new();
+    for (name, ta) in a {
+        let tb = &b[name];
+        let layer_part = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(l, part)| Some((l.parse::<usize>().ok()?, part)));
+        let merged = match layer_part {
+            Some((l, part)) => {
+                let ffn = &layouts.ffn[l];
+                let queries = layouts.kv_groups[l].expand(per_group * shape.head_dim);
+                let keys = layouts.kv_groups[l].expand(shape.head_dim);
+                match part {
+                    "self_attn.q_proj.weight" => combine_weight(&queries, residual, ta, tb),
+                    "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
+                        combine_weight(&keys, residual, ta, tb)
+                    }
+                    "self_attn.o_proj.weight" => combine_weight(residual, &queries, ta, tb),
+                    "mlp.gate_proj.weight" | "mlp.up_proj.weight" => {
+                        combine_weight(ffn, residual, ta, tb)
+                    }
+                    "mlp.down_proj.weight" => combine_weight(residual, ffn, ta, tb),
+                    // The norms: one scale per residual channel.
+                    _ => residual.combine(ta, tb, 0, 1.0),
+                }
+            }
+            None if name == "lm_head.weight" => combine_weight(
+                &UnitLayout::merged_only(ta.size()[0] as usize),
+                residual,
+                ta,
+                tb,
+            ),
+            // Embeddings write each model's own stream; the final norm scales it.
+            None if name == "model.embed_tokens.weight" => residual.combine(ta, tb, 1, 1.0),
+            None => residual.combine(ta, tb, 0, 1.0),
+        };
+        out.insert(name.clone(), merged);
     }
     out
 }
@@ -481,6 +666,12 @@ fn normalised(x: &Tensor, eps: f64) -> Tensor {
 }
 
 /// The least-squares step: every linear layer fitted on both models' features.
+///
+/// Inputs are the two models' own (normalised) inputs in the input's layout
+/// — merged units averaged, separate ones each model's own — and targets
+/// each model's own outputs in the output's layout, as in PLeaS. (Normalising
+/// the combined stream instead, as the merged model literally does, was
+/// measured: worse at 1×, a little better at 2× — README.)
 #[allow(clippy::too_many_arguments)]
 fn fit_layers(
     shape: &DecoderShape,
@@ -488,41 +679,60 @@ fn fit_layers(
     b: &Model<'_>,
     aligned: &BTreeMap<String, Tensor>,
     index: &FeatureIndex,
-    layout: &FfnLayout,
+    layouts: &Layouts,
     batches: &[Tensor],
     options: &Options,
     timings: &mut Timings,
     progress: &dyn Fn(),
 ) -> Result<BTreeMap<String, Tensor>> {
-    let (d, eps) = (shape.hidden, shape.rms_norm_eps);
-    let attention_width = (shape.heads + 2 * shape.kv_heads) * shape.head_dim;
+    let eps = shape.rms_norm_eps;
+    let residual = &layouts.residual;
+    let d = residual.width();
+    let per_group = shape.heads / shape.kv_heads;
     let device = tch::Device::Cpu;
     let models = [a.tensors, aligned];
     // Norm scales folded into the readers: W·diag(γ).
     let folded = |m: &BTreeMap<String, Tensor>, weight: &str, norm: &str| -> Result<Tensor> {
         Ok(get(m, weight)? * get(m, norm)?.unsqueeze(0))
     };
+    let equations =
+        |inputs: usize, outputs: usize| NormalEquations::new(inputs, outputs, options.kind, device);
     struct Layer {
-        qkv: NormalEquations,
+        q: NormalEquations,
+        k: NormalEquations,
+        v: NormalEquations,
         o: NormalEquations,
-        gate_up: NormalEquations,
+        gate: NormalEquations,
+        up: NormalEquations,
         down: NormalEquations,
     }
-    let mut equations: Vec<Layer> = (0..shape.ffn.len())
-        .map(|l| {
-            let width: usize = layout.blocks(l).iter().sum();
-            Layer {
-                qkv: NormalEquations::new(d, attention_width, options.kind, device),
-                o: NormalEquations::new(shape.heads * shape.head_dim, d, options.kind, device),
-                gate_up: NormalEquations::new(d, 2 * width, options.kind, device),
-                down: NormalEquations::new(width, d, options.kind, device),
-            }
+    // Per layer: query heads and key/value heads laid out by KV group.
+    let heads: Vec<(UnitLayout, UnitLayout)> = layouts
+        .kv_groups
+        .iter()
+        .map(|g| {
+            (
+                g.expand(per_group * shape.head_dim),
+                g.expand(shape.head_dim),
+            )
+        })
+        .collect();
+    let mut layers: Vec<Layer> = layouts
+        .ffn
+        .iter()
+        .zip(&heads)
+        .map(|(ffn, (queries, keys))| Layer {
+            q: equations(d, queries.width()),
+            k: equations(d, keys.width()),
+            v: equations(d, keys.width()),
+            o: equations(queries.width(), d),
+            gate: equations(d, ffn.width()),
+            up: equations(d, ffn.width()),
+            down: equations(ffn.width(), d),
         })
         .collect();
     let vocab = get(a.tensors, "model.embed_tokens.weight")?.size()[0] as usize;
-    let mut head = shape
-        .untied_head
-        .then(|| NormalEquations::new(d, vocab, options.kind, device));
+    let mut head = shape.untied_head.then(|| equations(d, vocab));
     // Per model: readers with their norms folded in, and the writers.
     let mut weights = vec![];
     for m in models {
@@ -530,16 +740,10 @@ fn fit_layers(
         for l in 0..shape.ffn.len() {
             let norm1 = layer(l, "input_layernorm");
             let norm2 = layer(l, "post_attention_layernorm");
-            let qkv = Tensor::cat(
-                &[
-                    folded(m, &layer(l, "self_attn.q_proj"), &norm1)?,
-                    folded(m, &layer(l, "self_attn.k_proj"), &norm1)?,
-                    folded(m, &layer(l, "self_attn.v_proj"), &norm1)?,
-                ],
-                0,
-            );
             per_layer.push([
-                qkv,
+                folded(m, &layer(l, "self_attn.q_proj"), &norm1)?,
+                folded(m, &layer(l, "self_attn.k_proj"), &norm1)?,
+                folded(m, &layer(l, "self_attn.v_proj"), &norm1)?,
                 get(m, &layer(l, "self_attn.o_proj"))?.shallow_clone(),
                 folded(m, &layer(l, "mlp.gate_proj"), &norm2)?,
                 folded(m, &layer(l, "mlp.up_proj"), &norm2)?,
@@ -561,32 +765,57 @@ fn fit_layers(
         let started = Instant::now();
         let taps = [&ta, &tb];
         let mean = |f: &dyn Fn(usize) -> Tensor| (f(0) + f(1)) * 0.5;
-        for (l, eq) in equations.iter_mut().enumerate() {
+        // Both models' normalised streams in the residual layout.
+        let merged_input = |x: &dyn Fn(usize) -> Tensor| {
+            residual.combine(&normalised(&x(0), eps), &normalised(&x(1), eps), 1, 1.0)
+        };
+        for (l, eq) in layers.iter_mut().enumerate() {
+            let ffn = &layouts.ffn[l];
+            let (queries, keys) = &heads[l];
             let w = |m: usize, i: usize| &weights[m].0[l][i];
-            let n1 = |m: usize| normalised(&taps[m].residual[l], eps);
-            eq.qkv
-                .add(&mean(&n1), &mean(&|m| n1(m).matmul(&w(m, 0).tr())));
-            let heads = |m: usize| &taps[m].attention[l];
-            let write = |m: usize| heads(m).matmul(&w(m, 1).tr());
-            eq.o.add(&mean(&|m| heads(m).shallow_clone()), &mean(&write));
-            let n2 = |m: usize| normalised(&(&taps[m].residual[l] + write(m)), eps);
-            let pre = |i: usize| {
-                let (ya, yb) = (n2(0).matmul(&w(0, i).tr()), n2(1).matmul(&w(1, i).tr()));
-                layout.combine(l, &ya, &yb, 1, 1.0)
+            let stream = |m: usize| taps[m].residual[l].shallow_clone();
+            let x1 = merged_input(&stream);
+            let n1 = [
+                normalised(&taps[0].residual[l], eps),
+                normalised(&taps[1].residual[l], eps),
+            ];
+            let project = |i: usize, layout: &UnitLayout| {
+                let (ya, yb) = (n1[0].matmul(&w(0, i).tr()), n1[1].matmul(&w(1, i).tr()));
+                layout.combine(&ya, &yb, 1, 1.0)
             };
-            eq.gate_up
-                .add(&mean(&n2), &Tensor::cat(&[pre(2), pre(3)], 1));
+            eq.q.add(&x1, &project(0, queries));
+            eq.k.add(&x1, &project(1, keys));
+            eq.v.add(&x1, &project(2, keys));
+            let attended = |m: usize| &taps[m].attention[l];
+            let write = |m: usize| attended(m).matmul(&w(m, 3).tr());
+            eq.o.add(
+                &queries.combine(attended(0), attended(1), 1, 1.0),
+                &residual.combine(&write(0), &write(1), 1, 1.0),
+            );
+            let mid = |m: usize| &taps[m].residual[l] + write(m);
+            let x2 = merged_input(&mid);
+            let n2 = [normalised(&mid(0), eps), normalised(&mid(1), eps)];
+            let pre = |i: usize| {
+                let (ya, yb) = (n2[0].matmul(&w(0, i).tr()), n2[1].matmul(&w(1, i).tr()));
+                ffn.combine(&ya, &yb, 1, 1.0)
+            };
+            eq.gate.add(&x2, &pre(4));
+            eq.up.add(&x2, &pre(5));
             let hidden = |m: usize| &taps[m].ffn[l];
+            let down = |m: usize| hidden(m).matmul(&w(m, 6).tr());
             eq.down.add(
-                &layout.combine(l, hidden(0), hidden(1), 1, 1.0),
-                &mean(&|m| hidden(m).matmul(&w(m, 4).tr())),
+                &ffn.combine(hidden(0), hidden(1), 1, 1.0),
+                &residual.combine(&down(0), &down(1), 1, 1.0),
             );
         }
         if let Some(head) = &mut head {
             let last = shape.ffn.len();
-            let n = |m: usize| normalised(&taps[m].residual[last], eps);
-            let logits = |m: usize| n(m).matmul(&weights[m].1.as_ref().expect("untied").tr());
-            head.add(&mean(&n), &mean(&logits));
+            let stream = |m: usize| taps[m].residual[last].shallow_clone();
+            let logits = |m: usize| {
+                normalised(&taps[m].residual[last], eps)
+                    .matmul(&weights[m].1.as_ref().expect("untied").tr())
+            };
+            head.add(&merged_input(&stream), &mean(&logits));
         }
         timings.least_squares += started.elapsed().as_secs_f64();
         progress();
@@ -594,45 +823,45 @@ fn fit_layers(
 
     let started = Instant::now();
     let merged_only = |n: usize| [n, 0, 0];
+    let residual_blocks = residual.blocks();
     let mut out = BTreeMap::new();
-    let average =
-        |name: &str| -> Result<Tensor> { Ok((get(a.tensors, name)? + get(aligned, name)?) * 0.5) };
+    let both = |name: &str| -> Result<(&Tensor, &Tensor)> {
+        Ok((get(a.tensors, name)?, get(aligned, name)?))
+    };
+    let (ea, eb) = both("model.embed_tokens.weight")?;
     out.insert(
         "model.embed_tokens.weight".to_string(),
-        average("model.embed_tokens.weight")?,
+        residual.combine(ea, eb, 1, 1.0),
     );
     let ones = || Tensor::ones([d as i64], (Kind::Float, device));
-    for (l, eq) in equations.iter().enumerate() {
-        let qkv = eq
-            .qkv
-            .solve(merged_only(d), merged_only(attention_width), options.ridge)?;
-        let (q, kv) = (
-            (shape.heads * shape.head_dim) as i64,
-            (shape.kv_heads * shape.head_dim) as i64,
-        );
-        out.insert(layer(l, "self_attn.q_proj"), qkv.narrow(0, 0, q));
-        out.insert(layer(l, "self_attn.k_proj"), qkv.narrow(0, q, kv));
-        out.insert(layer(l, "self_attn.v_proj"), qkv.narrow(0, q + kv, kv));
+    for (l, eq) in layers.iter().enumerate() {
+        let (queries, keys) = (heads[l].0.blocks(), heads[l].1.blocks());
+        for (part, equations, outputs) in [
+            ("self_attn.q_proj", &eq.q, queries),
+            ("self_attn.k_proj", &eq.k, keys),
+            ("self_attn.v_proj", &eq.v, keys),
+        ] {
+            out.insert(
+                layer(l, part),
+                equations.solve(residual_blocks, outputs, options.ridge)?,
+            );
+        }
         out.insert(
             layer(l, "self_attn.o_proj"),
-            eq.o.solve(merged_only((q) as usize), merged_only(d), options.ridge)?,
+            eq.o.solve(queries, residual_blocks, options.ridge)?,
         );
-        let blocks = layout.blocks(l);
-        let width: usize = blocks.iter().sum();
-        let gate_up = eq
-            .gate_up
-            .solve(merged_only(d), merged_only(2 * width), options.ridge)?;
+        let ffn = layouts.ffn[l].blocks();
         out.insert(
             layer(l, "mlp.gate_proj"),
-            gate_up.narrow(0, 0, width as i64),
+            eq.gate.solve(residual_blocks, ffn, options.ridge)?,
         );
         out.insert(
             layer(l, "mlp.up_proj"),
-            gate_up.narrow(0, width as i64, width as i64),
+            eq.up.solve(residual_blocks, ffn, options.ridge)?,
         );
         out.insert(
             layer(l, "mlp.down_proj"),
-            eq.down.solve(blocks, merged_only(d), options.ridge)?,
+            eq.down.solve(ffn, residual_blocks, options.ridge)?,
         );
         out.insert(layer(l, "input_layernorm"), ones());
         out.insert(layer(l, "post_attention_layernorm"), ones());
@@ -641,12 +870,15 @@ fn fit_layers(
         Some(head) => {
             out.insert(
                 "lm_head.weight".into(),
-                head.solve(merged_only(d), merged_only(vocab), options.ridge)?,
+                head.solve(residual_blocks, merged_only(vocab), options.ridge)?,
             );
             out.insert("model.norm.weight".into(), ones());
         }
         None => {
-            out.insert("model.norm.weight".into(), average("model.norm.weight")?);
+            // The tied head reads each model's separate channels at full
+            // weight; halving their scale makes the logits the average.
+            let (ga, gb) = both("model.norm.weight")?;
+            out.insert("model.norm.weight".into(), residual.combine(ga, gb, 0, 0.5));
         }
     }
     timings.least_squares += started.elapsed().as_secs_f64();
@@ -658,18 +890,86 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allocation_buys_the_least_alike_pairs_first() {
-        let scores = vec![vec![0.9, 0.1, 0.5], vec![0.2, 0.95]];
-        // 100 parameters, 10 per unit: budget 1.3 buys three units.
-        let allocation = allocate(&scores, 100, 10, 1.3);
-        assert_eq!(allocation.separate, vec![2, 1]);
-        assert!(!allocation.capped);
-        assert_eq!(allocate(&scores, 100, 10, 1.0).separate, vec![0, 0]);
-        let all = allocate(&scores, 100, 10, 2.0);
-        assert_eq!(all.separate, vec![3, 2]);
-        assert!(all.capped);
-        let layout = FfnLayout::new(&allocation.separate, &scores);
-        assert_eq!(layout.merged, vec![vec![0], vec![1]]);
-        assert_eq!(layout.separate, vec![vec![1, 2], vec![0]]);
+    fn layouts_keep_the_least_alike_pairs_separate() {
+        let layout = UnitLayout::new(2, &[0.9, 0.1, 0.5, 0.1]);
+        assert_eq!(layout.merged, vec![0, 2]);
+        assert_eq!(layout.separate, vec![1, 3]);
+        assert_eq!(layout.width(), 6);
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]);
+        let b = Tensor::from_slice(&[5.0f32, 6.0, 7.0, 8.0]);
+        let combined = layout.combine(&a, &b, 0, 0.5);
+        let expected = Tensor::from_slice(&[3.0f32, 5.0, 1.0, 2.0, 3.0, 4.0]);
+        assert!(combined.equal(&expected));
+        // A weight: A-only rows never read B-only columns.
+        let (wa, wb) = (
+            Tensor::ones([4, 4], (Kind::Float, tch::Device::Cpu)),
+            Tensor::ones([4, 4], (Kind::Float, tch::Device::Cpu)) * 3.0,
+        );
+        let w = combine_weight(&layout, &layout, &wa, &wb);
+        assert_eq!(w.size(), [6, 6]);
+        assert_eq!(
+            w.narrow(0, 2, 2)
+                .narrow(1, 4, 2)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        assert_eq!(
+            w.narrow(0, 4, 2)
+                .narrow(1, 2, 2)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        assert_eq!(w.double_value(&[0, 0]), 2.0);
+        assert_eq!(w.double_value(&[0, 2]), 0.5);
+        assert_eq!(w.double_value(&[5, 5]), 3.0);
+    }
+
+    #[test]
+    fn allocation_separates_heads_first_then_the_rest_evenly() {
+        let shape = DecoderShape {
+            hidden: 12,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+            ffn: vec![16, 16],
+            untied_head: false,
+            rms_norm_eps: 1e-5,
+        };
+        let stored = |a: &Allocation| {
+            let ffn: Vec<usize> = shape.ffn.iter().zip(&a.ffn).map(|(f, s)| f + s).collect();
+            stored_parameters(&shape, 10, 12 + a.residual, 2 + a.kv_groups, &ffn) as f64
+        };
+        let one = stored(&allocate(&shape, 10, Widen::All, 0.0));
+        // Embeddings 120 + final norm 12 + 2 layers × (norms 24 + q 192 + k, v 192 + o 192 + FFN 576).
+        assert_eq!(one, 2484.0);
+        let none = allocate(&shape, 10, Widen::All, one);
+        assert_eq!(
+            (none.residual, none.kv_groups, none.ffn.clone()),
+            (0, 0, vec![0, 0])
+        );
+        // One KV group in each layer costs 2 × (96 + 48 + 48 + 96) = 576 (1.23x).
+        for (widen, budget) in [(Widen::All, 1.3), (Widen::All, 1.8), (Widen::Ffn, 1.3)] {
+            let a = allocate(&shape, 10, widen, budget * one);
+            assert!(stored(&a) <= budget * one, "{widen:?} {budget}: {a:?}");
+            // A larger budget buys more.
+            let more = allocate(&shape, 10, widen, 1.2 * budget * one);
+            assert!(
+                stored(&more) > stored(&a),
+                "{widen:?} {budget}: {a:?} {more:?}"
+            );
+            if widen == Widen::All {
+                assert_eq!((12 + a.residual) % (2 * (2 + a.kv_groups)), 0, "{a:?}");
+            }
+            assert_eq!(a.kv_groups > 0, widen == Widen::All, "{a:?}");
+        }
+        // Keeping every FFN unit separate costs less than 2x.
+        assert_eq!(
+            allocate(&shape, 10, Widen::Ffn, 2.0 * one).ffn,
+            vec![16, 16]
+        );
     }
 }
