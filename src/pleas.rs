@@ -100,6 +100,13 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
         .map(|m| crate::merge::open_model(recipe, m))
         .collect::<Result<Vec<_>>>()?;
     let device = crate::device::parse(&args.device)?;
+    // Matrix products split their sums by thread: the same recipe and the
+    // same thread count give bit-identical output (other counts differ in
+    // the last bits of a few weights).
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    tch::set_num_threads(threads as i32);
     let models = pleas
         .models
         .iter()
@@ -209,7 +216,7 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
             "Merged by `amalgam merge` (PLeaS: permutation alignment and least squares): \
              {} parameters ({:.3}× one input), hidden size {} ({} channels kept separately \
              from each model), FFN widths {:?} ({:?} units kept separately). \
-             Features {:.1} s, matching {:.1} s, least squares {:.1} s.",
+             Features {:.1} s, matching {:.1} s, least squares {:.1} s ({threads} threads).",
             merged.parameters,
             merged.ratio,
             merged.hidden,

@@ -255,6 +255,10 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
     let pleas = merge("1x", "  budget: 1\n");
     let wider = merge("2x", "  budget: 2\n");
     let weight = merge("weight", "  matching: weight\n  calibration: random\n");
+    // Same recipe, same threads: the same bytes.
+    let again = merge("2x-again", "  budget: 2\n");
+    let weights = |dir: &std::path::Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(weights(&wider) == weights(&again), "a second run differs");
 
     // Wider: every group grew (KV heads first), widths uniform across layers.
     let config: Value =

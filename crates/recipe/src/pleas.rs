@@ -130,7 +130,7 @@ impl PleasRecipe {
                     }
                 }
                 "metric" => out.metric = choice(&["correlation", "distance"])?,
-                "budget" => out.budget = number(1.0, 4.0)?,
+                "budget" => out.budget = number(1.0, 2.0)?,
                 "calibration" => match value {
                     Scalar::Text(t) => {
                         out.calibration = t.clone();

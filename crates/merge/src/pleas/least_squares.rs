@@ -45,10 +45,23 @@ impl NormalEquations {
     /// with λ = `ridge` × the mean diagonal of `XᵀX` (scale-free), and the
     /// A-only × B-only blocks exactly zero.
     pub fn solve(&self, inputs: Blocks, outputs: Blocks, ridge: f64) -> Result<Tensor> {
+        self.solve_columns(inputs, 0, outputs, ridge)
+    }
+
+    /// [`NormalEquations::solve`] for the outputs from column `first` on
+    /// (several weights reading the same inputs share one `XᵀX`).
+    pub fn solve_columns(
+        &self,
+        inputs: Blocks,
+        first: usize,
+        outputs: Blocks,
+        ridge: f64,
+    ) -> Result<Tensor> {
         let n_in: usize = inputs.iter().sum();
         let n_out: usize = outputs.iter().sum();
         if self.gram.size() != [n_in as i64, n_in as i64]
-            || self.cross.size() != [n_in as i64, n_out as i64]
+            || self.cross.size()[0] != n_in as i64
+            || self.cross.size()[1] < (first + n_out) as i64
         {
             return Err(MergeError::Permutation(format!(
                 "least squares: blocks {inputs:?} → {outputs:?} do not fit equations {:?} → {:?}",
@@ -78,10 +91,11 @@ impl NormalEquations {
             }
             let index = Tensor::from_slice(&columns).to_device(device);
             let gram = self.gram.index_select(0, &index).index_select(1, &index);
-            let cross =
-                self.cross
-                    .index_select(0, &index)
-                    .narrow(1, out_at[o] as i64, outputs[o] as i64);
+            let cross = self.cross.index_select(0, &index).narrow(
+                1,
+                (first + out_at[o]) as i64,
+                outputs[o] as i64,
+            );
             let size = columns.len() as i64;
             let scale = f64::max(
                 gram.diagonal(0, 0, 1).mean(self.kind).double_value(&[]),

@@ -130,16 +130,16 @@ pub fn weight_matching(
     let mut perms: Vec<Vec<usize>> = groups.iter().map(|g| (0..g.units).collect()).collect();
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..groups.len()).collect();
+    // B under the current permutations, kept up to date one group at a time.
+    let mut current: BTreeMap<String, Tensor> = b
+        .iter()
+        .map(|(name, t)| (name.clone(), t.shallow_clone()))
+        .collect();
     for _ in 0..max_sweeps {
         order.shuffle(&mut rng);
         let mut improved = false;
         for &g in &order {
             let group = &groups[g];
-            let mut current: BTreeMap<String, Tensor> = b
-                .iter()
-                .map(|(name, t)| (name.clone(), t.shallow_clone()))
-                .collect();
-            apply(&mut current, groups, &perms)?;
             let mut similarity = Tensor::zeros(
                 [group.units as i64, group.units as i64],
                 (Kind::Double, tch::Device::Cpu),
@@ -172,6 +172,13 @@ pub fn weight_matching(
                 continue;
             }
             improved = true;
+            // Moving this group's units moves everything nested in them too
+            // (a KV head's query heads lie inside its rows).
+            apply(
+                &mut current,
+                std::slice::from_ref(group),
+                std::slice::from_ref(&moves),
+            )?;
             perms[g] = moves.iter().map(|&k| perms[g][k]).collect();
             // Groups nested in a moved unit travel with it.
             let children: Vec<(usize, usize)> = groups

@@ -148,7 +148,7 @@ pub fn merge(
     progress: &dyn Fn(),
 ) -> Result<Merged> {
     check_same_shapes(a.tensors, b.tensors)?;
-    if !(1.0..=4.0).contains(&options.budget) {
+    if !(1.0..=2.0).contains(&options.budget) {
         return Err(MergeError::Permutation(format!(
             "budget {} is outside 1 to 2 (a multiple of one model's parameters)",
             options.budget
@@ -697,13 +697,11 @@ fn fit_layers(
     };
     let equations =
         |inputs: usize, outputs: usize| NormalEquations::new(inputs, outputs, options.kind, device);
+    // q, k and v read the same inputs (one XᵀX), as do gate and up.
     struct Layer {
-        q: NormalEquations,
-        k: NormalEquations,
-        v: NormalEquations,
+        qkv: NormalEquations,
         o: NormalEquations,
-        gate: NormalEquations,
-        up: NormalEquations,
+        gate_up: NormalEquations,
         down: NormalEquations,
     }
     // Per layer: query heads and key/value heads laid out by KV group.
@@ -722,12 +720,9 @@ fn fit_layers(
         .iter()
         .zip(&heads)
         .map(|(ffn, (queries, keys))| Layer {
-            q: equations(d, queries.width()),
-            k: equations(d, keys.width()),
-            v: equations(d, keys.width()),
+            qkv: equations(d, queries.width() + 2 * keys.width()),
             o: equations(queries.width(), d),
-            gate: equations(d, ffn.width()),
-            up: equations(d, ffn.width()),
+            gate_up: equations(d, 2 * ffn.width()),
             down: equations(ffn.width(), d),
         })
         .collect();
@@ -783,9 +778,8 @@ fn fit_layers(
                 let (ya, yb) = (n1[0].matmul(&w(0, i).tr()), n1[1].matmul(&w(1, i).tr()));
                 layout.combine(&ya, &yb, 1, 1.0)
             };
-            eq.q.add(&x1, &project(0, queries));
-            eq.k.add(&x1, &project(1, keys));
-            eq.v.add(&x1, &project(2, keys));
+            let qkv = [project(0, queries), project(1, keys), project(2, keys)];
+            eq.qkv.add(&x1, &Tensor::cat(&qkv, 1));
             let attended = |m: usize| &taps[m].attention[l];
             let write = |m: usize| attended(m).matmul(&w(m, 3).tr());
             eq.o.add(
@@ -799,8 +793,7 @@ fn fit_layers(
                 let (ya, yb) = (n2[0].matmul(&w(0, i).tr()), n2[1].matmul(&w(1, i).tr()));
                 ffn.combine(&ya, &yb, 1, 1.0)
             };
-            eq.gate.add(&x2, &pre(4));
-            eq.up.add(&x2, &pre(5));
+            eq.gate_up.add(&x2, &Tensor::cat(&[pre(4), pre(5)], 1));
             let hidden = |m: usize| &taps[m].ffn[l];
             let down = |m: usize| hidden(m).matmul(&w(m, 6).tr());
             eq.down.add(
@@ -836,14 +829,16 @@ fn fit_layers(
     let ones = || Tensor::ones([d as i64], (Kind::Float, device));
     for (l, eq) in layers.iter().enumerate() {
         let (queries, keys) = (heads[l].0.blocks(), heads[l].1.blocks());
-        for (part, equations, outputs) in [
-            ("self_attn.q_proj", &eq.q, queries),
-            ("self_attn.k_proj", &eq.k, keys),
-            ("self_attn.v_proj", &eq.v, keys),
+        let (q_width, k_width) = (heads[l].0.width(), heads[l].1.width());
+        for (part, first, outputs) in [
+            ("self_attn.q_proj", 0, queries),
+            ("self_attn.k_proj", q_width, keys),
+            ("self_attn.v_proj", q_width + k_width, keys),
         ] {
             out.insert(
                 layer(l, part),
-                equations.solve(residual_blocks, outputs, options.ridge)?,
+                eq.qkv
+                    .solve_columns(residual_blocks, first, outputs, options.ridge)?,
             );
         }
         out.insert(
@@ -853,11 +848,17 @@ fn fit_layers(
         let ffn = layouts.ffn[l].blocks();
         out.insert(
             layer(l, "mlp.gate_proj"),
-            eq.gate.solve(residual_blocks, ffn, options.ridge)?,
+            eq.gate_up
+                .solve_columns(residual_blocks, 0, ffn, options.ridge)?,
         );
         out.insert(
             layer(l, "mlp.up_proj"),
-            eq.up.solve(residual_blocks, ffn, options.ridge)?,
+            eq.gate_up.solve_columns(
+                residual_blocks,
+                layouts.ffn[l].width(),
+                ffn,
+                options.ridge,
+            )?,
         );
         out.insert(
             layer(l, "mlp.down_proj"),
