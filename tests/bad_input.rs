@@ -350,6 +350,13 @@ fn pleas_recipes_name_their_mistakes() {
     ok(["merge".as_ref(), good.as_os_str(), out.as_os_str()]);
     let config: Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-    assert!(config["intermediate_size"].is_array(), "{config}");
+    let base: Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("f/base/config.json")).unwrap())
+            .unwrap();
+    let grew = |key: &str| config[key].as_u64().unwrap() > base[key].as_u64().unwrap();
+    assert!(
+        grew("num_key_value_heads") && grew("intermediate_size"),
+        "{config}"
+    );
     assert_eq!(config["tie_word_embeddings"], false);
 }
