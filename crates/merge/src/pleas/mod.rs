@@ -360,7 +360,9 @@ pub fn allocate(shape: &DecoderShape, vocab: usize, widen: Widen, target: f64) -
         Widen::All => {
             let step = heads(kv_groups);
             let wanted = shape.hidden + fraction(shape.hidden, r);
-            (wanted / step * step - shape.hidden).max(least_residual(kv_groups))
+            (wanted / step * step)
+                .saturating_sub(shape.hidden)
+                .max(least_residual(kv_groups))
         }
         Widen::Ffn => 0,
     };
