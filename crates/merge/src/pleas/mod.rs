@@ -158,7 +158,7 @@ pub fn merge(
     let mut timings = Timings::default();
     let layers = shape.ffn.len();
 
-    // 1. Feature statistics (also rank FFN pairs for the budget).
+    // 1. Feature statistics (for matching, and to rank matched pairs).
     let mut stats: Option<SiteStats> = None;
     for ids in batches {
         let started = Instant::now();
@@ -284,7 +284,10 @@ pub fn merge(
     let parameters: usize = tensors.values().map(|t| t.numel()).sum();
     Ok(Merged {
         hidden: layouts.residual.width(),
-        kv_heads: layouts.kv_groups[0].width(),
+        kv_heads: layouts
+            .kv_groups
+            .first()
+            .map_or(shape.kv_heads, UnitLayout::width),
         ffn_widths: layouts.ffn.iter().map(UnitLayout::width).collect(),
         separate_residual: layouts.residual.separate.len(),
         separate_ffn: layouts.ffn.iter().map(|l| l.separate.len()).collect(),
