@@ -67,14 +67,7 @@ fn matformer_submodels_equal_the_nested_forward() {
             "{name}: an integer width"
         );
         let logits = nested(&widths);
-        let case = tmp.path().join(format!("{name}.safetensors"));
-        Tensor::write_safetensors(&[("ids", &ids), ("logits", &logits)], &case).unwrap();
-        let report: Value = serde_json::from_str(&oracle_ok(
-            "hf_logits.py",
-            &[out.as_os_str(), case.as_os_str()],
-        ))
-        .unwrap();
-        let diff = report["max_logit_diff"].as_f64().unwrap();
+        let (diff, report) = transformers_logit_diff(&out, &ids, &logits, tmp.path());
         assert!(
             diff <= 1e-4,
             "{name}: transformers differs by {diff}: {report}"

@@ -277,14 +277,7 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
     for merged in [&pleas, &wider] {
         let ours = amalgam_nn::Llama::load(merged, tch::Device::Cpu).unwrap();
         let logits = tch::no_grad(|| ours.forward(&ids));
-        let case = tmp.join("pleas-case.safetensors");
-        tch::Tensor::write_safetensors(&[("ids", &ids), ("logits", &logits)], &case).unwrap();
-        let report: Value = serde_json::from_str(&oracle_ok(
-            "hf_logits.py",
-            &[merged.as_os_str(), case.as_os_str()],
-        ))
-        .unwrap();
-        let diff = report["max_logit_diff"].as_f64().unwrap();
+        let (diff, report) = transformers_logit_diff(merged, &ids, &logits, tmp);
         assert!(
             diff <= 1e-4,
             "{}: transformers differs by {diff}: {report}",

@@ -139,3 +139,22 @@ pub fn oracle_ok(script: &str, args: &[&std::ffi::OsStr]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// transformers' `LlamaForCausalLM` on `model` against our `logits` for
+/// `ids` (tests/oracles/hf_logits.py): the largest absolute difference, and
+/// the oracle's report for messages. `scratch` holds the case file.
+pub fn transformers_logit_diff(
+    model: &Path,
+    ids: &tch::Tensor,
+    logits: &tch::Tensor,
+    scratch: &Path,
+) -> (f64, Value) {
+    let case = scratch.join("hf-logits-case.safetensors");
+    tch::Tensor::write_safetensors(&[("ids", ids), ("logits", logits)], &case).unwrap();
+    let report: Value = serde_json::from_str(&oracle_ok(
+        "hf_logits.py",
+        &[model.as_os_str(), case.as_os_str()],
+    ))
+    .unwrap();
+    (report["max_logit_diff"].as_f64().unwrap(), report)
+}
