@@ -6,28 +6,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use amalgam_merge::pleas::permutation::{apply, llama, mlp, DecoderShape};
-use amalgam_nn::{tokenizer, Llama, LlamaConfig};
-use common::{shape, structured_model};
+use amalgam_nn::Llama;
+use common::{config, shape, structured_model};
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
-
-fn config(tied: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: tokenizer::VOCAB_SIZE,
-        hidden_size: 24,
-        intermediate_sizes: vec![40, 56],
-        num_attention_heads: 6,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500.0,
-        rope_scaling: None,
-        tie_word_embeddings: tied,
-        max_position_embeddings: 64,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
-}
 
 /// A seeded shuffle of 0..n (Fisher–Yates over a splitmix stream).
 fn shuffle(n: usize, seed: &mut u64) -> Vec<usize> {
@@ -46,7 +28,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
     #[test]
     fn permuting_every_group_leaves_the_logits_unchanged(seed in any::<u64>(), tied in any::<bool>()) {
-        let config = config(tied);
+        let config = config(tied, vec![40, 56]);
         let model = structured_model(config.clone(), seed, 6.0);
         let shape = shape(&config);
         let groups = llama(&shape);

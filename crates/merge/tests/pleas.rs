@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use amalgam_merge::pleas::permutation::{apply, llama};
 use amalgam_merge::pleas::statistics::Metric;
 use amalgam_merge::pleas::{merge, Activations, Matching, Model, Options, Taps, Widen};
-use amalgam_nn::{tokenizer, Llama, LlamaConfig};
-use common::{shape, structured_model};
+use amalgam_nn::Llama;
+use common::{config, shape, structured_model};
 use tch::{Device, Kind, Tensor};
 
 struct Forward<'a>(&'a Llama);
@@ -27,28 +27,10 @@ impl Activations for Forward<'_> {
     }
 }
 
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: tokenizer::VOCAB_SIZE,
-        hidden_size: 24,
-        intermediate_sizes: vec![40, 32],
-        num_attention_heads: 6,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500.0,
-        rope_scaling: None,
-        tie_word_embeddings: false,
-        max_position_embeddings: 64,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
-}
-
 /// A random model with some structure (larger weights, uneven norm scales)
 /// and a copy of it with every group shuffled.
 fn model_and_shuffled_copy() -> (Llama, Llama) {
-    let model = structured_model(config(), 11, 5.0);
+    let model = structured_model(config(false, vec![40, 32]), 11, 5.0);
     let groups = llama(&shape(&model.config));
     let perms: Vec<Vec<usize>> = groups
         .iter()

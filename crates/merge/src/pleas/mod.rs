@@ -43,6 +43,7 @@ pub mod statistics;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use amalgam_checkpoint::arch::{classify, Role, TensorName};
 use tch::{Kind, Tensor};
 
 use crate::{MergeError, Result};
@@ -627,38 +628,31 @@ fn average_layers(
     let mut out = BTreeMap::new();
     for (name, ta) in a {
         let tb = &b[name];
-        let layer_part = name
-            .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split_once('.'))
-            .and_then(|(l, part)| Some((l.parse::<usize>().ok()?, part)));
-        let merged = match layer_part {
-            Some((l, part)) => {
-                let ffn = &layouts.ffn[l];
-                let queries = layouts.kv_groups[l].expand(per_group * shape.head_dim);
-                let keys = layouts.kv_groups[l].expand(shape.head_dim);
-                match part {
-                    "self_attn.q_proj.weight" => combine_weight(&queries, residual, ta, tb),
-                    "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
-                        combine_weight(&keys, residual, ta, tb)
-                    }
-                    "self_attn.o_proj.weight" => combine_weight(residual, &queries, ta, tb),
-                    "mlp.gate_proj.weight" | "mlp.up_proj.weight" => {
-                        combine_weight(ffn, residual, ta, tb)
-                    }
-                    "mlp.down_proj.weight" => combine_weight(residual, ffn, ta, tb),
-                    // The norms: one scale per residual channel.
-                    _ => residual.combine(ta, tb, 0, 1.0),
-                }
-            }
-            None if name == "lm_head.weight" => combine_weight(
+        let TensorName { layer, role } = classify(name);
+        // The layouts of a block's heads and FFN (layer 0's outside blocks:
+        // only block tensors use them).
+        let l = layer.unwrap_or(0);
+        let ffn = &layouts.ffn[l];
+        let queries = layouts.kv_groups[l].expand(per_group * shape.head_dim);
+        let keys = layouts.kv_groups[l].expand(shape.head_dim);
+        let merged = match role {
+            Role::AttnQ => combine_weight(&queries, residual, ta, tb),
+            Role::AttnK | Role::AttnV => combine_weight(&keys, residual, ta, tb),
+            Role::AttnO => combine_weight(residual, &queries, ta, tb),
+            Role::MlpGate | Role::MlpUp => combine_weight(ffn, residual, ta, tb),
+            Role::MlpDown => combine_weight(residual, ffn, ta, tb),
+            Role::LmHead => combine_weight(
                 &UnitLayout::merged_only(ta.size()[0] as usize),
                 residual,
                 ta,
                 tb,
             ),
-            // Embeddings write each model's own stream; the final norm scales it.
-            None if name == "model.embed_tokens.weight" => residual.combine(ta, tb, 1, 1.0),
-            None => residual.combine(ta, tb, 0, 1.0),
+            // Embeddings write each model's own stream.
+            Role::Embedding => residual.combine(ta, tb, 1, 1.0),
+            // The norms: one scale per residual channel.
+            Role::InputNorm | Role::PostAttentionNorm | Role::FinalNorm | Role::Other => {
+                residual.combine(ta, tb, 0, 1.0)
+            }
         };
         out.insert(name.clone(), merged);
     }

@@ -2,8 +2,28 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use amalgam_merge::pleas::permutation::DecoderShape;
-use amalgam_nn::{Llama, LlamaConfig};
+use amalgam_nn::{tokenizer, Llama, LlamaConfig};
 use tch::{Device, Kind, Tensor};
+
+/// A small decoder over the byte vocabulary: 2 layers of FFN widths `ffn`,
+/// 6 query heads in 2 KV groups.
+pub fn config(tied: bool, ffn: Vec<usize>) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: tokenizer::VOCAB_SIZE,
+        hidden_size: 24,
+        intermediate_sizes: ffn,
+        num_attention_heads: 6,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500.0,
+        rope_scaling: None,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 64,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
 
 /// The permutation-relevant shape of a config.
 pub fn shape(c: &LlamaConfig) -> DecoderShape {
