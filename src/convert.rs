@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use amalgam_checkpoint::{
-    kind_from_dtype, parse_byte_size, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish,
-    InputRecord, ModelCard, TensorSpec, WriteOptions,
+    count_nonfinite, kind_from_dtype, parse_byte_size, parse_dtype, Checkpoint, CheckpointWriter,
+    Dtype, Finish, InputRecord, ModelCard, TensorSpec, WriteOptions,
 };
 use anyhow::{anyhow, Context, Result};
 
@@ -54,6 +54,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         max_shard_bytes,
         force: args.force,
         inputs: vec![args.input.clone()],
+        allow_nonfinite: false,
     };
     let writer = CheckpointWriter::create(&args.output, specs, &options)?;
     let bar = crate::progress::bytes(
@@ -67,12 +68,19 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     );
     for entry in input.tensors() {
         let dtype = out_dtype(entry.dtype);
-        if dtype == entry.dtype {
-            writer.write_bytes(&entry.name, input.bytes(entry))?;
+        let raw = input.read_bytes(entry)?;
+        let nonfinite = if dtype == entry.dtype {
+            writer.write_bytes(&entry.name, &raw)?
         } else {
-            let kind = kind_from_dtype(dtype).expect("float dtypes map to kinds");
-            let tensor = input.tensor(&entry.name)?.to_kind(kind);
-            writer.write_tensor(&entry.name, &tensor)?;
+            let kind = |d| kind_from_dtype(d).expect("float dtypes map to kinds");
+            let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
+            let tensor = tch::Tensor::f_from_data_size(&raw, &shape, kind(entry.dtype))?
+                .to_kind(kind(dtype));
+            writer.write_tensor(&entry.name, &tensor)?
+        };
+        // NaN/inf the input had are carried over; ones a cast made are not.
+        if nonfinite > 0 && count_nonfinite(entry.dtype, &raw) > 0 {
+            writer.accept_nonfinite(&entry.name)?;
         }
         bar.inc(entry.byte_range.end - entry.byte_range.start);
     }

@@ -138,6 +138,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
         force: args.force,
         inputs: vec![checkpoint.dir().to_path_buf()],
+        allow_nonfinite: false,
     };
     let bar = crate::progress::bytes(extraction.bytes(), "extract", quiet);
     let out = extraction.write(&output, &options, &card, &mut |n| bar.inc(n))?;

@@ -69,7 +69,7 @@ struct TensorRow {
 
 pub fn run(args: Args) -> Result<()> {
     let checkpoint = Checkpoint::open(&args.dir)?;
-    let report = report(&checkpoint, args.hashes);
+    let report = report(&checkpoint, args.hashes)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -78,7 +78,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn report(checkpoint: &Checkpoint, hashes: bool) -> Report {
+fn report(checkpoint: &Checkpoint, hashes: bool) -> Result<Report> {
     let config = checkpoint.config();
     let shard_names: Vec<String> = checkpoint.shard_names().map(str::to_owned).collect();
     let mut dtypes: BTreeMap<String, DtypeSummary> = BTreeMap::new();
@@ -102,21 +102,27 @@ fn report(checkpoint: &Checkpoint, hashes: bool) -> Report {
     let tensors = checkpoint
         .tensors()
         .par_iter()
-        .map(|entry| TensorRow {
-            name: entry.name.clone(),
-            dtype: format!("{:?}", entry.dtype),
-            shape: entry.shape.clone(),
-            shard: shard_names[entry.shard].clone(),
-            byte_range: [entry.byte_range.start, entry.byte_range.end],
-            sha256: hashes.then(|| {
-                Sha256::digest(checkpoint.bytes(entry))
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
-            }),
+        .map(|entry| {
+            let sha256 = match hashes {
+                true => Some(
+                    Sha256::digest(checkpoint.read_bytes(entry)?)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect(),
+                ),
+                false => None,
+            };
+            Ok(TensorRow {
+                name: entry.name.clone(),
+                dtype: format!("{:?}", entry.dtype),
+                shape: entry.shape.clone(),
+                shard: shard_names[entry.shard].clone(),
+                byte_range: [entry.byte_range.start, entry.byte_range.end],
+                sha256,
+            })
         })
-        .collect();
-    Report {
+        .collect::<amalgam_checkpoint::Result<_>>()?;
+    Ok(Report {
         path: checkpoint.dir().to_path_buf(),
         architecture: config.architecture().map(str::to_owned),
         model_type: config.model_type().map(str::to_owned),
@@ -130,7 +136,7 @@ fn report(checkpoint: &Checkpoint, hashes: bool) -> Report {
         dtypes,
         shards,
         tensors,
-    }
+    })
 }
 
 fn thousands(n: u64) -> String {

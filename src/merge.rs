@@ -50,6 +50,10 @@ pub struct Args {
     /// Replace a non-empty output directory.
     #[arg(long)]
     pub(crate) force: bool,
+    /// Write the output even if the merge makes NaN or infinite values from
+    /// finite inputs (otherwise an error naming the tensor).
+    #[arg(long)]
+    pub(crate) allow_nonfinite: bool,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -75,10 +79,21 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .iter()
         .map(|m| open_model(&recipe, m))
         .collect::<Result<Vec<_>>>()?;
-    let inventories: Vec<ModelInventory> = checkpoints.iter().map(inventory).collect();
+    let inventories = referenced
+        .iter()
+        .zip(&checkpoints)
+        .map(|(model, checkpoint)| {
+            inventory(checkpoint).map_err(|e| {
+                anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path)))
+            })
+        })
+        .collect::<Result<Vec<ModelInventory>>>()?;
     let spec = method.spec();
     let plan = Plan::resolve(&recipe, &spec, &inventories)?;
     warn_unknown_parameters(&recipe, &spec);
+    for advice in &plan.warnings {
+        tracing::warn!("{advice}");
+    }
     let job = MergeJob {
         recipe: &recipe,
         plan: &plan,
@@ -106,6 +121,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
             force: args.force,
             inputs: checkpoints.iter().map(|c| c.dir().to_path_buf()).collect(),
+            allow_nonfinite: args.allow_nonfinite,
         },
     };
     let total: u64 = job.output_specs().iter().map(|s| s.byte_len()).sum();
@@ -151,7 +167,7 @@ pub(crate) fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint
         .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))
 }
 
-fn inventory(checkpoint: &Checkpoint) -> ModelInventory {
+fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInventory> {
     let mut tensors: Vec<InventoryTensor> = checkpoint
         .tensors()
         .iter()
@@ -180,13 +196,8 @@ fn inventory(checkpoint: &Checkpoint) -> ModelInventory {
             });
         }
     }
-    let layers = checkpoint
-        .config()
-        .usize("num_hidden_layers")
-        .unwrap_or_else(|| {
-            amalgam_checkpoint::arch::layer_count(tensors.iter().map(|t| t.name.as_str()))
-        });
-    ModelInventory { tensors, layers }
+    let layers = checkpoint.layers()?;
+    Ok(ModelInventory { tensors, layers })
 }
 
 /// mergekit ignores parameters a method does not use; say so instead.

@@ -234,6 +234,7 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
         max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
         force: args.force,
         inputs: checkpoints.iter().map(|c| c.dir().to_path_buf()).collect(),
+        allow_nonfinite: args.allow_nonfinite,
     };
     let out = model
         .save(&args.output, &card, Some(checkpoints[0].dir()), &[], &write)

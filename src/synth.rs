@@ -67,7 +67,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         write: WriteOptions {
             max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
             force: args.force,
-            inputs: vec![],
+            ..Default::default()
         },
     };
     let per_model: u64 = shape.specs(dtype).iter().map(|s| s.byte_len()).sum();

@@ -72,6 +72,23 @@ fn role(name: &str) -> Role {
     }
 }
 
+/// `config.json` fields that hold one entry per layer (when they are lists).
+pub const PER_LAYER_CONFIG_FIELDS: &[&str] = &[
+    "layer_types",
+    "mlp_layer_types",
+    "intermediate_size",
+    "activation_sparsity_pattern",
+];
+
+/// The FFN width of a dense block's MLP, from its down projection
+/// (`…layers.N.mlp.down_proj.weight`, `[hidden, width]`); `None` for any
+/// other tensor (experts and shared experts have widths of their own).
+pub fn mlp_width(name: &str, shape: &[usize]) -> Option<usize> {
+    let layer = layer_index(name)?;
+    let suffix = format!(".{layer}.mlp.down_proj.weight");
+    (name.ends_with(&suffix) && shape.len() == 2).then(|| shape[1])
+}
+
 /// The number of blocks named in a set of tensor names (1 + the largest index).
 pub fn layer_count<'a>(names: impl IntoIterator<Item = &'a str>) -> usize {
     names

@@ -19,7 +19,7 @@ pub struct InputRecord {
 }
 
 impl InputRecord {
-    /// Hashes the checkpoint's weight files (from their memory maps) and config.
+    /// Hashes the checkpoint's weight files and config.
     pub fn hash(role: &str, checkpoint: &Checkpoint) -> Result<Self> {
         let mut paths: Vec<PathBuf> = (0..checkpoint.shard_names().len())
             .map(|i| checkpoint.shard_path(i).to_path_buf())

@@ -2,6 +2,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::files::{duplicate_key, read_regular, MAX_JSON_BYTES};
 use crate::{dtype::dtype_name, Dtype, Error, Result};
 
 /// A model's `config.json`: kept whole (key order preserved) so it can be
@@ -14,20 +15,31 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read(path).map_err(|e| Error::Config {
-            path: path.into(),
-            message: format!("cannot read config.json: {e}"),
+        Self::read_as(path, path)
+    }
+
+    /// Reads the config at `real` (a regular file, at most
+    /// [`MAX_JSON_BYTES`]), naming it `shown` in errors.
+    pub(crate) fn read_as(real: &Path, shown: &Path) -> Result<Self> {
+        let fail = |message: String| Error::Config {
+            path: shown.into(),
+            message,
+        };
+        let text = read_regular(real, MAX_JSON_BYTES, "a config.json").map_err(|e| match e {
+            Error::Io { cause, .. } => fail(format!("cannot read config.json: {cause}")),
+            Error::Input { message, .. } => fail(message),
+            other => other,
         })?;
-        let value: Value = serde_json::from_slice(&text).map_err(|e| Error::Config {
-            path: path.into(),
-            message: format!("config.json is not valid JSON: {e}"),
-        })?;
+        if let Some(key) = duplicate_key(&text) {
+            return Err(fail(format!(
+                "key {key:?} appears twice (readers disagree on which value counts)"
+            )));
+        }
+        let value: Value = serde_json::from_slice(&text)
+            .map_err(|e| fail(format!("config.json is not valid JSON: {e}")))?;
         match value {
             Value::Object(fields) => Ok(Self { fields }),
-            _ => Err(Error::Config {
-                path: path.into(),
-                message: "config.json is not a JSON object".into(),
-            }),
+            _ => Err(fail("config.json is not a JSON object".into())),
         }
     }
 

@@ -46,6 +46,31 @@ pub fn dtype_from_kind(kind: Kind) -> Option<Dtype> {
     })
 }
 
+/// How many of `bytes` (little-endian values of `dtype`, whole elements)
+/// are NaN or ±infinity: an all-ones exponent. 0 for integer dtypes.
+pub fn count_nonfinite(dtype: Dtype, bytes: &[u8]) -> u64 {
+    fn count<const N: usize>(bytes: &[u8], exponent: u64) -> u64 {
+        bytes
+            .chunks_exact(N)
+            .filter(|element| {
+                let mut word = [0u8; 8];
+                word[..N].copy_from_slice(element);
+                u64::from_le_bytes(word) & exponent == exponent
+            })
+            .count() as u64
+    }
+    match dtype {
+        Dtype::F16 => count::<2>(bytes, 0x7c00),
+        Dtype::BF16 => count::<2>(bytes, 0x7f80),
+        Dtype::F32 => count::<4>(bytes, 0x7f80_0000),
+        Dtype::F64 => count::<8>(bytes, 0x7ff0_0000_0000_0000),
+        Dtype::F8_E5M2 => count::<1>(bytes, 0x7c),
+        // E4M3FN has no infinities; only S.1111.111 is NaN.
+        Dtype::F8_E4M3 => count::<1>(bytes, 0x7f),
+        _ => 0,
+    }
+}
+
 /// The PyTorch name of a dtype, as `config.json`'s `torch_dtype` spells it.
 pub fn dtype_name(dtype: Dtype) -> String {
     match dtype {
@@ -78,6 +103,32 @@ pub fn parse_dtype(text: &str) -> Option<Dtype> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonfinite_values_are_counted_in_every_float_dtype() {
+        let values = [
+            0.0f64,
+            1.5,
+            -2.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            65504.0,
+        ];
+        for kind in [Kind::Half, Kind::BFloat16, Kind::Float, Kind::Double] {
+            let t = tch::Tensor::from_slice(&values).to_kind(kind);
+            let mut bytes = vec![0u8; t.numel() * kind.elt_size_in_bytes()];
+            t.copy_data_u8(&mut bytes, t.numel());
+            let dtype = dtype_from_kind(kind).unwrap();
+            assert_eq!(count_nonfinite(dtype, &bytes), 3, "{kind:?}");
+        }
+        // 1e6 overflows F16 to infinity.
+        let big = tch::Tensor::from_slice(&[1e6f32]).to_kind(Kind::Half);
+        let mut bytes = [0u8; 2];
+        big.copy_data_u8(&mut bytes, 1);
+        assert_eq!(count_nonfinite(Dtype::F16, &bytes), 1);
+        assert_eq!(count_nonfinite(Dtype::I32, &[0xff; 8]), 0);
+    }
 
     #[test]
     fn every_mapped_dtype_round_trips_through_kind() {

@@ -11,6 +11,10 @@ pub enum Error {
         path: PathBuf,
         cause: std::io::Error,
     },
+    /// An input refused for what it is (a symlink out of the model directory,
+    /// a FIFO, a file too large for its kind, a duplicate key).
+    #[error("{}: {message}", path.display())]
+    Input { path: PathBuf, message: String },
     #[error("{}: not a directory (a checkpoint is a Hugging Face model directory)", path.display())]
     NotADirectory { path: PathBuf },
     #[error(

@@ -2,12 +2,17 @@
 //!
 //! * [`Checkpoint`] opens a directory (`model.safetensors`, or shards plus
 //!   `model.safetensors.index.json`, and `config.json`), validates every header up
-//!   front, lists tensors lazily and materialises them one at a time from
-//!   memory-mapped files.
+//!   front, lists tensors lazily and materialises them one at a time.
 //! * [`CheckpointWriter`] lays out sharded safetensors files from a list of tensor
 //!   specs before any data flows, accepts tensor data in any order from any thread,
 //!   and commits the finished directory atomically (temporary sibling, fsync,
 //!   rename), with index, config, tokenizer files and a model card.
+//! * [`OutputDir`] is how every output comes to exist: checked before anything
+//!   is created, staged in a hidden sibling, renamed into place without
+//!   replacing anything unchecked, cleaned up on failure or [`interrupt`].
+//! * Inputs are read as a hostile directory may hand them over: regular files
+//!   inside the directory only, bounded JSON, no duplicate keys, `pread`
+//!   instead of memory maps (a truncated file is an error, not a SIGBUS).
 //! * [`arch`] knows what a tensor name means (layer index and role).
 //! * [`synthetic`] generates Llama-family checkpoint families for tests and benches.
 //!
@@ -18,21 +23,28 @@ mod card;
 mod config;
 mod dtype;
 mod error;
+mod files;
+pub mod interrupt;
 mod layout;
+mod output;
 mod reader;
 mod seed;
 pub mod synthetic;
+mod verify;
 mod writer;
 
 pub use card::{InputRecord, ModelCard};
 pub use config::ModelConfig;
-pub use dtype::{dtype_from_kind, dtype_name, kind_from_dtype, parse_dtype};
+pub use dtype::{count_nonfinite, dtype_from_kind, dtype_name, kind_from_dtype, parse_dtype};
 pub use error::{Error, Result};
+pub use files::{open_regular, read_regular, MAX_JSON_BYTES};
 pub use layout::{parse_byte_size, ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
+pub use output::OutputDir;
 pub use reader::{Checkpoint, TensorEntry};
 pub use safetensors::Dtype;
 pub use seed::stream_seed;
-pub use writer::{sibling as staging_sibling, CheckpointWriter, Finish, WriteOptions};
+pub use verify::config_mismatch;
+pub use writer::{CheckpointWriter, Finish, WriteOptions};
 
 /// Files besides the weights that belong with a model and are copied into outputs.
 pub const TOKENIZER_FILES: &[&str] = &[

@@ -1,19 +1,26 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-use safetensors::{tensor::TensorInfo, Dtype, SafeTensorError, SafeTensors};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
 use serde::Deserialize;
 
 use crate::arch::{classify, Role};
 use crate::error::IoContext;
-use crate::{kind_from_dtype, Error, ModelConfig, Result};
+use crate::files::{duplicate_key, read_capped, ModelDir, MAX_JSON_BYTES};
+use crate::{kind_from_dtype, Error, ModelConfig, Result, TOKENIZER_FILES};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 const PICKLE_SUFFIXES: &[&str] = &[".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json"];
+/// The safetensors format's own limit on a header.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Bytes converted per step when a tensor is read into another dtype.
+const CONVERT_CHUNK_BYTES: usize = 8 << 20;
 
 /// One stored tensor, as listed by the headers (nothing read yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +43,15 @@ impl TensorEntry {
 struct Shard {
     name: String,
     path: PathBuf,
-    mmap: Mmap,
+    file: File,
 }
 
 /// A Hugging Face checkpoint directory opened for reading. Opening validates
-/// `config.json`, the index and every shard header; tensor data is read only
-/// when asked for, from memory maps.
+/// `config.json`, the index, every shard header and the companion files
+/// (tokenizer, generation config: regular files inside the directory); tensor
+/// data is read only when asked for, with positioned reads (`pread`), not
+/// memory maps: a file truncated while it is read is an error naming it,
+/// never a SIGBUS.
 pub struct Checkpoint {
     dir: PathBuf,
     config: ModelConfig,
@@ -59,20 +69,33 @@ struct IndexFile {
 impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        if !std::fs::metadata(&dir).at(&dir)?.is_dir() {
-            return Err(Error::NotADirectory { path: dir });
-        }
+        let files = ModelDir::new(&dir)?;
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
-        let (index, shards, placement) = if index_path.exists() {
-            let (shards, placement) = open_sharded(&dir, &index_path)?;
+        let (index, shards, placement) = if files.has(INDEX_FILE) {
+            let (shards, placement) = open_sharded(&files, &index_path)?;
             (Some(index_path), shards, Some(placement))
-        } else if single_path.exists() {
-            (None, vec![open_shard(&dir, SINGLE_FILE)?], None)
+        } else if files.has(SINGLE_FILE) {
+            (None, vec![open_shard(&files, SINGLE_FILE)?], None)
         } else {
             return Err(refuse_without_weights(&dir));
         };
-        let config = ModelConfig::read(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config = match files.resolve("config.json") {
+            Ok(real) => ModelConfig::read_as(&real, &config_path)?,
+            Err(Error::Io { cause, .. }) => {
+                return Err(Error::Config {
+                    path: config_path,
+                    message: format!("cannot read config.json: {cause}"),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        // Refuse now, not at the end of a long run, a companion file the
+        // output would copy from outside the directory.
+        for name in TOKENIZER_FILES.iter().filter(|n| files.has(n)) {
+            files.resolve(name)?;
+        }
 
         let mut tensors = vec![];
         for (shard_index, (shard, metadata)) in shards.iter().enumerate() {
@@ -94,6 +117,12 @@ impl Checkpoint {
                     name,
                 });
             }
+        }
+        if tensors.is_empty() {
+            return Err(Error::Input {
+                path: index.clone().unwrap_or_else(|| single_path.clone()),
+                message: "holds no tensors".into(),
+            });
         }
         // Empty tensors share offsets, so the header alone cannot order them; use names.
         tensors.sort_by(|a, b| {
@@ -171,6 +200,30 @@ impl Checkpoint {
         self.tensors.iter().map(TensorEntry::numel).sum()
     }
 
+    /// The number of blocks: `num_hidden_layers` where the config has it
+    /// (refused if the stored tensors number their layers otherwise), else
+    /// counted from the tensor names.
+    pub fn layers(&self) -> Result<usize> {
+        let stored = crate::arch::layer_count(self.tensors.iter().map(|t| t.name.as_str()));
+        let Some(value) = self.config.get("num_hidden_layers") else {
+            return Ok(stored);
+        };
+        let fail = |message: String| Error::Config {
+            path: self.dir.join("config.json"),
+            message,
+        };
+        let layers = value
+            .as_u64()
+            .ok_or_else(|| fail(format!("`num_hidden_layers` is {value}, not a count")))?
+            as usize;
+        if stored > 0 && stored != layers {
+            return Err(fail(format!(
+                "`num_hidden_layers` is {layers} but the weights hold {stored} layers"
+            )));
+        }
+        Ok(layers)
+    }
+
     pub fn is_tied(&self) -> bool {
         self.config.tie_word_embeddings()
     }
@@ -196,13 +249,41 @@ impl Checkpoint {
         })
     }
 
-    /// The raw little-endian bytes of a tensor, straight from the memory map.
-    pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
-        let range = entry.byte_range.start as usize..entry.byte_range.end as usize;
-        &self.shards[entry.shard].mmap[range]
+    /// Reads `buf.len()` bytes of a tensor's data starting `offset` bytes into it.
+    pub fn read_range(&self, entry: &TensorEntry, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let shard = &self.shards[entry.shard];
+        let end = offset + buf.len() as u64;
+        assert!(
+            entry.byte_range.start + end <= entry.byte_range.end,
+            "read past tensor {}",
+            entry.name
+        );
+        shard
+            .file
+            .read_exact_at(buf, entry.byte_range.start + offset)
+            .map_err(|cause| match cause.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::Safetensors {
+                    path: shard.path.clone(),
+                    tensor: Some(entry.name.clone()),
+                    message: "the file ended before the tensor's data: it was truncated \
+                              or replaced while amalgam read it"
+                        .into(),
+                },
+                _ => Error::Io {
+                    path: shard.path.clone(),
+                    cause,
+                },
+            })
     }
 
-    /// Materialises one tensor as a CPU tch tensor of its own dtype (a copy out of the map).
+    /// The raw little-endian bytes of a tensor, read into memory of their own.
+    pub fn read_bytes(&self, entry: &TensorEntry) -> Result<Vec<u8>> {
+        let mut bytes = vec![0; (entry.byte_range.end - entry.byte_range.start) as usize];
+        self.read_range(entry, 0, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Materialises one tensor as a CPU tch tensor of its own dtype.
     pub fn tensor(&self, name: &str) -> Result<tch::Tensor> {
         let entry = self.entry(name)?;
         let kind = kind_from_dtype(entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
@@ -212,8 +293,9 @@ impl Checkpoint {
         self.read_as(name, kind)
     }
 
-    /// Materialises one tensor converted to `kind`, in memory of its own: the
-    /// conversion reads the mapped bytes directly (one pass, no staging copy).
+    /// Materialises one tensor converted to `kind`: the stored bytes are read
+    /// straight into the tensor, or, for a conversion, a few MB at a time
+    /// and converted into it (no whole-tensor staging copy).
     pub fn read_as(&self, name: &str, kind: tch::Kind) -> Result<tch::Tensor> {
         let entry = self.entry(name)?;
         let stored = kind_from_dtype(entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
@@ -221,53 +303,60 @@ impl Checkpoint {
             dtype: entry.dtype,
         })?;
         let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
-        let bytes = self.bytes(entry);
         let torch = |cause| Error::Torch {
             name: name.into(),
             cause,
         };
-        if bytes.is_empty() || (bytes.as_ptr() as usize) % stored.elt_size_in_bytes() != 0 {
-            // Nothing to view, or a view libtorch may not read unaligned: copy first.
-            let owned = tch::Tensor::f_from_data_size(bytes, &shape, stored).map_err(torch)?;
-            return owned.f_to_kind(kind).map_err(torch);
+        let out = tch::Tensor::f_empty(&shape, (kind, tch::Device::Cpu)).map_err(torch)?;
+        let numel = entry.numel() as usize;
+        if numel == 0 {
+            return Ok(out);
         }
-        // SAFETY: `bytes` is a live, read-only, element-aligned region of exactly
-        // numel × element size bytes (validated at open). The view is consumed
-        // here by a copy or conversion into a new tensor and never escapes.
-        let view = unsafe {
-            tch::Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], stored, tch::Device::Cpu)
-        }
-        .map_err(torch)?;
+        let elem = stored.elt_size_in_bytes();
         if stored == kind {
-            Ok(view.copy())
-        } else {
-            view.f_to_kind(kind).map_err(torch)
+            // SAFETY: `out` is a new contiguous CPU tensor of numel × elem
+            // bytes, owned here; the slice does not outlive this block.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, numel * elem) };
+            self.read_range(entry, 0, bytes)?;
+            return Ok(out);
         }
+        let flat = out.f_view([-1]).map_err(torch)?;
+        let chunk = (CONVERT_CHUNK_BYTES / elem).min(numel);
+        // u64 words: aligned for every element type.
+        let mut buffer = vec![0u64; (chunk * elem).div_ceil(8)];
+        for first in (0..numel).step_by(chunk) {
+            let n = chunk.min(numel - first);
+            // SAFETY: the buffer holds at least chunk × elem bytes.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut u8, n * elem) };
+            self.read_range(entry, (first * elem) as u64, bytes)?;
+            // SAFETY: `bytes` is live, aligned and n × elem long; the view is
+            // consumed by the copy below and never escapes.
+            let view = unsafe {
+                tch::Tensor::f_from_blob(bytes.as_ptr(), &[n as i64], &[], stored, tch::Device::Cpu)
+            }
+            .map_err(torch)?;
+            flat.f_narrow(0, first as i64, n as i64)
+                .and_then(|mut dst| dst.f_copy_(&view))
+                .map_err(torch)?;
+        }
+        Ok(out)
     }
 
     /// Asks the kernel to start reading a tensor's bytes (readahead).
     pub fn prefetch(&self, entry: &TensorEntry) {
-        let mmap = &self.shards[entry.shard].mmap;
-        let (start, len) = (
-            entry.byte_range.start as usize,
-            (entry.byte_range.end - entry.byte_range.start) as usize,
-        );
-        let _ = mmap.advise_range(memmap2::Advice::WillNeed, start, len);
-    }
-
-    /// Drops a tensor's pages from this process's resident memory once it has
-    /// been read; they stay in the page cache, so a later read costs no I/O.
-    pub fn release(&self, entry: &TensorEntry) {
-        let mmap = &self.shards[entry.shard].mmap;
-        let (start, len) = (
-            entry.byte_range.start as usize,
-            (entry.byte_range.end - entry.byte_range.start) as usize,
-        );
-        // SAFETY: the map is private and read-only, so MADV_DONTNEED only drops
-        // clean pages, which are re-read from the file if touched again; no
-        // reference into the range is held across this call by amalgam.
-        let _ =
-            unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+        let file = &self.shards[entry.shard].file;
+        let len = entry.byte_range.end - entry.byte_range.start;
+        // SAFETY: an advisory call on an open descriptor; nothing is borrowed.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                entry.byte_range.start as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
     }
 }
 
@@ -275,12 +364,25 @@ type ShardHeader = (usize, safetensors::tensor::Metadata);
 /// Tensor name → shard file, as the index says.
 type Placement = BTreeMap<String, String>;
 
-fn open_sharded(dir: &Path, index_path: &Path) -> Result<(Vec<(Shard, ShardHeader)>, Placement)> {
-    let text = std::fs::read(index_path).at(index_path)?;
-    let index: IndexFile = serde_json::from_slice(&text).map_err(|e| Error::Index {
+fn open_sharded(
+    files: &ModelDir,
+    index_path: &Path,
+) -> Result<(Vec<(Shard, ShardHeader)>, Placement)> {
+    let (file, _) = files.open(INDEX_FILE)?;
+    let text = read_capped(file, index_path, MAX_JSON_BYTES, "an index")?;
+    let invalid = |message: String| Error::Index {
         path: index_path.into(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    if let Some(key) = duplicate_key(&text) {
+        return Err(invalid(format!(
+            "key {key:?} appears twice (readers disagree on which one counts)"
+        )));
+    }
+    let index: IndexFile = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+    if index.weight_map.is_empty() {
+        return Err(invalid("weight_map is empty: it places no tensor".into()));
+    }
     let mut shard_names: Vec<&String> = index.weight_map.values().collect();
     shard_names.sort();
     shard_names.dedup();
@@ -289,14 +391,11 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<(Vec<(Shard, ShardHeade
         let is_plain_name =
             !shard.is_empty() && !shard.contains(['/', '\\']) && shard != ".." && shard != ".";
         if !is_plain_name {
-            return Err(Error::Index {
-                path: index_path.into(),
-                message: format!(
-                    "shard name {shard:?} is not a file name in the checkpoint directory"
-                ),
-            });
+            return Err(invalid(format!(
+                "shard name {shard:?} is not a file name in the checkpoint directory"
+            )));
         }
-        if !dir.join(shard).exists() {
+        if !files.has(shard) {
             let tensor = index
                 .weight_map
                 .iter()
@@ -309,7 +408,7 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<(Vec<(Shard, ShardHeade
                 tensor,
             });
         }
-        shards.push(open_shard(dir, shard)?);
+        shards.push(open_shard(files, shard)?);
     }
     Ok((shards, index.weight_map))
 }
@@ -330,22 +429,83 @@ fn check_placement(placement: &Placement, index: &Path, shard: &str, tensor: &st
     }
 }
 
-fn open_shard(dir: &Path, name: &str) -> Result<(Shard, ShardHeader)> {
-    let path = dir.join(name);
-    let file = File::open(&path).at(&path)?;
-    // SAFETY: the map is read-only; amalgam never writes to an input, and a
-    // checkpoint modified by another process while being read is out of scope
-    // (as for every mmap-based safetensors reader).
-    let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
-    let header = SafeTensors::read_metadata(&mmap).map_err(|e| header_error(&path, &mmap, e))?;
+fn open_shard(files: &ModelDir, name: &str) -> Result<(Shard, ShardHeader)> {
+    let (file, path) = files.open(name)?;
+    let header = read_header(&file, &path)?;
     Ok((
         Shard {
             name: name.into(),
             path,
-            mmap,
+            file,
         },
         header,
     ))
+}
+
+/// Reads and validates a shard's header (the safetensors crate's own
+/// validation of offsets, dtypes and shapes) against the file's length.
+fn read_header(file: &File, path: &Path) -> Result<ShardHeader> {
+    let fail = |tensor: Option<&str>, message: String| Error::Safetensors {
+        path: path.into(),
+        tensor: tensor.map(str::to_owned),
+        message,
+    };
+    let file_len = file.metadata().at(path)?.len();
+    let mut prefix = [0u8; 8];
+    if file_len < 8 || file.read_exact_at(&mut prefix, 0).is_err() {
+        return Err(fail(
+            None,
+            format!(
+                "file is {file_len} bytes, too short to hold a safetensors header (truncated?)"
+            ),
+        ));
+    }
+    let declared = u64::from_le_bytes(prefix);
+    if declared > MAX_HEADER_BYTES && declared <= file_len - 8 {
+        return Err(fail(
+            None,
+            format!("header length {declared} bytes is larger than safetensors allows (100 MB)"),
+        ));
+    }
+    if declared > file_len - 8 {
+        return Err(fail(
+            None,
+            format!(
+                "header length {declared} bytes goes beyond the end of the {file_len}-byte file \
+                 (truncated, or not a safetensors file)"
+            ),
+        ));
+    }
+    let mut header = vec![0u8; declared as usize];
+    file.read_exact_at(&mut header, 8).at(path)?;
+    let text = std::str::from_utf8(&header)
+        .map_err(|e| fail(None, format!("header is not UTF-8: {e}")))?;
+    if let Some(key) = duplicate_key(text.as_bytes()) {
+        return Err(fail(
+            Some(&key),
+            "listed twice in the header (readers disagree on which entry counts)".into(),
+        ));
+    }
+    let data_len = file_len - 8 - declared;
+    match serde_json::from_str::<Metadata>(text) {
+        Ok(metadata) if metadata.data_len() as u64 == data_len => Ok((header.len(), metadata)),
+        Ok(_) => Err(diagnose(
+            &header_entries(text).unwrap_or_default(),
+            data_len,
+            "invalid safetensors file".into(),
+            fail,
+        )),
+        Err(e) if e.is_syntax() || e.is_eof() => Err(fail(
+            None,
+            format!("header is not valid safetensors JSON: {e}"),
+        )),
+        Err(e) => Err(diagnose(
+            &header_entries(text).unwrap_or_default(),
+            data_len,
+            format!("header is not valid safetensors JSON: {e}"),
+            fail,
+        )),
+    }
 }
 
 fn refuse_without_weights(dir: &Path) -> Error {
@@ -363,49 +523,12 @@ fn refuse_without_weights(dir: &Path) -> Error {
     }
 }
 
-/// Turns the safetensors crate's verdict into a message that names the
-/// tensor at fault, re-reading the (already valid JSON) header to find it.
-fn header_error(path: &Path, buffer: &[u8], error: SafeTensorError) -> Error {
-    let fail = |tensor: Option<&str>, message: String| Error::Safetensors {
-        path: path.into(),
-        tensor: tensor.map(str::to_owned),
-        message,
-    };
-    let file_len = buffer.len();
-    let declared = buffer
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    match error {
-        SafeTensorError::HeaderTooSmall => fail(
-            None,
-            format!(
-                "file is {file_len} bytes, too short to hold a safetensors header (truncated?)"
-            ),
-        ),
-        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => fail(
-            None,
-            format!(
-                "header length {} bytes goes beyond the end of the {file_len}-byte file \
-                 (truncated, or not a safetensors file)",
-                declared.unwrap_or(0)
-            ),
-        ),
-        SafeTensorError::InvalidHeader(e) => fail(None, format!("header is not UTF-8: {e}")),
-        SafeTensorError::InvalidHeaderDeserialization(e) => {
-            fail(None, format!("header is not valid safetensors JSON: {e}"))
-        }
-        other => {
-            let entries = header_entries(buffer).unwrap_or_default();
-            let data_len = file_len.saturating_sub(8 + declared.unwrap_or(0) as usize);
-            diagnose(&entries, data_len, other, fail)
-        }
-    }
-}
-
+/// Names the tensor at fault in a header the safetensors crate refused (or
+/// one whose data does not fill the file); `otherwise` when none is.
 fn diagnose(
     entries: &[(String, TensorInfo)],
-    data_len: usize,
-    error: SafeTensorError,
+    data_len: u64,
+    otherwise: String,
     fail: impl Fn(Option<&str>, String) -> Error,
 ) -> Error {
     let needed = |info: &TensorInfo| {
@@ -416,7 +539,7 @@ fn diagnose(
     };
     let mut expected_start = 0;
     for (name, info) in entries {
-        let (start, end) = info.data_offsets;
+        let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
         if start != expected_start || end < start {
             return fail(
                 Some(name),
@@ -426,7 +549,7 @@ fn diagnose(
                 ),
             );
         }
-        match needed(info) {
+        match needed(info).map(|b| b as u64) {
             Some(bytes) if bytes == end - start => {}
             Some(bytes) => {
                 return fail(
@@ -452,23 +575,21 @@ fn diagnose(
         }
         expected_start = end;
     }
-    match (error, entries.last()) {
-        (SafeTensorError::MetadataIncompleteBuffer, Some((name, _))) => fail(
+    match entries.last() {
+        Some((name, _)) if data_len > expected_start => fail(
             Some(name),
             format!(
                 "{} bytes of unaccounted data after the last tensor",
                 data_len - expected_start
             ),
         ),
-        (other, _) => fail(None, format!("invalid safetensors file: {other:?}")),
+        _ => fail(None, otherwise),
     }
 }
 
 /// The header's tensor entries sorted by offset, for diagnostics only.
-fn header_entries(buffer: &[u8]) -> Option<Vec<(String, TensorInfo)>> {
-    let n = u64::from_le_bytes(buffer.get(..8)?.try_into().ok()?) as usize;
-    let header = buffer.get(8..8usize.checked_add(n)?)?;
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+fn header_entries(header: &str) -> Option<Vec<(String, TensorInfo)>> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header).ok()?;
     let mut entries: Vec<(String, TensorInfo)> = map
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")

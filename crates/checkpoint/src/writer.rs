@@ -2,15 +2,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
 use crate::error::IoContext;
+use crate::files::ModelDir;
 use crate::layout::{ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
+use crate::output::OutputDir;
 use crate::reader::INDEX_FILE;
-use crate::{dtype_from_kind, Error, ModelCard, ModelConfig, Result, TOKENIZER_FILES};
+use crate::{
+    config_mismatch, count_nonfinite, dtype_from_kind, Error, ModelCard, ModelConfig, Result,
+    TOKENIZER_FILES,
+};
 
 /// How an output directory is written.
 #[derive(Debug, Clone)]
@@ -20,6 +25,9 @@ pub struct WriteOptions {
     pub force: bool,
     /// Input checkpoint directories: the output may not be, contain or lie inside any of them.
     pub inputs: Vec<PathBuf>,
+    /// Write tensors holding NaN or ±inf. Otherwise such a tensor fails the
+    /// commit unless its writer vouched for it ([`CheckpointWriter::accept_nonfinite`]).
+    pub allow_nonfinite: bool,
 }
 
 impl Default for WriteOptions {
@@ -28,6 +36,7 @@ impl Default for WriteOptions {
             max_shard_bytes: DEFAULT_SHARD_BYTES,
             force: false,
             inputs: vec![],
+            allow_nonfinite: false,
         }
     }
 }
@@ -52,10 +61,11 @@ struct Slot {
 /// Streams a checkpoint to disk. Every shard file is laid out (header written,
 /// size set) when the writer is created, so tensor data can arrive in any
 /// order, from any thread, and goes straight to its place in the file; nothing
-/// is buffered per shard. Everything is written inside a hidden sibling of the
-/// output directory, which [`CheckpointWriter::finish`] fsyncs and renames
-/// into place; dropping an unfinished writer removes it.
+/// is buffered per shard. Everything is written inside an [`OutputDir`]'s
+/// staging directory, which [`CheckpointWriter::finish`] checks, fsyncs and
+/// renames into place; dropping an unfinished writer removes it.
 pub struct CheckpointWriter {
+    dir: OutputDir,
     out: PathBuf,
     staging: PathBuf,
     layout: ShardLayout,
@@ -64,43 +74,30 @@ pub struct CheckpointWriter {
     slots: HashMap<String, Slot>,
     /// Bytes written so far, per planned tensor.
     written: Vec<AtomicU64>,
-    committed: bool,
+    /// NaN or ±inf values written so far, per planned tensor.
+    nonfinite: Vec<AtomicU64>,
+    /// Tensors whose non-finite values came from their inputs.
+    accepted: Vec<AtomicBool>,
+    allow_nonfinite: bool,
 }
 
 impl CheckpointWriter {
     pub fn create(out: &Path, specs: Vec<TensorSpec>, options: &WriteOptions) -> Result<Self> {
-        let out = absolute_output(out)?;
-        for input in &options.inputs {
-            let input = std::fs::canonicalize(input).at(input)?;
-            if out.starts_with(&input) || input.starts_with(&out) {
-                return Err(Error::OutputOverlapsInput { output: out, input });
-            }
-        }
-        if out.exists() {
-            if !out.is_dir() {
-                return Err(Error::Write {
-                    path: out,
-                    message: "exists and is not a directory".into(),
-                });
-            }
-            let empty = std::fs::read_dir(&out).at(&out)?.next().is_none();
-            if !empty && !options.force {
-                return Err(Error::OutputNotEmpty { path: out });
-            }
-        }
-        let staging = sibling(&out, "tmp");
-        std::fs::create_dir(&staging).at(&staging)?;
+        let dir = OutputDir::create(out, options.force, &options.inputs)?;
         let mut writer = Self {
-            out,
-            staging,
+            out: dir.out().to_path_buf(),
+            staging: dir.staging().to_path_buf(),
+            dir,
             layout: ShardLayout::plan(specs, options.max_shard_bytes),
             specs: vec![],
             files: vec![],
             slots: HashMap::new(),
             written: vec![],
-            committed: false,
+            nonfinite: vec![],
+            accepted: vec![],
+            allow_nonfinite: options.allow_nonfinite,
         };
-        // From here on, Drop cleans the staging directory up on any error.
+        // From here on, dropping the writer cleans up on any error.
         writer.lay_out_shards()?;
         Ok(writer)
     }
@@ -156,6 +153,8 @@ impl CheckpointWriter {
                 offset += spec.byte_len();
                 self.specs.push((shard, spec.clone()));
                 self.written.push(AtomicU64::new(0));
+                self.nonfinite.push(AtomicU64::new(0));
+                self.accepted.push(AtomicBool::new(false));
             }
             self.files.push(file);
         }
@@ -168,8 +167,9 @@ impl CheckpointWriter {
     }
 
     /// Writes one tensor's raw little-endian bytes. Safe to call from several
-    /// threads at once; each tensor exactly once.
-    pub fn write_bytes(&self, name: &str, bytes: &[u8]) -> Result<()> {
+    /// threads at once; each tensor exactly once. Returns how many of the
+    /// values are NaN or ±inf.
+    pub fn write_bytes(&self, name: &str, bytes: &[u8]) -> Result<u64> {
         let (_, spec) = self.slot(name)?;
         if bytes.len() as u64 != spec.byte_len() {
             return Err(self.error(format!(
@@ -184,9 +184,10 @@ impl CheckpointWriter {
     }
 
     /// Writes `bytes` at `offset` within one tensor's data, for tensors
-    /// produced piece by piece; the pieces must not overlap and must cover
-    /// the tensor by [`CheckpointWriter::finish`].
-    pub fn write_part(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
+    /// produced piece by piece; the pieces must not overlap, must start at
+    /// whole elements and must cover the tensor by [`CheckpointWriter::finish`].
+    /// Returns how many of the piece's values are NaN or ±inf.
+    pub fn write_part(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<u64> {
         let (slot, spec) = self.slot(name)?;
         let len = bytes.len() as u64;
         if offset + len > spec.byte_len() {
@@ -200,10 +201,27 @@ impl CheckpointWriter {
         if before + len > spec.byte_len() {
             return Err(self.error(format!("tensor {name} written twice")));
         }
+        let elem = (spec.dtype.bitsize() / 8).max(1) as u64;
+        if offset % elem != 0 {
+            return Err(self.error(format!(
+                "tensor {name}: a piece at byte {offset} starts inside an element"
+            )));
+        }
+        let nonfinite = count_nonfinite(spec.dtype, bytes);
+        self.nonfinite[slot.spec].fetch_add(nonfinite, Ordering::AcqRel);
         let path = self.staging.join(self.layout.file_name(slot.shard));
         self.files[slot.shard]
             .write_all_at(bytes, slot.offset + offset)
-            .at(path)
+            .at(path)?;
+        Ok(nonfinite)
+    }
+
+    /// Vouches that a tensor's NaN or ±inf values came from its inputs,
+    /// which were not finite either: the commit does not refuse it for them.
+    pub fn accept_nonfinite(&self, name: &str) -> Result<()> {
+        let (slot, _) = self.slot(name)?;
+        self.accepted[slot.spec].store(true, Ordering::Release);
+        Ok(())
     }
 
     fn slot(&self, name: &str) -> Result<(&Slot, &TensorSpec)> {
@@ -214,8 +232,9 @@ impl CheckpointWriter {
         Ok((slot, &self.specs[slot.spec].1))
     }
 
-    /// Writes a tch tensor, which must have the planned dtype and shape.
-    pub fn write_tensor(&self, name: &str, tensor: &tch::Tensor) -> Result<()> {
+    /// Writes a tch tensor, which must have the planned dtype and shape;
+    /// returns how many of its values are NaN or ±inf.
+    pub fn write_tensor(&self, name: &str, tensor: &tch::Tensor) -> Result<u64> {
         let (_, spec) = self.slot(name)?;
         let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
         if dtype_from_kind(tensor.kind()) != Some(spec.dtype) || shape != spec.shape {
@@ -240,17 +259,24 @@ impl CheckpointWriter {
         }
     }
 
-    /// Completes the output: index, config, tokenizer files and card; fsyncs
-    /// everything and renames the staging directory into place.
-    pub fn finish(mut self, finish: Finish<'_>) -> Result<PathBuf> {
-        if let Some((_, spec)) = self
-            .specs
-            .iter()
-            .zip(&self.written)
-            .find(|((_, spec), done)| done.load(Ordering::Acquire) != spec.byte_len())
-            .map(|(s, _)| s)
-        {
-            return Err(self.error(format!("tensor {} was never written", spec.name)));
+    /// Completes the output: checks it (every tensor written, finite unless
+    /// vouched for, the config consistent with the tensors), then writes the
+    /// index, config, tokenizer files and card, fsyncs everything and renames
+    /// the staging directory into place.
+    pub fn finish(self, finish: Finish<'_>) -> Result<PathBuf> {
+        for (i, (_, spec)) in self.specs.iter().enumerate() {
+            if self.written[i].load(Ordering::Acquire) != spec.byte_len() {
+                return Err(self.error(format!("tensor {} was never written", spec.name)));
+            }
+            let nonfinite = self.nonfinite[i].load(Ordering::Acquire);
+            if nonfinite > 0 && !self.allow_nonfinite && !self.accepted[i].load(Ordering::Acquire) {
+                return Err(self.error(format!(
+                    "tensor {}: {nonfinite} of its {} values are NaN or infinite; refusing to \
+                     write a broken model",
+                    spec.name,
+                    spec.numel()
+                )));
+            }
         }
         for (shard, file) in self.files.iter().enumerate() {
             file.sync_all()
@@ -273,26 +299,27 @@ impl CheckpointWriter {
         if let Some(dtype) = self.dominant_float_dtype() {
             config.set_dtype(dtype);
         }
+        let specs: Vec<TensorSpec> = self.specs.iter().map(|(_, s)| s.clone()).collect();
+        if let Some(problem) = config_mismatch(&config, &specs) {
+            return Err(self.error(format!(
+                "config.json would not match the weights: {problem}; refusing to write a model \
+                 that loads wrong or not at all"
+            )));
+        }
         self.write_file("config.json", config.to_json_pretty().as_bytes())?;
         if let Some(source) = finish.tokenizer_source {
-            for name in TOKENIZER_FILES {
-                let from = source.join(name);
-                if from.is_file() {
-                    let to = self.staging.join(name);
-                    std::fs::copy(&from, &to).at(&from)?;
-                    File::open(&to).and_then(|f| f.sync_all()).at(&to)?;
-                }
+            let files = ModelDir::new(source)?;
+            for name in TOKENIZER_FILES.iter().filter(|n| files.has(n)) {
+                let (from, from_path) = files.open(name)?;
+                copy_file(from, &from_path, &self.staging.join(name))?;
             }
         }
         for (name, contents) in finish.extra_files {
             self.write_file(name, contents)?;
         }
         self.write_file("README.md", finish.card.render().as_bytes())?;
-        File::open(&self.staging)
-            .and_then(|d| d.sync_all())
-            .at(&self.staging)?;
-        self.commit()?;
-        Ok(self.out.clone())
+        drop(self.files);
+        self.dir.commit()
     }
 
     fn dominant_float_dtype(&self) -> Option<Dtype> {
@@ -314,67 +341,19 @@ impl CheckpointWriter {
         file.write_all_at(contents, 0).at(&path)?;
         file.sync_all().at(&path)
     }
+}
 
-    fn commit(&mut self) -> Result<()> {
-        let displaced = if self.out.exists() {
-            let old = sibling(&self.out, "old");
-            std::fs::rename(&self.out, &old).at(&self.out)?;
-            Some(old)
-        } else {
-            None
-        };
-        if let Err(e) = std::fs::rename(&self.staging, &self.out) {
-            if let Some(old) = &displaced {
-                let _ = std::fs::rename(old, &self.out);
-            }
-            return Err(Error::Io {
-                path: self.out.clone(),
-                cause: e,
-            });
+/// Copies an opened file to `to` (synced); a read error names the source, a
+/// write error (a full disk, a file-size limit) the destination.
+fn copy_file(mut from: File, from_path: &Path, to: &Path) -> Result<()> {
+    let mut out = File::create(to).at(to)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut from, &mut buffer).at(from_path)?;
+        if n == 0 {
+            break;
         }
-        self.committed = true;
-        if let Some(old) = displaced {
-            std::fs::remove_dir_all(&old).at(&old)?;
-        }
-        if let Some(parent) = self.out.parent() {
-            File::open(parent).and_then(|d| d.sync_all()).at(parent)?;
-        }
-        Ok(())
+        std::io::Write::write_all(&mut out, &buffer[..n]).at(to)?;
     }
-}
-
-impl Drop for CheckpointWriter {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.staging);
-        }
-    }
-}
-
-/// The output path made absolute through its (created if need be) parent, so
-/// that overlap checks compare like with like.
-fn absolute_output(out: &Path) -> Result<PathBuf> {
-    let name = out.file_name().ok_or_else(|| Error::Write {
-        path: out.into(),
-        message: "output path has no directory name".into(),
-    })?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).at(&parent)?;
-    Ok(std::fs::canonicalize(&parent).at(&parent)?.join(name))
-}
-
-/// A hidden sibling of `out`, unique to this process and moment.
-pub fn sibling(out: &Path, purpose: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let name = out.file_name().unwrap_or_default().to_string_lossy();
-    out.with_file_name(format!(
-        ".{name}.amalgam-{purpose}-{}-{nanos}",
-        std::process::id()
-    ))
+    out.sync_all().at(to)
 }

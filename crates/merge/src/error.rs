@@ -15,6 +15,9 @@ pub enum MergeError {
     },
     #[error("{0}")]
     Device(String),
+    /// The output's config.json cannot describe the merged tensors.
+    #[error("output config (from model `{model}`): {message}")]
+    Config { model: String, message: String },
     /// A permutation that does not fit its group or the model.
     #[error("permutation: {0}")]
     Permutation(String),

@@ -7,12 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
+use amalgam_checkpoint::arch::{classify, mlp_width, Role, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::{
-    kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish, InputRecord,
-    ModelCard, TensorSpec, WriteOptions,
+    count_nonfinite, kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish,
+    InputRecord, ModelCard, ModelConfig, TensorSpec, WriteOptions,
 };
 use amalgam_recipe::{Plan, PlannedTensor, Recipe};
 use rayon::prelude::*;
+use serde_json::Value;
 use tch::{Device, Tensor};
 
 use crate::{MergeContext, MergeError, MergeMethod, Result};
@@ -86,6 +88,95 @@ impl MergeJob<'_> {
             .collect()
     }
 
+    /// The output's `config.json`: the layout model's, with the layer count,
+    /// vocabulary and FFN width of the planned tensors, and every per-layer
+    /// list following the layers stacked (each entry from the config of the
+    /// model and layer it comes from). Layers of different FFN widths are
+    /// refused unless the config already holds per-layer widths: one integer
+    /// `intermediate_size` cannot describe them, and transformers would not
+    /// load the model.
+    pub fn output_config(&self) -> Result<ModelConfig> {
+        let layout = self.checkpoints[self.plan.layout_model].config();
+        let mut config = layout.clone();
+        config.set("num_hidden_layers", self.plan.layers.into());
+        if let Some(embedding) = self
+            .plan
+            .tensors
+            .iter()
+            .find(|t| classify(&t.name).role == Role::Embedding)
+        {
+            config.set("vocab_size", embedding.shape[0].into());
+        }
+        // Where each output layer comes from: (model, layer) of its first input.
+        let mut sources: Vec<Option<(usize, usize)>> = vec![None; self.plan.layers];
+        let mut widths: Vec<Option<usize>> = vec![None; self.plan.layers];
+        for tensor in &self.plan.tensors {
+            let Some(layer) = classify(&tensor.name).layer else {
+                continue;
+            };
+            let input = &tensor.inputs[0];
+            if let Some(from) = classify(&input.tensor).layer {
+                sources[layer].get_or_insert((input.model, from));
+            }
+            if let Some(width) = mlp_width(&tensor.name, &tensor.shape) {
+                widths[layer] = Some(width);
+            }
+        }
+        for field in PER_LAYER_CONFIG_FIELDS {
+            if !matches!(layout.get(field), Some(Value::Array(_))) {
+                continue;
+            }
+            let entries = sources
+                .iter()
+                .enumerate()
+                .map(|(layer, source)| {
+                    let (model, from) = source.ok_or_else(|| {
+                        self.config_error(format!(
+                            "output layer {layer} has no tensors to take its `{field}` entry from"
+                        ))
+                    })?;
+                    let list = self.checkpoints[model].config().get(field);
+                    list.and_then(|l| l.get(from)).cloned().ok_or_else(|| {
+                        self.config_error(format!(
+                            "model `{}` has no `{field}` entry for its layer {from}",
+                            self.plan.models[model]
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<Value>>>()?;
+            config.set(field, Value::Array(entries));
+        }
+        let known: Vec<(usize, usize)> = widths
+            .iter()
+            .enumerate()
+            .filter_map(|(layer, w)| Some((layer, (*w)?)))
+            .collect();
+        if let Some(&(first_layer, first)) = known.first() {
+            let odd = known.iter().find(|(_, w)| *w != first);
+            match (layout.get("intermediate_size"), odd) {
+                (Some(Value::Array(_)), _) => {} // per-layer widths, set above
+                (_, None) => config.set("intermediate_size", first.into()),
+                (_, Some(&(layer, width))) => {
+                    return Err(self.config_error(format!(
+                        "the stacked layers have different FFN widths (layer {first_layer}: \
+                         {first}, layer {layer}: {width}), but `{}` configs hold one integer \
+                         `intermediate_size`, so the output would not load; stack layers of \
+                         one width",
+                        layout.model_type().unwrap_or("this model's")
+                    )))
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    fn config_error(&self, message: String) -> MergeError {
+        MergeError::Config {
+            model: self.plan.models[self.plan.layout_model].clone(),
+            message,
+        }
+    }
+
     /// Bytes of input tensor data the plan reads.
     pub fn bytes_to_read(&self) -> u64 {
         self.plan
@@ -155,8 +246,6 @@ impl MergeJob<'_> {
                 let entry = checkpoint.entry(&input.tensor)?;
                 checkpoint.prefetch(entry);
                 let mut t = checkpoint.read_as(&input.tensor, math)?;
-                // The copy is ours now: let the mapped pages go.
-                checkpoint.release(entry);
                 // Vocabulary tensors larger than the output are cut to it.
                 for (dim, &size) in tensor.shape.iter().enumerate() {
                     if t.size()[dim] as usize != size {
@@ -191,6 +280,7 @@ impl MergeJob<'_> {
         options: &ExecOptions,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<MergeSummary> {
+        let config = self.output_config()?;
         let writer = CheckpointWriter::create(out, self.output_specs(), &options.write)?;
         tch::set_num_threads(1);
         let pool = rayon::ThreadPoolBuilder::new()
@@ -210,24 +300,17 @@ impl MergeJob<'_> {
                 .try_for_each(|tensor| -> Result<()> {
                     let _permit = budget.acquire(self.tensor_memory(tensor));
                     let merged = self.compute(tensor, options.seed, options.device)?;
-                    writer.write_tensor(&tensor.name, &merged)?;
+                    let nonfinite = writer.write_tensor(&tensor.name, &merged)?;
+                    if nonfinite > 0 {
+                        self.check_nonfinite(tensor, nonfinite, options.write.allow_nonfinite)?;
+                        writer.accept_nonfinite(&tensor.name)?;
+                    }
                     progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
                     Ok(())
                 })
         })?;
 
         tracing::debug!("tensors merged and written in {:.1?}", started.elapsed());
-        let layout = &self.checkpoints[self.plan.layout_model];
-        let mut config = layout.config().clone();
-        config.set("num_hidden_layers", self.plan.layers.into());
-        if let Some(embedding) = self
-            .plan
-            .tensors
-            .iter()
-            .find(|t| t.name.ends_with("embed_tokens.weight"))
-        {
-            config.set("vocab_size", embedding.shape[0].into());
-        }
         let base = self.recipe.base_model.as_ref().map(|b| b.path.as_str());
         let inputs = self
             .plan
@@ -273,6 +356,59 @@ impl MergeJob<'_> {
             tensors: self.plan.tensors.len(),
             bytes_read: self.bytes_to_read(),
             bytes_written,
+        })
+    }
+}
+
+impl MergeJob<'_> {
+    /// A merged tensor holds `nonfinite` NaN or ±inf values. Fine if its
+    /// inputs held some too (warned) or the user allowed it; otherwise the
+    /// merge made them from finite inputs, which is an error naming the
+    /// tensor and the recipe lines of the parameters that shaped it.
+    fn check_nonfinite(&self, tensor: &PlannedTensor, nonfinite: u64, allow: bool) -> Result<()> {
+        let mut inputs_nonfinite = 0;
+        for input in &tensor.inputs {
+            let checkpoint = &self.checkpoints[input.model];
+            let entry = checkpoint.entry(&input.tensor)?;
+            inputs_nonfinite += count_nonfinite(entry.dtype, &checkpoint.read_bytes(entry)?);
+        }
+        if inputs_nonfinite > 0 || allow {
+            tracing::warn!(
+                "tensor {}: {nonfinite} NaN or infinite values written ({})",
+                tensor.name,
+                if inputs_nonfinite > 0 {
+                    format!("its inputs hold {inputs_nonfinite}")
+                } else {
+                    "--allow-nonfinite".to_owned()
+                }
+            );
+            return Ok(());
+        }
+        let mut lines: Vec<String> = tensor
+            .params
+            .iter()
+            .chain(tensor.inputs.iter().flat_map(|i| &i.params))
+            .filter_map(|(name, value)| {
+                let at = value.at?;
+                Some(format!(
+                    "`{name}: {}` at {}:{at}",
+                    value.value, self.recipe.source_name
+                ))
+            })
+            .collect();
+        lines.dedup();
+        let shaped_by = if lines.is_empty() {
+            String::new()
+        } else {
+            format!(" (parameters: {})", lines.join(", "))
+        };
+        Err(MergeError::Tensor {
+            tensor: tensor.name.clone(),
+            message: format!(
+                "the merge made {nonfinite} NaN or infinite values from finite inputs{shaped_by}; \
+                 check the weights (do they sum to zero under `normalize`? are they huge?), or \
+                 pass --allow-nonfinite to write them anyway"
+            ),
         })
     }
 }

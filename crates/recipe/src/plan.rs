@@ -48,6 +48,9 @@ pub struct ParamSpec {
     pub default: Option<Scalar>,
     /// Extra validation of a resolved value; the message says what is wrong.
     pub check: Option<ParamCheck>,
+    /// Advice on a value that is valid but likely a mistake (outside the
+    /// range where the method means something): a warning, not an error.
+    pub warn: Option<ParamCheck>,
 }
 
 /// What the planner needs to know about a merge method.
@@ -144,6 +147,8 @@ pub struct Plan {
     pub tensors: Vec<PlannedTensor>,
     /// Layers in the output.
     pub layers: usize,
+    /// Advice on the recipe (`file:line:column: message`), each once.
+    pub warnings: Vec<String>,
 }
 
 struct SliceSource<'r> {
@@ -194,6 +199,7 @@ impl Plan {
             inventories,
             models: &models,
             locations: &locations,
+            warnings: Default::default(),
         };
         let layout = &inventories[layout_model];
         let stored = || layout.tensors.iter().filter(|t| !t.tied_alias);
@@ -243,6 +249,8 @@ impl Plan {
         {
             tensors.push(planner.tensor(&tensor.name, last, |_| tensor.name.clone(), 0.0)?);
         }
+        planner.check_coverage(&slices, layout_model, &tensors)?;
+        let warnings = planner.warnings.into_inner().into_iter().collect();
         Ok(Plan {
             method: method.name.into(),
             models,
@@ -250,6 +258,7 @@ impl Plan {
             tokenizer_model,
             tensors,
             layers: out_layer,
+            warnings,
         })
     }
 }
@@ -409,9 +418,67 @@ struct Planner<'a> {
     inventories: &'a [ModelInventory],
     models: &'a [String],
     locations: &'a [Location],
+    /// Advice collected while resolving parameters (ordered, deduplicated).
+    warnings: std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
 impl Planner<'_> {
+    /// Every tensor an input contributes (within the layers its slice takes;
+    /// outside the layers, from the first slice before them and the last
+    /// after them) must feed some planned tensor: one the layout model lacks
+    /// would otherwise be silently missing from the output. RoPE's cached
+    /// `inv_freq` buffers are recomputed by the model, so optional.
+    fn check_coverage(
+        &self,
+        slices: &[NormalSlice<'_>],
+        layout_model: usize,
+        tensors: &[PlannedTensor],
+    ) -> Result<(), RecipeError> {
+        let used: std::collections::HashSet<(usize, &str)> = tensors
+            .iter()
+            .flat_map(|t| t.inputs.iter().map(|i| (i.model, i.tensor.as_str())))
+            .collect();
+        for (k, slice) in slices.iter().enumerate() {
+            for source in &slice.sources {
+                for tensor in &self.inventories[source.model].tensors {
+                    let contributed = match tensor.layer {
+                        Some(layer) => (source.start..source.end).contains(&layer),
+                        None if tensor.embedding => k == 0,
+                        None => k == slices.len() - 1,
+                    };
+                    let missing = contributed
+                        && !tensor.tied_alias
+                        && !tensor.name.ends_with("rotary_emb.inv_freq")
+                        && !used.contains(&(source.model, tensor.name.as_str()));
+                    if !missing {
+                        continue;
+                    }
+                    let lacking = match tensor.layer {
+                        Some(layer) => format!(
+                            "but the output's layers are built from layer 0 of model `{}`, \
+                             which has no `{}`",
+                            self.models[layout_model],
+                            with_layer(&tensor.name, layer, 0)
+                        ),
+                        None => format!(
+                            "which model `{}` (whose layout the output follows) lacks",
+                            self.models[layout_model]
+                        ),
+                    };
+                    return Err(self.recipe.error(
+                        self.locations[source.model],
+                        format!(
+                            "model `{}` has tensor `{}`, {lacking}: the output would silently \
+                             leave it out",
+                            self.models[source.model], tensor.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn tensor(
         &self,
         out_name: &str,
@@ -583,11 +650,26 @@ impl Planner<'_> {
                 ),
             ));
         }
+        if value.as_f64().is_some_and(|n| !n.is_finite()) {
+            return Err(self.recipe.error(
+                here,
+                format!(
+                    "parameter `{}`{whose} must be a finite number, got {value}",
+                    spec.name
+                ),
+            ));
+        }
         if let Some(check) = spec.check {
             check(&value).map_err(|problem| {
                 self.recipe
                     .error(here, format!("parameter `{}`{whose}: {problem}", spec.name))
             })?;
+        }
+        if let Some(Err(advice)) = spec.warn.map(|warn| warn(&value)) {
+            self.warnings.borrow_mut().insert(format!(
+                "{}:{here}: parameter `{}`: {advice}",
+                self.recipe.source_name, spec.name
+            ));
         }
         Ok(Resolved { value, at })
     }

@@ -97,12 +97,11 @@ impl StitchRecipe {
                         seed: 0,
                     };
                     for (key, value, _) in reader.mapping(node, "train", TRAIN_KEYS)? {
-                        let number =
-                            || match reader.scalar(value) {
-                                Some(crate::Scalar::Number(n)) if n >= 0.0 => Ok(n),
-                                _ => Err(reader
-                                    .error(location(value), format!("`{key}` is a number ≥ 0"))),
-                            };
+                        let number = || match reader.scalar(value) {
+                            Some(crate::Scalar::Number(n)) if n >= 0.0 && n.is_finite() => Ok(n),
+                            _ => Err(reader
+                                .error(location(value), format!("`{key}` is a finite number ≥ 0"))),
+                        };
                         match key.as_str() {
                             "lr" => train.lr = number()?,
                             "anchor_lr_scale" => train.anchor_lr_scale = number()?,
@@ -115,8 +114,8 @@ impl StitchRecipe {
                     recipe.train = Some(train);
                 }
                 "ridge" => match reader.scalar(node) {
-                    Some(crate::Scalar::Number(r)) if r >= 0.0 => recipe.ridge = r,
-                    _ => return Err(reader.error(location(node), "`ridge` is a number ≥ 0")),
+                    Some(crate::Scalar::Number(r)) if r >= 0.0 && r.is_finite() => recipe.ridge = r,
+                    _ => return Err(reader.error(location(node), "`ridge` is a finite number ≥ 0")),
                 },
                 _ => unreachable!("mapping() admits only KEYS"),
             }
@@ -158,7 +157,7 @@ mod tests {
             StitchRecipe::parse("kind: stitch\nanchors: [a, b]\ntrain: {lr: -1}\n", "s.yml")
                 .unwrap_err()
                 .to_string()
-                .contains("s.yml:3:13: `lr` is a number")
+                .contains("s.yml:3:13: `lr` is a finite number")
         );
         let error = |text: &str| StitchRecipe::parse(text, "s.yml").unwrap_err().to_string();
         assert!(

@@ -37,21 +37,17 @@ struct Cut {
 }
 
 impl Cut {
-    fn kept_per_outer(&self) -> usize {
-        self.keep.iter().map(|r| r.len()).sum::<usize>() * self.inner
-    }
-
-    /// Appends the kept elements of outer rows `rows` to `out`.
-    fn gather(&self, src: &[u8], elem: usize, rows: Range<usize>, out: &mut Vec<u8>) {
-        let row_bytes = self.axis * self.inner * elem;
-        for row in rows {
-            let start = row * row_bytes;
-            for r in &self.keep {
-                out.extend_from_slice(
-                    &src[start + r.start * self.inner * elem..start + r.end * self.inner * elem],
-                );
-            }
-        }
+    /// The kept bytes as (offset, length) runs of the source tensor, in output order.
+    fn runs(&self, elem: usize) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let (row_bytes, unit) = (self.axis * self.inner * elem, self.inner * elem);
+        (0..self.outer).flat_map(move |row| {
+            self.keep.iter().map(move |r| {
+                (
+                    (row * row_bytes + r.start * unit) as u64,
+                    (r.len() * unit) as u64,
+                )
+            })
+        })
     }
 }
 
@@ -186,39 +182,47 @@ impl<'c> Extraction<'c> {
         on_bytes: &mut dyn FnMut(u64),
     ) -> Result<PathBuf> {
         let writer = CheckpointWriter::create(out, self.specs(), options)?;
+        // Runs of source bytes are read into one buffer, written out whenever it fills.
+        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK_BYTES);
         for (i, output) in self.outputs.iter().enumerate() {
             let entry = self.checkpoint.entry(&output.source)?;
             if let Some(next) = self.outputs.get(i + 1) {
                 self.checkpoint
                     .prefetch(self.checkpoint.entry(&next.source)?);
             }
-            let src = self.checkpoint.bytes(entry);
-            match &output.cut {
-                None => {
-                    writer.write_bytes(&output.name, src)?;
-                    on_bytes(src.len() as u64);
+            let whole = [(0, entry.byte_range.end - entry.byte_range.start)];
+            let runs: Box<dyn Iterator<Item = (u64, u64)>> = match &output.cut {
+                None => Box::new(whole.into_iter()),
+                Some(cut) => Box::new(cut.runs(output.dtype.bitsize() / 8)),
+            };
+            let mut written = 0u64;
+            let mut flush = |buffer: &mut Vec<u8>| -> Result<()> {
+                // A byte copy: non-finite values can only be the input's own.
+                if writer.write_part(&output.name, written, buffer)? > 0 {
+                    writer.accept_nonfinite(&output.name)?;
                 }
-                Some(cut) => {
-                    let elem = output.dtype.bitsize() / 8;
-                    let row_bytes = cut.kept_per_outer() * elem;
-                    let rows_per_chunk = (CHUNK_BYTES / row_bytes.max(1)).max(1);
-                    let mut buffer = Vec::with_capacity(rows_per_chunk.min(cut.outer) * row_bytes);
-                    let mut offset = 0u64;
-                    for first in (0..cut.outer).step_by(rows_per_chunk) {
-                        buffer.clear();
-                        cut.gather(
-                            src,
-                            elem,
-                            first..(first + rows_per_chunk).min(cut.outer),
-                            &mut buffer,
-                        );
-                        writer.write_part(&output.name, offset, &buffer)?;
-                        offset += buffer.len() as u64;
-                        on_bytes(buffer.len() as u64);
+                written += buffer.len() as u64;
+                on_bytes(buffer.len() as u64);
+                buffer.clear();
+                Ok(())
+            };
+            for (start, len) in runs {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min((CHUNK_BYTES - buffer.len()) as u64) as usize;
+                    let at = buffer.len();
+                    buffer.resize(at + n, 0);
+                    self.checkpoint
+                        .read_range(entry, start + done, &mut buffer[at..])?;
+                    done += n as u64;
+                    if buffer.len() == CHUNK_BYTES {
+                        flush(&mut buffer)?;
                     }
                 }
             }
-            self.checkpoint.release(entry);
+            if !buffer.is_empty() {
+                flush(&mut buffer)?;
+            }
         }
         Ok(writer.finish(Finish {
             config: &self.config,

@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use amalgam_checkpoint::{staging_sibling, ModelCard};
+use amalgam_checkpoint::{ModelCard, OutputDir};
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::eval::LanguageModel;
 use amalgam_nn::Llama;
@@ -303,28 +303,10 @@ impl Family {
     /// Writes the family to `out`, built in a hidden sibling and renamed
     /// into place when complete; a non-empty `out` is replaced only with `force`.
     pub fn save(&self, out: &Path, force: bool, card: &ModelCard) -> Result<()> {
-        if out.exists()
-            && std::fs::read_dir(out)
-                .map_err(|e| io(out, e))?
-                .next()
-                .is_some()
-            && !force
-        {
-            return Err(ElasticError::Stitch(format!(
-                "{}: output directory exists and is not empty (pass --force to replace it)",
-                out.display()
-            )));
-        }
-        let staging = staging_sibling(out, "tmp");
-        let result = self.write_into(&staging, card);
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| io(out, e))?;
-        }
-        std::fs::rename(&staging, out).map_err(|e| io(out, e))
+        let dir = OutputDir::create(out, force, &[])?;
+        self.write_into(dir.staging(), card)?;
+        dir.commit()?;
+        Ok(())
     }
 
     fn write_into(&self, dir: &Path, card: &ModelCard) -> Result<()> {

@@ -31,6 +31,7 @@ pub(crate) fn number(name: &'static str, scope: ParamScope, default: Option<f64>
         scope,
         default: default.map(Scalar::Number),
         check: None,
+        warn: None,
     }
 }
 
@@ -42,6 +43,7 @@ pub(crate) fn flag(name: &'static str, default: bool) -> ParamSpec {
         scope: ParamScope::Shared,
         default: Some(Scalar::Bool(default)),
         check: None,
+        warn: None,
     }
 }
 

@@ -19,6 +19,7 @@ impl MergeMethod for Passthrough {
                 scope: ParamScope::PerModel,
                 default: Some(Scalar::Number(1.0)),
                 check: None,
+                warn: None,
             }],
             min_models: 1,
             max_models: Some(1),

@@ -14,7 +14,14 @@ const PARALLEL: f64 = 0.9995;
 
 impl MergeMethod for Slerp {
     fn spec(&self) -> MethodSpec {
-        base_and_one_other_at_t("slerp")
+        let mut spec = base_and_one_other_at_t("slerp");
+        spec.params[0].warn = Some(|t| match t.as_f64() {
+            Some(t) if (0.0..=1.0).contains(&t) => Ok(()),
+            _ => Err(format!(
+                "t = {t} is outside [0, 1]: slerp then extrapolates beyond the two models"
+            )),
+        });
+        spec
     }
 
     fn merge(&self, cx: &MergeContext<'_>) -> Result<Tensor> {

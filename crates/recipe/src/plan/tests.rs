@@ -59,6 +59,7 @@ fn ties() -> MethodSpec {
                 scope: ParamScope::PerNonBase,
                 default: None,
                 check: None,
+                warn: None,
             },
             ParamSpec {
                 name: "density",
@@ -66,6 +67,7 @@ fn ties() -> MethodSpec {
                 scope: ParamScope::PerNonBase,
                 default: Some(Scalar::Number(1.0)),
                 check: Some(check_density),
+                warn: None,
             },
             ParamSpec {
                 name: "lambda",
@@ -73,6 +75,7 @@ fn ties() -> MethodSpec {
                 scope: ParamScope::Shared,
                 default: Some(Scalar::Number(1.0)),
                 check: None,
+                warn: None,
             },
         ],
         min_models: 1,
