@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
+use amalgam_checkpoint::Checkpoint;
 use amalgam_elastic::stitch::{Family, Network};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
     check_vocabulary, evaluate, window_count, DomainScore, EvalOptions, LanguageModel,
 };
-use amalgam_nn::Llama;
+use amalgam_nn::{Llama, LlamaConfig};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -47,6 +48,10 @@ pub struct Args {
     by_model: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Refuse models whose weights and forward pass are estimated to need
+    /// more than this, e.g. 8GB (default: the memory available).
+    #[arg(long)]
+    max_memory: Option<String>,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -64,6 +69,11 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.seq_len < 2 {
         return Err(anyhow!("--seq-len must be at least 2"));
     }
+    if args.max_windows == 0 {
+        return Err(anyhow!(
+            "--max-windows must be at least 1 (it is how many windows each domain scores)"
+        ));
+    }
     let device = crate::device::parse(&args.device)?;
     let options = EvalOptions {
         seq_len: args.seq_len,
@@ -80,7 +90,24 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         ));
     }
     let total: usize = counts.iter().sum();
+    // Windows are scored `batch` at a time, never more than a domain has.
+    let batch = options.batch.min(counts.iter().copied().max().unwrap_or(1));
     let load = |path: &PathBuf| -> Result<Llama> {
+        let checkpoint = Checkpoint::open(path)?;
+        let config =
+            LlamaConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;
+        crate::resources::check_memory(
+            config
+                .weight_bytes()
+                .saturating_add(config.forward_bytes(batch, args.seq_len)),
+            args.max_memory.as_deref(),
+            "--max-memory",
+            &format!(
+                "evaluating {} at --batch {batch} --seq-len {}",
+                path.display(),
+                args.seq_len
+            ),
+        )?;
         let model =
             Llama::load(path, device).with_context(|| format!("loading {}", path.display()))?;
         check_vocabulary(&model).with_context(|| path.display().to_string())?;

@@ -10,6 +10,7 @@ mod merge;
 mod pareto;
 mod pleas;
 mod progress;
+mod resources;
 mod stitch;
 mod synth;
 mod zoo;

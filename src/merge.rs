@@ -41,7 +41,9 @@ pub struct Args {
     /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
     #[arg(long, default_value = "5GB")]
     pub(crate) out_shard_size: String,
-    /// Most bytes of tensors in flight, e.g. 4GB (default: half the available memory).
+    /// Most bytes of tensors in flight, e.g. 4GB (default: half the available
+    /// memory); for `pleas`, the most its forward passes may hold (default:
+    /// the memory available), checked before anything is loaded.
     #[arg(long)]
     pub(crate) memory_budget: Option<String>,
     /// cpu, cuda or cuda:N.
@@ -100,9 +102,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         checkpoints: &checkpoints,
         method,
     };
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    job.check_dtypes()?;
+    let threads = crate::resources::threads(args.threads);
 
     let memory_budget = match &args.memory_budget {
         Some(text) => parse_byte_size(text)?,
@@ -222,20 +223,7 @@ fn warn_unknown_parameters(recipe: &Recipe, spec: &amalgam_recipe::MethodSpec) {
 
 /// Half of MemAvailable (or 4 GB where /proc/meminfo cannot be read).
 fn default_memory_budget() -> u64 {
-    let available_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("MemAvailable:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        });
-    available_kib.map_or(4_000_000_000, |kib| kib * 1024 / 2)
+    crate::resources::available_memory().map_or(4_000_000_000, |bytes| bytes / 2)
 }
 
 fn print_plan(job: &MergeJob<'_>, threads: usize, memory_budget: u64, json: bool) -> Result<()> {

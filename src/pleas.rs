@@ -12,7 +12,7 @@ use amalgam_merge::pleas::statistics::Metric;
 use amalgam_merge::pleas::{self, Activations, Matching, Model, Taps, Widen};
 use amalgam_merge::MergeError;
 use amalgam_nn::data::{Domain, Sampler, Split};
-use amalgam_nn::{tokenizer, Llama};
+use amalgam_nn::{tokenizer, Llama, LlamaConfig};
 use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe};
 use anyhow::{anyhow, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -103,10 +103,27 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
     // Matrix products split their sums by thread: the same recipe and the
     // same thread count give bit-identical output (other counts differ in
     // the last bits of a few weights).
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = crate::resources::threads(args.threads);
     tch::set_num_threads(threads as i32);
+    let mut estimate = (pleas.samples as u64).saturating_mul(pleas.seq_len as u64 * 8);
+    for (checkpoint, m) in checkpoints.iter().zip(&pleas.models) {
+        let config = LlamaConfig::from_model_config(
+            checkpoint.config(),
+            &checkpoint.dir().join("config.json"),
+        )
+        .map_err(|e| anyhow!(recipe.error(m.at, format!("model `{}`: {e}", m.path))))?;
+        let batch = pleas.batch.min(pleas.samples);
+        estimate = estimate
+            .saturating_add(config.weight_bytes())
+            .saturating_add(config.forward_bytes(batch, pleas.seq_len))
+            .saturating_add(config.taps_bytes(batch, pleas.seq_len));
+    }
+    crate::resources::check_memory(
+        estimate,
+        args.memory_budget.as_deref(),
+        "--memory-budget",
+        "this PLeaS merge's forward passes",
+    )?;
     let models = pleas
         .models
         .iter()

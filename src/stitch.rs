@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use amalgam_checkpoint::ModelCard;
+use amalgam_checkpoint::{Checkpoint, ModelCard};
 use amalgam_elastic::stitch::Family;
 use amalgam_nn::data::{Domain, Sampler, Split};
-use amalgam_nn::Llama;
+use amalgam_nn::{Llama, LlamaConfig};
 use amalgam_recipe::StitchRecipe;
 use anyhow::{anyhow, Context, Result};
 
@@ -35,6 +35,10 @@ pub struct Args {
     force: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Refuse a recipe whose anchors, calibration and training are estimated
+    /// to need more than this, e.g. 8GB (default: the memory available).
+    #[arg(long)]
+    max_memory: Option<String>,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -63,6 +67,34 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .with_context(|| format!("reading recipe {}", args.recipe.display()))?;
     let recipe = StitchRecipe::parse(&text, &args.recipe.display().to_string())?;
     let device = crate::device::parse(&args.device)?;
+    let mut estimate = (recipe.samples as u64).saturating_mul(recipe.seq_len as u64 * 8);
+    for (path, at) in &recipe.anchors {
+        let located = |e: String| anyhow!("{}:{at}: anchor `{path}`: {e}", recipe.source_name);
+        let checkpoint = Checkpoint::open(path).map_err(|e| located(e.to_string()))?;
+        let config = LlamaConfig::from_model_config(
+            checkpoint.config(),
+            &std::path::Path::new(path).join("config.json"),
+        )
+        .map_err(|e| located(e.to_string()))?;
+        // Calibration runs every sample at once; training keeps a batch's
+        // activations for every block, and Adam two moments per weight.
+        let training = recipe.train.as_ref().map_or(0, |t| {
+            (config.num_hidden_layers() as u64)
+                .saturating_mul(config.forward_bytes(t.batch, t.seq_len))
+                .saturating_add(3 * config.weight_bytes())
+        });
+        estimate = estimate
+            .saturating_add(config.weight_bytes())
+            .saturating_add(config.forward_bytes(recipe.samples, recipe.seq_len))
+            .saturating_add(config.taps_bytes(recipe.samples, recipe.seq_len))
+            .saturating_add(training);
+    }
+    crate::resources::check_memory(
+        estimate,
+        args.max_memory.as_deref(),
+        "--max-memory",
+        "this stitching recipe",
+    )?;
     let anchors = recipe
         .anchors
         .iter()

@@ -360,3 +360,141 @@ fn pleas_recipes_name_their_mistakes() {
     );
     assert_eq!(config["tie_word_embeddings"], false);
 }
+
+/// Configs that would make a forward pass divide by zero or allocate
+/// without bound are refused, by `eval`, `stitch` and `pleas` alike, with
+/// exit status 1 (an error, never a panic or an abort).
+#[test]
+fn hostile_configs_are_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth(&tmp.path().join("f"), &["--finetunes", "1"]);
+    let base = tmp.path().join("f/base");
+    let bad = tmp.path().join("bad");
+    for (key, value, needle) in [
+        (
+            "num_attention_heads",
+            Value::from(0),
+            "`num_attention_heads` must be a positive",
+        ),
+        ("num_key_value_heads", Value::from(3), "not a multiple of 3"),
+        ("hidden_size", Value::from(100_000_000), "needs about"),
+        ("head_dim", Value::from(1u64 << 30), "needs about"),
+        (
+            "num_hidden_layers",
+            Value::from(7),
+            "no tensor model.layers.4",
+        ),
+        (
+            "intermediate_size",
+            Value::from(-5),
+            "`intermediate_size` must be a positive",
+        ),
+        (
+            "rms_norm_eps",
+            Value::from("tiny"),
+            "`rms_norm_eps` must be a positive number",
+        ),
+    ] {
+        let _ = std::fs::remove_dir_all(&bad);
+        std::fs::create_dir(&bad).unwrap();
+        for entry in std::fs::read_dir(&base).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), bad.join(entry.file_name())).unwrap();
+        }
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(bad.join("config.json")).unwrap()).unwrap();
+        config[key] = value;
+        std::fs::write(bad.join("config.json"), config.to_string()).unwrap();
+        let stitch = tmp.path().join("stitch.yml");
+        std::fs::write(
+            &stitch,
+            format!(
+                "kind: stitch\nanchors: [{}, {}]\ncalibration: {{samples: 2, seq_len: 8}}\n",
+                bad.display(),
+                base.display()
+            ),
+        )
+        .unwrap();
+        let pleas = tmp.path().join("pleas.yml");
+        std::fs::write(
+            &pleas,
+            format!(
+                "merge_method: pleas\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  \
+                 calibration: random\n  samples: 2\n  seq_len: 8\n",
+                bad.display(),
+                tmp.path().join("f/finetune-1").display()
+            ),
+        )
+        .unwrap();
+        let out = tmp.path().join("out");
+        for args in [
+            vec!["eval".as_ref(), bad.as_os_str()],
+            vec!["stitch".as_ref(), stitch.as_os_str(), out.as_os_str()],
+            vec!["merge".as_ref(), pleas.as_os_str(), out.as_os_str()],
+        ] {
+            let message = fails(&args);
+            assert!(message.contains(needle), "{key}: {args:?}: {message}");
+            assert!(!out.exists());
+        }
+    }
+    // Sizes from the recipe are estimated before anything is allocated.
+    let pleas = tmp.path().join("pleas.yml");
+    std::fs::write(
+        &pleas,
+        format!(
+            "merge_method: pleas\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  \
+             calibration: random\n  samples: 64\n  seq_len: 1000000000\n",
+            base.display(),
+            tmp.path().join("f/finetune-1").display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let message = fails(["merge".as_ref(), pleas.as_os_str(), out.as_os_str()]);
+    assert!(
+        message.contains("needs about") && message.contains("GB"),
+        "{message}"
+    );
+}
+
+#[test]
+fn absurd_thread_counts_are_capped_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth(&tmp.path().join("f"), &["--finetunes", "1"]);
+    let recipe = tmp.path().join("r.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {0}/f/base\n    parameters: {{weight: 1}}\n  \
+             - model: {0}/f/finetune-1\n    parameters: {{weight: 1}}\n",
+            tmp.path().display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .args(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()])
+        .args(["--threads", "5000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("--threads 5000 capped at"), "{stderr}");
+}
+
+#[test]
+fn eval_names_the_flag_that_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth(&tmp.path().join("f"), &["--finetunes", "0"]);
+    let base = tmp.path().join("f/base");
+    let message = fails([
+        "eval".as_ref(),
+        base.as_os_str(),
+        "--max-windows".as_ref(),
+        "0".as_ref(),
+    ]);
+    assert!(
+        message.contains("--max-windows must be at least 1"),
+        "{message}"
+    );
+}

@@ -141,7 +141,14 @@ fn a_config_that_disagrees_with_the_weights_is_refused() {
     for bad in [Value::from(-1), Value::from("4"), Value::from(4.5)] {
         config["num_hidden_layers"] = bad.clone();
         std::fs::write(&config_path, config.to_string()).unwrap();
-        refused(&merge(&r, &out, &[]), &out, &["config.json", "not a count"]);
+        refused(
+            &merge(&r, &out, &[]),
+            &out,
+            &[
+                "config.json",
+                "`num_hidden_layers` must be a positive integer",
+            ],
+        );
     }
 }
 
@@ -342,4 +349,49 @@ fn passthrough_writes_configs_that_describe_the_stack() {
     assert!(oracle[out.to_str().unwrap()]["transformers"]
         .as_object()
         .is_some_and(|t| t.contains_key("model.layers.5.mlp.up_proj.weight")));
+}
+
+#[test]
+fn method_and_dtype_errors_name_the_model_and_the_recipe_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = family(tmp.path());
+    let out = tmp.path().join("out");
+    let della = recipe(
+        tmp.path(),
+        "della.yml",
+        &format!(
+            "merge_method: della\nbase_model: {0}/base\nmodels:\n  - model: {0}/finetune-1\n    \
+             parameters:\n      weight: 1.0\n      density: 0.9\n",
+            m.display()
+        ),
+    );
+    refused(
+        &merge(&della, &out, &[]),
+        &out,
+        &[
+            "density ± epsilon",
+            "`density: 0.9` for model",
+            "finetune-1` at",
+            "della.yml:7:",
+        ],
+    );
+    edit_tensors(
+        &m.join("finetune-1"),
+        "import numpy as np\nd['model.norm.weight'] = d['model.norm.weight'].view(np.uint16)[:64]",
+    );
+    let r = recipe(
+        tmp.path(),
+        "r.yml",
+        &linear(&m, "base", "finetune-1", "{weight: 1.0}"),
+    );
+    refused(
+        &merge(&r, &out, &[]),
+        &out,
+        &[
+            "r.yml:5:",
+            "finetune-1",
+            "model.norm.weight",
+            "stored as U16",
+        ],
+    );
 }

@@ -50,24 +50,32 @@ impl InputRecord {
 }
 
 /// The SHA-256 of a file, remembered in the user's cache directory under its
-/// path and keyed by (size, modification time, inode), as build tools do: a
-/// repeated merge of the same inputs does not read them all again to hash them.
+/// path and keyed by (size, modification time, change time, inode), as build
+/// tools do: a repeated merge of the same inputs does not read them all again
+/// to hash them. The change time catches an in-place rewrite whose
+/// modification time was set back (a user cannot set ctime).
 fn cached_sha256(path: &Path) -> std::io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
-    let key = format!(
-        "{} {} {} {}",
-        meta.len(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-        meta.ino()
-    );
     let entry = cache_dir().map(|dir| {
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         dir.join(hex(&Sha256::digest(
             canonical.as_os_str().as_encoded_bytes(),
         )))
     });
+    cached_sha256_in(path, entry)
+}
+
+fn cached_sha256_in(path: &Path, entry: Option<PathBuf>) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let key = format!(
+        "{} {} {} {} {} {}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+        meta.ino()
+    );
     if let Some(text) = entry.as_ref().and_then(|e| std::fs::read_to_string(e).ok()) {
         if let Some((cached_key, digest)) = text.trim_end().rsplit_once(' ') {
             if cached_key == key && digest.len() == 64 {
@@ -188,6 +196,27 @@ mod tests {
             "| base | `/models/base` | model.safetensors | `{}` |",
             "ab".repeat(32)
         )));
+    }
+
+    #[test]
+    fn an_in_place_rewrite_with_its_mtime_restored_is_hashed_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (file, entry) = (tmp.path().join("w"), tmp.path().join("cache/entry"));
+        std::fs::write(&file, b"first contents").unwrap();
+        let first = cached_sha256_in(&file, Some(entry.clone())).unwrap();
+        assert_eq!(first, hex(&Sha256::digest(b"first contents")));
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Same size, same inode, modification time set back.
+        std::fs::write(&file, b"other contents").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let second = cached_sha256_in(&file, Some(entry)).unwrap();
+        assert_eq!(second, hex(&Sha256::digest(b"other contents")));
     }
 
     #[test]

@@ -5,6 +5,18 @@ use serde_json::{Map, Value};
 use crate::files::{duplicate_key, read_regular, MAX_JSON_BYTES};
 use crate::{dtype::dtype_name, Dtype, Error, Result};
 
+/// Fields that count something (layers, units, heads, tokens).
+const SIZE_FIELDS: &[&str] = &[
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+];
+
 /// A model's `config.json`: kept whole (key order preserved) so it can be
 /// written back with only the fields amalgam changes, plus typed accessors for
 /// the fields amalgam reads.
@@ -37,10 +49,42 @@ impl ModelConfig {
         }
         let value: Value = serde_json::from_slice(&text)
             .map_err(|e| fail(format!("config.json is not valid JSON: {e}")))?;
-        match value {
-            Value::Object(fields) => Ok(Self { fields }),
-            _ => Err(fail("config.json is not a JSON object".into())),
+        let config = match value {
+            Value::Object(fields) => Self { fields },
+            _ => return Err(fail("config.json is not a JSON object".into())),
+        };
+        match config.invalid_size() {
+            Some(problem) => Err(fail(problem)),
+            None => Ok(config),
         }
+    }
+
+    /// The first size field (`num_hidden_layers`, `hidden_size`, …, here or
+    /// in a `text_config`) that is present but not a positive integer (or,
+    /// for `intermediate_size`, a list of them): `-1`, `"4"`, `4.5` or `0`
+    /// describe no model, and would be copied into outputs.
+    pub fn invalid_size(&self) -> Option<String> {
+        let count = |v: &Value| v.as_u64().is_some_and(|n| n > 0);
+        let scopes = std::iter::once(&self.fields)
+            .chain(self.fields.get("text_config").and_then(Value::as_object));
+        for fields in scopes {
+            for key in SIZE_FIELDS {
+                let valid = match fields.get(*key) {
+                    None | Some(Value::Null) => true,
+                    Some(Value::Array(items)) if *key == "intermediate_size" => {
+                        items.iter().all(count)
+                    }
+                    Some(value) => count(value),
+                };
+                if !valid {
+                    return Some(format!(
+                        "`{key}` must be a positive integer, got {}",
+                        fields[*key]
+                    ));
+                }
+            }
+        }
+        None
     }
 
     pub fn from_json(fields: Map<String, Value>) -> Self {

@@ -108,7 +108,10 @@ pub fn parse_byte_size(text: &str) -> Result<u64> {
         _ => return Err(err("unknown unit (use KB, MB, GB, KiB, MiB, GiB or K/M/B)")),
     };
     let bytes = number * scale;
-    if bytes.is_nan() || bytes < 1.0 || bytes > u64::MAX as f64 {
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(err("too large: sizes go up to 18 EB (2^64 bytes)"));
+    }
+    if bytes < 1.0 {
         return Err(err("must be at least one byte"));
     }
     Ok(bytes as u64)
@@ -163,5 +166,11 @@ mod tests {
         assert!(parse_byte_size("lots").is_err());
         assert!(parse_byte_size("0").is_err());
         assert!(parse_byte_size("3 parsecs").is_err());
+        let huge = parse_byte_size("99999999999999999999GB")
+            .unwrap_err()
+            .to_string();
+        assert!(huge.contains("too large"), "{huge}");
+        let zero = parse_byte_size("0.1").unwrap_err().to_string();
+        assert!(zero.contains("at least one byte"), "{zero}");
     }
 }

@@ -205,23 +205,16 @@ impl Checkpoint {
     /// counted from the tensor names.
     pub fn layers(&self) -> Result<usize> {
         let stored = crate::arch::layer_count(self.tensors.iter().map(|t| t.name.as_str()));
-        let Some(value) = self.config.get("num_hidden_layers") else {
-            return Ok(stored);
-        };
-        let fail = |message: String| Error::Config {
-            path: self.dir.join("config.json"),
-            message,
-        };
-        let layers = value
-            .as_u64()
-            .ok_or_else(|| fail(format!("`num_hidden_layers` is {value}, not a count")))?
-            as usize;
-        if stored > 0 && stored != layers {
-            return Err(fail(format!(
-                "`num_hidden_layers` is {layers} but the weights hold {stored} layers"
-            )));
+        match self.config.usize("num_hidden_layers") {
+            Some(layers) if stored > 0 && stored != layers => Err(Error::Config {
+                path: self.dir.join("config.json"),
+                message: format!(
+                    "`num_hidden_layers` is {layers} but the weights hold {stored} layers"
+                ),
+            }),
+            Some(layers) => Ok(layers),
+            None => Ok(stored),
         }
-        Ok(layers)
     }
 
     pub fn is_tied(&self) -> bool {

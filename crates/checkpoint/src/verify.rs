@@ -12,16 +12,13 @@ use crate::{ModelConfig, TensorSpec};
 /// Multimodal configs (a `text_config`) are not checked: their towers number
 /// layers of their own.
 pub fn config_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<String> {
+    if let Some(problem) = config.invalid_size() {
+        return Some(problem);
+    }
     if config.get("text_config").is_some() {
         return None;
     }
-    let layers = match config.get("num_hidden_layers") {
-        None => None,
-        Some(value) => match value.as_u64() {
-            Some(n) => Some(n as usize),
-            None => return Some(format!("`num_hidden_layers` is {value}, not a count")),
-        },
-    };
+    let layers = config.usize("num_hidden_layers");
     let stored = layer_count(specs.iter().map(|s| s.name.as_str()));
     if let Some(layers) = layers {
         if stored > 0 && stored != layers {
@@ -93,8 +90,13 @@ mod tests {
         assert_eq!(config_mismatch(&config, &specs), None);
         let cases = [
             ("num_hidden_layers", json!(6), "hold 4 layers"),
-            ("num_hidden_layers", json!("4"), "not a count"),
-            ("num_hidden_layers", json!(-1), "not a count"),
+            (
+                "num_hidden_layers",
+                json!("4"),
+                "must be a positive integer",
+            ),
+            ("num_hidden_layers", json!(-1), "must be a positive integer"),
+            ("hidden_size", json!(4.5), "must be a positive integer"),
             ("layer_types", json!(vec!["full_attention"; 3]), "3 entries"),
             ("vocab_size", json!(512), "384 rows"),
             ("intermediate_size", json!(128), "160 wide"),

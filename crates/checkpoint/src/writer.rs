@@ -357,3 +357,23 @@ fn copy_file(mut from: File, from_path: &Path, to: &Path) -> Result<()> {
     }
     out.sync_all().at(to)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_reported_against_the_output_not_the_input() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("tokenizer.json");
+        std::fs::write(&source, vec![b'x'; 4096]).unwrap();
+        let full = Path::new("/dev/full");
+        let err = copy_file(File::open(&source).unwrap(), &source, full)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/dev/full:") && err.contains("No space left"),
+            "{err}"
+        );
+    }
+}

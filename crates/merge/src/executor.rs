@@ -268,7 +268,16 @@ impl MergeJob<'_> {
                 .collect(),
             seed,
         };
-        let out = self.method.merge(&cx)?;
+        let out = self.method.merge(&cx).map_err(|e| match e {
+            MergeError::Tensor {
+                tensor: name,
+                message,
+            } => MergeError::Tensor {
+                tensor: name,
+                message: format!("{message}{}", self.parameter_lines(tensor)),
+            },
+            other => other,
+        })?;
         let kind = kind_from_dtype(self.output_dtype(tensor)).expect("float dtype");
         Ok(out.to_device(Device::Cpu).to_kind(kind).contiguous())
     }
@@ -384,32 +393,66 @@ impl MergeJob<'_> {
             );
             return Ok(());
         }
-        let mut lines: Vec<String> = tensor
-            .params
-            .iter()
-            .chain(tensor.inputs.iter().flat_map(|i| &i.params))
-            .filter_map(|(name, value)| {
-                let at = value.at?;
-                Some(format!(
-                    "`{name}: {}` at {}:{at}",
-                    value.value, self.recipe.source_name
-                ))
-            })
-            .collect();
-        lines.dedup();
-        let shaped_by = if lines.is_empty() {
-            String::new()
-        } else {
-            format!(" (parameters: {})", lines.join(", "))
-        };
         Err(MergeError::Tensor {
             tensor: tensor.name.clone(),
             message: format!(
-                "the merge made {nonfinite} NaN or infinite values from finite inputs{shaped_by}; \
-                 check the weights (do they sum to zero under `normalize`? are they huge?), or \
-                 pass --allow-nonfinite to write them anyway"
+                "the merge made {nonfinite} NaN or infinite values from finite inputs{}; check \
+                 the weights (do they sum to zero under `normalize`? are they huge?), or pass \
+                 --allow-nonfinite to write them anyway",
+                self.parameter_lines(tensor)
             ),
         })
+    }
+
+    /// ` (parameters: `density: 0.9` for model `m` at r.yml:6:20, …)`: the
+    /// recipe lines that set a tensor's parameters, for its error messages.
+    fn parameter_lines(&self, tensor: &PlannedTensor) -> String {
+        let shared = tensor.params.iter().map(|p| (None, p));
+        let per_model = tensor
+            .inputs
+            .iter()
+            .flat_map(|i| i.params.iter().map(move |p| (Some(i.model), p)));
+        let mut lines: Vec<String> = vec![];
+        for (model, (name, value)) in shared.chain(per_model) {
+            let Some(at) = value.at else { continue };
+            let whose = model
+                .map(|m| format!(" for model `{}`", self.plan.models[m]))
+                .unwrap_or_default();
+            let line = format!(
+                "`{name}: {}`{whose} at {}:{at}",
+                value.value, self.recipe.source_name
+            );
+            if !lines.contains(&line) {
+                lines.push(line);
+            }
+        }
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!(" (parameters: {})", lines.join(", "))
+        }
+    }
+
+    /// Every planned input is stored in a dtype libtorch computes with;
+    /// otherwise an error naming the model, its recipe line and the tensor.
+    pub fn check_dtypes(&self) -> Result<()> {
+        let located = self.recipe.referenced_models();
+        for tensor in &self.plan.tensors {
+            for input in &tensor.inputs {
+                let entry = self.checkpoints[input.model].entry(&input.tensor)?;
+                if kind_from_dtype(entry.dtype).is_none() {
+                    return Err(MergeError::Recipe(self.recipe.error(
+                        located[input.model].at,
+                        format!(
+                            "model `{}`: tensor `{}` is stored as {:?}, which amalgam cannot \
+                             compute with",
+                            self.plan.models[input.model], input.tensor, entry.dtype
+                        ),
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

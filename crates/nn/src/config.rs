@@ -59,15 +59,25 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             message,
         };
-        let int = |key: &str| {
-            config
-                .usize(key)
-                .ok_or_else(|| fail(format!("missing or non-integer `{key}`")))
+        // Every size the forward pass divides by or allocates from is a
+        // positive integer: zero heads would divide by zero, a negative or
+        // fractional count is no count at all.
+        let positive = |key: &str, value: Option<&Value>| match value {
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Ok(n as usize),
+                _ => Err(fail(format!("`{key}` must be a positive integer, got {v}"))),
+            },
+            None => Err(fail(format!("missing `{key}`"))),
+        };
+        let int = |key: &str| positive(key, config.get(key));
+        let optional = |key: &str| match config.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            value => positive(key, value).map(Some),
         };
         let float = |key: &str, default: f64| {
-            config.get(key).map_or(Ok(default), |v| {
-                v.as_f64()
-                    .ok_or_else(|| fail(format!("`{key}` is not a number")))
+            config.get(key).map_or(Ok(default), |v| match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                _ => Err(fail(format!("`{key}` must be a positive number, got {v}"))),
             })
         };
         if let Some(act) = config.get("hidden_act").and_then(Value::as_str) {
@@ -86,25 +96,35 @@ impl LlamaConfig {
         let intermediate_sizes = match config.get("intermediate_size") {
             Some(Value::Array(widths)) => widths
                 .iter()
-                .map(|w| w.as_u64().map(|w| w as usize))
+                .map(|w| w.as_u64().filter(|&w| w > 0).map(|w| w as usize))
                 .collect::<Option<Vec<_>>>()
                 .filter(|w| w.len() == layers)
                 .ok_or_else(|| {
                     fail(format!(
-                        "`intermediate_size` must be an integer or {layers} integers (one per layer)"
+                        "`intermediate_size` must be a positive integer or {layers} of them \
+                         (one per layer)"
                     ))
                 })?,
             _ => vec![int("intermediate_size")?; layers],
         };
         let hidden_size = int("hidden_size")?;
         let heads = int("num_attention_heads")?;
-        let kv_heads = config.usize("num_key_value_heads").unwrap_or(heads);
+        let kv_heads = optional("num_key_value_heads")?.unwrap_or(heads);
         if heads % kv_heads != 0 {
             return Err(fail(format!(
                 "{heads} attention heads are not a multiple of {kv_heads} key/value heads"
             )));
         }
-        let head_dim = config.usize("head_dim").unwrap_or(hidden_size / heads);
+        let head_dim = match optional("head_dim")? {
+            Some(head_dim) => head_dim,
+            None if hidden_size % heads == 0 => hidden_size / heads,
+            None => {
+                return Err(fail(format!(
+                    "`hidden_size` {hidden_size} is not a multiple of {heads} attention heads \
+                     (and there is no `head_dim`)"
+                )))
+            }
+        };
         let rope_scaling = match config.get("rope_scaling") {
             None | Some(Value::Null) => None,
             Some(scaling) => Some(rope_scaling(scaling).map_err(fail)?),
@@ -120,7 +140,7 @@ impl LlamaConfig {
             rope_theta: float("rope_theta", 10_000.0)?,
             rope_scaling,
             tie_word_embeddings: config.tie_word_embeddings(),
-            max_position_embeddings: config.usize("max_position_embeddings").unwrap_or(2048),
+            max_position_embeddings: optional("max_position_embeddings")?.unwrap_or(2048),
             bos_token_id: config.get("bos_token_id").and_then(Value::as_i64),
             eos_token_id: config.get("eos_token_id").and_then(Value::as_i64),
         })
@@ -190,17 +210,86 @@ impl LlamaConfig {
             .collect()
     }
 
+    /// Every parameter of a model of this shape: its Hugging Face name and
+    /// shape (the output head only when untied). The one place the model's
+    /// layout is spelled out: building, loading and counting follow it.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (d, hd) = (self.hidden_size as i64, self.head_dim as i64);
+        let (heads, kv) = (
+            self.num_attention_heads as i64,
+            self.num_key_value_heads as i64,
+        );
+        let mut shapes = vec![(
+            "model.embed_tokens.weight".to_owned(),
+            vec![self.vocab_size as i64, d],
+        )];
+        for (i, &width) in self.intermediate_sizes.iter().enumerate() {
+            let f = width as i64;
+            let layer =
+                |part: &str, shape: Vec<i64>| (format!("model.layers.{i}.{part}.weight"), shape);
+            shapes.extend([
+                layer("input_layernorm", vec![d]),
+                layer("self_attn.q_proj", vec![heads * hd, d]),
+                layer("self_attn.k_proj", vec![kv * hd, d]),
+                layer("self_attn.v_proj", vec![kv * hd, d]),
+                layer("self_attn.o_proj", vec![d, heads * hd]),
+                layer("post_attention_layernorm", vec![d]),
+                layer("mlp.gate_proj", vec![f, d]),
+                layer("mlp.up_proj", vec![f, d]),
+                layer("mlp.down_proj", vec![d, f]),
+            ]);
+        }
+        shapes.push(("model.norm.weight".to_owned(), vec![d]));
+        if !self.tie_word_embeddings {
+            shapes.push(("lm_head.weight".to_owned(), vec![self.vocab_size as i64, d]));
+        }
+        shapes
+    }
+
     /// Parameters, embeddings (and an untied head) included.
     pub fn parameter_count(&self) -> usize {
-        let layers: usize = (0..self.intermediate_sizes.len())
-            .map(|l| self.block_matrix_parameters(l) + 2 * self.hidden_size)
-            .sum();
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * self.hidden_size
-        };
-        self.vocab_size * self.hidden_size + layers + self.hidden_size + head
+        self.parameter_shapes()
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<i64>() as usize)
+            .sum()
+    }
+
+    /// Bytes of the F32 weights.
+    pub fn weight_bytes(&self) -> u64 {
+        4 * self.parameter_count() as u64
+    }
+
+    /// Bytes of the taps [`crate::Llama::forward_taps`] records for `batch`
+    /// sequences of `seq_len` tokens: every block boundary's residual stream,
+    /// every block's attention heads and FFN hidden units (F32).
+    pub fn taps_bytes(&self, batch: usize, seq_len: usize) -> u64 {
+        let tokens = (batch as u64).saturating_mul(seq_len as u64);
+        let layers = self.num_hidden_layers() as u64;
+        let per_token = (layers + 1) * self.hidden_size as u64
+            + layers * (self.num_attention_heads * self.head_dim) as u64
+            + self
+                .intermediate_sizes
+                .iter()
+                .map(|&f| f as u64)
+                .sum::<u64>();
+        tokens.saturating_mul(per_token).saturating_mul(4)
+    }
+
+    /// Bytes a no-grad F32 forward pass of `batch` sequences of `seq_len`
+    /// tokens needs at its peak besides the weights: the residual stream and
+    /// one block's attention (q, k, v and the output: the fused attention
+    /// kernel never holds the scores) and FFN at a time, then the logits and
+    /// their log-softmax. An estimate for refusing what cannot fit before
+    /// anything is allocated; saturates, never wraps.
+    pub fn forward_bytes(&self, batch: usize, seq_len: usize) -> u64 {
+        let tokens = (batch as u64).saturating_mul(seq_len as u64);
+        let widest_ffn = self.intermediate_sizes.iter().copied().max().unwrap_or(0) as u64;
+        let per_token = 4 * self.hidden_size as u64
+            + (2 * self.num_attention_heads as u64 + 2 * self.num_key_value_heads as u64)
+                * self.head_dim as u64
+            + 3 * widest_ffn
+            + 2 * self.vocab_size as u64;
+        tokens.saturating_mul(per_token).saturating_mul(4)
     }
 
     /// The weights of block `layer`'s matrix products (attention projections

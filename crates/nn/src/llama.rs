@@ -80,49 +80,51 @@ impl Llama {
         Self::build(config, device, Some(seed))
     }
 
-    /// The model's variables, drawn from `seed` or zero (to be loaded into).
+    /// The model's variables, drawn from `seed` or zero (to be loaded
+    /// into); norms start at 1. Names and shapes come from
+    /// [`LlamaConfig::parameter_shapes`].
     fn build(config: LlamaConfig, device: Device, seed: Option<u64>) -> Self {
         let vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let model = &root / "model";
-        let (d, hd) = (config.hidden_size as i64, config.head_dim as i64);
-        let (heads, kv) = (
-            config.num_attention_heads as i64,
-            config.num_key_value_heads as i64,
-        );
-        let weight = |p: nn::Path<'_>, shape: &[i64]| {
-            let name = format!("{}.weight", p.components().collect::<Vec<_>>().join("."));
-            match seed {
-                Some(seed) => p.var_copy("weight", &normal(&name, shape, seed).to_device(device)),
-                None => p.zeros("weight", shape),
-            }
-        };
-        let norm = |p: nn::Path<'_>| p.var("weight", &[d], nn::Init::Const(1.0));
-        let embed = weight(&model / "embed_tokens", &[config.vocab_size as i64, d]);
-        let blocks = config
-            .intermediate_sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &width)| {
-                let layer = &model / "layers" / i;
-                let (attn, mlp) = (&layer / "self_attn", &layer / "mlp");
-                let f = width as i64;
+        let mut vars: std::collections::HashMap<String, Tensor> = config
+            .parameter_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let mut path = vs.root();
+                let mut parts: Vec<&str> = name.split('.').collect();
+                let leaf = parts.pop().expect("a dotted name");
+                for part in parts {
+                    path = &path / part;
+                }
+                let var = match seed {
+                    _ if shape.len() == 1 => path.var(leaf, &shape, nn::Init::Const(1.0)),
+                    Some(seed) => {
+                        path.var_copy(leaf, &normal(&name, &shape, seed).to_device(device))
+                    }
+                    None => path.zeros(leaf, &shape),
+                };
+                (name, var)
+            })
+            .collect();
+        let mut take = |name: String| vars.remove(&name).expect("listed by parameter_shapes");
+        let embed = take("model.embed_tokens.weight".into());
+        let blocks = (0..config.num_hidden_layers())
+            .map(|i| {
+                let mut part = |p: &str| take(format!("model.layers.{i}.{p}.weight"));
                 Block {
-                    input_norm: norm(&layer / "input_layernorm"),
-                    q: weight(&attn / "q_proj", &[heads * hd, d]),
-                    k: weight(&attn / "k_proj", &[kv * hd, d]),
-                    v: weight(&attn / "v_proj", &[kv * hd, d]),
-                    o: weight(&attn / "o_proj", &[d, heads * hd]),
-                    post_norm: norm(&layer / "post_attention_layernorm"),
-                    gate: weight(&mlp / "gate_proj", &[f, d]),
-                    up: weight(&mlp / "up_proj", &[f, d]),
-                    down: weight(&mlp / "down_proj", &[d, f]),
+                    input_norm: part("input_layernorm"),
+                    q: part("self_attn.q_proj"),
+                    k: part("self_attn.k_proj"),
+                    v: part("self_attn.v_proj"),
+                    o: part("self_attn.o_proj"),
+                    post_norm: part("post_attention_layernorm"),
+                    gate: part("mlp.gate_proj"),
+                    up: part("mlp.up_proj"),
+                    down: part("mlp.down_proj"),
                 }
             })
             .collect();
-        let norm = norm(&model / "norm");
-        let lm_head = (!config.tie_word_embeddings)
-            .then(|| weight(&root / "lm_head", &[config.vocab_size as i64, d]));
+        let norm = take("model.norm.weight".into());
+        let lm_head = (!config.tie_word_embeddings).then(|| take("lm_head.weight".into()));
         Llama {
             config,
             vs,
@@ -133,37 +135,48 @@ impl Llama {
         }
     }
 
-    /// Loads a Hugging Face Llama checkpoint (any float dtype; computed in F32).
+    /// Loads a Hugging Face Llama checkpoint (any float dtype; computed in
+    /// F32). The config is checked against the stored tensors' shapes before
+    /// anything is allocated: a config claiming sizes the weights do not have
+    /// is an error, not a huge allocation.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
         let checkpoint = Checkpoint::open(dir)?;
         let config = LlamaConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))?;
-        let model = Llama::build(config, device, None);
-        let variables = model.vs.variables();
+        let mut shapes = config.parameter_shapes();
+        shapes.sort(); // the first mismatch reported is the same every time
+        let invalid = |message: String| NnError::Invalid(format!("{}: {message}", dir.display()));
+        for (name, shape) in &shapes {
+            let entry = checkpoint.entry(name).map_err(|_| {
+                invalid(format!(
+                    "no tensor {name}, which a Llama model of this config has"
+                ))
+            })?;
+            if entry
+                .shape
+                .iter()
+                .map(|&d| d as i64)
+                .ne(shape.iter().copied())
+            {
+                return Err(invalid(format!(
+                    "tensor {name} has shape {:?}, the config implies {shape:?}",
+                    entry.shape
+                )));
+            }
+        }
         for entry in checkpoint.tensors() {
-            let known = variables.contains_key(&entry.name)
+            let known = shapes.iter().any(|(name, _)| *name == entry.name)
                 || entry.name.ends_with("rotary_emb.inv_freq")
-                || (entry.name == "lm_head.weight" && model.lm_head.is_none());
+                || (entry.name == "lm_head.weight" && config.tie_word_embeddings);
             if !known {
-                return Err(NnError::Invalid(format!(
-                    "{}: tensor {} is not part of a Llama model of this config",
-                    dir.display(),
+                return Err(invalid(format!(
+                    "tensor {} is not part of a Llama model of this config",
                     entry.name
                 )));
             }
         }
-        let mut names: Vec<&String> = variables.keys().collect();
-        names.sort(); // the first mismatch reported is the same every time
-        for name in names {
-            let var = &variables[name];
-            let tensor = checkpoint.read_as(name, Kind::Float)?;
-            if tensor.size() != var.size() {
-                return Err(NnError::Invalid(format!(
-                    "{}: tensor {name} has shape {:?}, the config implies {:?}",
-                    dir.display(),
-                    tensor.size(),
-                    var.size()
-                )));
-            }
+        let model = Llama::build(config, device, None);
+        for (name, var) in model.vs.variables() {
+            let tensor = checkpoint.read_as(&name, Kind::Float)?;
             tch::no_grad(|| var.shallow_clone().copy_(&tensor));
         }
         Ok(model)
