@@ -6,7 +6,7 @@ use std::time::Instant;
 use amalgam_checkpoint::{parse_byte_size, Checkpoint, InputRecord, ModelCard, WriteOptions};
 use amalgam_elastic::matformer::{resolve, Extraction, ModelLayout};
 use amalgam_recipe::{ExtractRecipe, Location, WidthChoice};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 
 /// Extract a nested submodel: per-layer FFN widths (the first m hidden units)
 /// and skipped layers, from an extraction recipe (`kind: extract`, see the
@@ -73,8 +73,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         }
         (Some(_), _) => return Err(anyhow!("with --model, give only the output directory")),
         (None, [recipe, output]) => {
-            let text = std::fs::read_to_string(recipe)
-                .with_context(|| format!("reading recipe {}", recipe.display()))?;
+            let text = crate::resources::read_recipe(recipe)?;
             let mut parsed = ExtractRecipe::parse(&text, &recipe.display().to_string())?;
             if let Some(table) = table {
                 if !matches!(parsed.widths, WidthChoice::Full) || !parsed.skip_layers.is_empty() {

@@ -3,12 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use amalgam_checkpoint::arch::{classify, Role};
 use amalgam_checkpoint::{parse_byte_size, Checkpoint, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry;
-use amalgam_recipe::{InventoryTensor, ModelInventory, ModelRef, Plan, Recipe};
-use anyhow::{anyhow, Context, Result};
+use amalgam_recipe::{ModelInventory, ModelRef, Plan, Recipe};
+use anyhow::{anyhow, Result};
 
 /// Merge models as a recipe (mergekit's YAML schema) says.
 ///
@@ -60,8 +59,7 @@ pub struct Args {
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
-    let text = std::fs::read_to_string(&args.recipe)
-        .with_context(|| format!("reading recipe {}", args.recipe.display()))?;
+    let text = crate::resources::read_recipe(&args.recipe)?;
     let recipe = Recipe::parse(&text, &args.recipe.display().to_string())?;
     if recipe.merge_method == "pleas" {
         return crate::pleas::run(&recipe, &args, quiet);
@@ -85,7 +83,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .iter()
         .zip(&checkpoints)
         .map(|(model, checkpoint)| {
-            inventory(checkpoint).map_err(|e| {
+            amalgam_merge::executor::inventory(checkpoint).map_err(|e| {
                 anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path)))
             })
         })
@@ -166,39 +164,6 @@ pub(crate) fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint
     }
     Checkpoint::open(path)
         .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))
-}
-
-fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInventory> {
-    let mut tensors: Vec<InventoryTensor> = checkpoint
-        .tensors()
-        .iter()
-        .map(|t| {
-            let name = classify(&t.name);
-            InventoryTensor {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                layer: name.layer,
-                vocab: matches!(name.role, Role::Embedding | Role::LmHead),
-                embedding: name.role == Role::Embedding,
-                tied_alias: false,
-            }
-        })
-        .collect();
-    let has_head = tensors.iter().any(|t| t.name == "lm_head.weight");
-    if checkpoint.is_tied() && !has_head {
-        if let Ok(embedding) = checkpoint.entry("lm_head.weight") {
-            tensors.push(InventoryTensor {
-                name: "lm_head.weight".into(),
-                shape: embedding.shape.clone(),
-                layer: None,
-                vocab: true,
-                embedding: false,
-                tied_alias: true,
-            });
-        }
-    }
-    let layers = checkpoint.layers()?;
-    Ok(ModelInventory { tensors, layers })
 }
 
 /// mergekit ignores parameters a method does not use; say so instead.

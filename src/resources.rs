@@ -1,9 +1,20 @@
 //! What a run may use, checked before anything is allocated: memory (a run
 //! whose estimate exceeds what is available, or the user's cap, is refused
-//! with the estimate) and threads (a sane multiple of the cores).
+//! with the estimate), threads (a sane multiple of the cores) and recipe
+//! files (regular files of bounded size: never a FIFO or /dev/zero).
 
 use amalgam_checkpoint::parse_byte_size;
 use anyhow::{anyhow, Result};
+
+/// The most bytes of a recipe read (real ones are a few KB).
+const MAX_RECIPE_BYTES: u64 = 16 << 20;
+
+/// A recipe's text: a regular UTF-8 file of at most 16 MB.
+pub fn read_recipe(path: &std::path::Path) -> Result<String> {
+    let bytes = amalgam_checkpoint::read_regular(path, MAX_RECIPE_BYTES, "a recipe")
+        .map_err(|e| anyhow!("reading recipe: {e}"))?;
+    String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8 text: {e}", path.display()))
+}
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
 pub fn available_memory() -> Option<u64> {

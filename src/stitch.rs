@@ -63,8 +63,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
-    let text = std::fs::read_to_string(&args.recipe)
-        .with_context(|| format!("reading recipe {}", args.recipe.display()))?;
+    let text = crate::resources::read_recipe(&args.recipe)?;
     let recipe = StitchRecipe::parse(&text, &args.recipe.display().to_string())?;
     let device = crate::device::parse(&args.device)?;
     let mut estimate = (recipe.samples as u64).saturating_mul(recipe.seq_len as u64 * 8);

@@ -395,3 +395,35 @@ fn method_and_dtype_errors_name_the_model_and_the_recipe_line() {
         ],
     );
 }
+
+/// Found by the property test over random recipes: nearswap at t = 0 in half
+/// precision computes ∞ · 0 where the models agree (as mergekit does); the
+/// NaNs are refused, not written.
+#[test]
+fn nearswap_at_zero_in_half_precision_is_refused_not_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth(
+        &tmp.path().join("m"),
+        &["--finetunes", "1", "--dtype", "float16"],
+    );
+    let m = tmp.path().join("m");
+    let r = recipe(
+        tmp.path(),
+        "nearswap.yml",
+        &format!(
+            "merge_method: nearswap\nbase_model: {0}/base\nmodels:\n  - model: {0}/finetune-1\n\
+             parameters:\n  t: 0\n",
+            m.display()
+        ),
+    );
+    let out = tmp.path().join("out");
+    refused(
+        &merge(&r, &out, &[]),
+        &out,
+        &[
+            "NaN or infinite values from finite inputs",
+            "`t: 0` at",
+            "nearswap.yml:6:",
+        ],
+    );
+}

@@ -72,6 +72,10 @@ fn role(name: &str) -> Role {
     }
 }
 
+/// The output head of a Llama-family checkpoint; tied checkpoints may omit
+/// it (it is then the input embedding).
+pub const LM_HEAD: &str = "lm_head.weight";
+
 /// `config.json` fields that hold one entry per layer (when they are lists).
 pub const PER_LAYER_CONFIG_FIELDS: &[&str] = &[
     "layer_types",

@@ -7,12 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-use amalgam_checkpoint::arch::{classify, mlp_width, Role, PER_LAYER_CONFIG_FIELDS};
+use amalgam_checkpoint::arch::{classify, mlp_width, Role, LM_HEAD, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::{
     count_nonfinite, kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish,
     InputRecord, ModelCard, ModelConfig, TensorSpec, WriteOptions,
 };
-use amalgam_recipe::{Plan, PlannedTensor, Recipe};
+use amalgam_recipe::{InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe};
 use rayon::prelude::*;
 use serde_json::Value;
 use tch::{Device, Tensor};
@@ -454,6 +454,41 @@ impl MergeJob<'_> {
         }
         Ok(())
     }
+}
+
+/// What the planner needs of an input checkpoint: its tensors (layer, role;
+/// a tied head as an alias of the embedding) and its layer count.
+pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInventory> {
+    let mut tensors: Vec<InventoryTensor> = checkpoint
+        .tensors()
+        .iter()
+        .map(|t| {
+            let name = classify(&t.name);
+            InventoryTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                layer: name.layer,
+                vocab: matches!(name.role, Role::Embedding | Role::LmHead),
+                embedding: name.role == Role::Embedding,
+                tied_alias: false,
+            }
+        })
+        .collect();
+    let has_head = tensors.iter().any(|t| t.name == LM_HEAD);
+    if checkpoint.is_tied() && !has_head {
+        if let Ok(embedding) = checkpoint.entry(LM_HEAD) {
+            tensors.push(InventoryTensor {
+                name: LM_HEAD.into(),
+                shape: embedding.shape.clone(),
+                layer: None,
+                vocab: true,
+                embedding: false,
+                tied_alias: true,
+            });
+        }
+    }
+    let layers = checkpoint.layers()?;
+    Ok(ModelInventory { tensors, layers })
 }
 
 /// A model's identity for random streams: a hash of its path as the recipe writes it.

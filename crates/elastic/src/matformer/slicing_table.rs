@@ -19,16 +19,27 @@ pub struct TableSlice {
     pub skip: Vec<usize>,
 }
 
-/// Reads the row called `slice` from the table at `path`.
+/// The most bytes of a slicing table read (Google's is a few KB).
+const MAX_TABLE_BYTES: u64 = 16 << 20;
+
+/// Reads the row called `slice` from the table at `path` (a regular file).
 pub fn read(path: &Path, slice: &str) -> Result<TableSlice> {
+    let bytes = amalgam_checkpoint::read_regular(path, MAX_TABLE_BYTES, "a slicing table")
+        .map_err(|e| ElasticError::Table {
+            path: path.into(),
+            message: format!("cannot read the slicing table: {e}"),
+        })?;
+    parse(&bytes, path, slice)
+}
+
+/// The row called `slice` of the table in `bytes` (read from `path`, which
+/// errors name).
+pub fn parse(bytes: &[u8], path: &Path, slice: &str) -> Result<TableSlice> {
     let error = |message: String| ElasticError::Table {
         path: path.into(),
         message,
     };
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .map_err(|e| error(format!("cannot read the slicing table: {e}")))?;
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(bytes);
     let headers = reader
         .headers()
         .map_err(|e| error(format!("cannot read the header row: {e}")))?
@@ -95,15 +106,17 @@ fn list(text: &str) -> std::result::Result<Vec<u64>, String> {
     inner
         .split(',')
         .map(|item| {
-            item.split('*')
-                .map(|factor| {
-                    factor
-                        .trim()
-                        .replace('_', "")
-                        .parse::<u64>()
-                        .map_err(|_| format!("{:?} is not an integer product", item.trim()))
-                })
-                .product()
+            let not_a_product = || format!("{:?} is not an integer product", item.trim());
+            item.split('*').try_fold(1u64, |product, factor| {
+                let factor: u64 = factor
+                    .trim()
+                    .replace('_', "")
+                    .parse()
+                    .map_err(|_| not_a_product())?;
+                product
+                    .checked_mul(factor)
+                    .ok_or_else(|| format!("{:?} is too large", item.trim()))
+            })
         })
         .collect()
 }
@@ -138,5 +151,8 @@ mod tests {
             .unwrap_err()
             .contains("not an integer product"));
         assert!(list("20, 21").unwrap_err().contains("bracketed"));
+        assert!(list("[99999999999 * 99999999999]")
+            .unwrap_err()
+            .contains("too large"));
     }
 }

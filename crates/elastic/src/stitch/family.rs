@@ -358,7 +358,12 @@ impl Family {
             path: dir.join(FAMILY_FILE),
             message,
         };
-        let text = std::fs::read(dir.join(FAMILY_FILE)).map_err(|e| bad(e.to_string()))?;
+        let text = amalgam_checkpoint::read_regular(
+            &dir.join(FAMILY_FILE),
+            amalgam_checkpoint::MAX_JSON_BYTES,
+            "a family index",
+        )
+        .map_err(|e| bad(e.to_string()))?;
         let index: Value =
             serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
         if index["format"] != FORMAT || index["version"] != 1 {

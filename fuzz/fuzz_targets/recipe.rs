@@ -1,0 +1,90 @@
+//! Every recipe kind on hostile text: merge recipes parsed and planned (any
+//! method in the registry, models of two to five layers, tied or not), PLeaS
+//! parameters, extraction recipes resolved and planned against a tiny model,
+//! stitching recipes parsed. A plan that resolves must be whole.
+#![no_main]
+
+mod common;
+
+use std::sync::OnceLock;
+
+use amalgam_checkpoint::arch::{classify, Role};
+use amalgam_checkpoint::synthetic::LlamaShape;
+use amalgam_checkpoint::{Checkpoint, Dtype};
+use amalgam_elastic::matformer::{self, Extraction, ModelLayout};
+use amalgam_merge::registry;
+use amalgam_recipe::{
+    ExtractRecipe, InventoryTensor, ModelInventory, Plan, PleasRecipe, Recipe, StitchRecipe,
+};
+use libfuzzer_sys::fuzz_target;
+
+/// A model for a recipe path: its layer count and tying follow the path,
+/// so recipes over several models meet different shapes.
+fn inventory(path: &str) -> ModelInventory {
+    let shape = LlamaShape {
+        layers: 2 + path.len() % 4,
+        tied: path.contains("tied"),
+        ..LlamaShape::TINY
+    };
+    let tensors = shape
+        .specs(Dtype::BF16)
+        .into_iter()
+        .map(|spec| {
+            let name = classify(&spec.name);
+            InventoryTensor {
+                layer: name.layer,
+                vocab: matches!(name.role, Role::Embedding | Role::LmHead),
+                embedding: name.role == Role::Embedding,
+                tied_alias: false,
+                shape: spec.shape,
+                name: spec.name,
+            }
+        })
+        .collect();
+    ModelInventory {
+        tensors,
+        layers: shape.layers,
+    }
+}
+
+fn tiny() -> &'static (Checkpoint, ModelLayout) {
+    static TINY: OnceLock<(Checkpoint, ModelLayout)> = OnceLock::new();
+    TINY.get_or_init(|| {
+        let checkpoint = Checkpoint::open(common::tiny_model("recipe", u64::MAX)).unwrap();
+        let layout = ModelLayout::read(&checkpoint).unwrap();
+        (checkpoint, layout)
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(recipe) = Recipe::parse(text, "fuzz.yml") {
+        if recipe.merge_method == "pleas" {
+            let _ = PleasRecipe::from_recipe(&recipe);
+        } else if let Some(method) = registry::get(&recipe.merge_method) {
+            let inventories: Vec<ModelInventory> = recipe
+                .referenced_models()
+                .iter()
+                .map(|m| inventory(&m.path))
+                .collect();
+            if let Ok(plan) = Plan::resolve(&recipe, &method.spec(), &inventories) {
+                assert!(!plan.tensors.is_empty(), "a plan writes something");
+                for tensor in &plan.tensors {
+                    assert!(!tensor.inputs.is_empty(), "{} has inputs", tensor.name);
+                    for input in &tensor.inputs {
+                        assert_eq!(input.shape.len(), tensor.shape.len(), "{}", tensor.name);
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(extract) = ExtractRecipe::parse(text, "fuzz.yml") {
+        let (checkpoint, layout) = tiny();
+        if let Ok(spec) = matformer::resolve(&extract, checkpoint, layout) {
+            let _ = Extraction::plan(checkpoint, layout, spec);
+        }
+    }
+    let _ = StitchRecipe::parse(text, "fuzz.yml");
+});
