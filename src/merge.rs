@@ -101,6 +101,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         method,
     };
     job.check_dtypes()?;
+    // The output's config must describe the merged tensors: checked before a
+    // dry run prints the plan, as before a real run writes anything.
+    job.output_config()?;
     let threads = crate::resources::threads(args.threads);
 
     let memory_budget = match &args.memory_budget {

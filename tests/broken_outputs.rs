@@ -319,6 +319,12 @@ fn passthrough_writes_configs_that_describe_the_stack() {
             "would not load",
         ],
     );
+    // A dry run says so too: the plan is only printed when the run would work.
+    refused(
+        &merge(&r, &out, &["--dry-run"]),
+        &out,
+        &["different FFN widths"],
+    );
 
     // Per-layer lists: four entries in, six out, each from its source layer.
     let types = [
