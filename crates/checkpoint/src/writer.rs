@@ -186,7 +186,8 @@ impl CheckpointWriter {
     /// Writes `bytes` at `offset` within one tensor's data, for tensors
     /// produced piece by piece; the pieces must not overlap, must start at
     /// whole elements and must cover the tensor by [`CheckpointWriter::finish`].
-    /// Returns how many of the piece's values are NaN or ±inf.
+    /// Returns how many of the piece's values are NaN or ±inf (not counted,
+    /// 0, for a tensor already accepted with [`Self::accept_nonfinite`]).
     pub fn write_part(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<u64> {
         let (slot, spec) = self.slot(name)?;
         let len = bytes.len() as u64;
@@ -207,7 +208,11 @@ impl CheckpointWriter {
                 "tensor {name}: a piece at byte {offset} starts inside an element"
             )));
         }
-        let nonfinite = count_nonfinite(spec.dtype, bytes);
+        // A tensor vouched for in advance (a verbatim copy) is not counted.
+        let nonfinite = match self.accepted[slot.spec].load(Ordering::Acquire) {
+            true => 0,
+            false => count_nonfinite(spec.dtype, bytes),
+        };
         self.nonfinite[slot.spec].fetch_add(nonfinite, Ordering::AcqRel);
         let path = self.staging.join(self.layout.file_name(slot.shard));
         self.files[slot.shard]
@@ -217,7 +222,9 @@ impl CheckpointWriter {
     }
 
     /// Vouches that a tensor's NaN or ±inf values came from its inputs,
-    /// which were not finite either: the commit does not refuse it for them.
+    /// which were not finite either (or that it is a verbatim copy of an
+    /// input, vouched for before writing, so its values are not counted):
+    /// the commit does not refuse it for them.
     pub fn accept_nonfinite(&self, name: &str) -> Result<()> {
         let (slot, _) = self.slot(name)?;
         self.accepted[slot.spec].store(true, Ordering::Release);

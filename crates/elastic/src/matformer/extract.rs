@@ -37,16 +37,27 @@ struct Cut {
 }
 
 impl Cut {
-    /// The kept bytes as (offset, length) runs of the source tensor, in output order.
-    fn runs(&self, elem: usize) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let (row_bytes, unit) = (self.axis * self.inner * elem, self.inner * elem);
-        (0..self.outer).flat_map(move |row| {
-            self.keep.iter().map(move |r| {
-                (
-                    (row * row_bytes + r.start * unit) as u64,
-                    (r.len() * unit) as u64,
-                )
-            })
+    /// Bytes of one outer row of the source.
+    fn row_bytes(&self, elem: usize) -> usize {
+        self.axis * self.inner * elem
+    }
+
+    /// Whether the cut keeps at least half of each row: then reading whole
+    /// rows and gathering beats one read per kept range.
+    fn keeps_most(&self, elem: usize) -> bool {
+        let kept: usize = self.keep.iter().map(|r| r.len()).sum::<usize>() * self.inner * elem;
+        2 * kept >= self.row_bytes(elem)
+    }
+
+    /// The kept bytes of outer rows `rows` as (offset, length) runs, offsets
+    /// counted from the start of row `rows.start`, in output order.
+    fn runs(&self, elem: usize, rows: Range<usize>) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let (row_bytes, unit) = (self.row_bytes(elem), self.inner * elem);
+        let first = rows.start;
+        rows.flat_map(move |row| {
+            self.keep
+                .iter()
+                .map(move |r| ((row - first) * row_bytes + r.start * unit, r.len() * unit))
         })
     }
 }
@@ -182,46 +193,73 @@ impl<'c> Extraction<'c> {
         on_bytes: &mut dyn FnMut(u64),
     ) -> Result<PathBuf> {
         let writer = CheckpointWriter::create(out, self.specs(), options)?;
-        // Runs of source bytes are read into one buffer, written out whenever it fills.
-        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK_BYTES);
+        let (mut source, mut kept) = (vec![], vec![]);
         for (i, output) in self.outputs.iter().enumerate() {
             let entry = self.checkpoint.entry(&output.source)?;
             if let Some(next) = self.outputs.get(i + 1) {
                 self.checkpoint
                     .prefetch(self.checkpoint.entry(&next.source)?);
             }
-            let whole = [(0, entry.byte_range.end - entry.byte_range.start)];
-            let runs: Box<dyn Iterator<Item = (u64, u64)>> = match &output.cut {
-                None => Box::new(whole.into_iter()),
-                Some(cut) => Box::new(cut.runs(output.dtype.bitsize() / 8)),
-            };
+            // A byte copy: non-finite values can only be the input's own.
+            writer.accept_nonfinite(&output.name)?;
             let mut written = 0u64;
-            let mut flush = |buffer: &mut Vec<u8>| -> Result<()> {
-                // A byte copy: non-finite values can only be the input's own.
-                if writer.write_part(&output.name, written, buffer)? > 0 {
-                    writer.accept_nonfinite(&output.name)?;
-                }
-                written += buffer.len() as u64;
-                on_bytes(buffer.len() as u64);
-                buffer.clear();
+            let mut write = |piece: &[u8]| -> Result<()> {
+                writer.write_part(&output.name, written, piece)?;
+                written += piece.len() as u64;
+                on_bytes(piece.len() as u64);
                 Ok(())
             };
-            for (start, len) in runs {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min((CHUNK_BYTES - buffer.len()) as u64) as usize;
-                    let at = buffer.len();
-                    buffer.resize(at + n, 0);
-                    self.checkpoint
-                        .read_range(entry, start + done, &mut buffer[at..])?;
-                    done += n as u64;
-                    if buffer.len() == CHUNK_BYTES {
-                        flush(&mut buffer)?;
+            // Copied a chunk at a time: whole tensors in chunks; cut tensors
+            // keeping most of each row as blocks of whole source rows (one
+            // read each) gathered in memory; otherwise only the kept ranges
+            // are read, one read each, gathered into chunks.
+            let elem = output.dtype.bitsize() / 8;
+            let len = (entry.byte_range.end - entry.byte_range.start) as usize;
+            match &output.cut {
+                None => {
+                    for start in (0..len).step_by(CHUNK_BYTES) {
+                        source.resize(CHUNK_BYTES.min(len - start), 0);
+                        self.checkpoint
+                            .read_range(entry, start as u64, &mut source)?;
+                        write(&source)?;
                     }
                 }
-            }
-            if !buffer.is_empty() {
-                flush(&mut buffer)?;
+                Some(cut) if cut.row_bytes(elem) <= CHUNK_BYTES && cut.keeps_most(elem) => {
+                    let rows_per_block = CHUNK_BYTES / cut.row_bytes(elem).max(1);
+                    for first in (0..cut.outer).step_by(rows_per_block) {
+                        let rows = first..(first + rows_per_block).min(cut.outer);
+                        source.resize(rows.len() * cut.row_bytes(elem), 0);
+                        let at = (first * cut.row_bytes(elem)) as u64;
+                        self.checkpoint.read_range(entry, at, &mut source)?;
+                        kept.clear();
+                        for (start, n) in cut.runs(elem, rows) {
+                            kept.extend_from_slice(&source[start..start + n]);
+                        }
+                        write(&kept)?;
+                    }
+                }
+                Some(cut) => {
+                    // Each kept range read on its own, gathered into chunks.
+                    kept.clear();
+                    for (start, n) in cut.runs(elem, 0..cut.outer) {
+                        let mut done = 0;
+                        while done < n {
+                            let take = (n - done).min(CHUNK_BYTES - kept.len());
+                            let at = kept.len();
+                            kept.resize(at + take, 0);
+                            let from = (start + done) as u64;
+                            self.checkpoint.read_range(entry, from, &mut kept[at..])?;
+                            done += take;
+                            if kept.len() == CHUNK_BYTES {
+                                write(&kept)?;
+                                kept.clear();
+                            }
+                        }
+                    }
+                    if !kept.is_empty() {
+                        write(&kept)?;
+                    }
+                }
             }
         }
         Ok(writer.finish(Finish {
