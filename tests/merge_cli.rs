@@ -54,7 +54,7 @@ fn every_shipped_recipe_runs_and_loads_in_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     example_models(tmp.path());
     let recipes = recipes();
-    assert_eq!(recipes.len(), 17, "one recipe per method");
+    assert_eq!(recipes.len(), 20, "one recipe per method");
     let mut outputs = vec![];
     for recipe in &recipes {
         let name = recipe.file_stem().unwrap().to_str().unwrap();

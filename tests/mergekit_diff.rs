@@ -250,6 +250,40 @@ parameters:
 ",
     ),
     (
+        "ram",
+        "merge_method: ram
+base_model: {base}
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+parameters:
+  epsilon: 0.002
+",
+    ),
+    (
+        "ramplus_tl",
+        "merge_method: ramplus_tl
+base_model: {base}
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+parameters:
+  r: 0.5
+  alpha: 0.3
+  epsilon: 0.002
+",
+    ),
+    (
+        "arcee_fusion",
+        "merge_method: arcee_fusion
+base_model: {base}
+models:
+  - model: {a}
+",
+    ),
+    (
         "passthrough_frankenmerge",
         "merge_method: passthrough
 slices:

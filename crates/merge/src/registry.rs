@@ -21,6 +21,9 @@ pub static METHODS: &[&dyn MergeMethod] = &[
     &model_stock::ModelStock,
     &sce::Sce,
     &nearswap::Nearswap,
+    &ram::Ram,
+    &ramplus_tl::RamplusTl,
+    &arcee_fusion::ArceeFusion,
     &passthrough::Passthrough,
 ];
 

@@ -85,6 +85,9 @@ const METHODS: &[&str] = &[
     "nuslerp",
     "multislerp",
     "nearswap",
+    "ram",
+    "ramplus_tl",
+    "arcee_fusion",
 ];
 
 fn form() -> impl Strategy<Value = Form> {

@@ -363,3 +363,45 @@ fn dare_reciprocal_rescale_divides_kept_entries_by_the_density() {
     let fraction = kept.sum(Kind::Float).double_value(&[]) / 2000.0;
     assert!((fraction - 0.25).abs() < 0.05, "{fraction}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, rng_seed: RngSeed::Fixed(20_261_201), ..ProptestConfig::default() })]
+
+    /// RAM: an entry one model alone changes keeps that model's whole change,
+    /// so one fine-tune (or identical ones, all overlapping) gives it back;
+    /// RAM+ with r = 0 is RAM; the order of the models does not matter.
+    #[test]
+    fn ram_keeps_unique_changes_whole_and_averages_shared_ones((base, models) in family(3), copies in 1usize..4) {
+        let exact = [("epsilon", 0.0)];
+        let one = merge(&ram::Ram, &with_base(&base, &models[..1]), Some(1), &exact, &[vec![], vec![]]);
+        prop_assert!(max_diff(&one, &models[0]) <= 1e-6);
+        let same: Vec<Tensor> = (0..copies).map(|_| models[0].copy()).collect();
+        let averaged = merge(&ram::Ram, &with_base(&base, &same), Some(copies), &exact, &vec![vec![]; copies + 1]);
+        prop_assert!(max_diff(&averaged, &models[0]) <= 1e-6);
+
+        let per_input = vec![vec![]; 4];
+        let all = with_base(&base, &models);
+        let ram = merge(&ram::Ram, &all, Some(3), &[("epsilon", 0.01)], &per_input);
+        let plus = merge(&ramplus_tl::RamplusTl, &all, Some(3), &[("epsilon", 0.01), ("r", 0.0)], &per_input);
+        prop_assert!(max_diff(&ram, &plus) <= 1e-6);
+        let reordered = with_base(&base, &[models[2].shallow_clone(), models[0].shallow_clone(), models[1].shallow_clone()]);
+        for method in [&ram::Ram as &dyn MergeMethod, &ramplus_tl::RamplusTl] {
+            let a = merge(method, &all, Some(3), &[("epsilon", 0.01)], &per_input);
+            let b = merge(method, &reordered, Some(3), &[("epsilon", 0.01)], &per_input);
+            prop_assert!(max_diff(&a, &b) <= 1e-6, "{}", method.spec().name);
+        }
+    }
+
+    /// Arcee fusion takes each entry whole from one model or the other, and
+    /// changes nothing when the other model is the base.
+    #[test]
+    fn arcee_fusion_picks_entries_from_one_model_or_the_other((base, models) in family(1)) {
+        let inputs = with_base(&base, &models);
+        let out = merge(&arcee_fusion::ArceeFusion, &inputs, Some(1), &[], &[vec![], vec![]]);
+        let from_base = out.eq_tensor(&base);
+        let from_other = out.eq_tensor(&models[0]);
+        prop_assert!(from_base.logical_or(&from_other).all().int64_value(&[]) == 1);
+        let same = merge(&arcee_fusion::ArceeFusion, &[base.copy(), base.copy()], Some(1), &[], &[vec![], vec![]]);
+        prop_assert!(same.equal(&base));
+    }
+}

@@ -1,6 +1,7 @@
 //! One file per merge method. The task-vector family shares its engine in
 //! [`task_vector`]; each member's file only says how it sparsifies and votes.
 
+pub mod arcee_fusion;
 pub mod breadcrumbs;
 pub mod breadcrumbs_ties;
 pub mod dare_linear;
@@ -14,6 +15,8 @@ pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
+pub mod ram;
+pub mod ramplus_tl;
 pub mod sce;
 pub mod slerp;
 pub mod task_arithmetic;
