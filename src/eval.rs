@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
-use amalgam_checkpoint::Checkpoint;
+use amalgam_checkpoint::{hub, Checkpoint};
 use amalgam_elastic::stitch::{Family, Network};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
@@ -93,6 +93,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     // Windows are scored `batch` at a time, never more than a domain has.
     let batch = options.batch.min(counts.iter().copied().max().unwrap_or(1));
     let load = |path: &PathBuf| -> Result<Llama> {
+        let path = &hub::locate(&path.to_string_lossy())?;
         let checkpoint = Checkpoint::open(path)?;
         let config =
             LlamaConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;

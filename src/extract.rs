@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use amalgam_checkpoint::{parse_byte_size, Checkpoint, InputRecord, ModelCard, WriteOptions};
+use amalgam_checkpoint::{hub, parse_byte_size, Checkpoint, InputRecord, ModelCard, WriteOptions};
 use amalgam_elastic::matformer::{resolve, Extraction, ModelLayout};
 use amalgam_recipe::{ExtractRecipe, Location, WidthChoice};
 use anyhow::{anyhow, Result};
@@ -89,14 +89,16 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         }
         (None, _) => return Err(anyhow!("give the recipe and the output directory")),
     };
-    let checkpoint = Checkpoint::open(&recipe.model).map_err(|e| {
-        anyhow!(
-            "{}:{}: model `{}`: {e}",
-            recipe.source_name,
-            recipe.model_at,
-            recipe.model
-        )
-    })?;
+    let checkpoint = hub::locate(&recipe.model)
+        .and_then(Checkpoint::open)
+        .map_err(|e| {
+            anyhow!(
+                "{}:{}: model `{}`: {e}",
+                recipe.source_name,
+                recipe.model_at,
+                recipe.model
+            )
+        })?;
     let layout = ModelLayout::read(&checkpoint)?;
     let spec = resolve(&recipe, &checkpoint, &layout)?;
     let extraction = Extraction::plan(&checkpoint, &layout, spec)?;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use amalgam_checkpoint::{arch, Checkpoint};
+use amalgam_checkpoint::{arch, hub, Checkpoint};
 use anyhow::Result;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -68,7 +68,7 @@ struct TensorRow {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let checkpoint = Checkpoint::open(&args.dir)?;
+    let checkpoint = Checkpoint::open(hub::locate(&args.dir.to_string_lossy())?)?;
     let report = report(&checkpoint, args.hashes)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,9 +1,9 @@
 //! `amalgam merge`: run a mergekit-compatible recipe.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use amalgam_checkpoint::{parse_byte_size, Checkpoint, WriteOptions};
+use amalgam_checkpoint::{hub, parse_byte_size, Checkpoint, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry;
 use amalgam_recipe::{ModelInventory, ModelRef, Plan, Recipe};
@@ -145,28 +145,15 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Opens a recipe's model: a local directory, or a Hub id (`org/name`,
+/// `org/name@revision`) found in the local Hugging Face cache. Errors name
+/// the recipe line.
 pub(crate) fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint> {
-    let path = Path::new(&model.path);
-    if !path.exists() {
-        let looks_like_hub_id =
-            model.path.matches('/').count() == 1 && !model.path.starts_with(['.', '/', '~']);
-        let hint = if looks_like_hub_id {
-            format!(
-                "; amalgam does not download models: fetch it first (e.g. `huggingface-cli download {0} --local-dir models/{0}`) and put that directory in the recipe",
-                model.path
-            )
-        } else {
-            String::new()
-        };
-        return Err(recipe
-            .error(
-                model.at,
-                format!("model `{}` is not a local directory{hint}", model.path),
-            )
-            .into());
-    }
-    Checkpoint::open(path)
-        .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))
+    let located = |e: amalgam_checkpoint::Error| {
+        anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path)))
+    };
+    let dir = hub::locate(&model.path).map_err(located)?;
+    Checkpoint::open(dir).map_err(located)
 }
 
 /// mergekit ignores parameters a method does not use; say so instead.

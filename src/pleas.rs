@@ -3,7 +3,6 @@
 //! batches, and writes the merged model (its FFN widths in the config).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Instant;
 
 use amalgam_checkpoint::{parse_byte_size, InputRecord, ModelCard, WriteOptions};
@@ -127,8 +126,9 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
     let models = pleas
         .models
         .iter()
-        .map(|m| {
-            Llama::load(Path::new(&m.path), device)
+        .zip(&checkpoints)
+        .map(|(m, checkpoint)| {
+            Llama::load(checkpoint.dir(), device)
                 .map_err(|e| anyhow!(recipe.error(m.at, format!("model `{}`: {e}", m.path))))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use amalgam_checkpoint::{Checkpoint, ModelCard};
+use amalgam_checkpoint::{hub, Checkpoint, ModelCard};
 use amalgam_elastic::stitch::Family;
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::{Llama, LlamaConfig};
@@ -66,15 +66,19 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let text = crate::resources::read_recipe(&args.recipe)?;
     let recipe = StitchRecipe::parse(&text, &args.recipe.display().to_string())?;
     let device = crate::device::parse(&args.device)?;
+    let located =
+        |path: &str, at, e: String| anyhow!("{}:{at}: anchor `{path}`: {e}", recipe.source_name);
+    // Local directories, or Hub ids found in the local Hugging Face cache.
+    let dirs = recipe
+        .anchors
+        .iter()
+        .map(|(path, at)| hub::locate(path).map_err(|e| located(path, at, e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
     let mut estimate = (recipe.samples as u64).saturating_mul(recipe.seq_len as u64 * 8);
-    for (path, at) in &recipe.anchors {
-        let located = |e: String| anyhow!("{}:{at}: anchor `{path}`: {e}", recipe.source_name);
-        let checkpoint = Checkpoint::open(path).map_err(|e| located(e.to_string()))?;
-        let config = LlamaConfig::from_model_config(
-            checkpoint.config(),
-            &std::path::Path::new(path).join("config.json"),
-        )
-        .map_err(|e| located(e.to_string()))?;
+    for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
+        let checkpoint = Checkpoint::open(dir).map_err(|e| located(path, at, e.to_string()))?;
+        let config = LlamaConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))
+            .map_err(|e| located(path, at, e.to_string()))?;
         // Calibration runs every sample at once; training keeps a batch's
         // activations for every block, and Adam two moments per weight.
         let training = recipe.train.as_ref().map_or(0, |t| {
@@ -97,14 +101,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let anchors = recipe
         .anchors
         .iter()
-        .map(|(path, at)| {
-            Llama::load(path.as_ref(), device)
-                .map_err(|e| anyhow!("{}:{at}: anchor `{path}`: {e}", recipe.source_name))
+        .zip(&dirs)
+        .map(|((path, at), dir)| {
+            Llama::load(dir, device).map_err(|e| located(path, at, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     let output = std::path::absolute(&args.output)?;
-    for (path, at) in &recipe.anchors {
-        if std::path::absolute(path)?.starts_with(&output) {
+    for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
+        if std::path::absolute(dir)?.starts_with(&output) {
             return Err(anyhow!(
                 "{}:{at}: refusing to write the family over its anchor `{path}`",
                 recipe.source_name

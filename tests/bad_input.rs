@@ -287,7 +287,7 @@ fn not_a_checkpoint_directory() {
     let missing = tmp.path().join("missing");
     let err = fails(["inspect".as_ref(), missing.as_os_str()]);
     assert!(
-        err.contains("missing") && err.contains("No such file"),
+        err.contains("missing") && err.contains("is not a local directory"),
         "{err}"
     );
 }

@@ -215,7 +215,7 @@ fn eval_and_zoo_refuse_bad_arguments_by_name() {
     let message = fails(["eval", "/nonexistent/model"]);
     assert!(message.contains("/nonexistent/model"), "{message}");
     assert_eq!(
-        message.matches("No such file").count(),
+        message.matches("is not a local directory").count(),
         1,
         "the cause once: {message}"
     );

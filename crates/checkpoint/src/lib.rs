@@ -24,6 +24,7 @@ mod config;
 mod dtype;
 mod error;
 mod files;
+pub mod hub;
 pub mod interrupt;
 mod layout;
 mod output;
