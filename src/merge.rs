@@ -149,11 +149,10 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 /// `org/name@revision`) found in the local Hugging Face cache. Errors name
 /// the recipe line.
 pub(crate) fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint> {
-    let located = |e: amalgam_checkpoint::Error| {
-        anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path)))
-    };
-    let dir = hub::locate(&model.path).map_err(located)?;
-    Checkpoint::open(dir).map_err(located)
+    let dir =
+        hub::locate(&model.path).map_err(|e| anyhow!(recipe.error(model.at, e.to_string())))?;
+    Checkpoint::open(dir)
+        .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))
 }
 
 /// mergekit ignores parameters a method does not use; say so instead.

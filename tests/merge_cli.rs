@@ -244,7 +244,12 @@ fn bad_recipes_name_the_line_and_the_model_and_write_nothing() {
         (
             "a hub id instead of a directory",
             "merge_method: linear\nmodels:\n  - model: meta-llama/Llama-3.1-8B\n    parameters: {weight: 1}\n",
-            &["bad.yml:3:12:", "model `meta-llama/Llama-3.1-8B` is not a local directory", "does not download"],
+            &[
+                "bad.yml:3:12:",
+                "model `meta-llama/Llama-3.1-8B` is not in the Hugging Face cache",
+                "never downloads",
+                "`hf download meta-llama/Llama-3.1-8B`",
+            ],
         ),
         (
             "an unknown key",

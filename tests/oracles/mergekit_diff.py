@@ -7,6 +7,13 @@ CASES.json is a list of {"name", "recipe" (path), "ours" (amalgam's output dir)}
 Prints one JSON object keyed by case name with, per case, the tensor names only
 one side has, dtype disagreements, and the largest absolute and relative
 differences (or the error mergekit raised).
+
+A case may add "threshold_ties": {"base", "models", "density", "gamma"?}: then
+it also counts the entries where the outputs differ, and those of them where no
+input's |delta| ties with a magnitude threshold of its own (TIES: the k-th
+largest, k = density * entries; breadcrumbs, with gamma: both ends of the kept
+window): where magnitudes tie at a threshold, which of the tied entries are
+kept is each tool's own tie-break.
 """
 import json
 import os
@@ -59,6 +66,31 @@ def compare(ours, theirs):
     return report
 
 
+def threshold_ties(ours, theirs, spec):
+    base = load(spec["base"])
+    models = [load(m) for m in spec["models"]]
+    differing = unexplained = 0
+    for name in sorted(set(ours) & set(theirs)):
+        diff = ours[name].double() != theirs[name].double()
+        if not diff.any():
+            continue
+        tied = torch.zeros_like(diff)
+        for model in models:
+            magnitude = (model[name] - base[name]).abs().float().reshape(-1)
+            ordered, n = torch.sort(magnitude).values, magnitude.numel()
+            if spec.get("gamma") is None:  # TIES: the k largest
+                bounds = [ordered[n - max(1, int(spec["density"] * n))]]
+            else:  # breadcrumbs: positions [bottom, bottom + target) ascending
+                target, top = int(spec["density"] * n), int(spec["gamma"] * n)
+                bottom = max(0, n - target - top)
+                bounds = [ordered[bottom], ordered[min(n, bottom + target) - 1]]
+            for bound in bounds:
+                tied |= (magnitude == bound).reshape(diff.shape)
+        differing += int(diff.sum())
+        unexplained += int((diff & ~tied).sum())
+    return {"differing": differing, "unexplained": unexplained}
+
+
 def main():
     cases = json.load(open(sys.argv[1]))
     results = {}
@@ -72,7 +104,10 @@ def main():
             except Exception as e:  # reported, not raised: the Rust test decides
                 results[case["name"]] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-            report = compare(load(case["ours"]), load(out))
+            ours, theirs = load(case["ours"]), load(out)
+            report = compare(ours, theirs)
+            if "threshold_ties" in case:
+                report["threshold_ties"] = threshold_ties(ours, theirs, case["threshold_ties"])
             with open(os.path.join(out, "config.json")) as f:
                 report["num_hidden_layers"] = json.load(f).get("num_hidden_layers")
             results[case["name"]] = report

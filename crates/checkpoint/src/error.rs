@@ -15,6 +15,9 @@ pub enum Error {
     /// a FIFO, a file too large for its kind, a duplicate key).
     #[error("{}: {message}", path.display())]
     Input { path: PathBuf, message: String },
+    /// A model reference that names no directory here (nor in the Hub cache).
+    #[error("{message}")]
+    Locate { message: String },
     #[error("{}: not a directory (a checkpoint is a Hugging Face model directory)", path.display())]
     NotADirectory { path: PathBuf },
     #[error(

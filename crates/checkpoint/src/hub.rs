@@ -18,9 +18,10 @@ pub fn locate(reference: &str) -> Result<PathBuf> {
     }
     match HubId::parse(reference) {
         Some(id) => id.resolve(&cache_dir()),
-        None => Err(Error::Input {
-            path: path.into(),
-            message: "is not a local directory (nor a Hub id such as `org/name`)".into(),
+        None => Err(Error::Locate {
+            message: format!(
+                "model `{reference}` is not a local directory (nor a Hub id such as `org/name`)"
+            ),
         }),
     }
 }
@@ -56,11 +57,10 @@ impl HubId {
     pub fn resolve(&self, cache: &Path) -> Result<PathBuf> {
         let entry = cache.join(format!("models--{}", self.repo.replace('/', "--")));
         let revision = self.revision.as_deref().unwrap_or("main");
-        let not_cached = |what: String| Error::Input {
-            path: PathBuf::from(self.to_string()),
+        let not_cached = |what: String| Error::Locate {
             message: format!(
-                "{what}; amalgam never downloads: fetch it with `{}` and run again (or name a \
-                 local directory)",
+                "model `{self}` {what}; amalgam never downloads: fetch it with `{}` and run \
+                 again (or name a local directory)",
                 self.download_command()
             ),
         };
