@@ -433,3 +433,44 @@ fn nearswap_at_zero_in_half_precision_is_refused_not_written() {
         ],
     );
 }
+
+/// GPT-2 names its layer count `n_layer` (transformers maps
+/// `num_hidden_layers` to it): a passthrough stack updates that key and adds
+/// no second spelling, and transformers builds the 6-layer model from it.
+#[test]
+fn gpt2_stacks_keep_the_familys_own_config_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gpt2 = tmp.path().join("gpt2");
+    let script = "import sys, torch\nfrom transformers import GPT2Config, GPT2LMHeadModel\n\
+                  torch.manual_seed(0)\n\
+                  c = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=96, n_positions=64)\n\
+                  GPT2LMHeadModel(c).save_pretrained(sys.argv[1])\n";
+    let made = Command::new(python())
+        .args(["-c".as_ref(), script.as_ref(), gpt2.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let r = recipe(
+        tmp.path(),
+        "stack.yml",
+        &format!(
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: {0}\n        \
+             layer_range: [0, 3]\n  - sources:\n      - model: {0}\n        layer_range: [1, 4]\n",
+            gpt2.display()
+        ),
+    );
+    let out = tmp.path().join("out");
+    succeeded(&merge(&r, &out, &[]));
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["n_layer"], 6, "{config}");
+    assert!(config.get("num_hidden_layers").is_none(), "{config}");
+    let oracle = hf_oracle(&[&out], false);
+    assert!(oracle[out.to_str().unwrap()]["transformers"]
+        .as_object()
+        .is_some_and(|t| t.contains_key("transformer.h.5.mlp.c_fc.weight")));
+}

@@ -5,9 +5,17 @@ use serde_json::{Map, Value};
 use crate::files::{duplicate_key, read_regular, MAX_JSON_BYTES};
 use crate::{dtype::dtype_name, Dtype, Error, Result};
 
+/// The names families give the layer count (transformers' `attribute_map`
+/// maps them to `num_hidden_layers`): GPT-2, GPT-J and BLOOM say `n_layer`,
+/// MPT `n_layers`, T5 `num_layers`.
+const LAYER_COUNT_FIELDS: &[&str] = &["num_hidden_layers", "n_layer", "n_layers", "num_layers"];
+
 /// Fields that count something (layers, units, heads, tokens).
 const SIZE_FIELDS: &[&str] = &[
     "num_hidden_layers",
+    "n_layer",
+    "n_layers",
+    "num_layers",
     "hidden_size",
     "intermediate_size",
     "num_attention_heads",
@@ -85,6 +93,28 @@ impl ModelConfig {
             }
         }
         None
+    }
+
+    /// The key this config keeps its layer count under: the family's own
+    /// spelling where it has one (`n_layer` for GPT-2), else `num_hidden_layers`.
+    pub fn layer_count_key(&self) -> &'static str {
+        LAYER_COUNT_FIELDS
+            .iter()
+            .find(|key| self.fields.contains_key(**key))
+            .copied()
+            .unwrap_or(LAYER_COUNT_FIELDS[0])
+    }
+
+    /// The layer count, under whichever key the family uses.
+    pub fn layer_count(&self) -> Option<usize> {
+        self.usize(self.layer_count_key())
+    }
+
+    /// Sets the layer count under the family's own key (never adding a
+    /// second spelling next to it).
+    pub fn set_layer_count(&mut self, layers: usize) {
+        let key = self.layer_count_key();
+        self.set(key, layers.into());
     }
 
     pub fn from_json(fields: Map<String, Value>) -> Self {
@@ -175,6 +205,21 @@ mod tests {
             config(json!({"model_type": "llama", "tie_word_embeddings": true}))
                 .tie_word_embeddings()
         );
+    }
+
+    #[test]
+    fn the_layer_count_keeps_the_familys_own_key() {
+        let mut gpt2 = config(json!({"model_type": "gpt2", "n_layer": 4}));
+        assert_eq!(
+            (gpt2.layer_count_key(), gpt2.layer_count()),
+            ("n_layer", Some(4))
+        );
+        gpt2.set_layer_count(6);
+        assert_eq!(gpt2.get("n_layer"), Some(&json!(6)));
+        assert_eq!(gpt2.get("num_hidden_layers"), None);
+        let mut llama = config(json!({"model_type": "llama"}));
+        llama.set_layer_count(2);
+        assert_eq!(llama.get("num_hidden_layers"), Some(&json!(2)));
     }
 
     #[test]

@@ -200,16 +200,18 @@ impl Checkpoint {
         self.tensors.iter().map(TensorEntry::numel).sum()
     }
 
-    /// The number of blocks: `num_hidden_layers` where the config has it
-    /// (refused if the stored tensors number their layers otherwise), else
-    /// counted from the tensor names.
+    /// The number of blocks: the config's layer count where it has one
+    /// (`num_hidden_layers`, or the family's own spelling; refused if the
+    /// stored tensors number their layers otherwise), else counted from the
+    /// tensor names.
     pub fn layers(&self) -> Result<usize> {
         let stored = crate::arch::layer_count(self.tensors.iter().map(|t| t.name.as_str()));
-        match self.config.usize("num_hidden_layers") {
+        match self.config.layer_count() {
             Some(layers) if stored > 0 && stored != layers => Err(Error::Config {
                 path: self.dir.join("config.json"),
                 message: format!(
-                    "`num_hidden_layers` is {layers} but the weights hold {stored} layers"
+                    "`{}` is {layers} but the weights hold {stored} layers",
+                    self.config.layer_count_key()
                 ),
             }),
             Some(layers) => Ok(layers),

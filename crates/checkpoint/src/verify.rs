@@ -18,12 +18,13 @@ pub fn config_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<Str
     if config.get("text_config").is_some() {
         return None;
     }
-    let layers = config.usize("num_hidden_layers");
+    let layers = config.layer_count();
     let stored = layer_count(specs.iter().map(|s| s.name.as_str()));
     if let Some(layers) = layers {
         if stored > 0 && stored != layers {
             return Some(format!(
-                "`num_hidden_layers` is {layers} but the weights hold {stored} layers"
+                "`{}` is {layers} but the weights hold {stored} layers",
+                config.layer_count_key()
             ));
         }
         for field in PER_LAYER_CONFIG_FIELDS {

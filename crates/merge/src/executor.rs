@@ -98,7 +98,7 @@ impl MergeJob<'_> {
     pub fn output_config(&self) -> Result<ModelConfig> {
         let layout = self.checkpoints[self.plan.layout_model].config();
         let mut config = layout.clone();
-        config.set("num_hidden_layers", self.plan.layers.into());
+        config.set_layer_count(self.plan.layers);
         if let Some(embedding) = self
             .plan
             .tensors
