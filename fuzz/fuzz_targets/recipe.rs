@@ -34,7 +34,7 @@ fn inventory(path: &str) -> ModelInventory {
             InventoryTensor {
                 layer: name.layer,
                 vocab: matches!(name.role, Role::Embedding | Role::LmHead),
-                embedding: name.role == Role::Embedding,
+                before_layers: name.role == Role::Embedding,
                 tied_alias: false,
                 shape: spec.shape,
                 name: spec.name,

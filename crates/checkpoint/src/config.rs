@@ -97,7 +97,10 @@ impl ModelConfig {
 
     /// The key this config keeps its layer count under: the family's own
     /// spelling where it has one (`n_layer` for GPT-2), else `num_hidden_layers`.
-    pub fn layer_count_key(&self) -> &'static str {
+    pub fn layer_count_key(&self) -> &str {
+        if let Some(family) = crate::family::of(self) {
+            return &family.layer_count_key;
+        }
         LAYER_COUNT_FIELDS
             .iter()
             .find(|key| self.fields.contains_key(**key))
@@ -113,8 +116,8 @@ impl ModelConfig {
     /// Sets the layer count under the family's own key (never adding a
     /// second spelling next to it).
     pub fn set_layer_count(&mut self, layers: usize) {
-        let key = self.layer_count_key();
-        self.set(key, layers.into());
+        let key = self.layer_count_key().to_owned();
+        self.set(&key, layers.into());
     }
 
     pub fn from_json(fields: Map<String, Value>) -> Self {
@@ -147,8 +150,8 @@ impl ModelConfig {
     }
 
     /// Whether the output head shares the input embedding. When the key is
-    /// absent this follows transformers' defaults: false for the Llama-like
-    /// families whose config classes default it off, true otherwise.
+    /// absent this follows transformers' default for the family (its
+    /// description), else transformers' general default, true.
     pub fn tie_word_embeddings(&self) -> bool {
         match self
             .fields
@@ -156,10 +159,7 @@ impl ModelConfig {
             .and_then(Value::as_bool)
         {
             Some(tied) => tied,
-            None => !matches!(
-                self.model_type(),
-                Some("llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "phi3")
-            ),
+            None => crate::family::of(self).is_none_or(|f| f.tie_word_embeddings),
         }
     }
 
@@ -201,6 +201,10 @@ mod tests {
     fn tie_defaults_follow_the_model_family() {
         assert!(!config(json!({"model_type": "llama"})).tie_word_embeddings());
         assert!(config(json!({"model_type": "gemma"})).tie_word_embeddings());
+        // transformers defaults these off; the general default (on) was wrong.
+        assert!(!config(json!({"model_type": "gpt_neox"})).tie_word_embeddings());
+        assert!(!config(json!({"model_type": "olmo2"})).tie_word_embeddings());
+        assert!(config(json!({"model_type": "unknown-family"})).tie_word_embeddings());
         assert!(
             config(json!({"model_type": "llama", "tie_word_embeddings": true}))
                 .tie_word_embeddings()

@@ -23,6 +23,7 @@ mod card;
 mod config;
 mod dtype;
 mod error;
+pub mod family;
 mod files;
 pub mod hub;
 pub mod interrupt;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
 use amalgam_checkpoint::arch::{classify, mlp_width, Role, LM_HEAD, PER_LAYER_CONFIG_FIELDS};
+use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::{
     count_nonfinite, kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish,
     InputRecord, ModelCard, ModelConfig, TensorSpec, WriteOptions,
@@ -459,17 +460,18 @@ impl MergeJob<'_> {
 /// What the planner needs of an input checkpoint: its tensors (layer, role;
 /// a tied head as an alias of the embedding) and its layer count.
 pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInventory> {
+    let family = family::of(checkpoint.config());
     let mut tensors: Vec<InventoryTensor> = checkpoint
         .tensors()
         .iter()
         .map(|t| {
-            let name = classify(&t.name);
+            let (place, vocab) = family::placement(family, &t.name);
             InventoryTensor {
                 name: t.name.clone(),
                 shape: t.shape.clone(),
-                layer: name.layer,
-                vocab: matches!(name.role, Role::Embedding | Role::LmHead),
-                embedding: name.role == Role::Embedding,
+                layer: classify(&t.name).layer,
+                vocab,
+                before_layers: place == Some(Place::BeforeLayers),
                 tied_alias: false,
             }
         })
@@ -482,7 +484,7 @@ pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInv
                 shape: embedding.shape.clone(),
                 layer: None,
                 vocab: true,
-                embedding: false,
+                before_layers: false,
                 tied_alias: true,
             });
         }

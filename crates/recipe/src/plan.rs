@@ -74,9 +74,10 @@ pub struct InventoryTensor {
     pub layer: Option<usize>,
     /// A vocabulary-indexed tensor (input embedding or output head).
     pub vocab: bool,
-    /// The input embedding: planned before the layers; everything else outside
-    /// the layers after them.
-    pub embedding: bool,
+    /// On the embedding side of the layers (the input embedding, positions):
+    /// planned before the layers, from a stack's first slice; everything
+    /// else outside the layers comes after them, from the last slice.
+    pub before_layers: bool,
     /// Not stored: a tied output head that resolves to the embedding. Usable as
     /// an input; never planned as an output of its own.
     pub tied_alias: bool,
@@ -206,7 +207,7 @@ impl Plan {
 
         let mut tensors = vec![];
         let first = &slices[0];
-        for tensor in stored().filter(|t| t.layer.is_none() && t.embedding) {
+        for tensor in stored().filter(|t| t.layer.is_none() && t.before_layers) {
             tensors.push(planner.tensor(&tensor.name, first, |_| tensor.name.clone(), 0.0)?);
         }
         let layer_suffixes: Vec<&InventoryTensor> =
@@ -245,7 +246,7 @@ impl Plan {
             .tensors
             .iter()
             .filter(stored_somewhere)
-            .filter(|t| t.layer.is_none() && !t.embedding)
+            .filter(|t| t.layer.is_none() && !t.before_layers)
         {
             tensors.push(planner.tensor(&tensor.name, last, |_| tensor.name.clone(), 0.0)?);
         }
@@ -443,7 +444,7 @@ impl Planner<'_> {
                 for tensor in &self.inventories[source.model].tensors {
                     let contributed = match tensor.layer {
                         Some(layer) => (source.start..source.end).contains(&layer),
-                        None if tensor.embedding => k == 0,
+                        None if tensor.before_layers => k == 0,
                         None => k == slices.len() - 1,
                     };
                     let missing = contributed

@@ -7,7 +7,7 @@ fn llama(layers: usize, vocab: usize) -> ModelInventory {
         shape: vec![vocab, 8],
         layer: None,
         vocab: true,
-        embedding: true,
+        before_layers: true,
         tied_alias: false,
     }];
     for i in 0..layers {
@@ -20,7 +20,7 @@ fn llama(layers: usize, vocab: usize) -> ModelInventory {
                 shape,
                 layer: Some(i),
                 vocab: false,
-                embedding: false,
+                before_layers: false,
                 tied_alias: false,
             });
         }
@@ -34,7 +34,7 @@ fn llama(layers: usize, vocab: usize) -> ModelInventory {
             shape,
             layer: None,
             vocab,
-            embedding: false,
+            before_layers: false,
             tied_alias: false,
         });
     }

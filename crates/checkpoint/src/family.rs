@@ -1,0 +1,177 @@
+//! What differs between model families, as data: one description per
+//! family in `crates/checkpoint/families/MODEL_TYPE.json`, found by
+//! `config.json`'s `model_type`. Adding a family is adding a file (and its
+//! test); nothing else names a family.
+//!
+//! A description says which tensors come before the repeated layers (the
+//! embedding side) and after them (final norm, head), which are indexed by
+//! the vocabulary, whether the head is tied to the embedding when the config
+//! does not say, and the config key of the layer count. Checkpoints of a
+//! family without a description fall back to the Llama-style reading of
+//! tensor names in [`crate::arch`].
+
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+use crate::arch::{classify, Role};
+use crate::ModelConfig;
+
+/// One family's description (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Family {
+    pub model_type: String,
+    /// The transformers classes its checkpoints name (informative).
+    pub architectures: Vec<String>,
+    /// transformers' default for `tie_word_embeddings` in this family.
+    pub tie_word_embeddings: bool,
+    /// Tensors before the layers: embeddings (and their norm, positions).
+    pub pre_layer: Vec<String>,
+    /// Tensors after the layers: final norm, head, pooler.
+    pub post_layer: Vec<String>,
+    /// Tensors with one row per vocabulary entry.
+    pub vocabulary: Vec<String>,
+    /// The config key holding the layer count, where it is not `num_hidden_layers`.
+    #[serde(default = "num_hidden_layers")]
+    pub layer_count_key: String,
+}
+
+fn num_hidden_layers() -> String {
+    "num_hidden_layers".into()
+}
+
+/// Every description, parsed once.
+pub fn families() -> &'static [Family] {
+    static FAMILIES: OnceLock<Vec<Family>> = OnceLock::new();
+    FAMILIES.get_or_init(|| {
+        let files: &[(&str, &str)] = &[
+            ("bert", include_str!("../families/bert.json")),
+            ("gemma", include_str!("../families/gemma.json")),
+            ("gemma2", include_str!("../families/gemma2.json")),
+            ("gemma3_text", include_str!("../families/gemma3_text.json")),
+            ("gpt2", include_str!("../families/gpt2.json")),
+            ("gpt_neox", include_str!("../families/gpt_neox.json")),
+            ("granite", include_str!("../families/granite.json")),
+            ("llama", include_str!("../families/llama.json")),
+            ("mistral", include_str!("../families/mistral.json")),
+            ("mixtral", include_str!("../families/mixtral.json")),
+            ("olmo2", include_str!("../families/olmo2.json")),
+            ("phi3", include_str!("../families/phi3.json")),
+            ("qwen2", include_str!("../families/qwen2.json")),
+            ("qwen3", include_str!("../families/qwen3.json")),
+            ("qwen3_moe", include_str!("../families/qwen3_moe.json")),
+            ("stablelm", include_str!("../families/stablelm.json")),
+        ];
+        files
+            .iter()
+            .map(|(name, text)| {
+                let family: Family = serde_json::from_str(text)
+                    .unwrap_or_else(|e| panic!("families/{name}.json: {e}"));
+                assert_eq!(family.model_type, *name, "families/{name}.json");
+                family
+            })
+            .collect()
+    })
+}
+
+/// The description of a config's family, if there is one.
+pub fn of(config: &ModelConfig) -> Option<&'static Family> {
+    let model_type = config.model_type()?;
+    families().iter().find(|f| f.model_type == model_type)
+}
+
+/// Where a tensor outside the repeated layers belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Before the layers (embedding side): taken from the first slice of a stack.
+    BeforeLayers,
+    /// After the layers (final norm, head): taken from the last slice.
+    AfterLayers,
+}
+
+/// How the merge planner reads one tensor name of a checkpoint: where it
+/// sits outside the layers (`None` for layer tensors) and whether its rows
+/// follow the vocabulary. From the family's description where there is one,
+/// else from the Llama-style name rules.
+pub fn placement(family: Option<&Family>, name: &str) -> (Option<Place>, bool) {
+    let parsed = classify(name);
+    if parsed.layer.is_some() {
+        return (None, false);
+    }
+    match family {
+        Some(f) => {
+            let place = if f.pre_layer.iter().any(|n| n == name) {
+                Place::BeforeLayers
+            } else {
+                Place::AfterLayers
+            };
+            (Some(place), f.vocabulary.iter().any(|n| n == name))
+        }
+        None => {
+            let place = match parsed.role {
+                Role::Embedding => Place::BeforeLayers,
+                _ => Place::AfterLayers,
+            };
+            let vocab = matches!(parsed.role, Role::Embedding | Role::LmHead);
+            (Some(place), vocab)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_description_parses_and_is_consistent() {
+        let all = families();
+        assert!(all.len() >= 16);
+        for f in all {
+            assert!(!f.pre_layer.is_empty(), "{}", f.model_type);
+            for name in f.pre_layer.iter().chain(&f.post_layer) {
+                assert_eq!(classify(name).layer, None, "{}: {name}", f.model_type);
+            }
+            for name in &f.vocabulary {
+                assert!(
+                    f.pre_layer.contains(name) || f.post_layer.contains(name),
+                    "{}: {name}",
+                    f.model_type
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn positional_embeddings_sit_before_the_layers() {
+        let config = |t: &str| {
+            ModelConfig::from_json(
+                serde_json::json!({"model_type": t})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            )
+        };
+        let gpt2 = config("gpt2");
+        let (place, vocab) = placement(of(&gpt2), "transformer.wpe.weight");
+        assert_eq!((place, vocab), (Some(Place::BeforeLayers), false));
+        let neox = config("gpt_neox");
+        let place = placement(of(&neox), "gpt_neox.embed_in.weight");
+        assert_eq!(place, (Some(Place::BeforeLayers), true));
+        let bert = config("bert");
+        let place = placement(of(&bert), "embeddings.LayerNorm.weight").0;
+        assert_eq!(place, Some(Place::BeforeLayers));
+        assert_eq!(
+            placement(of(&bert), "pooler.dense.weight").0,
+            Some(Place::AfterLayers)
+        );
+        assert_eq!(
+            placement(None, "model.embed_tokens.weight"),
+            (Some(Place::BeforeLayers), true)
+        );
+        assert_eq!(
+            placement(None, "model.layers.3.mlp.up_proj.weight"),
+            (None, false)
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! Merges of families other than amalgam's own Llama, on tiny random models
+//! that transformers itself builds (tests/oracles/tiny_models.py): what sits
+//! before and after the layers, and per-layer config lists, follow each
+//! family's description.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn tiny(dir: &Path, family: &str, seed: u32) -> PathBuf {
+    let out = dir.join(format!("{family}-{seed}"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/tiny_models.py");
+    let made = Command::new(python())
+        .arg(script)
+        .args([family, out.to_str().unwrap(), "--seed", &seed.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    out
+}
+
+/// Passthrough of `ranges[0]` of `a`'s layers, then `ranges[1]` of `b`'s, into `out`.
+fn stack(dir: &Path, a: &Path, b: &Path, out: &Path, ranges: [(usize, usize); 2]) -> PathBuf {
+    let recipe = dir.join("stack.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: {}\n        \
+             layer_range: [{}, {}]\n  - sources:\n      - model: {}\n        layer_range: [{}, {}]\n",
+            a.display(),
+            ranges[0].0,
+            ranges[0].1,
+            b.display(),
+            ranges[1].0,
+            ranges[1].1
+        ),
+    )
+    .unwrap();
+    ok(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+    recipe
+}
+
+fn config(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+}
+
+/// mergekit takes the tensors before the layers from a stack's first slice
+/// and those after from its last (as amalgam does for Llama's embed_tokens);
+/// on GPT-2, GPT-NeoX and BERT the positional embeddings, NeoX's `embed_in`
+/// and BERT's whole embedding block were taken from the last slice.
+#[test]
+fn stacks_take_the_embedding_side_from_the_first_slice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], &[&str]); 3] = [
+        (
+            "gpt2",
+            &["transformer.wte.weight", "transformer.wpe.weight"],
+            &["transformer.ln_f.weight", "transformer.ln_f.bias"],
+        ),
+        (
+            "gpt_neox",
+            &["gpt_neox.embed_in.weight"],
+            &["gpt_neox.final_layer_norm.weight", "embed_out.weight"],
+        ),
+        (
+            "bert",
+            &[
+                "embeddings.word_embeddings.weight",
+                "embeddings.position_embeddings.weight",
+                "embeddings.token_type_embeddings.weight",
+                "embeddings.LayerNorm.weight",
+            ],
+            &["pooler.dense.weight", "pooler.dense.bias"],
+        ),
+    ];
+    for (family, before, after) in cases {
+        let (a, b) = (tiny(tmp.path(), family, 1), tiny(tmp.path(), family, 2));
+        let out = tmp.path().join(format!("{family}-stack"));
+        let recipe = stack(tmp.path(), &a, &b, &out, [(0, 2), (2, 4)]);
+        let digests = |dir: &Path| tensor_digests(&inspect_json(dir, true));
+        let (ours, first, last) = (digests(&out), digests(&a), digests(&b));
+        for name in before {
+            assert_eq!(
+                ours[*name], first[*name],
+                "{family}: {name} from the first slice"
+            );
+        }
+        for name in after {
+            assert_eq!(
+                ours[*name], last[*name],
+                "{family}: {name} from the last slice"
+            );
+        }
+        if family == "gpt2" {
+            // mergekit 0.1.5 merges GPT-2 (not NeoX or BERT): the same bytes.
+            let list = tmp.path().join("cases.json");
+            let case = json!([{"name": family, "recipe": recipe, "ours": out}]);
+            std::fs::write(&list, case.to_string()).unwrap();
+            let report: Value =
+                serde_json::from_str(&oracle_ok("mergekit_diff.py", &[list.as_os_str()])).unwrap();
+            let r = &report[family];
+            assert!(
+                r.get("error").is_none() && r["max_abs"] == 0.0 && r["only_ours"] == json!([]),
+                "{r}"
+            );
+        }
+    }
+}
+
+/// Qwen2, Qwen3, Gemma 2 and Gemma 3 configs carry `layer_types`, one entry
+/// per layer: a stack of six layers from a four-layer model needs six, each
+/// its source layer's, or transformers refuses the config (mergekit 0.1.5
+/// writes the old four).
+#[test]
+fn stacks_carry_per_layer_config_lists_along() {
+    let tmp = tempfile::tempdir().unwrap();
+    for family in ["qwen2", "qwen3", "gemma2", "gemma3_text"] {
+        let a = tiny(tmp.path(), family, 1);
+        let out = tmp.path().join(format!("{family}-stack"));
+        stack(tmp.path(), &a, &a, &out, [(0, 3), (1, 4)]);
+        let types = config(&a)["layer_types"].as_array().unwrap().clone();
+        let expected: Vec<Value> = [0, 1, 2, 1, 2, 3]
+            .iter()
+            .map(|&l| types[l].clone())
+            .collect();
+        let written = config(&out);
+        assert_eq!(written["num_hidden_layers"], 6, "{family}");
+        assert_eq!(written["layer_types"], json!(expected), "{family}");
+        let loaded = hf_oracle(&[&out], false);
+        assert!(
+            loaded[out.to_str().unwrap()]["transformers"]
+                .as_object()
+                .is_some_and(|t| t.keys().any(|k| k.contains("layers.5."))),
+            "{family}: transformers builds six layers: {loaded}"
+        );
+    }
+}
