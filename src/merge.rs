@@ -151,8 +151,23 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 pub(crate) fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint> {
     let dir =
         hub::locate(&model.path).map_err(|e| anyhow!(recipe.error(model.at, e.to_string())))?;
-    Checkpoint::open(dir)
-        .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))
+    let checkpoint = Checkpoint::open(dir)
+        .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))?;
+    // Two stacks (encoder and decoder) numbered independently: the planner's
+    // one stack of layers would misread them, so they are refused outright.
+    if checkpoint.config().get("is_encoder_decoder") == Some(&serde_json::Value::Bool(true)) {
+        return Err(anyhow!(recipe.error(
+            model.at,
+            format!(
+                "model `{}` is an encoder–decoder model ({}); amalgam merges decoder-only and \
+                 encoder-only models (merging encoder–decoder stacks, mergekit's `modules:`, \
+                 is not supported yet)",
+                model.path,
+                checkpoint.config().model_type().unwrap_or("unknown type")
+            )
+        )));
+    }
+    Ok(checkpoint)
 }
 
 /// mergekit ignores parameters a method does not use; say so instead.

@@ -143,3 +143,32 @@ fn stacks_carry_per_layer_config_lists_along() {
         );
     }
 }
+
+/// T5 numbers an encoder and a decoder stack (`encoder.block.N.layer.M`):
+/// read as one stack the message was about a tensor that should not exist.
+/// Encoder–decoder models are refused, saying so, at the model's line.
+#[test]
+fn encoder_decoder_models_are_refused_saying_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t5 = tiny(tmp.path(), "t5", 1);
+    let recipe = tmp.path().join("t5.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {0}\n    parameters: {{weight: 1}}\n  \
+             - model: {0}\n    parameters: {{weight: 1}}\n",
+            t5.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let message = fails(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+    for needle in [
+        "t5.yml:3:",
+        "is an encoder–decoder model (t5)",
+        "not supported yet",
+    ] {
+        assert!(message.contains(needle), "missing {needle:?} in {message}");
+    }
+    assert!(!out.exists());
+}

@@ -5,8 +5,8 @@ implementation itself.
 
     python tiny_models.py FAMILY OUT [--seed N] [--layers N]
 
-FAMILY: a model_type transformers knows (gpt2, gpt_neox, bert, qwen2, qwen3,
-gemma2, gemma3_text, olmo2, phi3, stablelm, mistral, llama).
+FAMILY: a model_type transformers knows (gpt2, gpt_neox, bert, t5, qwen2,
+qwen3, gemma2, gemma3_text, olmo2, phi3, stablelm, mistral, llama).
 """
 import argparse
 import os
@@ -23,6 +23,11 @@ import transformers  # noqa: E402
 def config(family, layers):
     if family == "gpt2":
         return transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=96, n_positions=64)
+    if family == "t5":
+        return transformers.T5Config(
+            num_layers=layers, num_decoder_layers=layers, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+            vocab_size=96, feed_forward_proj="gated-gelu",
+        )
     if family == "bert":
         return transformers.BertConfig(
             num_hidden_layers=layers, hidden_size=32, num_attention_heads=2, intermediate_size=64,
@@ -53,8 +58,8 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     c = config(args.family, args.layers)
-    model_class = transformers.BertModel if args.family == "bert" else transformers.AutoModelForCausalLM
-    model = model_class.from_config(c) if model_class is transformers.AutoModelForCausalLM else model_class(c)
+    classes = {"bert": transformers.BertModel, "t5": transformers.T5ForConditionalGeneration}
+    model = classes[args.family](c) if args.family in classes else transformers.AutoModelForCausalLM.from_config(c)
     with torch.no_grad():
         for p in model.parameters():  # distinct values everywhere, norms included
             p.normal_(0.0, 0.5)
