@@ -172,3 +172,86 @@ fn encoder_decoder_models_are_refused_saying_why() {
     }
     assert!(!out.exists());
 }
+
+/// Mixtral checkpoints store each expert's projections as tensors of their
+/// own (`block_sparse_moe.experts.E.w1` …; transformers 5 writes that layout
+/// too), and amalgam writes them back so: every method runs per expert.
+/// TIES at density 0.5 keeps half of each expert's changes, however small
+/// one expert's changes are next to another's (a trim over the experts
+/// stacked together would keep almost none of the small ones), and the
+/// result loads in transformers.
+#[test]
+fn mixtral_experts_are_merged_one_by_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "mixtral", 0);
+    let tuned = tmp.path().join("tuned");
+    let script = "import sys, torch\nfrom safetensors.torch import load_file, save_file\n\
+                  import shutil\nshutil.copytree(sys.argv[1], sys.argv[2])\n\
+                  d = load_file(sys.argv[1] + '/model.safetensors')\ng = torch.Generator().manual_seed(3)\n\
+                  for k in d:\n    if '.experts.' in k:\n        e = int(k.split('.experts.')[1].split('.')[0])\n        \
+                  d[k] = d[k] + torch.randn(d[k].shape, generator=g) * (1.0 if e == 0 else 1e-3)\n\
+                  save_file(d, sys.argv[2] + '/model.safetensors', metadata={'format': 'pt'})\n";
+    let made = Command::new(python())
+        .args([
+            "-c".as_ref(),
+            script.as_ref(),
+            base.as_os_str(),
+            tuned.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let recipe = tmp.path().join("ties.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method: ties\nbase_model: {}\nmodels:\n  - model: {}\n    \
+             parameters: {{weight: 1.0, density: 0.5}}\ndtype: float32\n",
+            base.display(),
+            tuned.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    ok(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+    let check = "import sys, json\nfrom safetensors.torch import load_file\n\
+                 b, o = load_file(sys.argv[1] + '/model.safetensors'), load_file(sys.argv[2] + '/model.safetensors')\n\
+                 print(json.dumps({k: (o[k] != b[k]).float().mean().item() for k in o if '.experts.' in k}))\n";
+    let report = Command::new(python())
+        .args([
+            "-c".as_ref(),
+            check.as_ref(),
+            base.as_os_str(),
+            out.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let changed: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let fractions = changed.as_object().unwrap();
+    assert_eq!(
+        fractions.len(),
+        4 * 4 * 3,
+        "w1, w2 and w3 of 4 experts in 4 layers, each a tensor of its own"
+    );
+    for (name, fraction) in fractions {
+        let f = fraction.as_f64().unwrap();
+        assert!(
+            (0.45..=0.55).contains(&f),
+            "{name}: {f} of its entries changed"
+        );
+    }
+    let loaded = hf_oracle(&[&out], false);
+    assert!(
+        loaded[out.to_str().unwrap()]["transformers"].is_object(),
+        "{loaded}"
+    );
+}

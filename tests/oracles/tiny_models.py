@@ -6,7 +6,7 @@ implementation itself.
     python tiny_models.py FAMILY OUT [--seed N] [--layers N]
 
 FAMILY: a model_type transformers knows (gpt2, gpt_neox, bert, t5, qwen2,
-qwen3, gemma2, gemma3_text, olmo2, phi3, stablelm, mistral, llama).
+qwen3, gemma2, gemma3_text, olmo2, phi3, stablelm, mistral, mixtral, llama).
 """
 import argparse
 import os
@@ -46,6 +46,8 @@ def config(family, layers):
         common.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
     if family == "phi3":
         common["pad_token_id"] = 0
+    if family == "mixtral":
+        common.update(num_local_experts=4, num_experts_per_tok=2)
     return transformers.AutoConfig.for_model(family, **common)
 
 
