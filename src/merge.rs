@@ -89,7 +89,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         })
         .collect::<Result<Vec<ModelInventory>>>()?;
     let spec = method.spec();
-    let plan = Plan::resolve(&recipe, &spec, &inventories)?;
+    let mut plan = Plan::resolve(&recipe, &spec, &inventories)?;
+    if recipe.tokenizer_source.is_some() {
+        // The written tokenizer's vocabulary decides the embedding rows.
+        let alignment = amalgam_merge::vocabulary::alignment(&recipe, &plan, &checkpoints)?;
+        plan.align_vocabulary(alignment);
+    }
     warn_unknown_parameters(&recipe, &spec);
     for advice in &plan.warnings {
         tracing::warn!("{advice}");

@@ -55,15 +55,7 @@ fn edit_tensors(dir: &Path, edit: &str) {
         "import sys\nfrom safetensors.numpy import load_file, save_file\nd = load_file(sys.argv[1])\n\
          {edit}\nsave_file(d, sys.argv[1], metadata={{'format': 'pt'}})\n"
     );
-    let out = Command::new(python())
-        .args(["-c".as_ref(), script.as_str().as_ref(), file.as_os_str()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_ok(["-c".as_ref(), script.as_str().as_ref(), file.as_os_str()]);
 }
 
 fn linear(m: &Path, first: &str, second: &str, params: &str) -> String {
@@ -445,15 +437,7 @@ fn gpt2_stacks_keep_the_familys_own_config_keys() {
                   torch.manual_seed(0)\n\
                   c = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=96, n_positions=64)\n\
                   GPT2LMHeadModel(c).save_pretrained(sys.argv[1])\n";
-    let made = Command::new(python())
-        .args(["-c".as_ref(), script.as_ref(), gpt2.as_os_str()])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    python_ok(["-c".as_ref(), script.as_ref(), gpt2.as_os_str()]);
     let r = recipe(
         tmp.path(),
         "stack.yml",

@@ -6,23 +6,20 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use serde_json::{json, Value};
 
 fn tiny(dir: &Path, family: &str, seed: u32) -> PathBuf {
     let out = dir.join(format!("{family}-{seed}"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/tiny_models.py");
-    let made = Command::new(python())
-        .arg(script)
-        .args([family, out.to_str().unwrap(), "--seed", &seed.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
+    oracle_ok(
+        "tiny_models.py",
+        &[
+            family.as_ref(),
+            out.as_os_str(),
+            "--seed".as_ref(),
+            seed.to_string().as_ref(),
+        ],
     );
     out
 }
@@ -191,20 +188,12 @@ fn mixtral_experts_are_merged_one_by_one() {
                   for k in d:\n    if '.experts.' in k:\n        e = int(k.split('.experts.')[1].split('.')[0])\n        \
                   d[k] = d[k] + torch.randn(d[k].shape, generator=g) * (1.0 if e == 0 else 1e-3)\n\
                   save_file(d, sys.argv[2] + '/model.safetensors', metadata={'format': 'pt'})\n";
-    let made = Command::new(python())
-        .args([
-            "-c".as_ref(),
-            script.as_ref(),
-            base.as_os_str(),
-            tuned.as_os_str(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    python_ok([
+        "-c".as_ref(),
+        script.as_ref(),
+        base.as_os_str(),
+        tuned.as_os_str(),
+    ]);
     let recipe = tmp.path().join("ties.yml");
     std::fs::write(
         &recipe,
@@ -221,21 +210,13 @@ fn mixtral_experts_are_merged_one_by_one() {
     let check = "import sys, json\nfrom safetensors.torch import load_file\n\
                  b, o = load_file(sys.argv[1] + '/model.safetensors'), load_file(sys.argv[2] + '/model.safetensors')\n\
                  print(json.dumps({k: (o[k] != b[k]).float().mean().item() for k in o if '.experts.' in k}))\n";
-    let report = Command::new(python())
-        .args([
-            "-c".as_ref(),
-            check.as_ref(),
-            base.as_os_str(),
-            out.as_os_str(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        report.status.success(),
-        "{}",
-        String::from_utf8_lossy(&report.stderr)
-    );
-    let changed: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let report = python_ok([
+        "-c".as_ref(),
+        check.as_ref(),
+        base.as_os_str(),
+        out.as_os_str(),
+    ]);
+    let changed: Value = serde_json::from_str(&report).unwrap();
     let fractions = changed.as_object().unwrap();
     assert_eq!(
         fractions.len(),

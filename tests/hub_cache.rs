@@ -62,17 +62,13 @@ fn hub_ids_resolve_in_the_local_cache_as_huggingface_hub_resolves_them() {
                   print(snapshot_download(sys.argv[1], revision=sys.argv[2], cache_dir=sys.argv[3], \
                   local_files_only=True))";
     for revision in ["main", "v1", commit] {
-        let out = Command::new(python())
-            .args(["-c", script, "org/tiny-base", revision])
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let theirs = String::from_utf8(out.stdout).unwrap();
+        let theirs = python_ok([
+            "-c".as_ref(),
+            script.as_ref(),
+            "org/tiny-base".as_ref(),
+            revision.as_ref(),
+            cache.as_os_str(),
+        ]);
         assert_eq!(Path::new(theirs.trim()), base, "{revision}");
     }
 

@@ -411,18 +411,7 @@ fn every_method_matches_mergekit() {
 fn mergekit_oracle(dir: &Path, cases: &[Value]) -> Value {
     let list = dir.join("cases.json");
     std::fs::write(&list, serde_json::to_vec(cases).unwrap()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/mergekit_diff.py");
-    let out = std::process::Command::new(python())
-        .arg(script)
-        .arg(&list)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mergekit oracle failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&oracle_ok("mergekit_diff.py", &[list.as_os_str()])).unwrap()
 }
 
 /// TIES and breadcrumbs on BF16 models: BF16 magnitudes tie often, and where
@@ -445,10 +434,10 @@ fn bf16_magnitude_methods_differ_from_mergekit_only_at_threshold_ties() {
         ("breadcrumbs_bf16", "breadcrumbs", Some(0.05)),
     ] {
         let gamma_param = gamma.map_or(String::new(), |g| format!(", gamma: {g}"));
-        let recipe = tmp.path().join(format!("{name}.yml"));
-        std::fs::write(
-            &recipe,
-            format!(
+        let (recipe, out) = merge_ok(
+            tmp.path(),
+            name,
+            &format!(
                 "merge_method: {method}\nbase_model: {}\nmodels:\n  - model: {}\n    \
                  parameters: {{weight: 1.0, density: 0.5{gamma_param}}}\n  - model: {}\n    \
                  parameters: {{weight: 0.5, density: 0.5{gamma_param}}}\n",
@@ -456,10 +445,7 @@ fn bf16_magnitude_methods_differ_from_mergekit_only_at_threshold_ties() {
                 member("finetune-1"),
                 member("finetune-2")
             ),
-        )
-        .unwrap();
-        let out = tmp.path().join(name);
-        ok(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+        );
         cases.push(json!({
             "name": name,
             "recipe": recipe,
@@ -484,5 +470,82 @@ fn bf16_magnitude_methods_differ_from_mergekit_only_at_threshold_ties() {
             "{result}"
         );
         eprintln!("{name} vs mergekit: {}", result["threshold_ties"]);
+    }
+}
+
+/// `tokenizer_source` with vocabularies that differ: one model's tokenizer
+/// has four more tokens and two ids swapped. The embedding and head of the
+/// output follow the tokenizer written (its rows, in its order), rows a model
+/// lacks filled as mergekit fills them; the config's vocab_size says so.
+/// Identical to mergekit 0.1.5, both ways round.
+#[test]
+fn tokenizer_source_decides_the_vocabulary_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("family");
+    synth(&family, &["--finetunes", "2", "--seed", "3"]);
+    let script = r#"
+import json, shutil, sys, torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+root = sys.argv[1]
+def tokenizer(directory, vocab):
+    t = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(f"{directory}/tokenizer.json")
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0"},
+              open(f"{directory}/tokenizer_config.json", "w"))
+vocab = {f"t{i}": i for i in range(384)}
+for member in ["base", "finetune-1"]:
+    tokenizer(f"{root}/{member}", vocab)
+# finetune-2 grows: four new tokens, and t5/t6 trade ids (rows follow).
+big = dict(vocab, t5=6, t6=5, **{f"new{i}": 384 + i for i in range(4)})
+tokenizer(f"{root}/finetune-2", big)
+d = load_file(f"{root}/finetune-2/model.safetensors")
+g = torch.Generator().manual_seed(9)
+for name in ["model.embed_tokens.weight", "lm_head.weight"]:
+    w = d[name].clone()
+    w[[5, 6]] = w[[6, 5]]
+    d[name] = torch.cat([w, torch.randn(4, w.shape[1], generator=g)])
+save_file(d, f"{root}/finetune-2/model.safetensors", metadata={"format": "pt"})
+c = json.load(open(f"{root}/finetune-2/config.json")); c["vocab_size"] = 388
+json.dump(c, open(f"{root}/finetune-2/config.json", "w"))
+"#;
+    python_ok(["-c".as_ref(), script.as_ref(), family.as_os_str()]);
+    let member = |m: &str| family.join(m).to_str().unwrap().to_owned();
+    let mut cases = vec![];
+    for (name, source, rows) in [
+        ("tokenizer_source_model", member("finetune-2"), 388),
+        ("tokenizer_source_base", "base".to_owned(), 384),
+    ] {
+        let (recipe, out) = merge_ok(
+            tmp.path(),
+            name,
+            &format!(
+                "merge_method: linear\nbase_model: {}\nmodels:\n  - model: {0}\n    parameters: {{weight: 0.5}}\n  \
+                 - model: {}\n    parameters: {{weight: 0.3}}\n  - model: {}\n    parameters: {{weight: 0.2}}\n\
+                 tokenizer_source: {source}\n",
+                member("base"),
+                member("finetune-1"),
+                member("finetune-2")
+            ),
+        );
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["vocab_size"], rows, "{name}");
+        cases.push(json!({"name": name, "recipe": recipe, "ours": out}));
+    }
+    let results = mergekit_oracle(tmp.path(), &cases);
+    for case in &cases {
+        let r = &results[case["name"].as_str().unwrap()];
+        eprintln!("{}: {r}", case["name"]);
+        assert!(
+            r.get("error").is_none()
+                && r["max_abs"].as_f64().unwrap() <= 1e-6
+                && r["only_ours"] == json!([])
+                && r["only_theirs"] == json!([])
+                && r["dtype_mismatch"] == json!({}),
+            "{}: {r}",
+            case["name"]
+        );
     }
 }

@@ -119,22 +119,39 @@ pub fn tensor_digests(
 /// Runs one of tests/oracles/ with the project venv's Python.
 pub fn oracle(script: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(python())
-        .arg(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/oracles")
-                .join(script),
-        )
+        .arg(oracle_path(script))
         .args(args)
         .output()
         .expect("python runs")
 }
 
+pub fn oracle_path(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/oracles")
+        .join(script)
+}
+
 /// [`oracle`], which must succeed; its stdout.
 pub fn oracle_ok(script: &str, args: &[&std::ffi::OsStr]) -> String {
-    let out = oracle(script, args);
+    let mut all = vec![oracle_path(script).into_os_string()];
+    all.extend(args.iter().map(|a| a.to_os_string()));
+    python_ok(all)
+}
+
+/// The venv's Python with `args` (a script and its arguments, or `-c CODE …`),
+/// which must succeed; its stdout.
+pub fn python_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(python())
+        .args(args)
+        .output()
+        .expect("python runs");
     assert!(
         out.status.success(),
-        "{script} failed: {}",
+        "python failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
@@ -157,4 +174,14 @@ pub fn transformers_logit_diff(
     ))
     .unwrap();
     (report["max_logit_diff"].as_f64().unwrap(), report)
+}
+
+/// Writes `yaml` to `dir/NAME.yml`, merges it into `dir/NAME` (which must
+/// succeed); the recipe's and the output's paths.
+pub fn merge_ok(dir: &Path, name: &str, yaml: &str) -> (PathBuf, PathBuf) {
+    let recipe = dir.join(format!("{name}.yml"));
+    std::fs::write(&recipe, yaml).unwrap();
+    let out = dir.join(name);
+    ok(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+    (recipe, out)
 }

@@ -17,6 +17,10 @@ use crate::{kind_from_dtype, Error, ModelConfig, Result, TOKENIZER_FILES};
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 const PICKLE_SUFFIXES: &[&str] = &[".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json"];
+const TOKENIZER_JSON: &str = "tokenizer.json";
+/// The most bytes of a `tokenizer.json` read (the largest published ones are
+/// tens of MB).
+const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
 /// The safetensors format's own limit on a header.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Bytes converted per step when a tensor is read into another dtype.
@@ -217,6 +221,22 @@ impl Checkpoint {
             Some(layers) => Ok(layers),
             None => Ok(stored),
         }
+    }
+
+    /// The tokenizer's vocabulary (token → id, added tokens included), read
+    /// from `tokenizer.json` by the `tokenizers` crate; `None` without one.
+    pub fn vocabulary(&self) -> Result<Option<HashMap<String, u32>>> {
+        let files = ModelDir::new(&self.dir)?;
+        if !files.has(TOKENIZER_JSON) {
+            return Ok(None);
+        }
+        let (file, path) = files.open(TOKENIZER_JSON)?;
+        let text = read_capped(file, &path, MAX_TOKENIZER_BYTES, "a tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&text).map_err(|e| Error::Input {
+            path: path.clone(),
+            message: format!("not a tokenizer the `tokenizers` library reads: {e}"),
+        })?;
+        Ok(Some(tokenizer.get_vocab(true)))
     }
 
     pub fn is_tied(&self) -> bool {

@@ -239,6 +239,7 @@ impl MergeJob<'_> {
             tensor: tensor.name.clone(),
             cause,
         };
+        let alignment = self.plan.vocabulary.as_ref().filter(|_| tensor.vocabulary);
         let inputs = tensor
             .inputs
             .iter()
@@ -247,15 +248,27 @@ impl MergeJob<'_> {
                 let entry = checkpoint.entry(&input.tensor)?;
                 checkpoint.prefetch(entry);
                 let mut t = checkpoint.read_as(&input.tensor, math)?;
-                // Vocabulary tensors larger than the output are cut to it.
+                // Vocabulary tensors larger than the output are cut to it
+                // (unless their rows are aligned to the written tokenizer).
                 for (dim, &size) in tensor.shape.iter().enumerate() {
-                    if t.size()[dim] as usize != size {
+                    if alignment.is_none() && t.size()[dim] as usize != size {
                         t = t.f_narrow(dim as i64, 0, size as i64).map_err(torch)?;
                     }
                 }
                 Ok(t.to_device(device))
             })
             .collect::<Result<Vec<_>>>()?;
+        let inputs = match alignment {
+            Some(alignment) => {
+                let base = self
+                    .recipe
+                    .base_model
+                    .as_ref()
+                    .and_then(|b| self.plan.models.iter().position(|m| *m == b.path));
+                crate::vocabulary::align(alignment, tensor, &inputs, base)?
+            }
+            None => inputs,
+        };
         let cx = MergeContext {
             name: &tensor.name,
             inputs: &inputs,

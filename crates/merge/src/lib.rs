@@ -13,6 +13,7 @@ pub mod methods;
 pub mod pleas;
 pub mod registry;
 pub mod sparsify;
+pub mod vocabulary;
 
 pub use error::{MergeError, Result};
 pub use method::{MergeContext, MergeMethod};

@@ -125,8 +125,11 @@ pub struct PlannedInput {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedTensor {
     pub name: String,
-    /// The output shape; inputs larger than it (vocabulary tensors) are cut to it.
+    /// The output shape; inputs larger than it (vocabulary tensors) are cut
+    /// to it, unless the plan aligns vocabularies ([`Plan::vocabulary`]).
     pub shape: Vec<usize>,
+    /// Rows indexed by the vocabulary (input embedding, output head).
+    pub vocabulary: bool,
     pub inputs: Vec<PlannedInput>,
     /// Index into `inputs` of the base model, when it is among them.
     pub base: Option<usize>,
@@ -150,6 +153,33 @@ pub struct Plan {
     pub layers: usize,
     /// Advice on the recipe (`file:line:column: message`), each once.
     pub warnings: Vec<String>,
+    /// With `tokenizer_source`: each model's rows of the written vocabulary.
+    pub vocabulary: Option<VocabularyAlignment>,
+}
+
+/// How the models' vocabulary-indexed rows map onto the vocabulary of the
+/// tokenizer written with the output (`tokenizer_source`), as mergekit maps
+/// them: a model's own row where it has the token; where it lacks it, the
+/// row of the only model that has it, else the base's, else the average of
+/// the models that have it, else zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VocabularyAlignment {
+    /// Rows of the output (the written tokenizer's vocabulary).
+    pub size: usize,
+    /// Per model (indexed like [`Plan::models`]): for every output row, the
+    /// model's own row of that token, if it has the token.
+    pub rows: Vec<Vec<Option<u32>>>,
+}
+
+impl Plan {
+    /// Makes every vocabulary tensor `alignment.size` rows long, its inputs
+    /// aligned row by row (the executor fills what a model lacks).
+    pub fn align_vocabulary(&mut self, alignment: VocabularyAlignment) {
+        for tensor in self.tensors.iter_mut().filter(|t| t.vocabulary) {
+            tensor.shape[0] = alignment.size;
+        }
+        self.vocabulary = Some(alignment);
+    }
 }
 
 struct SliceSource<'r> {
@@ -260,6 +290,7 @@ impl Plan {
             tensors,
             layers: out_layer,
             warnings,
+            vocabulary: None,
         })
     }
 }
@@ -548,6 +579,7 @@ impl Planner<'_> {
         Ok(PlannedTensor {
             name: out_name.into(),
             shape,
+            vocabulary: vocab,
             inputs,
             base,
             params,
@@ -582,6 +614,10 @@ impl Planner<'_> {
             return Err(mismatch(odd, ""));
         }
         if !vocab {
+            return Ok(first.shape.clone());
+        }
+        if self.recipe.tokenizer_source.is_some() {
+            // Rows follow the written tokenizer: set by Plan::align_vocabulary.
             return Ok(first.shape.clone());
         }
         let Some(base) = base else {
