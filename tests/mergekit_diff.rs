@@ -549,3 +549,111 @@ json.dump(c, open(f"{root}/finetune-2/config.json", "w"))
         );
     }
 }
+
+/// `chat_template: NAME` writes mergekit's named formats (chatml and mistral
+/// render exactly as mergekit's; llama3 as Meta's published template, which
+/// mergekit's adds newlines to; alpaca and exaone as their formats read,
+/// without mergekit's stray blank lines and indentation), and `auto` the
+/// template most inputs carry. transformers loads each from the output and
+/// finds no second template in `tokenizer_config.json`.
+#[test]
+fn named_and_auto_chat_templates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("family");
+    synth(&family, &["--finetunes", "2", "--seed", "4"]);
+    let script = r#"
+import json, sys
+from tokenizers import Tokenizer, models, pre_tokenizers
+root = sys.argv[1]
+common = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+for member, where, template in [("base", "config", common), ("finetune-1", "jinja", common + "\n"),
+                                ("finetune-2", "config", "{{ messages | length }}")]:
+    t = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(f"{root}/{member}/tokenizer.json")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>"}
+    if where == "config":
+        config["chat_template"] = template
+    else:
+        open(f"{root}/{member}/chat_template.jinja", "w").write(template)
+    json.dump(config, open(f"{root}/{member}/tokenizer_config.json", "w"))
+"#;
+    python_ok(["-c".as_ref(), script.as_ref(), family.as_os_str()]);
+    let member = |m: &str| family.join(m).display().to_string();
+    let names = ["alpaca", "chatml", "exaone", "llama3", "mistral", "auto"];
+    let outs: Vec<std::path::PathBuf> = names
+        .iter()
+        .map(|name| {
+            merge_ok(
+                tmp.path(),
+                name,
+                &format!(
+                    "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  \
+                     - model: {}\n    parameters: {{weight: 0.3}}\n  - model: {}\n    \
+                     parameters: {{weight: 0.2}}\nchat_template: {name}\n",
+                    member("base"),
+                    member("finetune-1"),
+                    member("finetune-2")
+                ),
+            )
+            .1
+        })
+        .collect();
+    let official = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache/tokenizers/llama3/tokenizer_config.json");
+    let mut args = vec![official.into_os_string()];
+    args.extend(outs.iter().map(|o| o.clone().into_os_string()));
+    let report: Value = serde_json::from_str(&oracle_ok(
+        "chat_templates.py",
+        &args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>(),
+    ))
+    .unwrap();
+    let ours = |name: &str| {
+        &report["ours"][outs[names.iter().position(|n| *n == name).unwrap()]
+            .to_str()
+            .unwrap()]
+    };
+    for name in names {
+        assert_eq!(ours(name)["tokenizer_config_has_template"], false, "{name}");
+    }
+    for name in ["chatml", "mistral"] {
+        assert_eq!(ours(name)["renders"], report["mergekit"][name], "{name}");
+    }
+    // Renders come in (conversation, generation prompt) pairs; Meta's
+    // template always ends in the assistant header.
+    let with_prompt = |renders: &Value| -> Vec<Value> {
+        renders
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        with_prompt(&ours("llama3")["renders"]),
+        with_prompt(&report["llama3_official"])
+    );
+    assert_ne!(ours("llama3")["renders"], report["mergekit"]["llama3"]);
+    // The formats as written down (Alpaca's README; EXAONE's model card).
+    let alpaca = &ours("alpaca")["renders"];
+    assert_eq!(
+        alpaca[1],
+        "Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!\n\n### Instruction:\n2+2?\n\n### Response:\n"
+    );
+    assert_eq!(alpaca[2], "### Instruction:\nonly");
+    assert_eq!(alpaca[0], report["mergekit"]["alpaca"][0]);
+    let exaone = &ours("exaone")["renders"];
+    assert_eq!(
+        exaone[1],
+        "[|system|]Be brief.[|endofturn|]\n[|user|] Hi there \n[|assistant|]Hello![|endofturn|]\n[|user|]2+2?\n[|assistant|]"
+    );
+    assert_eq!(exaone[2], "[|system|][|endofturn|]\n[|user|]only\n");
+    // auto: two of three models carry the same template (once with a trailing newline).
+    assert_eq!(
+        ours("auto")["template"],
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+    );
+}

@@ -97,6 +97,24 @@ impl ModelDir {
     }
 }
 
+impl ModelDir {
+    /// The file `name`, at most `limit` bytes (`what` it is, for the message).
+    pub fn read(&self, name: &str, limit: u64, what: &str) -> Result<Vec<u8>> {
+        let (file, path) = self.open(name)?;
+        read_capped(file, &path, limit, what)
+    }
+
+    /// The JSON object in the file `name` (a companion file such as
+    /// `tokenizer_config.json`), capped at [`MAX_JSON_BYTES`].
+    pub fn json_object(&self, name: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let bytes = self.read(name, MAX_JSON_BYTES, "a JSON file")?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Input {
+            path: self.dir.join(name),
+            message: format!("not a JSON object: {e}"),
+        })
+    }
+}
+
 /// `…/models--org--name/blobs` when `root` is `…/models--org--name/snapshots/REV`.
 fn snapshot_blobs(root: &Path) -> Option<PathBuf> {
     let snapshots = root.parent()?;

@@ -48,16 +48,20 @@ pub use seed::stream_seed;
 pub use verify::config_mismatch;
 pub use writer::{CheckpointWriter, Finish, WriteOptions};
 
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+pub const CHAT_TEMPLATE_JINJA: &str = "chat_template.jinja";
+pub const CHAT_TEMPLATE_JSON: &str = "chat_template.json";
+
 /// Files besides the weights that belong with a model and are copied into outputs.
 pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
-    "tokenizer_config.json",
+    TOKENIZER_CONFIG,
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+    CHAT_TEMPLATE_JINJA,
+    CHAT_TEMPLATE_JSON,
     "generation_config.json",
 ];

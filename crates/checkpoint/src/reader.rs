@@ -12,7 +12,10 @@ use serde::Deserialize;
 use crate::arch::{classify, Role};
 use crate::error::IoContext;
 use crate::files::{duplicate_key, read_capped, ModelDir, MAX_JSON_BYTES};
-use crate::{kind_from_dtype, Error, ModelConfig, Result, TOKENIZER_FILES};
+use crate::{
+    kind_from_dtype, Error, ModelConfig, Result, CHAT_TEMPLATE_JINJA, CHAT_TEMPLATE_JSON,
+    TOKENIZER_CONFIG, TOKENIZER_FILES,
+};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -237,6 +240,35 @@ impl Checkpoint {
             message: format!("not a tokenizer the `tokenizers` library reads: {e}"),
         })?;
         Ok(Some(tokenizer.get_vocab(true)))
+    }
+
+    /// The chat template the model carries, as transformers finds it:
+    /// `chat_template.jinja`, else `chat_template.json`'s or
+    /// `tokenizer_config.json`'s `chat_template` (a string, or the entry
+    /// named `default` of a list of named templates).
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        let files = ModelDir::new(&self.dir)?;
+        if files.has(CHAT_TEMPLATE_JINJA) {
+            let bytes = files.read(CHAT_TEMPLATE_JINJA, MAX_JSON_BYTES, "a chat template")?;
+            return Ok(Some(String::from_utf8_lossy(&bytes).into_owned()));
+        }
+        for name in [CHAT_TEMPLATE_JSON, TOKENIZER_CONFIG] {
+            if !files.has(name) {
+                continue;
+            }
+            let template = match files.json_object(name)?.remove("chat_template") {
+                Some(serde_json::Value::String(text)) => Some(text),
+                Some(serde_json::Value::Array(named)) => named
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str().map(str::to_owned)),
+                _ => None,
+            };
+            if template.is_some() {
+                return Ok(template);
+            }
+        }
+        Ok(None)
     }
 
     pub fn is_tied(&self) -> bool {

@@ -223,6 +223,7 @@ pub fn generate_family(
         writer.finish(Finish {
             config: &config,
             tokenizer_source: None,
+            chat_template: None,
             extra_files: &extra,
             card: &card,
         })?;

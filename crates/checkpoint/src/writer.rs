@@ -14,7 +14,7 @@ use crate::output::OutputDir;
 use crate::reader::INDEX_FILE;
 use crate::{
     config_mismatch, count_nonfinite, dtype_from_kind, Error, ModelCard, ModelConfig, Result,
-    TOKENIZER_FILES,
+    CHAT_TEMPLATE_JINJA, CHAT_TEMPLATE_JSON, TOKENIZER_CONFIG, TOKENIZER_FILES,
 };
 
 /// How an output directory is written.
@@ -47,6 +47,10 @@ pub struct Finish<'a> {
     pub config: &'a ModelConfig,
     /// Where tokenizer files and `generation_config.json` are copied from.
     pub tokenizer_source: Option<&'a Path>,
+    /// A chat template that replaces the tokenizer source's: written as
+    /// `chat_template.jinja`, and taken out of the copied `tokenizer_config.json`
+    /// so that no loader finds the old one.
+    pub chat_template: Option<&'a str>,
     /// Further files (name, contents) written as given.
     pub extra_files: &'a [(&'a str, Vec<u8>)],
     pub card: &'a ModelCard,
@@ -317,9 +321,24 @@ impl CheckpointWriter {
         if let Some(source) = finish.tokenizer_source {
             let files = ModelDir::new(source)?;
             for name in TOKENIZER_FILES.iter().filter(|n| files.has(n)) {
-                let (from, from_path) = files.open(name)?;
-                copy_file(from, &from_path, &self.staging.join(name))?;
+                let replaced = finish.chat_template.is_some();
+                match *name {
+                    CHAT_TEMPLATE_JINJA | CHAT_TEMPLATE_JSON if replaced => {}
+                    TOKENIZER_CONFIG if replaced => {
+                        let mut config = files.json_object(name)?;
+                        config.remove("chat_template");
+                        let text = serde_json::to_string_pretty(&config).expect("JSON") + "\n";
+                        self.write_file(name, text.as_bytes())?;
+                    }
+                    _ => {
+                        let (from, from_path) = files.open(name)?;
+                        copy_file(from, &from_path, &self.staging.join(name))?;
+                    }
+                }
             }
+        }
+        if let Some(template) = finish.chat_template {
+            self.write_file(CHAT_TEMPLATE_JINJA, template.as_bytes())?;
         }
         for (name, contents) in finish.extra_files {
             self.write_file(name, contents)?;

@@ -55,6 +55,7 @@ fn copy_companions(source: &Path, out: &Path) -> amalgam_checkpoint::Result<Path
     writer.finish(Finish {
         config: &config,
         tokenizer_source: Some(source),
+        chat_template: None,
         extra_files: &[],
         card: &ModelCard::default(),
     })

@@ -13,7 +13,7 @@ use amalgam_checkpoint::{
     count_nonfinite, kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish,
     InputRecord, ModelCard, ModelConfig, TensorSpec, WriteOptions,
 };
-use amalgam_recipe::{InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe};
+use amalgam_recipe::{ChatTemplate, InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe};
 use rayon::prelude::*;
 use serde_json::Value;
 use tch::{Device, Tensor};
@@ -361,15 +361,14 @@ impl MergeJob<'_> {
             recipe: Some(self.recipe.text.clone()),
             inputs,
         };
-        let mut extra: Vec<(&str, Vec<u8>)> =
+        let extra: Vec<(&str, Vec<u8>)> =
             vec![("mergekit_config.yml", self.recipe.text.clone().into_bytes())];
-        if let Some(template) = &self.recipe.chat_template {
-            extra.push(("chat_template.jinja", template.clone().into_bytes()));
-        }
+        let chat_template = self.chat_template()?;
         let bytes_written = writer.layout().total_bytes();
         let out = writer.finish(Finish {
             config: &config,
             tokenizer_source: Some(self.checkpoints[self.plan.tokenizer_model].dir()),
+            chat_template: chat_template.as_deref(),
             extra_files: &extra,
             card: &card,
         })?;
@@ -445,6 +444,35 @@ impl MergeJob<'_> {
         } else {
             format!(" (parameters: {})", lines.join(", "))
         }
+    }
+
+    /// The recipe's chat template; for `auto`, the template most input
+    /// models carry (the first of equals in recipe order), none if none has one.
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        match &self.recipe.chat_template {
+            None => return Ok(None),
+            Some(ChatTemplate::Text(text)) => return Ok(Some(text.clone())),
+            Some(ChatTemplate::Auto) => {}
+        }
+        let mut counts: Vec<(String, usize)> = vec![];
+        for checkpoint in self.checkpoints {
+            let Some(found) = checkpoint.chat_template()? else {
+                continue;
+            };
+            let found = found.trim().to_owned();
+            match counts.iter_mut().find(|(t, _)| *t == found) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((found, 1)),
+            }
+        }
+        let most = counts.iter().map(|(_, n)| *n).max();
+        let chosen = counts.into_iter().find(|(_, n)| Some(*n) == most);
+        if chosen.is_none() {
+            tracing::warn!(
+                "`chat_template: auto`: no input model has a chat template; none written"
+            );
+        }
+        Ok(chosen.map(|(t, _)| t))
     }
 
     /// Every planned input is stored in a dtype libtorch computes with;

@@ -251,6 +251,7 @@ impl Llama {
         Ok(writer.finish(Finish {
             config: &self.config.to_model_config(),
             tokenizer_source,
+            chat_template: None,
             extra_files,
             card,
         })?)

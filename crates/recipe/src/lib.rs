@@ -5,6 +5,7 @@
 //! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
 //! and the merge method as a [`MethodSpec`].
 
+mod chat_template;
 mod error;
 mod extract;
 mod params;
@@ -14,6 +15,7 @@ mod schema;
 mod stitch;
 mod yaml;
 
+pub use chat_template::ChatTemplate;
 pub use error::{Location, RecipeError};
 pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
 pub use params::{Conditional, Scalar, Setting};

@@ -2,7 +2,7 @@
 
 use crate::params::Setting;
 use crate::yaml::{load, location, Node, Reader};
-use crate::{Location, RecipeError};
+use crate::{ChatTemplate, Location, RecipeError};
 
 const TOP_LEVEL: &[&str] = &[
     "merge_method",
@@ -84,7 +84,7 @@ pub struct Recipe {
     /// The dtype the output is saved in (`None`: the math dtype).
     pub out_dtype: Option<(String, Location)>,
     pub tokenizer_source: Option<TokenizerSource>,
-    pub chat_template: Option<String>,
+    pub chat_template: Option<ChatTemplate>,
 }
 
 impl Recipe {
@@ -159,10 +159,10 @@ impl Recipe {
                 "chat_template" if Reader::is_null(node) => {}
                 "chat_template" => {
                     let template = reader.string(node, "chat_template")?;
-                    if !template.contains("{{") && !template.contains("{%") {
-                        return Err(reader.error(location(node), format!("named chat templates (`{template}`) are not supported yet; give the Jinja template text")));
-                    }
-                    recipe.chat_template = Some(template);
+                    recipe.chat_template = Some(
+                        ChatTemplate::parse(&template)
+                            .map_err(|message| reader.error(location(node), message))?,
+                    );
                 }
                 _ => unreachable!("mapping() admits only TOP_LEVEL keys"),
             }

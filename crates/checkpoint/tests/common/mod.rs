@@ -11,6 +11,7 @@ pub fn finish(writer: CheckpointWriter) -> amalgam_checkpoint::Result<PathBuf> {
     writer.finish(Finish {
         config: &ModelConfig::from_json(config.as_object().unwrap().clone()),
         tokenizer_source: None,
+        chat_template: None,
         extra_files: &[],
         card: &ModelCard::default(),
     })

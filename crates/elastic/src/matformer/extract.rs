@@ -265,6 +265,7 @@ impl<'c> Extraction<'c> {
         Ok(writer.finish(Finish {
             config: &self.config,
             tokenizer_source: Some(self.checkpoint.dir()),
+            chat_template: None,
             extra_files: &[],
             card,
         })?)
