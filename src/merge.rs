@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use amalgam_checkpoint::{hub, parse_byte_size, Checkpoint, WriteOptions};
+use amalgam_checkpoint::{parse_byte_size, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry;
-use amalgam_recipe::{ModelInventory, ModelRef, Plan, Recipe};
-use anyhow::{anyhow, Result};
+use amalgam_recipe::Recipe;
+use anyhow::Result;
 
 /// Merge models as a recipe (mergekit's YAML schema) says.
 ///
@@ -74,41 +74,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             ),
         )
     })?;
-    let referenced = recipe.referenced_models();
-    let checkpoints = referenced
-        .iter()
-        .map(|m| open_model(&recipe, m))
-        .collect::<Result<Vec<_>>>()?;
-    let inventories = referenced
-        .iter()
-        .zip(&checkpoints)
-        .map(|(model, checkpoint)| {
-            amalgam_merge::executor::inventory(checkpoint).map_err(|e| {
-                anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path)))
-            })
-        })
-        .collect::<Result<Vec<ModelInventory>>>()?;
-    let spec = method.spec();
-    let mut plan = Plan::resolve(&recipe, &spec, &inventories)?;
-    if recipe.tokenizer_source.is_some() {
-        // The written tokenizer's vocabulary decides the embedding rows.
-        let alignment = amalgam_merge::vocabulary::alignment(&recipe, &plan, &checkpoints)?;
-        plan.align_vocabulary(alignment);
-    }
-    warn_unknown_parameters(&recipe, &spec);
-    for advice in &plan.warnings {
-        tracing::warn!("{advice}");
-    }
-    let job = MergeJob {
-        recipe: &recipe,
-        plan: &plan,
-        checkpoints: &checkpoints,
-        method,
-    };
-    job.check_dtypes()?;
-    // The output's config must describe the merged tensors: checked before a
-    // dry run prints the plan, as before a real run writes anything.
-    job.output_config()?;
+    let job = MergeJob::prepare(recipe, method)?;
     let threads = crate::resources::threads(args.threads);
 
     let memory_budget = match &args.memory_budget {
@@ -127,19 +93,19 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         write: WriteOptions {
             max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
             force: args.force,
-            inputs: checkpoints.iter().map(|c| c.dir().to_path_buf()).collect(),
+            inputs: job.input_dirs(),
             allow_nonfinite: args.allow_nonfinite,
         },
     };
     let total: u64 = job.output_specs().iter().map(|s| s.byte_len()).sum();
-    let bar = crate::progress::bytes(total, &recipe.merge_method, quiet);
+    let bar = crate::progress::bytes(total, &job.recipe.merge_method, quiet);
     let summary = job.execute(&args.output, &options, &|bytes| bar.inc(bytes))?;
     bar.finish_and_clear();
     if !quiet {
         println!(
             "merged {} models with {} into {}: {} tensors, {:.1} MB read, {:.1} MB written, {:.1} s",
-            plan.models.len(),
-            plan.method,
+            job.plan.models.len(),
+            job.plan.method,
             summary.out.display(),
             summary.tensors,
             summary.bytes_read as f64 / 1e6,
@@ -150,58 +116,13 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// Opens a recipe's model: a local directory, or a Hub id (`org/name`,
-/// `org/name@revision`) found in the local Hugging Face cache. Errors name
-/// the recipe line.
-pub(crate) fn open_model(recipe: &Recipe, model: &ModelRef) -> Result<Checkpoint> {
-    let dir =
-        hub::locate(&model.path).map_err(|e| anyhow!(recipe.error(model.at, e.to_string())))?;
-    let checkpoint = Checkpoint::open(dir)
-        .map_err(|e| anyhow!(recipe.error(model.at, format!("model `{}`: {e}", model.path))))?;
-    // Two stacks (encoder and decoder) numbered independently: the planner's
-    // one stack of layers would misread them, so they are refused outright.
-    if checkpoint.config().get("is_encoder_decoder") == Some(&serde_json::Value::Bool(true)) {
-        return Err(anyhow!(recipe.error(
-            model.at,
-            format!(
-                "model `{}` is an encoder–decoder model ({}); amalgam merges decoder-only and \
-                 encoder-only models (merging encoder–decoder stacks, mergekit's `modules:`, \
-                 is not supported yet)",
-                model.path,
-                checkpoint.config().model_type().unwrap_or("unknown type")
-            )
-        )));
-    }
-    Ok(checkpoint)
-}
-
-/// mergekit ignores parameters a method does not use; say so instead.
-fn warn_unknown_parameters(recipe: &Recipe, spec: &amalgam_recipe::MethodSpec) {
-    let levels = std::iter::once(&recipe.parameters)
-        .chain(recipe.models.iter().map(|m| &m.parameters))
-        .chain(recipe.slices.iter().flat_map(|s| {
-            std::iter::once(&s.parameters).chain(s.sources.iter().map(|src| &src.parameters))
-        }));
-    for params in levels {
-        for (name, _, at) in &params.0 {
-            if !spec.params.iter().any(|p| p.name == name) {
-                tracing::warn!(
-                    "{}:{at}: `{}` does not use parameter `{name}`; ignored",
-                    recipe.source_name,
-                    spec.name
-                );
-            }
-        }
-    }
-}
-
 /// Half of MemAvailable (or 4 GB where /proc/meminfo cannot be read).
 fn default_memory_budget() -> u64 {
     crate::resources::available_memory().map_or(4_000_000_000, |bytes| bytes / 2)
 }
 
-fn print_plan(job: &MergeJob<'_>, threads: usize, memory_budget: u64, json: bool) -> Result<()> {
-    let plan = job.plan;
+fn print_plan(job: &MergeJob, threads: usize, memory_budget: u64, json: bool) -> Result<()> {
+    let plan = &job.plan;
     let specs = job.output_specs();
     let written: u64 = specs.iter().map(|s| s.byte_len()).sum();
     let read = job.bytes_to_read();

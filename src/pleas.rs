@@ -9,6 +9,7 @@ use amalgam_checkpoint::{parse_byte_size, InputRecord, ModelCard, WriteOptions};
 use amalgam_merge::pleas::permutation::DecoderShape;
 use amalgam_merge::pleas::statistics::Metric;
 use amalgam_merge::pleas::{self, Activations, Matching, Model, Taps, Widen};
+use amalgam_merge::source::Source;
 use amalgam_merge::MergeError;
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::{tokenizer, Llama, LlamaConfig};
@@ -96,7 +97,16 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
     let checkpoints = pleas
         .models
         .iter()
-        .map(|m| crate::merge::open_model(recipe, m))
+        .map(|m| {
+            let source = Source::open(recipe, m)?;
+            match source.adapter {
+                Some(_) => Err(anyhow!(recipe.error(
+                    m.at,
+                    "pleas reads whole checkpoints; merge the adapter into its base first                      (a linear merge of `BASE+ADAPTER` alone with weight 1 writes it)"
+                ))),
+                None => Ok(source.checkpoint),
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     let device = crate::device::parse(&args.device)?;
     // Matrix products split their sums by thread: the same recipe and the

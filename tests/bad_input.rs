@@ -396,15 +396,8 @@ fn hostile_configs_are_errors_not_panics() {
         ),
     ] {
         let _ = std::fs::remove_dir_all(&bad);
-        std::fs::create_dir(&bad).unwrap();
-        for entry in std::fs::read_dir(&base).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), bad.join(entry.file_name())).unwrap();
-        }
-        let mut config: Value =
-            serde_json::from_slice(&std::fs::read(bad.join("config.json")).unwrap()).unwrap();
-        config[key] = value;
-        std::fs::write(bad.join("config.json"), config.to_string()).unwrap();
+        copy_dir(&base, &bad);
+        edit_json(&bad.join("config.json"), |config| config[key] = value);
         let stitch = tmp.path().join("stitch.yml");
         std::fs::write(
             &stitch,

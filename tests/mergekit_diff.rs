@@ -657,3 +657,110 @@ for member, where, template in [("base", "config", common), ("finetune-1", "jinj
         "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
     );
 }
+
+/// `model: BASE+ADAPTER` applies a PEFT LoRA adapter while reading: a
+/// weight-1 linear merge of it alone is bit-identical to peft's
+/// `merge_and_unload` (plain LoRA with an adapted embedding and a saved head;
+/// rsLoRA with an `alpha_pattern`; F32 and BF16 bases), and TIES with a LoRA
+/// input is identical to mergekit's. Adapters amalgam cannot apply are refused
+/// at their recipe line.
+#[test]
+fn lora_adapters_apply_as_peft_merges_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cases = vec![];
+    for dtype in ["float32", "bfloat16"] {
+        let family = tmp.path().join(dtype);
+        synth(&family, &["--finetunes", "1", "--dtype", dtype]);
+        let adapters = tmp.path().join(format!("adapters-{dtype}"));
+        oracle_ok(
+            "lora_adapters.py",
+            &[family.join("base").as_os_str(), adapters.as_os_str()],
+        );
+        for adapter in ["plain", "rslora"] {
+            let model = format!(
+                "{}+{}",
+                family.join("base").display(),
+                adapters.join(adapter).display()
+            );
+            let (_, out) = merge_ok(
+                tmp.path(),
+                &format!("{dtype}-{adapter}"),
+                &format!(
+                    "merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n"
+                ),
+            );
+            let peft = adapters.join(format!("{adapter}-merged"));
+            assert_eq!(
+                tensor_digests(&inspect_json(&out, true)),
+                tensor_digests(&inspect_json(&peft, true)),
+                "{dtype} {adapter}"
+            );
+        }
+        let base = family.join("base").display().to_string();
+        let name = format!("ties-lora-{dtype}");
+        let (recipe, out) = merge_ok(
+            tmp.path(),
+            &name,
+            &format!(
+                "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {}\n    \
+                 parameters: {{weight: 1.0, density: 0.5}}\n  - model: {base}+{}\n    \
+                 parameters: {{weight: 0.5, density: 0.7}}\n",
+                family.join("finetune-1").display(),
+                adapters.join("plain").display()
+            ),
+        );
+        // mergekit merges adapters in float32 unless told the dtype; amalgam
+        // in the base's own, as peft does on a model loaded in its dtype.
+        // In BF16, magnitudes tie at the TIES threshold and each tool keeps
+        // its own tied entries (see bf16_magnitude_methods_…): every
+        // difference must be such a tie. peft's merged model stands in for
+        // the adapted one (bit-identical, checked above).
+        cases.push(json!({
+            "name": name, "recipe": recipe, "ours": out, "lora_merge_dtype": dtype,
+            "threshold_ties": {
+                "base": base,
+                "models": [family.join("finetune-1"), adapters.join("plain-merged")],
+                "density": 0.5,
+                "densities": [0.5, 0.7],
+            },
+        }));
+    }
+    let results = mergekit_oracle(tmp.path(), &cases);
+    for case in &cases {
+        let r = &results[case["name"].as_str().unwrap()];
+        eprintln!("{}: {r}", case["name"]);
+        let exact = r["max_abs"] == 0.0 || r["threshold_ties"]["unexplained"] == 0;
+        assert!(
+            r.get("error").is_none()
+                && exact
+                && r["only_ours"] == json!([])
+                && r["only_theirs"] == json!([]),
+            "{}: {r}",
+            case["name"]
+        );
+    }
+
+    // DoRA is not applied: refused at the model's line, naming the adapter.
+    let dora = tmp.path().join("dora");
+    copy_dir(&tmp.path().join("adapters-float32/plain"), &dora);
+    edit_json(&dora.join("adapter_config.json"), |c| {
+        c["use_dora"] = json!(true)
+    });
+    let recipe = tmp.path().join("dora.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
+            tmp.path().join("float32/base").display(),
+            dora.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("dora-out");
+    let message = fails(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+    assert!(
+        message.contains("dora.yml:3:") && message.contains("DoRA") && message.contains("dora"),
+        "{message}"
+    );
+    assert!(!out.exists());
+}

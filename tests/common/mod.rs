@@ -185,3 +185,19 @@ pub fn merge_ok(dir: &Path, name: &str, yaml: &str) -> (PathBuf, PathBuf) {
     ok(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
     (recipe, out)
 }
+
+/// Copies the files of `from` (not recursively) into a new directory `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Rewrites the JSON file at `path` by `edit`.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut value: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+}

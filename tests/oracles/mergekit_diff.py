@@ -3,12 +3,14 @@ output tensors with amalgam's.
 
     python mergekit_diff.py CASES.json
 
-CASES.json is a list of {"name", "recipe" (path), "ours" (amalgam's output dir)}.
+CASES.json is a list of {"name", "recipe" (path), "ours" (amalgam's output dir)},
+optionally with "lora_merge_dtype" (mergekit's --lora-merge-dtype).
 Prints one JSON object keyed by case name with, per case, the tensor names only
 one side has, dtype disagreements, and the largest absolute and relative
 differences (or the error mergekit raised).
 
-A case may add "threshold_ties": {"base", "models", "density", "gamma"?}: then
+A case may add "threshold_ties": {"base", "models", "density", "densities"?
+(one per model), "gamma"?}: then
 it also counts the entries where the outputs differ, and those of them where no
 input's |delta| ties with a magnitude threshold of its own (TIES: the k-th
 largest, k = density * entries; breadcrumbs, with gamma: both ends of the kept
@@ -75,13 +77,14 @@ def threshold_ties(ours, theirs, spec):
         if not diff.any():
             continue
         tied = torch.zeros_like(diff)
-        for model in models:
+        densities = spec.get("densities") or [spec["density"]] * len(models)
+        for model, density in zip(models, densities):
             magnitude = (model[name] - base[name]).abs().float().reshape(-1)
             ordered, n = torch.sort(magnitude).values, magnitude.numel()
             if spec.get("gamma") is None:  # TIES: the k largest
-                bounds = [ordered[n - max(1, int(spec["density"] * n))]]
+                bounds = [ordered[n - max(1, int(density * n))]]
             else:  # breadcrumbs: positions [bottom, bottom + target) ascending
-                target, top = int(spec["density"] * n), int(spec["gamma"] * n)
+                target, top = int(density * n), int(spec["gamma"] * n)
                 bottom = max(0, n - target - top)
                 bounds = [ordered[bottom], ordered[min(n, bottom + target) - 1]]
             for bound in bounds:
@@ -97,9 +100,14 @@ def main():
     for case in cases:
         with open(case["recipe"]) as f:
             config = MergeConfiguration.model_validate(yaml.safe_load(f))
-        with tempfile.TemporaryDirectory() as out:
+        with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as lora_cache:
             try:
-                options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+                # LoRA inputs (`BASE+ADAPTER`) are merged by mergekit into a cache first.
+                options = MergeOptions(
+                    copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0,
+                    lora_merge_cache=lora_cache,
+                    lora_merge_dtype=case.get("lora_merge_dtype"),
+                )
                 run_merge(config, out, options=options)
             except Exception as e:  # reported, not raised: the Rust test decides
                 results[case["name"]] = {"error": f"{type(e).__name__}: {e}"}

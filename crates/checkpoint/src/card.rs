@@ -26,6 +26,11 @@ impl InputRecord {
             .collect();
         paths.extend(checkpoint.index_path().map(PathBuf::from));
         paths.push(checkpoint.dir().join("config.json"));
+        Self::of_files(role, checkpoint.dir(), &paths)
+    }
+
+    /// Hashes `paths`, the files of the input at `dir`.
+    pub fn of_files(role: &str, dir: &Path, paths: &[PathBuf]) -> Result<Self> {
         let files = paths
             .par_iter()
             .map(|path| {
@@ -43,7 +48,7 @@ impl InputRecord {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             role: role.into(),
-            path: checkpoint.dir().to_path_buf(),
+            path: dir.to_path_buf(),
             files,
         })
     }

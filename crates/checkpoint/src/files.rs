@@ -26,7 +26,7 @@ pub const MAX_JSON_BYTES: u64 = 64 << 20;
 
 /// A model directory whose files may be read.
 #[derive(Debug, Clone)]
-pub(crate) struct ModelDir {
+pub struct ModelDir {
     /// The directory as given, for messages.
     dir: PathBuf,
     /// Where its files may resolve: the directory itself (canonical) and, for

@@ -39,7 +39,7 @@ pub use card::{InputRecord, ModelCard};
 pub use config::ModelConfig;
 pub use dtype::{count_nonfinite, dtype_from_kind, dtype_name, kind_from_dtype, parse_dtype};
 pub use error::{Error, Result};
-pub use files::{open_regular, read_regular, MAX_JSON_BYTES};
+pub use files::{open_regular, read_regular, ModelDir, MAX_JSON_BYTES};
 pub use layout::{parse_byte_size, ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
 pub use output::OutputDir;
 pub use reader::{Checkpoint, TensorEntry};

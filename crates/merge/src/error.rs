@@ -21,6 +21,12 @@ pub enum MergeError {
     /// A permutation that does not fit its group or the model.
     #[error("permutation: {0}")]
     Permutation(String),
+    /// A LoRA adapter that cannot be applied to its base.
+    #[error("{}: {message}", dir.display())]
+    Adapter {
+        dir: std::path::PathBuf,
+        message: String,
+    },
 }
 
 pub type Result<T, E = MergeError> = std::result::Result<T, E>;

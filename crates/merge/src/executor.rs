@@ -10,14 +10,15 @@ use std::sync::{Condvar, Mutex};
 use amalgam_checkpoint::arch::{classify, mlp_width, Role, LM_HEAD, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::{
-    count_nonfinite, kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish,
-    InputRecord, ModelCard, ModelConfig, TensorSpec, WriteOptions,
+    kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard,
+    ModelConfig, TensorSpec, WriteOptions,
 };
 use amalgam_recipe::{ChatTemplate, InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe};
 use rayon::prelude::*;
 use serde_json::Value;
 use tch::{Device, Tensor};
 
+use crate::source::Source;
 use crate::{MergeContext, MergeError, MergeMethod, Result};
 
 /// How a plan is executed.
@@ -36,13 +37,13 @@ pub struct ExecOptions {
 /// Resident memory of the process before any tensor: libtorch, the maps' page tables, buffers.
 const BASELINE_RSS: u64 = 200_000_000;
 
-/// A recipe resolved against its opened input checkpoints.
-pub struct MergeJob<'a> {
-    pub recipe: &'a Recipe,
-    pub plan: &'a Plan,
+/// A recipe resolved against its opened input models ([`MergeJob::prepare`]).
+pub struct MergeJob {
+    pub recipe: Recipe,
+    pub plan: Plan,
     /// Indexed like `plan.models`.
-    pub checkpoints: &'a [Checkpoint],
-    pub method: &'a dyn MergeMethod,
+    pub sources: Vec<Source>,
+    pub method: &'static dyn MergeMethod,
 }
 
 /// What a merge wrote.
@@ -54,7 +55,7 @@ pub struct MergeSummary {
     pub bytes_written: u64,
 }
 
-impl MergeJob<'_> {
+impl MergeJob {
     /// The dtype the math runs in for a tensor: the recipe's `dtype`, else the
     /// first input's own.
     fn math_dtype(&self, tensor: &PlannedTensor) -> Dtype {
@@ -66,7 +67,7 @@ impl MergeJob<'_> {
 
     fn input_dtype(&self, tensor: &PlannedTensor, input: usize) -> Dtype {
         let planned = &tensor.inputs[input];
-        let checkpoint = &self.checkpoints[planned.model];
+        let checkpoint = &self.sources[planned.model].checkpoint;
         checkpoint
             .entry(&planned.tensor)
             .expect("planned from the inventory")
@@ -97,7 +98,7 @@ impl MergeJob<'_> {
     /// `intermediate_size` cannot describe them, and transformers would not
     /// load the model.
     pub fn output_config(&self) -> Result<ModelConfig> {
-        let layout = self.checkpoints[self.plan.layout_model].config();
+        let layout = self.sources[self.plan.layout_model].checkpoint.config();
         let mut config = layout.clone();
         config.set_layer_count(self.plan.layers);
         if let Some(embedding) = self
@@ -136,7 +137,7 @@ impl MergeJob<'_> {
                             "output layer {layer} has no tensors to take its `{field}` entry from"
                         ))
                     })?;
-                    let list = self.checkpoints[model].config().get(field);
+                    let list = self.sources[model].checkpoint.config().get(field);
                     list.and_then(|l| l.get(from)).cloned().ok_or_else(|| {
                         self.config_error(format!(
                             "model `{}` has no `{field}` entry for its layer {from}",
@@ -185,7 +186,10 @@ impl MergeJob<'_> {
             .iter()
             .flat_map(|t| &t.inputs)
             .map(|i| {
-                let entry = self.checkpoints[i.model].entry(&i.tensor).expect("planned");
+                let entry = self.sources[i.model]
+                    .checkpoint
+                    .entry(&i.tensor)
+                    .expect("planned");
                 entry.byte_range.end - entry.byte_range.start
             })
             .sum()
@@ -244,10 +248,10 @@ impl MergeJob<'_> {
             .inputs
             .iter()
             .map(|input| {
-                let checkpoint = &self.checkpoints[input.model];
-                let entry = checkpoint.entry(&input.tensor)?;
-                checkpoint.prefetch(entry);
-                let mut t = checkpoint.read_as(&input.tensor, math)?;
+                let source = &self.sources[input.model];
+                let entry = source.checkpoint.entry(&input.tensor)?;
+                source.checkpoint.prefetch(entry);
+                let mut t = source.read_as(&input.tensor, math)?;
                 // Vocabulary tensors larger than the output are cut to it
                 // (unless their rows are aligned to the written tokenizer).
                 for (dim, &size) in tensor.shape.iter().enumerate() {
@@ -339,16 +343,17 @@ impl MergeJob<'_> {
             .plan
             .models
             .iter()
-            .zip(self.checkpoints)
-            .map(|(path, checkpoint)| {
+            .zip(&self.sources)
+            .map(|(path, source)| {
                 let role = if Some(path.as_str()) == base {
                     "base"
                 } else {
                     "model"
                 };
-                InputRecord::hash(role, checkpoint)
+                source.records(role)
             })
-            .collect::<amalgam_checkpoint::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?
+            .concat();
         tracing::debug!("inputs hashed at {:.1?}", started.elapsed());
         let card = ModelCard {
             title: out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -367,7 +372,7 @@ impl MergeJob<'_> {
         let bytes_written = writer.layout().total_bytes();
         let out = writer.finish(Finish {
             config: &config,
-            tokenizer_source: Some(self.checkpoints[self.plan.tokenizer_model].dir()),
+            tokenizer_source: Some(self.sources[self.plan.tokenizer_model].dir()),
             chat_template: chat_template.as_deref(),
             extra_files: &extra,
             card: &card,
@@ -382,7 +387,7 @@ impl MergeJob<'_> {
     }
 }
 
-impl MergeJob<'_> {
+impl MergeJob {
     /// A merged tensor holds `nonfinite` NaN or ±inf values. Fine if its
     /// inputs held some too (warned) or the user allowed it; otherwise the
     /// merge made them from finite inputs, which is an error naming the
@@ -390,9 +395,7 @@ impl MergeJob<'_> {
     fn check_nonfinite(&self, tensor: &PlannedTensor, nonfinite: u64, allow: bool) -> Result<()> {
         let mut inputs_nonfinite = 0;
         for input in &tensor.inputs {
-            let checkpoint = &self.checkpoints[input.model];
-            let entry = checkpoint.entry(&input.tensor)?;
-            inputs_nonfinite += count_nonfinite(entry.dtype, &checkpoint.read_bytes(entry)?);
+            inputs_nonfinite += self.sources[input.model].count_nonfinite(&input.tensor)?;
         }
         if inputs_nonfinite > 0 || allow {
             tracing::warn!(
@@ -455,8 +458,8 @@ impl MergeJob<'_> {
             Some(ChatTemplate::Auto) => {}
         }
         let mut counts: Vec<(String, usize)> = vec![];
-        for checkpoint in self.checkpoints {
-            let Some(found) = checkpoint.chat_template()? else {
+        for source in &self.sources {
+            let Some(found) = source.checkpoint.chat_template()? else {
                 continue;
             };
             let found = found.trim().to_owned();
@@ -481,7 +484,7 @@ impl MergeJob<'_> {
         let located = self.recipe.referenced_models();
         for tensor in &self.plan.tensors {
             for input in &tensor.inputs {
-                let entry = self.checkpoints[input.model].entry(&input.tensor)?;
+                let entry = self.sources[input.model].checkpoint.entry(&input.tensor)?;
                 if kind_from_dtype(entry.dtype).is_none() {
                     return Err(MergeError::Recipe(self.recipe.error(
                         located[input.model].at,

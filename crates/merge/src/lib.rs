@@ -1,5 +1,9 @@
 //! Merge methods over tch tensors and the executor that runs a plan.
 //!
+//! The data path: a recipe's models are opened as [`source::Source`]s
+//! (checkpoints, LoRA adapters applied on read), [`executor::MergeJob::prepare`]
+//! plans the job and checks it, and the executor reads, merges and writes.
+//!
 //! Every method is one file in [`methods`] implementing [`MergeMethod`] and one
 //! line in [`registry`]. A method sees one output tensor at a time: its inputs
 //! (already in the math dtype and cut to the output shape), which one is the
@@ -8,10 +12,13 @@
 pub mod elementwise;
 mod error;
 pub mod executor;
+mod job;
+pub mod lora;
 mod method;
 pub mod methods;
 pub mod pleas;
 pub mod registry;
+pub mod source;
 pub mod sparsify;
 pub mod vocabulary;
 

@@ -6,19 +6,15 @@
 //! mergekit does: from the only model that has the token, else from the
 //! base, else with the average of the models that have it, else zeros.
 
-use amalgam_checkpoint::Checkpoint;
 use amalgam_recipe::{Plan, PlannedTensor, Recipe, TokenizerSource, VocabularyAlignment};
 use tch::Tensor;
 
+use crate::source::Source;
 use crate::{MergeError, Result};
 
 /// Each of the plan's models' rows of the vocabulary of `recipe`'s
 /// `tokenizer_source`. Every model needs a `tokenizer.json`.
-pub fn alignment(
-    recipe: &Recipe,
-    plan: &Plan,
-    checkpoints: &[Checkpoint],
-) -> Result<VocabularyAlignment> {
+pub fn alignment(recipe: &Recipe, plan: &Plan, sources: &[Source]) -> Result<VocabularyAlignment> {
     let located = recipe.referenced_models();
     let source = match &recipe.tokenizer_source {
         Some(TokenizerSource::Model(m)) => plan
@@ -28,11 +24,11 @@ pub fn alignment(
             .expect("the planner indexes every referenced model"),
         _ => plan.layout_model,
     };
-    let vocabularies = checkpoints
+    let vocabularies = sources
         .iter()
         .enumerate()
-        .map(|(i, checkpoint)| {
-            checkpoint.vocabulary()?.ok_or_else(|| {
+        .map(|(i, source)| {
+            source.checkpoint.vocabulary()?.ok_or_else(|| {
                 MergeError::Recipe(recipe.error(
                     located[i].at,
                     format!(

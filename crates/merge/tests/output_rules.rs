@@ -11,9 +11,9 @@ use amalgam_checkpoint::synthetic::{generate_family, FamilyOptions, LlamaShape};
 use amalgam_checkpoint::{
     config_mismatch, count_nonfinite, Checkpoint, Dtype, TensorSpec, WriteOptions,
 };
-use amalgam_merge::executor::{inventory, ExecOptions, MergeJob};
+use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry;
-use amalgam_recipe::{Plan, Recipe};
+use amalgam_recipe::Recipe;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
@@ -216,20 +216,7 @@ proptest! {
         let result = (|| -> Result<usize, String> {
             let recipe = Recipe::parse(&text, "r.yml").map_err(|e| e.to_string())?;
             let method = registry::get(&recipe.merge_method).expect("a registered method");
-            let checkpoints = recipe
-                .referenced_models()
-                .iter()
-                .map(|m| Checkpoint::open(&m.path))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            let inventories = checkpoints
-                .iter()
-                .map(inventory)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            let plan = Plan::resolve(&recipe, &method.spec(), &inventories)
-                .map_err(|e| e.to_string())?;
-            let job = MergeJob { recipe: &recipe, plan: &plan, checkpoints: &checkpoints, method };
+            let job = MergeJob::prepare(recipe, method).map_err(|e| e.to_string())?;
             let exec = ExecOptions {
                 seed: 7,
                 device: tch::Device::Cpu,
@@ -238,7 +225,7 @@ proptest! {
                 write: WriteOptions::default(),
             };
             job.execute(&out, &exec, &|_| {}).map_err(|e| e.to_string())?;
-            Ok(plan.layers)
+            Ok(job.plan.layers)
         })();
         match result {
             Err(message) => {

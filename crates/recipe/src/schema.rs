@@ -223,9 +223,6 @@ impl Recipe {
 
 fn model_ref(reader: &Reader<'_>, node: &Node<'_>) -> Result<ModelRef, RecipeError> {
     let path = reader.string(node, "a model")?;
-    if path.contains('+') && !std::path::Path::new(&path).exists() {
-        return Err(reader.error(location(node), format!("model `{path}`: `model+lora` references are not supported yet; merge the LoRA first")));
-    }
     Ok(ModelRef {
         path,
         at: location(node),
@@ -468,9 +465,5 @@ dtype: float16
                 .contains("r.yml:4:19: `tokenizer_source: union` is not supported yet")
         );
         assert!(error("merge_method: linear\nmodules: {}\n").contains("`modules:`"));
-        assert!(
-            error("merge_method: linear\nmodels:\n  - model: org/model+org/lora\n")
-                .contains("`model+lora`")
-        );
     }
 }

@@ -1,0 +1,88 @@
+//! From a recipe to a [`MergeJob`]: open every model it names (checkpoints,
+//! adapters applied), describe them to the planner, plan, map vocabularies,
+//! and check everything a run would trip over before anything is written.
+
+use amalgam_recipe::{MethodSpec, ModelInventory, Plan, Recipe};
+
+use crate::executor::{inventory, MergeJob};
+use crate::source::Source;
+use crate::{vocabulary, MergeError, MergeMethod, Result};
+
+impl MergeJob {
+    /// Prepares `recipe` for `method`: every error here names the recipe
+    /// line (or the model, tensor or file) it comes from.
+    pub fn prepare(recipe: Recipe, method: &'static dyn MergeMethod) -> Result<Self> {
+        let referenced = recipe.referenced_models();
+        let sources = referenced
+            .iter()
+            .map(|m| Source::open(&recipe, m))
+            .collect::<Result<Vec<_>>>()?;
+        let inventories = referenced
+            .iter()
+            .zip(&sources)
+            .map(|(model, source)| {
+                inventory(&source.checkpoint).map_err(|e| {
+                    MergeError::Recipe(
+                        recipe.error(model.at, format!("model `{}`: {e}", model.path)),
+                    )
+                })
+            })
+            .collect::<Result<Vec<ModelInventory>>>()?;
+        let spec = method.spec();
+        let mut plan = Plan::resolve(&recipe, &spec, &inventories)?;
+        if recipe.tokenizer_source.is_some() {
+            // The written tokenizer's vocabulary decides the embedding rows.
+            let alignment = vocabulary::alignment(&recipe, &plan, &sources)?;
+            plan.align_vocabulary(alignment);
+        }
+        warn_unknown_parameters(&recipe, &spec);
+        for advice in &plan.warnings {
+            tracing::warn!("{advice}");
+        }
+        let job = Self {
+            recipe,
+            plan,
+            sources,
+            method,
+        };
+        job.check_dtypes()?;
+        // The output's config must describe the merged tensors: checked before a
+        // dry run prints the plan, as before a real run writes anything.
+        job.output_config()?;
+        Ok(job)
+    }
+}
+
+impl MergeJob {
+    /// Every directory the job reads: checkpoints and adapters (an output may
+    /// not be, contain or lie inside any of them).
+    pub fn input_dirs(&self) -> Vec<std::path::PathBuf> {
+        self.sources
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(s.dir().to_path_buf())
+                    .chain(s.adapter.as_ref().map(|a| a.dir().to_path_buf()))
+            })
+            .collect()
+    }
+}
+
+/// mergekit ignores parameters a method does not use; say so instead.
+fn warn_unknown_parameters(recipe: &Recipe, spec: &MethodSpec) {
+    let levels = std::iter::once(&recipe.parameters)
+        .chain(recipe.models.iter().map(|m| &m.parameters))
+        .chain(recipe.slices.iter().flat_map(|s| {
+            std::iter::once(&s.parameters).chain(s.sources.iter().map(|src| &src.parameters))
+        }));
+    for params in levels {
+        for (name, _, at) in &params.0 {
+            if !spec.params.iter().any(|p| p.name == name) {
+                tracing::warn!(
+                    "{}:{at}: `{}` does not use parameter `{name}`; ignored",
+                    recipe.source_name,
+                    spec.name
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! A recipe's model as a merge reads it: a checkpoint (a directory, or a Hub
+//! id found in the local Hugging Face cache), with a LoRA adapter applied
+//! when the recipe writes `BASE+ADAPTER`.
+
+use std::path::Path;
+
+use amalgam_checkpoint::{hub, kind_from_dtype, Checkpoint, InputRecord};
+use amalgam_recipe::{ModelRef, Recipe};
+use tch::{Kind, Tensor};
+
+use crate::lora::Adapter;
+use crate::{MergeError, Result};
+
+pub struct Source {
+    pub checkpoint: Checkpoint,
+    pub adapter: Option<Adapter>,
+}
+
+impl Source {
+    /// Opens a recipe's model; errors name its recipe line.
+    pub fn open(recipe: &Recipe, model: &ModelRef) -> Result<Self> {
+        let at = |message: String| MergeError::Recipe(recipe.error(model.at, message));
+        let (base, adapter) = split_adapter(&model.path);
+        let dir = hub::locate(base).map_err(|e| at(e.to_string()))?;
+        let checkpoint = Checkpoint::open(dir).map_err(|e| at(format!("model `{base}`: {e}")))?;
+        // Two stacks (encoder and decoder) numbered independently: the planner's
+        // one stack of layers would misread them, so they are refused outright.
+        if checkpoint.config().get("is_encoder_decoder") == Some(&serde_json::Value::Bool(true)) {
+            return Err(at(format!(
+                "model `{base}` is an encoder–decoder model ({}); amalgam merges decoder-only and \
+                 encoder-only models (merging encoder–decoder stacks, mergekit's `modules:`, is \
+                 not supported yet)",
+                checkpoint.config().model_type().unwrap_or("unknown type")
+            )));
+        }
+        let adapter = match adapter {
+            None => None,
+            Some(adapter) => {
+                let dir = hub::locate(adapter).map_err(|e| at(e.to_string()))?;
+                Some(
+                    Adapter::open(&dir, &checkpoint)
+                        .map_err(|e| at(format!("adapter `{adapter}`: {e}")))?,
+                )
+            }
+        };
+        Ok(Self {
+            checkpoint,
+            adapter,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.checkpoint.dir()
+    }
+
+    /// The tensor `name` in `kind`, the adapter applied.
+    pub fn read_as(&self, name: &str, kind: Kind) -> Result<Tensor> {
+        let entry = self.checkpoint.entry(name)?;
+        // A tied head reads the embedding: so does the adapter.
+        match &self.adapter {
+            Some(adapter) if adapter.touches(&entry.name) => {
+                let stored = kind_from_dtype(entry.dtype).expect("checked by check_dtypes");
+                let weight = self.checkpoint.read_as(name, stored)?;
+                let adapted = adapter.apply(&entry.name, weight)?;
+                adapted.f_to_kind(kind).map_err(|cause| MergeError::Torch {
+                    tensor: name.to_owned(),
+                    cause,
+                })
+            }
+            _ => Ok(self.checkpoint.read_as(name, kind)?),
+        }
+    }
+
+    /// NaN and ±inf values in the tensor `name` as read (the adapter applied).
+    pub fn count_nonfinite(&self, name: &str) -> Result<u64> {
+        let entry = self.checkpoint.entry(name)?;
+        match &self.adapter {
+            Some(adapter) if adapter.touches(&entry.name) => {
+                let t = self.read_as(name, Kind::Float)?;
+                Ok((t.numel() as i64 - t.isfinite().sum(Kind::Int64).int64_value(&[])) as u64)
+            }
+            _ => Ok(amalgam_checkpoint::count_nonfinite(
+                entry.dtype,
+                &self.checkpoint.read_bytes(entry)?,
+            )),
+        }
+    }
+
+    /// Content hashes for the model card: the checkpoint's files, and the adapter's.
+    pub fn records(&self, role: &str) -> Result<Vec<InputRecord>> {
+        let mut records = vec![InputRecord::hash(role, &self.checkpoint)?];
+        if let Some(adapter) = &self.adapter {
+            records.push(InputRecord::of_files(
+                &format!("{role} adapter"),
+                adapter.dir(),
+                &adapter.files(),
+            )?);
+        }
+        Ok(records)
+    }
+}
+
+/// `BASE+ADAPTER` (mergekit's spelling) → (BASE, Some(ADAPTER)); a path that
+/// exists as written, `+` and all, is a plain model.
+fn split_adapter(path: &str) -> (&str, Option<&str>) {
+    match path.split_once('+') {
+        Some((base, adapter)) if !Path::new(path).exists() => (base, Some(adapter)),
+        _ => (path, None),
+    }
+}
