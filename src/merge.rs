@@ -1,12 +1,13 @@
 //! `amalgam merge`: run a mergekit-compatible recipe.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use amalgam_checkpoint::{parse_byte_size, WriteOptions};
+use amalgam_checkpoint::{parse_byte_size, ScratchDir, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry;
-use amalgam_recipe::Recipe;
+use amalgam_merge::MergeMethod;
+use amalgam_recipe::{Recipe, Stages};
 use anyhow::Result;
 
 /// Merge models as a recipe (mergekit's YAML schema) says.
@@ -48,6 +49,11 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// For a multi-stage recipe: keep each named stage's output in DIR/NAME
+    /// (a later run reuses one whose recipe is unchanged); default: a scratch
+    /// directory beside OUTPUT, removed at the end.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) intermediate_dir: Option<PathBuf>,
     /// Replace a non-empty output directory.
     #[arg(long)]
     pub(crate) force: bool,
@@ -58,11 +64,20 @@ pub struct Args {
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let started = Instant::now();
     let text = crate::resources::read_recipe(&args.recipe)?;
-    let recipe = Recipe::parse(&text, &args.recipe.display().to_string())?;
+    let mut stages = Stages::parse(&text, &args.recipe.display().to_string())?;
+    if stages.is_single() {
+        let recipe = stages.run_order.remove(0).recipe;
+        return run_stage(recipe, &args.output, &args, quiet);
+    }
+    run_stages(stages, &args, quiet)
+}
+
+/// A per-tensor method from the registry, or `None` for `pleas`; an unknown
+/// name is an error at its line.
+fn method_of(recipe: &Recipe) -> Result<Option<&'static dyn MergeMethod>> {
     if recipe.merge_method == "pleas" {
-        return crate::pleas::run(&recipe, &args, quiet);
+        return Ok(None);
     }
     let method = registry::get(&recipe.merge_method).ok_or_else(|| {
         recipe.error(
@@ -74,6 +89,96 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             ),
         )
     })?;
+    Ok(Some(method))
+}
+
+/// A multi-stage recipe: each stage into `--intermediate-dir`/NAME (or a
+/// scratch directory removed at the end), the final one into OUTPUT; stage
+/// names used as models are those outputs.
+fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
+    let final_stage = stages.final_stage();
+    for stage in &stages.run_order {
+        // Unknown methods and bad inputs of the first stages fail before anything is written.
+        if let (Some(method), true) = (method_of(&stage.recipe)?, stage.uses.is_empty()) {
+            MergeJob::prepare(stage.recipe.clone(), method)?;
+        }
+    }
+    let scratch = match (&args.intermediate_dir, args.dry_run) {
+        (None, false) => Some(ScratchDir::create(&args.output)?),
+        _ => None,
+    };
+    let dir = match (&args.intermediate_dir, &scratch) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(scratch)) => scratch.path().to_path_buf(),
+        (None, None) => PathBuf::from("(scratch)"),
+    };
+    let names: Vec<Option<String>> = stages
+        .run_order
+        .iter()
+        .map(|s| s.name().map(str::to_owned))
+        .collect();
+    let outputs: Vec<PathBuf> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| match name {
+            Some(name) if i != final_stage => dir.join(name),
+            _ => args.output.clone(),
+        })
+        .collect();
+    for (i, stage) in stages.run_order.into_iter().enumerate() {
+        let label = names[i].as_deref().unwrap_or("(final)");
+        let mut recipe = stage.recipe;
+        recipe.rename_models(|path| {
+            let (base, adapter) = match path.split_once('+') {
+                Some((base, adapter)) => (base, Some(adapter)),
+                None => (path, None),
+            };
+            let j = names.iter().position(|n| n.as_deref() == Some(base))?;
+            let out = outputs[j].display().to_string();
+            Some(adapter.map_or(out.clone(), |a| format!("{out}+{a}")))
+        });
+        if args.dry_run {
+            println!("stage {label} → {}", outputs[i].display());
+            if stage.uses.is_empty() {
+                run_stage(recipe, &outputs[i], args, quiet)?;
+            } else {
+                let used: Vec<&str> = stage
+                    .uses
+                    .iter()
+                    .filter_map(|&j| names[j].as_deref())
+                    .collect();
+                println!(
+                    "  uses stages {}: planned once they are written",
+                    used.join(", ")
+                );
+            }
+            println!();
+            continue;
+        }
+        let kept = outputs[i].join("mergekit_config.yml");
+        if i != final_stage && std::fs::read_to_string(&kept).is_ok_and(|t| t == recipe.text) {
+            if !quiet {
+                println!(
+                    "stage {label}: reusing {} (its recipe is unchanged)",
+                    outputs[i].display()
+                );
+            }
+            continue;
+        }
+        if !quiet {
+            println!("stage {label} → {}", outputs[i].display());
+        }
+        run_stage(recipe, &outputs[i], args, quiet)?;
+    }
+    Ok(())
+}
+
+/// One recipe into `out`.
+fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let Some(method) = method_of(&recipe)? else {
+        return crate::pleas::run(&recipe, out, args, quiet);
+    };
     let job = MergeJob::prepare(recipe, method)?;
     let threads = crate::resources::threads(args.threads);
 
@@ -99,7 +204,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     let total: u64 = job.output_specs().iter().map(|s| s.byte_len()).sum();
     let bar = crate::progress::bytes(total, &job.recipe.merge_method, quiet);
-    let summary = job.execute(&args.output, &options, &|bytes| bar.inc(bytes))?;
+    let summary = job.execute(out, &options, &|bytes| bar.inc(bytes))?;
     bar.finish_and_clear();
     if !quiet {
         println!(

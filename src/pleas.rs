@@ -3,6 +3,7 @@
 //! batches, and writes the merged model (its FFN widths in the config).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
 use amalgam_checkpoint::{parse_byte_size, InputRecord, ModelCard, WriteOptions};
@@ -91,7 +92,7 @@ fn calibration(recipe: &Recipe, pleas: &PleasRecipe, vocab: usize) -> Result<Vec
         .collect())
 }
 
-pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
+pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let pleas = PleasRecipe::from_recipe(recipe)?;
     let checkpoints = pleas
@@ -264,8 +265,8 @@ pub fn run(recipe: &Recipe, args: &Args, quiet: bool) -> Result<()> {
         allow_nonfinite: args.allow_nonfinite,
     };
     let out = model
-        .save(&args.output, &card, Some(checkpoints[0].dir()), &[], &write)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+        .save(out, &card, Some(checkpoints[0].dir()), &[], &write)
+        .with_context(|| format!("writing {}", out.display()))?;
     if !quiet {
         println!(
             "merged 2 models with pleas into {}: {} parameters ({:.3}×), hidden size {}, \

@@ -764,3 +764,110 @@ fn lora_adapters_apply_as_peft_merges_them() {
     );
     assert!(!out.exists());
 }
+
+/// A multi-stage recipe (mergekit-multi's format): named stages used by name
+/// in later ones, an unnamed final merge. One `amalgam merge` gives
+/// mergekit-multi's tensors, leaves no scratch behind, and with
+/// `--intermediate-dir` keeps the stages and reuses them when unchanged.
+#[test]
+fn multi_stage_recipes_match_mergekit_multi() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("family");
+    synth(&family, &["--finetunes", "2", "--seed", "6"]);
+    let member = |m: &str| family.join(m).display().to_string();
+    let recipe = tmp.path().join("multi.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "# the final merge first: stages may come in any order\n\
+             merge_method: linear\nmodels:\n  - model: soup\n    parameters: {{weight: 0.3}}\n  \
+             - model: trimmed\n    parameters: {{weight: 0.7}}\n---\n\
+             name: trimmed\nmerge_method: ties\nbase_model: {base}\nmodels:\n  - model: soup\n    \
+             parameters: {{weight: 1.0, density: 0.5}}\n  - model: {ft2}\n    \
+             parameters: {{weight: 0.5, density: 0.5}}\n---\n\
+             name: soup\nmerge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n  \
+             - model: {ft1}\n    parameters: {{weight: 0.5}}\n",
+            base = member("base"),
+            ft1 = member("finetune-1"),
+            ft2 = member("finetune-2"),
+        ),
+    )
+    .unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let out = runs.join("out");
+    ok(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+    assert_eq!(listing(&runs), ["out"], "no scratch left beside the output");
+
+    let theirs = tmp.path().join("theirs");
+    python_ok([
+        "-m".as_ref(),
+        "mergekit.scripts.multimerge".as_ref(),
+        recipe.as_os_str(),
+        "--intermediate-dir".as_ref(),
+        tmp.path().join("theirs-stages").as_os_str(),
+        "--out-path".as_ref(),
+        theirs.as_os_str(),
+        "--no-copy-tokenizer".as_ref(),
+    ]);
+    // Linear rounds the weighted sum as mergekit's does up to one fused
+    // multiply-add (torch's addcmul_): within 1.2e-7, as in every_method_….
+    let r = &mergekit_oracle(
+        tmp.path(),
+        &[json!({"name": "multi", "ours": out, "theirs": theirs})],
+    )["multi"];
+    assert!(
+        r["max_abs"].as_f64().unwrap() <= 1.2e-7
+            && r["only_ours"] == json!([])
+            && r["only_theirs"] == json!([])
+            && r["dtype_mismatch"] == json!({}),
+        "{r}"
+    );
+    let digests = |dir: &Path| tensor_digests(&inspect_json(dir, true));
+
+    let stages = tmp.path().join("stages");
+    let again = |out: &Path| {
+        ok([
+            "merge".as_ref(),
+            recipe.as_os_str(),
+            out.as_os_str(),
+            "--intermediate-dir".as_ref(),
+            stages.as_os_str(),
+        ])
+    };
+    again(&runs.join("kept"));
+    assert_eq!(listing(&stages), ["soup", "trimmed"]);
+    let written = |stage: &str| {
+        std::fs::metadata(stages.join(stage).join("model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = [written("soup"), written("trimmed")];
+    again(&runs.join("kept-again"));
+    assert_eq!(
+        [written("soup"), written("trimmed")],
+        before,
+        "stages reused, not rewritten"
+    );
+    assert_eq!(digests(&runs.join("kept-again")), digests(&out));
+
+    // Stages that use each other are refused before anything is written.
+    let cycle = tmp.path().join("cycle.yml");
+    std::fs::write(
+        &cycle,
+        "name: a\nmerge_method: linear\nmodels:\n  - model: b\n---\n\
+         name: b\nmerge_method: linear\nmodels:\n  - model: a\n",
+    )
+    .unwrap();
+    let message = fails([
+        "merge".as_ref(),
+        cycle.as_os_str(),
+        runs.join("never").as_os_str(),
+    ]);
+    assert!(
+        message.contains("cycle.yml:1:7") && message.contains("cycle"),
+        "{message}"
+    );
+    assert!(!runs.join("never").exists());
+}

@@ -4,7 +4,8 @@ output tensors with amalgam's.
     python mergekit_diff.py CASES.json
 
 CASES.json is a list of {"name", "recipe" (path), "ours" (amalgam's output dir)},
-optionally with "lora_merge_dtype" (mergekit's --lora-merge-dtype).
+optionally with "lora_merge_dtype" (mergekit's --lora-merge-dtype), or with
+"theirs" (a directory mergekit already wrote) instead of a recipe to run.
 Prints one JSON object keyed by case name with, per case, the tensor names only
 one side has, dtype disagreements, and the largest absolute and relative
 differences (or the error mergekit raised).
@@ -98,6 +99,9 @@ def main():
     cases = json.load(open(sys.argv[1]))
     results = {}
     for case in cases:
+        if "theirs" in case:  # mergekit already ran (mergekit-multi, say)
+            results[case["name"]] = report(case, case["theirs"])
+            continue
         with open(case["recipe"]) as f:
             config = MergeConfiguration.model_validate(yaml.safe_load(f))
         with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as lora_cache:
@@ -112,14 +116,18 @@ def main():
             except Exception as e:  # reported, not raised: the Rust test decides
                 results[case["name"]] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-            ours, theirs = load(case["ours"]), load(out)
-            report = compare(ours, theirs)
-            if "threshold_ties" in case:
-                report["threshold_ties"] = threshold_ties(ours, theirs, case["threshold_ties"])
-            with open(os.path.join(out, "config.json")) as f:
-                report["num_hidden_layers"] = json.load(f).get("num_hidden_layers")
-            results[case["name"]] = report
+            results[case["name"]] = report(case, out)
     print(json.dumps(results))
+
+
+def report(case, out):
+    ours, theirs = load(case["ours"]), load(out)
+    result = compare(ours, theirs)
+    if "threshold_ties" in case:
+        result["threshold_ties"] = threshold_ties(ours, theirs, case["threshold_ties"])
+    with open(os.path.join(out, "config.json")) as f:
+        result["num_hidden_layers"] = json.load(f).get("num_hidden_layers")
+    return result
 
 
 if __name__ == "__main__":

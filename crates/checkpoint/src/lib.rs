@@ -41,7 +41,7 @@ pub use dtype::{count_nonfinite, dtype_from_kind, dtype_name, kind_from_dtype, p
 pub use error::{Error, Result};
 pub use files::{open_regular, read_regular, ModelDir, MAX_JSON_BYTES};
 pub use layout::{parse_byte_size, ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
-pub use output::OutputDir;
+pub use output::{OutputDir, ScratchDir};
 pub use reader::{Checkpoint, TensorEntry};
 pub use safetensors::Dtype;
 pub use seed::stream_seed;

@@ -275,6 +275,44 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 
 /// A hidden sibling of `out`, unique to this process and moment:
 /// `.NAME.amalgam-PURPOSE-PID-NANOS`.
+/// A directory for a run's intermediate results (the stages of a multi-stage
+/// recipe), beside its output when the output's parent exists, else in the
+/// system's temporary directory. Removed when dropped, when the run is
+/// interrupted, or by a later run into the same output if this process died.
+pub struct ScratchDir {
+    path: PathBuf,
+    registration: u64,
+}
+
+impl ScratchDir {
+    pub fn create(out: &Path) -> Result<Self> {
+        let beside = out
+            .parent()
+            .filter(|p| p.as_os_str().is_empty() || p.is_dir());
+        let path = match beside {
+            Some(_) => sibling(out, STAGES),
+            None => sibling(&std::env::temp_dir().join("amalgam"), STAGES),
+        };
+        std::fs::create_dir(&path).at(&path)?;
+        let registration = interrupt::register(&path, Removal::Tree);
+        Ok(Self { path, registration })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let mut registry = interrupt::registry();
+        let _ = std::fs::remove_dir_all(&self.path);
+        registry.forget(self.registration);
+    }
+}
+
+const STAGES: &str = "stages";
+
 pub(crate) fn sibling(out: &Path, purpose: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -294,8 +332,8 @@ fn sibling_prefix(out: &Path) -> String {
     )
 }
 
-/// Removes staging (`tmp`) siblings of `out` left by processes that no longer
-/// run; an `old` sibling (the previous output, displaced by a `--force` run
+/// Removes staging (`tmp`) and scratch (`stages`) siblings of `out` left by
+/// processes that no longer run; an `old` sibling (the previous output, displaced by a `--force` run
 /// killed mid-commit) is put back if `out` is missing, else removed. Says what
 /// it did.
 fn remove_stale_siblings(out: &Path) -> Result<()> {
@@ -318,7 +356,7 @@ fn remove_stale_siblings(out: &Path) -> Result<()> {
         }
         let path = entry.path();
         match purpose {
-            "tmp" => {
+            "tmp" | STAGES => {
                 std::fs::remove_dir_all(&path).at(&path)?;
                 tracing::warn!(
                     "removed {}: an unfinished output left by process {pid}, which no longer runs",

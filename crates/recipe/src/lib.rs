@@ -12,6 +12,7 @@ mod params;
 mod plan;
 mod pleas;
 mod schema;
+mod stages;
 mod stitch;
 mod yaml;
 
@@ -25,4 +26,5 @@ pub use plan::{
 };
 pub use pleas::{PleasMatching, PleasRecipe};
 pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef, TokenizerSource};
+pub use stages::{Stage, Stages};
 pub use stitch::{StitchRecipe, StitchTraining};

@@ -16,6 +16,7 @@ const TOP_LEVEL: &[&str] = &[
     "tokenizer_source",
     "tokenizer",
     "chat_template",
+    "name",
 ];
 const DTYPES: &[&str] = &["float32", "float16", "bfloat16"];
 
@@ -85,6 +86,8 @@ pub struct Recipe {
     pub out_dtype: Option<(String, Location)>,
     pub tokenizer_source: Option<TokenizerSource>,
     pub chat_template: Option<ChatTemplate>,
+    /// A stage's name in a multi-stage recipe (see [`crate::Stages`]).
+    pub name: Option<(String, Location)>,
 }
 
 impl Recipe {
@@ -105,6 +108,7 @@ impl Recipe {
             out_dtype: None,
             tokenizer_source: None,
             chat_template: None,
+            name: None,
         };
         let mut has_models = None;
         let mut has_slices = None;
@@ -118,6 +122,7 @@ impl Recipe {
         }
         for (key, node, at) in reader.mapping(&root, "the recipe", TOP_LEVEL)? {
             match key.as_str() {
+                "name" => recipe.name = Some((reader.string(node, "name")?, location(node))),
                 "merge_method" => {
                     recipe.merge_method = reader.string(node, "merge_method")?;
                     recipe.merge_method_at = location(node);
@@ -210,6 +215,30 @@ impl Recipe {
             }
         }
         all
+    }
+
+    /// Rewrites the path of every model the recipe names through `rename`
+    /// (`None` keeps a path as it is).
+    pub fn rename_models(&mut self, rename: impl Fn(&str) -> Option<String>) {
+        let tokenizer = match &mut self.tokenizer_source {
+            Some(TokenizerSource::Model(m)) => Some(m),
+            _ => None,
+        };
+        let all = self
+            .base_model
+            .iter_mut()
+            .chain(self.models.iter_mut().map(|m| &mut m.model))
+            .chain(self.slices.iter_mut().flat_map(|s| {
+                s.base_model
+                    .iter_mut()
+                    .chain(s.sources.iter_mut().map(|source| &mut source.model))
+            }))
+            .chain(tokenizer);
+        for model in all {
+            if let Some(path) = rename(&model.path) {
+                model.path = path;
+            }
+        }
     }
 
     pub fn error(&self, at: Location, message: impl Into<String>) -> RecipeError {
