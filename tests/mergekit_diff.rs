@@ -408,6 +408,23 @@ fn every_method_matches_mergekit() {
     assert_eq!(results["passthrough_frankenmerge"]["num_hidden_layers"], 6);
 }
 
+/// Every case's tensors are mergekit's within `tolerance`, no tensor on one side only.
+fn assert_matches(results: &Value, cases: &[Value], tolerance: f64) {
+    for case in cases {
+        let r = &results[case["name"].as_str().unwrap()];
+        eprintln!("{}: {r}", case["name"]);
+        assert!(
+            r.get("error").is_none()
+                && r["max_abs"].as_f64().unwrap() <= tolerance
+                && r["only_ours"] == json!([])
+                && r["only_theirs"] == json!([])
+                && r["dtype_mismatch"] == json!({}),
+            "{}: {r}",
+            case["name"]
+        );
+    }
+}
+
 fn mergekit_oracle(dir: &Path, cases: &[Value]) -> Value {
     let list = dir.join("cases.json");
     std::fs::write(&list, serde_json::to_vec(cases).unwrap()).unwrap();
@@ -535,19 +552,7 @@ json.dump(c, open(f"{root}/finetune-2/config.json", "w"))
         cases.push(json!({"name": name, "recipe": recipe, "ours": out}));
     }
     let results = mergekit_oracle(tmp.path(), &cases);
-    for case in &cases {
-        let r = &results[case["name"].as_str().unwrap()];
-        eprintln!("{}: {r}", case["name"]);
-        assert!(
-            r.get("error").is_none()
-                && r["max_abs"].as_f64().unwrap() <= 1e-6
-                && r["only_ours"] == json!([])
-                && r["only_theirs"] == json!([])
-                && r["dtype_mismatch"] == json!({}),
-            "{}: {r}",
-            case["name"]
-        );
-    }
+    assert_matches(&results, &cases, 1e-6);
 }
 
 /// `chat_template: NAME` writes mergekit's named formats (chatml and mistral
@@ -812,17 +817,8 @@ fn multi_stage_recipes_match_mergekit_multi() {
     ]);
     // Linear rounds the weighted sum as mergekit's does up to one fused
     // multiply-add (torch's addcmul_): within 1.2e-7, as in every_method_….
-    let r = &mergekit_oracle(
-        tmp.path(),
-        &[json!({"name": "multi", "ours": out, "theirs": theirs})],
-    )["multi"];
-    assert!(
-        r["max_abs"].as_f64().unwrap() <= 1.2e-7
-            && r["only_ours"] == json!([])
-            && r["only_theirs"] == json!([])
-            && r["dtype_mismatch"] == json!({}),
-        "{r}"
-    );
+    let cases = [json!({"name": "multi", "ours": out, "theirs": theirs})];
+    assert_matches(&mergekit_oracle(tmp.path(), &cases), &cases, 1.2e-7);
     let digests = |dir: &Path| tensor_digests(&inspect_json(dir, true));
 
     let stages = tmp.path().join("stages");
@@ -870,4 +866,105 @@ fn multi_stage_recipes_match_mergekit_multi() {
         "{message}"
     );
     assert!(!runs.join("never").exists());
+}
+
+/// Vocabulary merging: `tokenizer_source: union` and the `tokenizer:` block
+/// (per-token sources, `force`, a token no model has, `pad_to_multiple_of`).
+/// Rows, token by token, as mergekit's (whose ids for new tokens follow
+/// hash-map order, so rows are compared by token); the written tokenizer holds
+/// mergekit's tokens and transformers encodes the new ones to their rows.
+#[test]
+fn union_vocabularies_and_token_rules_match_mergekit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("family");
+    synth(&family, &["--finetunes", "2", "--seed", "8"]);
+    let script = r#"
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+root = sys.argv[1]
+g = torch.Generator().manual_seed(5)
+def make(member, extra, added):
+    vocab = {f"t{i}": i for i in range(384)}
+    for word in extra:
+        vocab[word] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens([AddedToken(a, special=True) for a in added])
+    t.save(f"{root}/{member}/tokenizer.json")
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0"},
+              open(f"{root}/{member}/tokenizer_config.json", "w"))
+    rows = 384 + len(extra) + len(added)
+    if rows > 384:
+        d = load_file(f"{root}/{member}/model.safetensors")
+        for name in ["model.embed_tokens.weight", "lm_head.weight"]:
+            w = d[name]
+            d[name] = torch.cat([w, torch.randn(rows - 384, w.shape[1], generator=g)])
+        save_file(d, f"{root}/{member}/model.safetensors", metadata={"format": "pt"})
+        c = json.load(open(f"{root}/{member}/config.json")); c["vocab_size"] = rows
+        json.dump(c, open(f"{root}/{member}/config.json", "w"))
+make("base", [], [])
+make("finetune-1", ["extra0", "extra1"], ["<tool>"])
+make("finetune-2", ["extra1", "new0"], ["<tool>", "<end>"])
+"#;
+    python_ok(["-c".as_ref(), script.as_ref(), family.as_os_str()]);
+    let member = |m: &str| family.join(m).display().to_string();
+    let models = format!(
+        "base_model: {base}\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n  \
+         - model: {}\n    parameters: {{weight: 0.3}}\n  - model: {}\n    parameters: {{weight: 0.2}}\n",
+        member("finetune-1"),
+        member("finetune-2"),
+        base = member("base"),
+    );
+    let mut cases = vec![];
+    for (name, tokenizer, rows) in [
+        ("union", "tokenizer_source: union\n".to_owned(), 384 + 3 + 2),
+        (
+            "union_rules",
+            format!(
+                "tokenizer:\n  source: union\n  pad_to_multiple_of: 64\n  tokens:\n    \
+                 extra0: {{source: {{kind: zero}}, force: true}}\n    \
+                 t5: {{source: {ft2}, force: true}}\n    \
+                 brand_new: {{source: {{kind: model_token, model: {ft1}, token: t7}}}}\n    \
+                 new0: {{source: {{kind: model_token, model: {ft2}, token_id: 9}}}}\n",
+                ft1 = member("finetune-1"),
+                ft2 = member("finetune-2")
+            ),
+            448,
+        ),
+    ] {
+        let (recipe, out) = merge_ok(
+            tmp.path(),
+            name,
+            &format!("merge_method: linear\n{models}{tokenizer}"),
+        );
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["vocab_size"], rows, "{name}");
+        cases.push(json!({
+            "name": name, "recipe": recipe, "ours": out,
+            "by_token": ["model.embed_tokens.weight", "lm_head.weight"],
+        }));
+    }
+    let results = mergekit_oracle(tmp.path(), &cases);
+    // Padding rows are means of the same rows summed in another order.
+    assert_matches(&results, &cases, 1e-6);
+    // transformers encodes the new tokens to the rows amalgam wrote for them.
+    let check = "import sys, json\nfrom transformers import AutoTokenizer\n\
+                 t = AutoTokenizer.from_pretrained(sys.argv[1])\n\
+                 print(json.dumps([t.convert_tokens_to_ids(w) for w in ['extra0', 'new0', '<end>', 'brand_new']] + \
+                 [t('t3 new0 <end> brand_new')['input_ids']]))";
+    let out = tmp.path().join("union_rules");
+    let ids: Value =
+        serde_json::from_str(&python_ok(["-c".as_ref(), check.as_ref(), out.as_os_str()])).unwrap();
+    let ours: Value = serde_json::from_str(&python_ok([
+        "-c".as_ref(),
+        "import sys, json\nfrom tokenizers import Tokenizer\nv = Tokenizer.from_file(sys.argv[1]).get_vocab(True)\n\
+         print(json.dumps([v[w] for w in ['extra0', 'new0', '<end>', 'brand_new']]))"
+            .as_ref(),
+        out.join("tokenizer.json").as_os_str(),
+    ]))
+    .unwrap();
+    assert_eq!(ids.as_array().unwrap()[..4], ours.as_array().unwrap()[..]);
+    assert_eq!(ids[4], json!([3, ours[1], ours[2], ours[3]]));
 }

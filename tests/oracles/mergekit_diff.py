@@ -5,7 +5,8 @@ output tensors with amalgam's.
 
 CASES.json is a list of {"name", "recipe" (path), "ours" (amalgam's output dir)},
 optionally with "lora_merge_dtype" (mergekit's --lora-merge-dtype), or with
-"theirs" (a directory mergekit already wrote) instead of a recipe to run.
+"theirs" (a directory mergekit already wrote) instead of a recipe to run, or
+with "by_token" (names of vocabulary tensors to compare row by token).
 Prints one JSON object keyed by case name with, per case, the tensor names only
 one side has, dtype disagreements, and the largest absolute and relative
 differences (or the error mergekit raised).
@@ -69,6 +70,24 @@ def compare(ours, theirs):
     return report
 
 
+def by_token(ours_dir, theirs_dir, ours, theirs, names):
+    """Reorders the rows of mergekit's vocabulary tensors `names` into amalgam's
+    token order (a union vocabulary's ids for new tokens follow hash-map order
+    in mergekit); fails unless both tokenizers hold the same tokens."""
+    from tokenizers import Tokenizer
+
+    vocab_ours = Tokenizer.from_file(os.path.join(ours_dir, "tokenizer.json")).get_vocab(True)
+    vocab_theirs = Tokenizer.from_file(os.path.join(theirs_dir, "tokenizer.json")).get_vocab(True)
+    if set(vocab_ours) != set(vocab_theirs):
+        raise SystemExit(f"vocabularies differ: ours only {set(vocab_ours) - set(vocab_theirs)}, "
+                         f"theirs only {set(vocab_theirs) - set(vocab_ours)}")
+    order = [vocab_theirs[t] for t, _ in sorted(vocab_ours.items(), key=lambda e: e[1])]
+    for name in names:
+        rows = theirs[name]
+        padding = rows[len(order):]
+        theirs[name] = torch.cat([rows[order], padding])
+
+
 def threshold_ties(ours, theirs, spec):
     base = load(spec["base"])
     models = [load(m) for m in spec["models"]]
@@ -122,6 +141,8 @@ def main():
 
 def report(case, out):
     ours, theirs = load(case["ours"]), load(out)
+    if case.get("by_token"):
+        by_token(case["ours"], out, ours, theirs, case["by_token"])
     result = compare(ours, theirs)
     if "threshold_ties" in case:
         result["threshold_ties"] = threshold_ties(ours, theirs, case["threshold_ties"])

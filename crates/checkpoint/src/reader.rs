@@ -226,9 +226,8 @@ impl Checkpoint {
         }
     }
 
-    /// The tokenizer's vocabulary (token → id, added tokens included), read
-    /// from `tokenizer.json` by the `tokenizers` crate; `None` without one.
-    pub fn vocabulary(&self) -> Result<Option<HashMap<String, u32>>> {
+    /// The model's `tokenizer.json`, read by the `tokenizers` crate; `None` without one.
+    pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
         let files = ModelDir::new(&self.dir)?;
         if !files.has(TOKENIZER_JSON) {
             return Ok(None);
@@ -239,7 +238,7 @@ impl Checkpoint {
             path: path.clone(),
             message: format!("not a tokenizer the `tokenizers` library reads: {e}"),
         })?;
-        Ok(Some(tokenizer.get_vocab(true)))
+        Ok(Some(tokenizer))
     }
 
     /// The chat template the model carries, as transformers finds it:

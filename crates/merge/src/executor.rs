@@ -44,6 +44,8 @@ pub struct MergeJob {
     /// Indexed like `plan.models`.
     pub sources: Vec<Source>,
     pub method: &'static dyn MergeMethod,
+    /// The `tokenizer.json` to write instead of the copied one (a union vocabulary).
+    pub tokenizer_json: Option<Vec<u8>>,
 }
 
 /// What a merge wrote.
@@ -263,14 +265,7 @@ impl MergeJob {
             })
             .collect::<Result<Vec<_>>>()?;
         let inputs = match alignment {
-            Some(alignment) => {
-                let base = self
-                    .recipe
-                    .base_model
-                    .as_ref()
-                    .and_then(|b| self.plan.models.iter().position(|m| *m == b.path));
-                crate::vocabulary::align(alignment, tensor, &inputs, base)?
-            }
+            Some(alignment) => crate::vocabulary::align(alignment, tensor, &inputs)?,
             None => inputs,
         };
         let cx = MergeContext {
@@ -366,8 +361,11 @@ impl MergeJob {
             recipe: Some(self.recipe.text.clone()),
             inputs,
         };
-        let extra: Vec<(&str, Vec<u8>)> =
+        let mut extra: Vec<(&str, Vec<u8>)> =
             vec![("mergekit_config.yml", self.recipe.text.clone().into_bytes())];
+        if let Some(tokenizer) = &self.tokenizer_json {
+            extra.push(("tokenizer.json", tokenizer.clone()));
+        }
         let chat_template = self.chat_template()?;
         let bytes_written = writer.layout().total_bytes();
         let out = writer.finish(Finish {

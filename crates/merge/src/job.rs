@@ -30,10 +30,12 @@ impl MergeJob {
             .collect::<Result<Vec<ModelInventory>>>()?;
         let spec = method.spec();
         let mut plan = Plan::resolve(&recipe, &spec, &inventories)?;
-        if recipe.tokenizer_source.is_some() {
+        let mut tokenizer_json = None;
+        if let Some(spec) = &recipe.tokenizer {
             // The written tokenizer's vocabulary decides the embedding rows.
-            let alignment = vocabulary::alignment(&recipe, &plan, &sources)?;
-            plan.align_vocabulary(alignment);
+            let vocabulary = vocabulary::plan(&recipe, spec, &plan, &sources)?;
+            plan.align_vocabulary(vocabulary.alignment);
+            tokenizer_json = vocabulary.tokenizer_json;
         }
         warn_unknown_parameters(&recipe, &spec);
         for advice in &plan.warnings {
@@ -44,6 +46,7 @@ impl MergeJob {
             plan,
             sources,
             method,
+            tokenizer_json,
         };
         job.check_dtypes()?;
         // The output's config must describe the merged tensors: checked before a

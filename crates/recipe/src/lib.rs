@@ -14,6 +14,7 @@ mod pleas;
 mod schema;
 mod stages;
 mod stitch;
+mod tokenizer;
 mod yaml;
 
 pub use chat_template::ChatTemplate;
@@ -25,6 +26,7 @@ pub use plan::{
     Plan, PlannedInput, PlannedTensor, Resolved, VocabularyAlignment,
 };
 pub use pleas::{PleasMatching, PleasRecipe};
-pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef, TokenizerSource};
+pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef};
 pub use stages::{Stage, Stages};
 pub use stitch::{StitchRecipe, StitchTraining};
+pub use tokenizer::{TokenRef, TokenRule, TokenSource, TokenizerSource, TokenizerSpec};

@@ -158,17 +158,22 @@ pub struct Plan {
 }
 
 /// How the models' vocabulary-indexed rows map onto the vocabulary of the
-/// tokenizer written with the output (`tokenizer_source`), as mergekit maps
-/// them: a model's own row where it has the token; where it lacks it, the
-/// row of the only model that has it, else the base's, else the average of
-/// the models that have it, else zeros.
+/// tokenizer written with the output (`tokenizer_source` / `tokenizer:`), as
+/// mergekit maps them: a model's own row where it has the token; where it
+/// lacks it (or the recipe forces a source), the mean of the `fill` rows.
+/// Rows past the tokens (`pad_to_multiple_of`) are each model's mean row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VocabularyAlignment {
-    /// Rows of the output (the written tokenizer's vocabulary).
+    /// Rows of the output, padding included.
     pub size: usize,
-    /// Per model (indexed like [`Plan::models`]): for every output row, the
-    /// model's own row of that token, if it has the token.
+    /// Rows that are tokens of the written vocabulary (the first ones).
+    pub tokens: usize,
+    /// Per model (indexed like [`Plan::models`]): for every token row, the
+    /// model's own row of that token, if it has it (and no source is forced).
     pub rows: Vec<Vec<Option<u32>>>,
+    /// Per token row: the (model, row) pairs whose mean fills it where a
+    /// model has no row of its own (none: zeros).
+    pub fill: Vec<Vec<(usize, u32)>>,
 }
 
 impl Plan {
@@ -220,7 +225,7 @@ impl Plan {
             check_inputs(recipe, method, slice, &models)?;
         }
         let layout_model = top_base.unwrap_or(slices[0].sources[0].model);
-        let tokenizer_model = match &recipe.tokenizer_source {
+        let tokenizer_model = match recipe.tokenizer.as_ref().map(|t| &t.source) {
             Some(crate::TokenizerSource::Model(m)) => index(&m.path),
             _ => layout_model,
         };
@@ -616,7 +621,7 @@ impl Planner<'_> {
         if !vocab {
             return Ok(first.shape.clone());
         }
-        if self.recipe.tokenizer_source.is_some() {
+        if self.recipe.tokenizer.is_some() {
             // Rows follow the written tokenizer: set by Plan::align_vocabulary.
             return Ok(first.shape.clone());
         }

@@ -1,6 +1,7 @@
 //! The recipe document: mergekit's merge configuration schema.
 
 use crate::params::Setting;
+use crate::tokenizer::{self, TokenizerSource, TokenizerSpec};
 use crate::yaml::{load, location, Node, Reader};
 use crate::{ChatTemplate, Location, RecipeError};
 
@@ -62,12 +63,6 @@ pub struct SliceDef {
     pub at: Location,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum TokenizerSource {
-    Base,
-    Model(ModelRef),
-}
-
 /// A parsed, schema-checked recipe. `models:` recipes are kept as written;
 /// [`crate::Plan`] normalises them into one slice the way mergekit does.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,7 +79,8 @@ pub struct Recipe {
     pub dtype: Option<(String, Location)>,
     /// The dtype the output is saved in (`None`: the math dtype).
     pub out_dtype: Option<(String, Location)>,
-    pub tokenizer_source: Option<TokenizerSource>,
+    /// `tokenizer_source:` or the `tokenizer:` block.
+    pub tokenizer: Option<TokenizerSpec>,
     pub chat_template: Option<ChatTemplate>,
     /// A stage's name in a multi-stage recipe (see [`crate::Stages`]).
     pub name: Option<(String, Location)>,
@@ -106,7 +102,7 @@ impl Recipe {
             parameters: Params::default(),
             dtype: None,
             out_dtype: None,
-            tokenizer_source: None,
+            tokenizer: None,
             chat_template: None,
             name: None,
         };
@@ -144,21 +140,20 @@ impl Recipe {
                 "modules" => {
                     return Err(reader.error(at, "`modules:` (multi-module models such as VLMs) is not supported yet; use `models:` or `slices:`"))
                 }
-                "tokenizer" => {
-                    return Err(reader.error(at, "`tokenizer:` (vocabulary merging) is not supported yet; use `tokenizer_source: base` or a model path"))
+                "tokenizer" | "tokenizer_source" if recipe.tokenizer.is_some() => {
+                    return Err(reader.error(at, "give either `tokenizer_source:` or `tokenizer:`, not both"))
                 }
+                "tokenizer" => recipe.tokenizer = Some(tokenizer::spec(&reader, node)?),
                 "parameters" => recipe.parameters = params(&reader, node)?,
                 "dtype" => recipe.dtype = dtype(&reader, node, "dtype")?,
                 "out_dtype" => recipe.out_dtype = dtype(&reader, node, "out_dtype")?,
                 "tokenizer_source" if Reader::is_null(node) => {}
                 "tokenizer_source" => {
-                    let source = reader.string(node, "tokenizer_source")?;
-                    recipe.tokenizer_source = Some(match source.as_str() {
-                        "base" => TokenizerSource::Base,
-                        "union" => {
-                            return Err(reader.error(location(node), "`tokenizer_source: union` is not supported yet; use `base` or a model path"))
-                        }
-                        _ => TokenizerSource::Model(model_ref(&reader, node)?),
+                    recipe.tokenizer = Some(TokenizerSpec {
+                        source: tokenizer::source(&reader, node)?,
+                        tokens: vec![],
+                        pad_to_multiple_of: None,
+                        at: location(node),
                     });
                 }
                 "chat_template" if Reader::is_null(node) => {}
@@ -194,8 +189,11 @@ impl Recipe {
 
     /// Every model the recipe names (base first, then in order of appearance), without repeats.
     pub fn referenced_models(&self) -> Vec<&ModelRef> {
-        let tokenizer = match &self.tokenizer_source {
-            Some(TokenizerSource::Model(m)) => Some(m),
+        let tokenizer = match &self.tokenizer {
+            Some(TokenizerSpec {
+                source: TokenizerSource::Model(m),
+                ..
+            }) => Some(m),
             _ => None,
         };
         let named = self
@@ -220,8 +218,11 @@ impl Recipe {
     /// Rewrites the path of every model the recipe names through `rename`
     /// (`None` keeps a path as it is).
     pub fn rename_models(&mut self, rename: impl Fn(&str) -> Option<String>) {
-        let tokenizer = match &mut self.tokenizer_source {
-            Some(TokenizerSource::Model(m)) => Some(m),
+        let tokenizer = match &mut self.tokenizer {
+            Some(TokenizerSpec {
+                source: TokenizerSource::Model(m),
+                ..
+            }) => Some(m),
             _ => None,
         };
         let all = self
@@ -250,7 +251,7 @@ impl Recipe {
     }
 }
 
-fn model_ref(reader: &Reader<'_>, node: &Node<'_>) -> Result<ModelRef, RecipeError> {
+pub(crate) fn model_ref(reader: &Reader<'_>, node: &Node<'_>) -> Result<ModelRef, RecipeError> {
     let path = reader.string(node, "a model")?;
     Ok(ModelRef {
         path,
@@ -489,10 +490,6 @@ dtype: float16
 
     #[test]
     fn unsupported_features_say_so() {
-        assert!(
-            error("merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: union\n")
-                .contains("r.yml:4:19: `tokenizer_source: union` is not supported yet")
-        );
         assert!(error("merge_method: linear\nmodules: {}\n").contains("`modules:`"));
     }
 }
