@@ -5,6 +5,7 @@ mod convert;
 mod device;
 mod eval;
 mod extract;
+mod extract_lora;
 mod inspect;
 mod merge;
 mod pareto;
@@ -48,6 +49,7 @@ struct Cli {
 enum Command {
     Merge(merge::Args),
     Extract(extract::Args),
+    ExtractLora(extract_lora::Args),
     Stitch(stitch::Args),
     Inspect(inspect::Args),
     Convert(convert::Args),
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(args) => merge::run(args, cli.quiet),
         Command::Extract(args) => extract::run(args, cli.quiet),
+        Command::ExtractLora(args) => extract_lora::run(args, cli.quiet),
         Command::Stitch(args) => stitch::run(args, cli.quiet),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args, cli.quiet),

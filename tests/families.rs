@@ -188,12 +188,7 @@ fn mixtral_experts_are_merged_one_by_one() {
                   for k in d:\n    if '.experts.' in k:\n        e = int(k.split('.experts.')[1].split('.')[0])\n        \
                   d[k] = d[k] + torch.randn(d[k].shape, generator=g) * (1.0 if e == 0 else 1e-3)\n\
                   save_file(d, sys.argv[2] + '/model.safetensors', metadata={'format': 'pt'})\n";
-    python_ok([
-        "-c".as_ref(),
-        script.as_ref(),
-        base.as_os_str(),
-        tuned.as_os_str(),
-    ]);
+    python_code(script, &[&base, &tuned]);
     let recipe = tmp.path().join("ties.yml");
     std::fs::write(
         &recipe,
@@ -210,12 +205,7 @@ fn mixtral_experts_are_merged_one_by_one() {
     let check = "import sys, json\nfrom safetensors.torch import load_file\n\
                  b, o = load_file(sys.argv[1] + '/model.safetensors'), load_file(sys.argv[2] + '/model.safetensors')\n\
                  print(json.dumps({k: (o[k] != b[k]).float().mean().item() for k in o if '.experts.' in k}))\n";
-    let report = python_ok([
-        "-c".as_ref(),
-        check.as_ref(),
-        base.as_os_str(),
-        out.as_os_str(),
-    ]);
+    let report = python_code(check, &[&base, &out]);
     let changed: Value = serde_json::from_str(&report).unwrap();
     let fractions = changed.as_object().unwrap();
     assert_eq!(
@@ -235,4 +225,56 @@ fn mixtral_experts_are_merged_one_by_one() {
         loaded[out.to_str().unwrap()]["transformers"].is_object(),
         "{loaded}"
     );
+}
+
+/// Qwen2's q/k/v projections have biases: `extract-lora` saves them whole
+/// (peft's `bias: lora_only`), and peft and amalgam's `BASE+ADAPTER` apply
+/// the adapter to the same bits; at full rank it rebuilds the fine-tune.
+#[test]
+fn lora_adapters_carry_bias_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "qwen2", 0);
+    let tuned = tmp.path().join("tuned");
+    let script = "import sys, shutil, torch\nfrom safetensors.torch import load_file, save_file\n\
+                  shutil.copytree(sys.argv[1], sys.argv[2])\nd = load_file(sys.argv[1] + '/model.safetensors')\n\
+                  g = torch.Generator().manual_seed(1)\n\
+                  d = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in d.items()}\n\
+                  save_file(d, sys.argv[2] + '/model.safetensors', metadata={'format': 'pt'})\n";
+    python_code(script, &[&base, &tuned]);
+    let adapter = tmp.path().join("adapter");
+    ok([
+        "extract-lora".as_ref(),
+        base.as_os_str(),
+        tuned.as_os_str(),
+        adapter.as_os_str(),
+        "--rank".as_ref(),
+        "32".as_ref(),
+    ]);
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["bias"], "lora_only");
+    let applied = applies_as_peft(tmp.path(), "applied", &base, &adapter);
+    let check = "import sys\nfrom safetensors.torch import load_file\n\
+                 a, b = load_file(sys.argv[1] + '/model.safetensors'), load_file(sys.argv[2] + '/model.safetensors')\n\
+                 print(max((a[k] - b[k]).abs().max().item() for k in b))";
+    let worst: f64 = python_code(check, &[&applied, &tuned])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(worst < 1e-5, "rebuilt within {worst}");
+
+    // An adapter trained with `lora_bias` (a bias on lora_B, scaled like the
+    // matrices) applies as peft applies it.
+    let trained = tmp.path().join("trained");
+    let script = "import sys, torch\nfrom transformers import AutoModelForCausalLM\n\
+                  from peft import LoraConfig, get_peft_model\n\
+                  m = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), \
+                  LoraConfig(r=4, lora_alpha=6, target_modules=['q_proj', 'v_proj'], lora_bias=True))\n\
+                  g = torch.Generator().manual_seed(2)\n\
+                  with torch.no_grad():\n    for n, w in m.named_parameters():\n        \
+                  if 'lora_' in n: w.copy_(torch.randn(w.shape, generator=g) * 0.1)\n\
+                  m.save_pretrained(sys.argv[2])\n";
+    python_code(script, &[&base, &trained]);
+    applies_as_peft(tmp.path(), "trained-applied", &base, &trained);
 }

@@ -968,3 +968,68 @@ make("finetune-2", ["extra1", "new0"], ["<tool>", "<end>"])
     assert_eq!(ids.as_array().unwrap()[..4], ours.as_array().unwrap()[..]);
     assert_eq!(ids[4], json!([3, ours[1], ours[2], ours[3]]));
 }
+
+/// `amalgam extract-lora` writes mergekit-extract-lora's adapter (the same
+/// factors, bit for bit, and the same config), with and without
+/// `--embed-lora`; peft applies it exactly as amalgam's `BASE+ADAPTER` does;
+/// at full rank it rebuilds the fine-tune.
+#[test]
+fn extract_lora_matches_mergekit_and_round_trips_through_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("family");
+    synth(&family, &["--finetunes", "1", "--seed", "12"]);
+    let (base, tuned) = (family.join("base"), family.join("finetune-1"));
+    for (name, extra) in [("rank8", vec![]), ("rank8-embed", vec!["--embed-lora"])] {
+        let ours = tmp.path().join(name);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "extract-lora".as_ref(),
+            base.as_os_str(),
+            tuned.as_os_str(),
+            ours.as_os_str(),
+            "--rank".as_ref(),
+            "8".as_ref(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        ok(args);
+        let theirs = tmp.path().join(format!("{name}-mergekit"));
+        let mut mergekit: Vec<&std::ffi::OsStr> = vec![
+            "-m".as_ref(),
+            "mergekit.scripts.extract_lora".as_ref(),
+            "--model".as_ref(),
+            tuned.as_os_str(),
+            "--base-model".as_ref(),
+            base.as_os_str(),
+            "--out-path".as_ref(),
+            theirs.as_os_str(),
+            "--max-rank".as_ref(),
+            "8".as_ref(),
+        ];
+        mergekit.extend(extra.iter().map(std::ffi::OsStr::new));
+        python_ok(mergekit);
+        let report: Value = serde_json::from_str(&oracle_ok(
+            "lora_extract.py",
+            &["compare".as_ref(), ours.as_os_str(), theirs.as_os_str()],
+        ))
+        .unwrap();
+        eprintln!("{name}: {report}");
+        assert_eq!(report["only_ours"], json!([]), "{name}");
+        assert_eq!(report["only_theirs"], json!([]), "{name}");
+        assert_eq!(report["max_abs"], 0.0, "{name}");
+        assert_eq!(report["config_differs"], json!([]), "{name}");
+    }
+    // peft applies the adapter as amalgam does.
+    applies_as_peft(tmp.path(), "by-amalgam", &base, &tmp.path().join("rank8"));
+    // Full rank (the hidden size is 64) rebuilds the fine-tune.
+    let full = tmp.path().join("full");
+    ok([
+        "extract-lora".as_ref(),
+        base.as_os_str(),
+        tuned.as_os_str(),
+        full.as_os_str(),
+        "--rank".as_ref(),
+        "64".as_ref(),
+    ]);
+    let rebuilt = apply_adapter(tmp.path(), "rebuilt", &base, &full);
+    let cases = [json!({"name": "rebuilt", "ours": rebuilt, "theirs": tuned})];
+    assert_matches(&mergekit_oracle(tmp.path(), &cases), &cases, 1e-5);
+}

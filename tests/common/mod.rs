@@ -201,3 +201,39 @@ pub fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
     edit(&mut value);
     std::fs::write(path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
 }
+
+/// amalgam's `BASE+ADAPTER`, a weight-1 linear merge of it alone, into `dir/NAME`.
+pub fn apply_adapter(dir: &Path, name: &str, base: &Path, adapter: &Path) -> PathBuf {
+    let recipe = format!(
+        "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
+        base.display(),
+        adapter.display()
+    );
+    merge_ok(dir, name, &recipe).1
+}
+
+/// [`apply_adapter`] and peft's `merge_and_unload` (saved as `dir/NAME-peft`)
+/// give the same bits; amalgam's output.
+pub fn applies_as_peft(dir: &Path, name: &str, base: &Path, adapter: &Path) -> PathBuf {
+    let by_peft = dir.join(format!("{name}-peft"));
+    oracle_ok(
+        "lora_extract.py",
+        &[
+            "apply".as_ref(),
+            base.as_os_str(),
+            adapter.as_os_str(),
+            by_peft.as_os_str(),
+        ],
+    );
+    let ours = apply_adapter(dir, name, base, adapter);
+    let digests = |d: &Path| tensor_digests(&inspect_json(d, true));
+    assert_eq!(digests(&ours), digests(&by_peft), "{name}");
+    ours
+}
+
+/// `python -c CODE PATHS…` with the venv's Python, which must succeed; its stdout.
+pub fn python_code(code: &str, paths: &[&Path]) -> String {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["-c".as_ref(), code.as_ref()];
+    args.extend(paths.iter().map(|p| p.as_os_str()));
+    python_ok(args)
+}

@@ -16,8 +16,10 @@ use tch::{Kind, Tensor};
 
 use crate::{MergeError, Result};
 
-const CONFIG: &str = "adapter_config.json";
-const WEIGHTS: &str = "adapter_model.safetensors";
+pub mod extract;
+
+pub const CONFIG: &str = "adapter_config.json";
+pub const WEIGHTS: &str = "adapter_model.safetensors";
 /// peft's prefix for the wrapped model's parameters.
 const PREFIX: &str = "base_model.model.";
 /// Adapters are read whole; larger ones are refused rather than exhausting memory.
@@ -53,6 +55,8 @@ struct Update {
 pub struct Adapter {
     dir: PathBuf,
     updates: HashMap<String, Update>,
+    /// Bias name → (lora_B's bias, the layer's scale).
+    biases: HashMap<String, (Stored, f64)>,
     replaced: HashMap<String, Stored>,
 }
 
@@ -80,11 +84,7 @@ impl Adapter {
                 peft_type.unwrap_or("untyped")
             )));
         }
-        for (key, what) in [
-            ("use_dora", "DoRA"),
-            ("lora_bias", "LoRA biases"),
-            ("use_qalora", "QA-LoRA"),
-        ] {
+        for (key, what) in [("use_dora", "DoRA"), ("use_qalora", "QA-LoRA")] {
             if config.get(key) == Some(&Value::Bool(true)) {
                 return Err(fail(format!(
                     "uses {what} (`{key}`), which amalgam does not apply"
@@ -127,6 +127,8 @@ impl Adapter {
             .map_err(|e| fail(format!("{WEIGHTS} is not a safetensors file: {e}")))?;
         let mut halves: HashMap<String, (Option<Stored>, Option<Stored>, bool)> = HashMap::new();
         let mut replaced = HashMap::new();
+        // `lora_bias`: lora_B's bias, added (scaled) to the layer's bias.
+        let mut bias_changes: HashMap<String, Stored> = HashMap::new();
         for (key, view) in stored.tensors() {
             let kind = kind_from_dtype(view.dtype())
                 .ok_or_else(|| fail(format!("tensor {key} is stored as {:?}", view.dtype())))?;
@@ -138,6 +140,10 @@ impl Adapter {
             let name = key
                 .strip_prefix(PREFIX)
                 .ok_or_else(|| fail(format!("tensor {key} does not start with `{PREFIX}`")))?;
+            if let Some(module) = name.strip_suffix(".lora_B.bias") {
+                bias_changes.insert(module.to_owned(), tensor);
+                continue;
+            }
             let half = [
                 (".lora_A.weight", 0, false),
                 (".lora_B.weight", 1, false),
@@ -167,6 +173,7 @@ impl Adapter {
             }
         }
         let mut updates = HashMap::new();
+        let mut biases = HashMap::new();
         for (target, (a, b, embedding)) in halves {
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(fail(format!(
@@ -184,6 +191,9 @@ impl Adapter {
             } else {
                 alpha / rank as f64
             };
+            if let Some(change) = bias_changes.remove(module) {
+                biases.insert(format!("{module}.bias"), (change, scale));
+            }
             updates.insert(
                 target,
                 Update {
@@ -195,9 +205,15 @@ impl Adapter {
                 },
             );
         }
+        if let Some(module) = bias_changes.keys().next() {
+            return Err(fail(format!(
+                "holds a LoRA bias for {module} but no LoRA matrices for it"
+            )));
+        }
         let adapter = Self {
             dir: dir.to_path_buf(),
             updates,
+            biases,
             replaced,
         };
         adapter.check_against(base)?;
@@ -225,6 +241,15 @@ impl Adapter {
                 return Err(fail(format!(
                     "replaces {name} with a {:?} tensor; the base's is {want:?}",
                     tensor.shape
+                )));
+            }
+        }
+        for (name, (change, _)) in &self.biases {
+            let want = shape_of(name)?;
+            if change.shape != want {
+                return Err(fail(format!(
+                    "its LoRA bias for {name} is {:?}; the base's is {want:?}",
+                    change.shape
                 )));
             }
         }
@@ -256,7 +281,9 @@ impl Adapter {
 
     /// Whether reading `name` (a stored tensor's name) goes through the adapter.
     pub fn touches(&self, name: &str) -> bool {
-        self.updates.contains_key(name) || self.replaced.contains_key(name)
+        self.updates.contains_key(name)
+            || self.biases.contains_key(name)
+            || self.replaced.contains_key(name)
     }
 
     /// `weight` (the base's `name`, in its stored kind) with the adapter applied.
@@ -273,6 +300,17 @@ impl Adapter {
                 .map_err(torch)?,
             None => weight,
         };
+        if let Some((change, scale)) = self.biases.get(name) {
+            // peft: bias += lora_B.bias · scale, in the adapter's dtype.
+            let delta = change
+                .tensor()
+                .and_then(|c| c.f_mul_scalar(*scale))
+                .map_err(torch)?;
+            return weight
+                .f_add(&delta)
+                .and_then(|w| w.f_to_kind(stored))
+                .map_err(torch);
+        }
         let Some(update) = self.updates.get(name) else {
             return Ok(weight);
         };
