@@ -9,7 +9,6 @@ mod extract_lora;
 mod inspect;
 mod merge;
 mod pareto;
-mod pleas;
 mod progress;
 mod resources;
 mod stitch;

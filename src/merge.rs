@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use amalgam_checkpoint::{parse_byte_size, ScratchDir, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
-use amalgam_merge::registry;
-use amalgam_merge::MergeMethod;
+use amalgam_merge::registry::{self, Method};
+use amalgam_merge::RunOptions;
 use amalgam_recipe::{Recipe, Stages};
 use anyhow::Result;
 
@@ -73,23 +73,19 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     run_stages(stages, &args, quiet)
 }
 
-/// A per-tensor method from the registry, or `None` for `pleas`; an unknown
-/// name is an error at its line.
-fn method_of(recipe: &Recipe) -> Result<Option<&'static dyn MergeMethod>> {
-    if recipe.merge_method == "pleas" {
-        return Ok(None);
-    }
+/// The recipe's method from the registry; an unknown name is an error at its line.
+fn method_of(recipe: &Recipe) -> Result<Method> {
     let method = registry::get(&recipe.merge_method).ok_or_else(|| {
         recipe.error(
             recipe.merge_method_at,
             format!(
-                "unknown merge method `{}` (known: {}, pleas)",
+                "unknown merge method `{}` (known: {})",
                 recipe.merge_method,
                 registry::names().join(", ")
             ),
         )
     })?;
-    Ok(Some(method))
+    Ok(method)
 }
 
 /// A multi-stage recipe: each stage into `--intermediate-dir`/NAME (or a
@@ -99,7 +95,9 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
     let final_stage = stages.final_stage();
     for stage in &stages.run_order {
         // Unknown methods and bad inputs of the first stages fail before anything is written.
-        if let (Some(method), true) = (method_of(&stage.recipe)?, stage.uses.is_empty()) {
+        if let (Method::PerTensor(method), true) =
+            (method_of(&stage.recipe)?, stage.uses.is_empty())
+        {
             MergeJob::prepare(stage.recipe.clone(), method)?;
         }
     }
@@ -176,11 +174,34 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
 /// One recipe into `out`.
 fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
-    let Some(method) = method_of(&recipe)? else {
-        return crate::pleas::run(&recipe, out, args, quiet);
+    let threads = crate::resources::threads(args.threads);
+    let method = match method_of(&recipe)? {
+        Method::PerTensor(method) => method,
+        Method::WholeModel(method) => {
+            let options = RunOptions {
+                seed: args.seed,
+                device: crate::device::parse(&args.device)?,
+                threads,
+                memory_limit: crate::resources::memory_limit(
+                    args.memory_budget.as_deref(),
+                    "--memory-budget",
+                )?,
+                write: WriteOptions {
+                    max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
+                    force: args.force,
+                    inputs: vec![],
+                    allow_nonfinite: args.allow_nonfinite,
+                },
+                dry_run: args.dry_run,
+            };
+            let said = method.run(&recipe, out, &options, &crate::progress::Steps::new(quiet))?;
+            if args.dry_run || !quiet {
+                println!("{said}");
+            }
+            return Ok(());
+        }
     };
     let job = MergeJob::prepare(recipe, method)?;
-    let threads = crate::resources::threads(args.threads);
 
     let memory_budget = match &args.memory_budget {
         Some(text) => parse_byte_size(text)?,

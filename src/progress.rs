@@ -33,3 +33,37 @@ pub fn steps(total: u64, message: &str, quiet: bool) -> ProgressBar {
     bar.set_message(message.to_owned());
     bar
 }
+
+/// A step bar for a library's long run ([`amalgam_merge::Progress`]),
+/// created when the run says how many steps it has.
+pub struct Steps {
+    bar: std::sync::Mutex<Option<ProgressBar>>,
+    quiet: bool,
+}
+
+impl Steps {
+    pub fn new(quiet: bool) -> Self {
+        Self {
+            bar: std::sync::Mutex::new(None),
+            quiet,
+        }
+    }
+}
+
+impl amalgam_merge::Progress for Steps {
+    fn start(&self, total: u64, label: &str) {
+        *self.bar.lock().expect("progress lock") = Some(steps(total, label, self.quiet));
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(bar) = &*self.bar.lock().expect("progress lock") {
+            bar.inc(n);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.lock().expect("progress lock").take() {
+            bar.finish_and_clear();
+        }
+    }
+}

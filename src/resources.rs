@@ -3,6 +3,7 @@
 //! with the estimate), threads (a sane multiple of the cores) and recipe
 //! files (regular files of bounded size: never a FIFO or /dev/zero).
 
+use amalgam_checkpoint::memory::MemoryLimit;
 use amalgam_checkpoint::parse_byte_size;
 use anyhow::{anyhow, Result};
 
@@ -18,41 +19,31 @@ pub fn read_recipe(path: &std::path::Path) -> Result<String> {
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
 pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = text
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
+    amalgam_checkpoint::memory::available()
 }
 
-/// Refuses a run whose memory `estimate` exceeds `cap` (a size such as
-/// `8GB`, from the flag named `flag`), or, without one, the available memory.
-pub fn check_memory(estimate: u64, cap: Option<&str>, flag: &str, what: &str) -> Result<()> {
-    let (limit, source) = match cap {
-        Some(text) => (parse_byte_size(text)?, format!("{flag} {text}")),
-        None => match available_memory() {
-            Some(bytes) => (bytes, "the memory available".to_owned()),
-            None => return Ok(()),
-        },
+/// The limit a `cap` (a size such as `8GB`, from the flag named `flag`) sets,
+/// or, without one, the available memory.
+pub fn memory_limit(cap: Option<&str>, flag: &'static str) -> Result<Option<MemoryLimit>> {
+    let cap = match cap {
+        Some(text) => Some((parse_byte_size(text)?, text)),
+        None => None,
     };
-    if estimate > limit {
-        return Err(anyhow!(
-            "{what} needs about {} (estimated before allocating anything), more than {source} \
-             ({}); use smaller sizes, or set {flag} if the estimate is too cautious",
-            gigabytes(estimate),
-            gigabytes(limit)
-        ));
-    }
-    Ok(())
+    Ok(MemoryLimit::new(cap, flag))
 }
 
-fn gigabytes(bytes: u64) -> String {
-    format!("{:.1} GB", bytes as f64 / 1e9)
+/// Refuses a run whose memory `estimate` exceeds `cap`, or, without one, the
+/// available memory.
+pub fn check_memory(
+    estimate: u64,
+    cap: Option<&str>,
+    flag: &'static str,
+    what: &str,
+) -> Result<()> {
+    match memory_limit(cap, flag)? {
+        Some(limit) => limit.check(estimate, what).map_err(|e| anyhow!(e)),
+        None => Ok(()),
+    }
 }
 
 /// Worker threads: as asked (default: the cores), at most four per core —

@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(recipe) = Recipe::parse(text, "fuzz.yml") {
         if recipe.merge_method == "pleas" {
             let _ = PleasRecipe::from_recipe(&recipe);
-        } else if let Some(method) = registry::get(&recipe.merge_method) {
+        } else if let Some(method) = registry::per_tensor(&recipe.merge_method) {
             let inventories: Vec<ModelInventory> = recipe
                 .referenced_models()
                 .iter()

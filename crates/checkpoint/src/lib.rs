@@ -28,6 +28,7 @@ mod files;
 pub mod hub;
 pub mod interrupt;
 mod layout;
+pub mod memory;
 mod output;
 mod reader;
 mod seed;

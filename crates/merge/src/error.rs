@@ -21,6 +21,12 @@ pub enum MergeError {
     /// A permutation that does not fit its group or the model.
     #[error("permutation: {0}")]
     Permutation(String),
+    /// A model the forward pass cannot load or run.
+    #[error(transparent)]
+    Model(#[from] amalgam_nn::NnError),
+    /// A run whose memory estimate exceeds the limit.
+    #[error("{0}")]
+    Memory(String),
     /// A LoRA adapter that cannot be applied to its base.
     #[error("{}: {message}", dir.display())]
     Adapter {

@@ -4,10 +4,12 @@
 //! (checkpoints, LoRA adapters applied on read), [`executor::MergeJob::prepare`]
 //! plans the job and checks it, and the executor reads, merges and writes.
 //!
-//! Every method is one file in [`methods`] implementing [`MergeMethod`] and one
-//! line in [`registry`]. A method sees one output tensor at a time: its inputs
-//! (already in the math dtype and cut to the output shape), which one is the
-//! base, and the parameters the recipe resolved for it.
+//! Every per-tensor method is one file in [`methods`] implementing
+//! [`MergeMethod`] and one line in [`registry`]. It sees one output tensor at
+//! a time: its inputs (already in the math dtype and cut or aligned to the
+//! output shape), which one is the base, and the parameters the recipe
+//! resolved for it. Methods that need whole models (PLeaS) implement
+//! [`WholeModelMethod`] and sit in the same registry.
 
 pub mod elementwise;
 mod error;
@@ -23,4 +25,4 @@ pub mod sparsify;
 pub mod vocabulary;
 
 pub use error::{MergeError, Result};
-pub use method::{MergeContext, MergeMethod};
+pub use method::{MergeContext, MergeMethod, Progress, RunOptions, WholeModelMethod};

@@ -78,3 +78,40 @@ pub trait MergeMethod: Sync + Send {
         inputs + 2
     }
 }
+
+/// How a whole-model method runs: `amalgam merge`'s options.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub seed: u64,
+    pub device: tch::Device,
+    pub threads: usize,
+    /// Refuses a run whose memory estimate exceeds it (`None`: unknown).
+    pub memory_limit: Option<amalgam_checkpoint::memory::MemoryLimit>,
+    pub write: amalgam_checkpoint::WriteOptions,
+    /// Describe the run; write nothing.
+    pub dry_run: bool,
+}
+
+/// Where a long run reports its progress (the binary draws a bar).
+pub trait Progress: Sync {
+    fn start(&self, total: u64, label: &str);
+    fn advance(&self, steps: u64);
+    fn finish(&self);
+}
+
+/// A method that needs whole models at once rather than one tensor at a
+/// time (PLeaS): it reads its models, computes and writes the output itself.
+pub trait WholeModelMethod: Sync + Send {
+    /// Its `merge_method` name.
+    fn name(&self) -> &'static str;
+
+    /// Checks `recipe` and its models, then writes the merge into `out` (with
+    /// `options.dry_run`, only describes it); returns what to tell the user.
+    fn run(
+        &self,
+        recipe: &amalgam_recipe::Recipe,
+        out: &std::path::Path,
+        options: &RunOptions,
+        progress: &dyn Progress,
+    ) -> Result<String>;
+}

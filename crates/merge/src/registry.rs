@@ -1,7 +1,9 @@
-//! Every merge method by name. Adding a method: one file in `methods/`, one line here.
+//! Every merge method by name: per-tensor methods (one output tensor at a
+//! time, run by the executor) and whole-model methods (PLeaS). Adding a
+//! method: one file, one line here.
 
 use crate::methods::*;
-use crate::MergeMethod;
+use crate::{MergeMethod, WholeModelMethod};
 
 /// All methods, in the order the README lists them.
 pub static METHODS: &[&dyn MergeMethod] = &[
@@ -27,12 +29,37 @@ pub static METHODS: &[&dyn MergeMethod] = &[
     &passthrough::Passthrough,
 ];
 
+/// Methods that need whole models at once.
+pub static WHOLE_MODEL_METHODS: &[&dyn WholeModelMethod] = &[&crate::pleas::Pleas];
+
+/// A method of either kind.
+#[derive(Clone, Copy)]
+pub enum Method {
+    PerTensor(&'static dyn MergeMethod),
+    WholeModel(&'static dyn WholeModelMethod),
+}
+
 /// The method called `name` (mergekit's spelling).
-pub fn get(name: &str) -> Option<&'static dyn MergeMethod> {
+pub fn get(name: &str) -> Option<Method> {
+    per_tensor(name).map(Method::PerTensor).or_else(|| {
+        WHOLE_MODEL_METHODS
+            .iter()
+            .copied()
+            .find(|m| m.name() == name)
+            .map(Method::WholeModel)
+    })
+}
+
+/// The per-tensor method called `name`.
+pub fn per_tensor(name: &str) -> Option<&'static dyn MergeMethod> {
     METHODS.iter().copied().find(|m| m.spec().name == name)
 }
 
 /// Every method name, for messages.
 pub fn names() -> Vec<&'static str> {
-    METHODS.iter().map(|m| m.spec().name).collect()
+    METHODS
+        .iter()
+        .map(|m| m.spec().name)
+        .chain(WHOLE_MODEL_METHODS.iter().map(|m| m.name()))
+        .collect()
 }

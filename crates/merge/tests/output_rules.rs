@@ -215,7 +215,7 @@ proptest! {
         let out = tmp.path().join("out");
         let result = (|| -> Result<usize, String> {
             let recipe = Recipe::parse(&text, "r.yml").map_err(|e| e.to_string())?;
-            let method = registry::get(&recipe.merge_method).expect("a registered method");
+            let method = registry::per_tensor(&recipe.merge_method).expect("a registered method");
             let job = MergeJob::prepare(recipe, method).map_err(|e| e.to_string())?;
             let exec = ExecOptions {
                 seed: 7,

@@ -38,7 +38,10 @@
 pub mod least_squares;
 pub mod matching;
 pub mod permutation;
+mod run;
 pub mod statistics;
+
+pub use run::Pleas;
 
 use std::collections::BTreeMap;
 use std::time::Instant;

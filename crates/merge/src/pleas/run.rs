@@ -1,32 +1,49 @@
-//! `amalgam merge` for `merge_method: pleas`: loads the two models into the
-//! forward pass, feeds the PLeaS pipeline their features on calibration
+//! `merge_method: pleas` as a whole-model method: loads the two models into
+//! the forward pass, feeds the PLeaS pipeline their features on calibration
 //! batches, and writes the merged model (its FFN widths in the config).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use amalgam_checkpoint::{parse_byte_size, InputRecord, ModelCard, WriteOptions};
-use amalgam_merge::pleas::permutation::DecoderShape;
-use amalgam_merge::pleas::statistics::Metric;
-use amalgam_merge::pleas::{self, Activations, Matching, Model, Taps, Widen};
-use amalgam_merge::source::Source;
-use amalgam_merge::MergeError;
+use amalgam_checkpoint::{InputRecord, ModelCard};
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::{tokenizer, Llama, LlamaConfig};
 use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe};
-use anyhow::{anyhow, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Device, Kind, Tensor};
 
-use crate::merge::Args;
+use super::permutation::DecoderShape;
+use super::statistics::Metric;
+use super::{Activations, Matching, Model, Taps, Widen};
+use crate::source::Source;
+use crate::{MergeError, Progress, Result, RunOptions, WholeModelMethod};
+
+/// PLeaS in the whole-model registry.
+pub struct Pleas;
+
+impl WholeModelMethod for Pleas {
+    fn name(&self) -> &'static str {
+        "pleas"
+    }
+
+    fn run(
+        &self,
+        recipe: &Recipe,
+        out: &Path,
+        options: &RunOptions,
+        progress: &dyn Progress,
+    ) -> Result<String> {
+        run(recipe, out, options, progress)
+    }
+}
 
 /// The forward pass as PLeaS's feature source.
 struct Forward<'a>(&'a Llama);
 
 impl Activations for Forward<'_> {
-    fn taps(&self, ids: &Tensor) -> amalgam_merge::Result<Taps> {
+    fn taps(&self, ids: &Tensor) -> Result<Taps> {
         let ids = ids.to_device(self.0.device());
         let (_, taps) = tch::no_grad(|| self.0.forward_taps(&ids));
         // The pipeline's statistics and equations live on the CPU.
@@ -74,16 +91,14 @@ fn calibration(recipe: &Recipe, pleas: &PleasRecipe, vocab: usize) -> Result<Vec
         })?],
     };
     if vocab != tokenizer::VOCAB_SIZE {
-        return Err(recipe
-            .error(
-                pleas.calibration_at,
-                format!(
-                    "corpus calibration is tokenized with amalgam's byte tokenizer ({} tokens), \
-                     this model has {vocab}: use `calibration: random`",
-                    tokenizer::VOCAB_SIZE
-                ),
-            )
-            .into());
+        return Err(MergeError::Recipe(recipe.error(
+            pleas.calibration_at,
+            format!(
+                "corpus calibration is tokenized with amalgam's byte tokenizer ({} tokens), \
+                 this model has {vocab}: use `calibration: random`",
+                tokenizer::VOCAB_SIZE
+            ),
+        )));
     }
     let mut sampler = Sampler::new(&domains, Split::Train, pleas.seed);
     Ok(sizes
@@ -92,7 +107,12 @@ fn calibration(recipe: &Recipe, pleas: &PleasRecipe, vocab: usize) -> Result<Vec
         .collect())
 }
 
-pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> {
+fn run(
+    recipe: &Recipe,
+    out: &Path,
+    options: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<String> {
     let started = Instant::now();
     let pleas = PleasRecipe::from_recipe(recipe)?;
     let checkpoints = pleas
@@ -101,19 +121,20 @@ pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> 
         .map(|m| {
             let source = Source::open(recipe, m)?;
             match source.adapter {
-                Some(_) => Err(anyhow!(recipe.error(
+                Some(_) => Err(MergeError::Recipe(recipe.error(
                     m.at,
-                    "pleas reads whole checkpoints; merge the adapter into its base first                      (a linear merge of `BASE+ADAPTER` alone with weight 1 writes it)"
+                    "pleas reads whole checkpoints; merge the adapter into its base first \
+                     (a linear merge of `BASE+ADAPTER` alone with weight 1 writes it)",
                 ))),
                 None => Ok(source.checkpoint),
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    let device = crate::device::parse(&args.device)?;
+    let device = options.device;
     // Matrix products split their sums by thread: the same recipe and the
     // same thread count give bit-identical output (other counts differ in
     // the last bits of a few weights).
-    let threads = crate::resources::threads(args.threads);
+    let threads = options.threads;
     tch::set_num_threads(threads as i32);
     let mut estimate = (pleas.samples as u64).saturating_mul(pleas.seq_len as u64 * 8);
     for (checkpoint, m) in checkpoints.iter().zip(&pleas.models) {
@@ -121,35 +142,35 @@ pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> 
             checkpoint.config(),
             &checkpoint.dir().join("config.json"),
         )
-        .map_err(|e| anyhow!(recipe.error(m.at, format!("model `{}`: {e}", m.path))))?;
+        .map_err(|e| MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path))))?;
         let batch = pleas.batch.min(pleas.samples);
         estimate = estimate
             .saturating_add(config.weight_bytes())
             .saturating_add(config.forward_bytes(batch, pleas.seq_len))
             .saturating_add(config.taps_bytes(batch, pleas.seq_len));
     }
-    crate::resources::check_memory(
-        estimate,
-        args.memory_budget.as_deref(),
-        "--memory-budget",
-        "this PLeaS merge's forward passes",
-    )?;
+    if let Some(limit) = &options.memory_limit {
+        limit
+            .check(estimate, "this PLeaS merge's forward passes")
+            .map_err(MergeError::Memory)?;
+    }
     let models = pleas
         .models
         .iter()
         .zip(&checkpoints)
         .map(|(m, checkpoint)| {
-            Llama::load(checkpoint.dir(), device)
-                .map_err(|e| anyhow!(recipe.error(m.at, format!("model `{}`: {e}", m.path))))
+            Llama::load(checkpoint.dir(), device).map_err(|e| {
+                MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path)))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let config = models[0].config.clone();
     if models[1].config.intermediate_sizes != config.intermediate_sizes
         || models[1].config.hidden_size != config.hidden_size
     {
-        return Err(anyhow!(recipe.error(
+        return Err(MergeError::Recipe(recipe.error(
             pleas.models[1].at,
-            "pleas merges two models of one shape (hidden size, layers, FFN widths)"
+            "pleas merges two models of one shape (hidden size, layers, FFN widths)",
         )));
     }
     let shape = DecoderShape {
@@ -162,7 +183,7 @@ pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> 
         rms_norm_eps: config.rms_norm_eps,
     };
     let batches = calibration(recipe, &pleas, config.vocab_size)?;
-    let options = pleas::Options {
+    let settings = super::Options {
         matching: match pleas.matching {
             PleasMatching::Activation if pleas.metric == "distance" => {
                 Matching::Activation(Metric::Distance)
@@ -185,20 +206,19 @@ pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> 
             Widen::All
         },
     };
-    if args.dry_run {
-        println!(
+    if options.dry_run {
+        return Ok(format!(
             "pleas: {} + {} ({} layers, hidden {}, FFN {:?}), {:?}, budget {}, {} calibration batches of {}",
             pleas.models[0].path,
             pleas.models[1].path,
             shape.ffn.len(),
             shape.hidden,
             shape.ffn,
-            options.matching,
-            options.budget,
+            settings.matching,
+            settings.budget,
             batches.len(),
             pleas.calibration
-        );
-        return Ok(());
+        ));
     }
     let on_cpu = |m: &Llama| -> BTreeMap<String, Tensor> {
         m.tensors()
@@ -207,9 +227,9 @@ pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> 
             .collect()
     };
     let (tensors_a, tensors_b) = (on_cpu(&models[0]), on_cpu(&models[1]));
-    let passes = if options.least_squares { 2 } else { 1 };
-    let bar = crate::progress::steps((passes * batches.len()) as u64, "pleas", quiet);
-    let merged = pleas::merge(
+    let passes = if settings.least_squares { 2 } else { 1 };
+    progress.start((passes * batches.len()) as u64, "pleas");
+    let merged = super::merge(
         &shape,
         Model {
             tensors: &tensors_a,
@@ -220,11 +240,10 @@ pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> 
             activations: &Forward(&models[1]),
         },
         &batches,
-        &options,
-        &|| bar.inc(1),
-    )
-    .map_err(|e: MergeError| anyhow!("pleas: {e}"))?;
-    bar.finish_and_clear();
+        &settings,
+        &|| progress.advance(1),
+    )?;
+    progress.finish();
     let mut out_config = config.clone();
     out_config.intermediate_sizes = merged.ffn_widths.clone();
     out_config.hidden_size = merged.hidden;
@@ -258,29 +277,20 @@ pub fn run(recipe: &Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> 
         recipe: Some(recipe.text.clone()),
         inputs,
     };
-    let write = WriteOptions {
-        max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
-        force: args.force,
-        inputs: checkpoints.iter().map(|c| c.dir().to_path_buf()).collect(),
-        allow_nonfinite: args.allow_nonfinite,
-    };
-    let out = model
-        .save(out, &card, Some(checkpoints[0].dir()), &[], &write)
-        .with_context(|| format!("writing {}", out.display()))?;
-    if !quiet {
-        println!(
-            "merged 2 models with pleas into {}: {} parameters ({:.3}×), hidden size {}, \
-             FFN widths {:?}; features {:.1} s, matching {:.1} s, least squares {:.1} s, total {:.1} s",
-            out.display(),
-            merged.parameters,
-            merged.ratio,
-            merged.hidden,
-            merged.ffn_widths,
-            t.features,
-            t.matching,
-            t.least_squares,
-            started.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+    let mut write = options.write.clone();
+    write.inputs = checkpoints.iter().map(|c| c.dir().to_path_buf()).collect();
+    let out = model.save(out, &card, Some(checkpoints[0].dir()), &[], &write)?;
+    Ok(format!(
+        "merged 2 models with pleas into {}: {} parameters ({:.3}×), hidden size {}, \
+         FFN widths {:?}; features {:.1} s, matching {:.1} s, least squares {:.1} s, total {:.1} s",
+        out.display(),
+        merged.parameters,
+        merged.ratio,
+        merged.hidden,
+        merged.ffn_widths,
+        t.features,
+        t.matching,
+        t.least_squares,
+        started.elapsed().as_secs_f64()
+    ))
 }
