@@ -8,6 +8,7 @@ mod extract;
 mod extract_lora;
 mod inspect;
 mod merge;
+mod moe;
 mod pareto;
 mod progress;
 mod resources;
@@ -47,6 +48,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Merge(merge::Args),
+    Moe(moe::Args),
     Extract(extract::Args),
     ExtractLora(extract_lora::Args),
     Stitch(stitch::Args),
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Merge(args) => merge::run(args, cli.quiet),
+        Command::Moe(args) => moe::run(args, cli.quiet),
         Command::Extract(args) => extract::run(args, cli.quiet),
         Command::ExtractLora(args) => extract_lora::run(args, cli.quiet),
         Command::Stitch(args) => stitch::run(args, cli.quiet),

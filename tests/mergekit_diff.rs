@@ -1033,3 +1033,104 @@ fn extract_lora_matches_mergekit_and_round_trips_through_peft() {
     let cases = [json!({"name": "rebuilt", "ours": rebuilt, "theirs": tuned})];
     assert_matches(&mergekit_oracle(tmp.path(), &cases), &cases, 1e-5);
 }
+
+/// `amalgam moe` builds mergekit-moe's Mixtral: with `cheap_embed` gates the
+/// same model, routers included; with `hidden` gates the same model but the
+/// routers, which follow transformers' float32 forward pass one prompt at a
+/// time (mergekit runs the base in bfloat16 on left-padded batches); random
+/// gates are seeded.
+#[test]
+fn moe_matches_mergekit_moe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("family");
+    synth(&family, &["--finetunes", "3", "--seed", "2"]);
+    let script = "import json, sys\nfrom tokenizers import AddedToken, Tokenizer, models, pre_tokenizers\n\
+                  words = ['<s>', '</s>'] + [f'w{i}' for i in range(382)]\n\
+                  t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='w0'))\n\
+                  t.pre_tokenizer = pre_tokenizers.Whitespace()\n\
+                  t.add_special_tokens([AddedToken('<s>', special=True), AddedToken('</s>', special=True)])\n\
+                  t.save(sys.argv[1] + '/tokenizer.json')\n\
+                  json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>', \
+                  'eos_token': '</s>', 'unk_token': 'w0'}, open(sys.argv[1] + '/tokenizer_config.json', 'w'))\n";
+    let base = family.join("base");
+    python_code(script, &[&base]);
+    let config = |mode: &str| {
+        let path = tmp.path().join(format!("moe-{mode}.yml"));
+        let expert = |i: usize| family.join(format!("finetune-{i}")).display().to_string();
+        std::fs::write(
+            &path,
+            format!(
+                "base_model: {}\ngate_mode: {mode}\nexperts_per_token: 2\nexperts:\n  \
+                 - source_model: {}\n    positive_prompts: [\"w1 w2 w3\", \"w4 w5\"]\n  \
+                 - source_model: {}\n    positive_prompts: [\"w10 w11\"]\n    \
+                 negative_prompts: [\"w1 w2\"]\n    residual_scale: 0.5\n  \
+                 - source_model: {}\n    positive_prompts: [\"w20 w21 w22 w23\"]\n",
+                base.display(),
+                expert(1),
+                expert(2),
+                expert(3)
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let build = |mode: &str, seed: &str, name: &str| {
+        let out = tmp.path().join(name);
+        let recipe = config(mode);
+        ok([
+            "moe".as_ref(),
+            recipe.as_os_str(),
+            out.as_os_str(),
+            "--seed".as_ref(),
+            seed.as_ref(),
+        ]);
+        out
+    };
+    for mode in ["cheap_embed", "hidden"] {
+        let ours = build(mode, "0", &format!("ours-{mode}"));
+        let theirs = tmp.path().join(format!("theirs-{mode}"));
+        python_ok([
+            "-m".as_ref(),
+            "mergekit.scripts.moe".as_ref(),
+            config(mode).as_os_str(),
+            theirs.as_os_str(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+        ]);
+        let report: Value = serde_json::from_str(&oracle_ok(
+            "moe.py",
+            &["compare".as_ref(), ours.as_os_str(), theirs.as_os_str()],
+        ))
+        .unwrap();
+        eprintln!("{mode}: {report}");
+        assert_eq!(report["only_ours"], json!([]), "{mode}");
+        assert_eq!(report["only_theirs"], json!([]), "{mode}");
+        assert_eq!(report["other"], 0.0, "{mode}: experts, attention, norms");
+        let router = report["router"].as_f64().unwrap();
+        match mode {
+            "cheap_embed" => assert!(router <= 1e-6, "{report}"),
+            _ => {
+                assert!(router <= 1e-2, "bfloat16 against float32: {report}");
+                let gates: Value = serde_json::from_str(&oracle_ok(
+                    "moe.py",
+                    &[
+                        "hidden-gates".as_ref(),
+                        base.as_os_str(),
+                        config(mode).as_os_str(),
+                        ours.as_os_str(),
+                    ],
+                ))
+                .unwrap();
+                assert!(gates["max_abs"].as_f64().unwrap() <= 1e-5, "{gates}");
+            }
+        }
+    }
+    let digests = |dir: &Path| tensor_digests(&inspect_json(dir, true));
+    let (first, again, other) = (
+        build("random", "1", "random-1"),
+        build("random", "1", "random-1-again"),
+        build("random", "2", "random-2"),
+    );
+    assert_eq!(digests(&first), digests(&again));
+    assert_ne!(digests(&first), digests(&other));
+}

@@ -18,6 +18,7 @@ mod job;
 pub mod lora;
 mod method;
 pub mod methods;
+pub mod moe;
 pub mod pleas;
 pub mod registry;
 pub mod source;

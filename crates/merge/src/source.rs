@@ -19,7 +19,13 @@ pub struct Source {
 impl Source {
     /// Opens a recipe's model; errors name its recipe line.
     pub fn open(recipe: &Recipe, model: &ModelRef) -> Result<Self> {
-        let at = |message: String| MergeError::Recipe(recipe.error(model.at, message));
+        Self::open_at(model, &|message| {
+            MergeError::Recipe(recipe.error(model.at, message))
+        })
+    }
+
+    /// Opens `model`; `at` makes an error at its place in whatever file named it.
+    pub fn open_at(model: &ModelRef, at: &dyn Fn(String) -> MergeError) -> Result<Self> {
         let (base, adapter) = split_adapter(&model.path);
         let dir = hub::locate(base).map_err(|e| at(e.to_string()))?;
         let checkpoint = Checkpoint::open(dir).map_err(|e| at(format!("model `{base}`: {e}")))?;

@@ -1,13 +1,15 @@
-//! Recipes: the YAML schemas (mergekit-compatible for merges; `kind: extract`
-//! for nested submodels; `kind: stitch` for SN-Net families; `merge_method:
-//! pleas`'s own parameters), validation with
-//! line and column, and resolution of parameters into a [`Plan`]. Pure data: no
+//! Recipes: the YAML schemas (mergekit-compatible for merges, multi-stage
+//! recipes and mergekit-moe configs; `kind: extract` for nested submodels;
+//! `kind: stitch` for SN-Net families; `merge_method: pleas`'s own
+//! parameters), validation with line and column, and resolution of
+//! parameters into a [`Plan`]. Pure data: no
 //! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
 //! and the merge method as a [`MethodSpec`].
 
 mod chat_template;
 mod error;
 mod extract;
+mod moe;
 mod params;
 mod plan;
 mod pleas;
@@ -20,6 +22,7 @@ mod yaml;
 pub use chat_template::ChatTemplate;
 pub use error::{Location, RecipeError};
 pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
+pub use moe::{Expert, GateMode, MoeRecipe};
 pub use params::{Conditional, Scalar, Setting};
 pub use plan::{
     BasePolicy, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope, ParamSpec,

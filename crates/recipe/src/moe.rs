@@ -1,0 +1,299 @@
+//! `amalgam moe` configs (mergekit-moe's schema): a base model and dense
+//! experts assembled into a Mixtral-style mixture, with router ("gate")
+//! weights from prompts or random.
+
+use crate::schema::model_ref;
+use crate::yaml::{load, location, Node, Reader};
+use crate::{Location, ModelRef, RecipeError, Scalar};
+
+/// How router weights are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateMode {
+    /// The base model's hidden state at the last token of each prompt, per layer.
+    Hidden,
+    /// The mean token embedding of the prompts, the same for every layer.
+    CheapEmbed,
+    /// Standard normal entries.
+    Random,
+    /// Uniform in ±1/√hidden (a fresh `nn.Linear`'s range).
+    UniformRandom,
+}
+
+impl GateMode {
+    pub const NAMES: &'static [&'static str] =
+        &["hidden", "cheap_embed", "random", "uniform_random"];
+
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "hidden" => Self::Hidden,
+            "cheap_embed" => Self::CheapEmbed,
+            "random" => Self::Random,
+            "uniform_random" => Self::UniformRandom,
+            _ => return None,
+        })
+    }
+
+    pub fn needs_prompts(self) -> bool {
+        matches!(self, Self::Hidden | Self::CheapEmbed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expert {
+    pub model: ModelRef,
+    pub positive_prompts: Vec<String>,
+    pub negative_prompts: Vec<String>,
+    /// Standard deviation of noise added to the expert's weights.
+    pub noise_scale: Option<f64>,
+    /// Factor on the expert's down projection (its residual write).
+    pub residual_scale: Option<f64>,
+    pub at: Location,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeRecipe {
+    pub source_name: String,
+    pub text: String,
+    pub base_model: ModelRef,
+    pub experts: Vec<Expert>,
+    pub gate_mode: GateMode,
+    /// Output dtype (default: the base's).
+    pub dtype: Option<String>,
+    pub experts_per_token: usize,
+    pub at: Location,
+}
+
+const KEYS: &[&str] = &[
+    "base_model",
+    "experts",
+    "gate_mode",
+    "dtype",
+    "experts_per_token",
+    "shared_experts",
+    "architecture",
+];
+
+impl MoeRecipe {
+    /// Parses and checks a config; `allow_identical` accepts experts that are
+    /// all one model (useful only as a start for training, as mergekit says).
+    pub fn parse(
+        text: &str,
+        source_name: &str,
+        allow_identical: bool,
+    ) -> Result<Self, RecipeError> {
+        let reader = Reader { source_name };
+        let root = load(text, source_name)?;
+        let at = location(&root);
+        let mut base_model = None;
+        let mut experts = vec![];
+        let mut experts_at = at;
+        let mut gate_mode = GateMode::Hidden;
+        let mut dtype = None;
+        let mut experts_per_token = 2;
+        for (key, node, key_at) in reader.mapping(&root, "an moe config", KEYS)? {
+            match key.as_str() {
+                "base_model" => base_model = Some(model_ref(&reader, node)?),
+                "experts" => {
+                    experts_at = key_at;
+                    for item in reader.sequence(node, "experts")? {
+                        experts.push(expert(&reader, item)?);
+                    }
+                }
+                "gate_mode" => {
+                    let name = reader.string(node, "gate_mode")?;
+                    gate_mode = GateMode::parse(&name).ok_or_else(|| {
+                        reader.error(
+                            location(node),
+                            format!(
+                                "unknown gate_mode `{name}` (known: {})",
+                                GateMode::NAMES.join(", ")
+                            ),
+                        )
+                    })?;
+                }
+                "dtype" => {
+                    let name = reader.string(node, "dtype")?;
+                    if !["float32", "float16", "bfloat16"].contains(&name.as_str()) {
+                        return Err(reader.error(location(node), format!("unknown dtype `{name}` (float32, float16 or bfloat16)")));
+                    }
+                    dtype = Some(name);
+                }
+                "experts_per_token" => {
+                    experts_per_token = reader.usize(node, "experts_per_token")?;
+                    if experts_per_token == 0 {
+                        return Err(reader.error(location(node), "experts_per_token must be at least 1"));
+                    }
+                }
+                "shared_experts" if Reader::is_null(node) => {}
+                "shared_experts" => {
+                    return Err(reader.error(key_at, "shared experts need a Qwen2-MoE or DeepSeek output, which `amalgam moe` does not write yet (it writes Mixtral)"))
+                }
+                "architecture" => {
+                    let name = reader.string(node, "architecture")?;
+                    if !name.eq_ignore_ascii_case("mixtral") {
+                        return Err(reader.error(location(node), format!("output architecture `{name}` is not supported (`amalgam moe` writes Mixtral)")));
+                    }
+                }
+                _ => unreachable!("mapping() admits only KEYS"),
+            }
+        }
+        let base_model = base_model.ok_or_else(|| reader.error(at, "missing `base_model`"))?;
+        if experts.len() < experts_per_token {
+            return Err(reader.error(
+                experts_at,
+                format!(
+                    "{} experts for experts_per_token {experts_per_token}: give at least as many experts",
+                    experts.len()
+                ),
+            ));
+        }
+        if gate_mode.needs_prompts() {
+            if let Some(e) = experts.iter().find(|e| e.positive_prompts.is_empty()) {
+                return Err(reader.error(e.at, "this expert has no positive_prompts, which the gate mode needs (or use gate_mode: random)"));
+            }
+            let prompts = |e: &Expert| (e.positive_prompts.clone(), e.negative_prompts.clone());
+            if experts.len() > 1 && experts.iter().all(|e| prompts(e) == prompts(&experts[0])) {
+                return Err(reader.error(
+                    experts_at,
+                    "every expert has the same prompts: the router could not tell them apart",
+                ));
+            }
+        }
+        if !allow_identical
+            && experts.len() > 1
+            && experts
+                .iter()
+                .all(|e| e.model.path == experts[0].model.path)
+        {
+            return Err(reader.error(
+                experts_at,
+                "every expert is the same model: the mixture would cost more and compute the same \
+                 (pass --allow-identical-experts to build it anyway, e.g. to train it further)",
+            ));
+        }
+        Ok(Self {
+            source_name: source_name.into(),
+            text: text.into(),
+            base_model,
+            experts,
+            gate_mode,
+            dtype,
+            experts_per_token,
+            at,
+        })
+    }
+
+    pub fn error(&self, at: Location, message: impl Into<String>) -> RecipeError {
+        RecipeError {
+            source_name: self.source_name.clone(),
+            at,
+            message: message.into(),
+        }
+    }
+}
+
+fn expert(reader: &Reader<'_>, node: &Node<'_>) -> Result<Expert, RecipeError> {
+    let keys = [
+        "source_model",
+        "positive_prompts",
+        "negative_prompts",
+        "noise_scale",
+        "residual_scale",
+    ];
+    let mut model = None;
+    let mut expert = Expert {
+        model: ModelRef {
+            path: String::new(),
+            at: location(node),
+        },
+        positive_prompts: vec![],
+        negative_prompts: vec![],
+        noise_scale: None,
+        residual_scale: None,
+        at: location(node),
+    };
+    for (key, value, _) in reader.mapping(node, "an expert", &keys)? {
+        match key.as_str() {
+            "source_model" => model = Some(model_ref(reader, value)?),
+            "positive_prompts" | "negative_prompts" => {
+                let prompts = reader
+                    .sequence(value, &key)?
+                    .iter()
+                    .map(|p| reader.string(p, "a prompt"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if key == "positive_prompts" {
+                    expert.positive_prompts = prompts;
+                } else {
+                    expert.negative_prompts = prompts;
+                }
+            }
+            "noise_scale" | "residual_scale" => {
+                let number = match reader.scalar(value) {
+                    Some(Scalar::Number(x)) if x.is_finite() => x,
+                    _ => {
+                        return Err(
+                            reader.error(location(value), format!("{key} must be a finite number"))
+                        )
+                    }
+                };
+                if key == "noise_scale" {
+                    expert.noise_scale = Some(number);
+                } else {
+                    expert.residual_scale = Some(number);
+                }
+            }
+            _ => unreachable!("mapping() admits only the listed keys"),
+        }
+    }
+    expert.model =
+        model.ok_or_else(|| reader.error(expert.at, "an expert needs `source_model`"))?;
+    Ok(expert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str =
+        "base_model: b\nexperts:\n  - source_model: x\n    positive_prompts: [code]\n  \
+                       - source_model: y\n    positive_prompts: [prose]\n";
+
+    fn err(text: &str) -> String {
+        MoeRecipe::parse(text, "m.yml", false)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn mergekit_configs_parse() {
+        let recipe = MoeRecipe::parse(
+            &format!("{TWO}gate_mode: cheap_embed\ndtype: bfloat16\n"),
+            "m.yml",
+            false,
+        )
+        .unwrap();
+        assert_eq!(recipe.experts.len(), 2);
+        assert_eq!(recipe.gate_mode, GateMode::CheapEmbed);
+        assert_eq!(recipe.experts_per_token, 2);
+        assert_eq!(recipe.experts[1].positive_prompts, ["prose"]);
+    }
+
+    #[test]
+    fn configs_that_cannot_work_name_their_line() {
+        assert!(err(&format!("{TWO}experts_per_token: 3\n")).starts_with("m.yml:2:1:"));
+        assert!(err(&format!("{TWO}gate_mode: smart\n")).contains("unknown gate_mode `smart`"));
+        assert!(err(&format!("{TWO}shared_experts: []\n")).contains("Qwen2-MoE"));
+        let no_prompts = "base_model: b\nexperts:\n  - source_model: x\n  - source_model: y\n";
+        assert!(
+            err(no_prompts).starts_with("m.yml:3:5:"),
+            "{}",
+            err(no_prompts)
+        );
+        assert!(
+            MoeRecipe::parse(&format!("{no_prompts}gate_mode: random\n"), "m.yml", false).is_ok()
+        );
+        let same = TWO.replace("source_model: y", "source_model: x");
+        assert!(err(&same).contains("--allow-identical-experts"));
+        assert!(MoeRecipe::parse(&same, "m.yml", true).is_ok());
+    }
+}

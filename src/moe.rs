@@ -1,0 +1,87 @@
+//! `amalgam moe`: a Mixtral-style mixture from dense experts.
+
+use std::path::PathBuf;
+
+use amalgam_checkpoint::{parse_byte_size, WriteOptions};
+use amalgam_merge::moe::Moe;
+use amalgam_recipe::MoeRecipe;
+use anyhow::Result;
+
+/// Assemble dense Llama or Mistral experts into a Mixtral mixture (mergekit-moe's config).
+///
+/// Attention, norms and embeddings come from `base_model`; each expert's MLP
+/// becomes one expert of every layer; router weights come from the experts'
+/// prompts (`gate_mode: hidden` or `cheap_embed`) or are random.
+#[derive(clap::Args)]
+#[command(after_help = "Example config:\n  \
+    base_model: work/models/base\n  \
+    gate_mode: hidden          # hidden | cheap_embed | random | uniform_random\n  \
+    experts_per_token: 2\n  \
+    experts:\n    \
+      - source_model: work/models/finetune-1\n      \
+        positive_prompts: [\"def main():\"]\n    \
+      - source_model: work/models/finetune-2\n      \
+        positive_prompts: [\"Once upon a time\"]")]
+pub struct Args {
+    /// The config (YAML, mergekit-moe's schema).
+    config: PathBuf,
+    /// The output directory (must not exist or be empty, unless --force).
+    output: PathBuf,
+    /// Seed for random gates and expert noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Shard size limit, e.g. 1GB, 500MB, 5B.
+    #[arg(long, default_value = "5GB")]
+    out_shard_size: String,
+    /// Build the mixture even if every expert is the same model.
+    #[arg(long)]
+    allow_identical_experts: bool,
+    /// Check the config and models and print what would be built; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let text = crate::resources::read_recipe(&args.config)?;
+    let recipe = MoeRecipe::parse(
+        &text,
+        &args.config.display().to_string(),
+        args.allow_identical_experts,
+    )?;
+    let moe = Moe::open(&recipe)?;
+    if args.dry_run {
+        println!(
+            "moe: {} experts ({} per token) over the base {}, {:?} gates",
+            recipe.experts.len(),
+            recipe.experts_per_token,
+            recipe.base_model.path,
+            recipe.gate_mode
+        );
+        return Ok(());
+    }
+    let write = WriteOptions {
+        max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
+        force: args.force,
+        inputs: vec![],
+        allow_nonfinite: false,
+    };
+    let gates = moe.gates(args.seed)?;
+    let out = moe.write(
+        &args.output,
+        &gates,
+        args.seed,
+        &write,
+        &crate::progress::Steps::new(quiet),
+    )?;
+    if !quiet {
+        println!(
+            "wrote a mixture of {} experts to {}",
+            recipe.experts.len(),
+            out.display()
+        );
+    }
+    Ok(())
+}
