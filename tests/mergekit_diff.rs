@@ -408,29 +408,6 @@ fn every_method_matches_mergekit() {
     assert_eq!(results["passthrough_frankenmerge"]["num_hidden_layers"], 6);
 }
 
-/// Every case's tensors are mergekit's within `tolerance`, no tensor on one side only.
-fn assert_matches(results: &Value, cases: &[Value], tolerance: f64) {
-    for case in cases {
-        let r = &results[case["name"].as_str().unwrap()];
-        eprintln!("{}: {r}", case["name"]);
-        assert!(
-            r.get("error").is_none()
-                && r["max_abs"].as_f64().unwrap() <= tolerance
-                && r["only_ours"] == json!([])
-                && r["only_theirs"] == json!([])
-                && r["dtype_mismatch"] == json!({}),
-            "{}: {r}",
-            case["name"]
-        );
-    }
-}
-
-fn mergekit_oracle(dir: &Path, cases: &[Value]) -> Value {
-    let list = dir.join("cases.json");
-    std::fs::write(&list, serde_json::to_vec(cases).unwrap()).unwrap();
-    serde_json::from_str(&oracle_ok("mergekit_diff.py", &[list.as_os_str()])).unwrap()
-}
-
 /// TIES and breadcrumbs on BF16 models: BF16 magnitudes tie often, and where
 /// they tie at a threshold the two tools keep different entries of the tie
 /// (both keep exactly k; amalgam by flat index, mergekit in whatever order

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub fn amalgam<I, S>(args: I) -> Output
 where
@@ -236,4 +236,28 @@ pub fn python_code(code: &str, paths: &[&Path]) -> String {
     let mut args: Vec<&std::ffi::OsStr> = vec!["-c".as_ref(), code.as_ref()];
     args.extend(paths.iter().map(|p| p.as_os_str()));
     python_ok(args)
+}
+
+/// Every case's tensors are mergekit's within `tolerance`, no tensor on one side only.
+pub fn assert_matches(results: &Value, cases: &[Value], tolerance: f64) {
+    for case in cases {
+        let r = &results[case["name"].as_str().unwrap()];
+        eprintln!("{}: {r}", case["name"]);
+        assert!(
+            r.get("error").is_none()
+                && r["max_abs"].as_f64().unwrap() <= tolerance
+                && r["only_ours"] == json!([])
+                && r["only_theirs"] == json!([])
+                && r["dtype_mismatch"] == json!({}),
+            "{}: {r}",
+            case["name"]
+        );
+    }
+}
+
+/// Runs tests/oracles/mergekit_diff.py over `cases`; its report, keyed by case name.
+pub fn mergekit_oracle(dir: &Path, cases: &[Value]) -> Value {
+    let list = dir.join("cases.json");
+    std::fs::write(&list, serde_json::to_vec(cases).unwrap()).unwrap();
+    serde_json::from_str(&oracle_ok("mergekit_diff.py", &[list.as_os_str()])).unwrap()
 }

@@ -258,11 +258,7 @@ impl<'r> Moe<'r> {
             for e in 0..self.experts.len() {
                 for (projection, w) in PROJECTIONS {
                     let shape = base.entry(&mlp(layer, projection))?.shape.clone();
-                    specs.push(TensorSpec::new(
-                        expert_name(layer, e, w),
-                        self.dtype,
-                        shape,
-                    ));
+                    specs.push(TensorSpec::new(expert_name(layer, e, w), self.dtype, shape));
                 }
             }
             specs.push(TensorSpec::new(
