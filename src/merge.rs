@@ -7,7 +7,7 @@ use amalgam_checkpoint::{parse_byte_size, ScratchDir, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry::{self, Method};
 use amalgam_merge::RunOptions;
-use amalgam_recipe::{Recipe, Stages};
+use amalgam_recipe::{InputTransform, Recipe, Stages};
 use anyhow::Result;
 
 /// Merge models as a recipe (mergekit's YAML schema) says.
@@ -269,6 +269,7 @@ fn print_plan(job: &MergeJob, threads: usize, memory_budget: u64, json: bool) ->
                     "inputs": t.inputs.iter().map(|i| serde_json::json!({
                         "model": plan.models[i.model],
                         "tensor": i.tensor,
+                        "transform": format!("{:?}", i.transform),
                         "params": params_json(&i.params),
                     })).collect::<Vec<_>>(),
                 })
@@ -320,7 +321,12 @@ fn print_plan(job: &MergeJob, threads: usize, memory_budget: u64, json: bool) ->
                     .iter()
                     .map(|(k, v)| format!("{k}={}", v.value))
                     .collect();
-                format!("{}[{}]", i.model, params.join(","))
+                let transform = match i.transform {
+                    InputTransform::AsStored => "",
+                    InputTransform::Narrow => " cut",
+                    InputTransform::AlignRows => " rows aligned",
+                };
+                format!("{}[{}]{transform}", i.model, params.join(","))
             })
             .collect();
         let params: Vec<String> = t

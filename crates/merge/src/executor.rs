@@ -13,7 +13,9 @@ use amalgam_checkpoint::{
     kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard,
     ModelConfig, TensorSpec, WriteOptions,
 };
-use amalgam_recipe::{ChatTemplate, InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe};
+use amalgam_recipe::{
+    ChatTemplate, InputTransform, InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe,
+};
 use rayon::prelude::*;
 use serde_json::Value;
 use tch::{Device, Tensor};
@@ -245,7 +247,6 @@ impl MergeJob {
             tensor: tensor.name.clone(),
             cause,
         };
-        let alignment = self.plan.vocabulary.as_ref().filter(|_| tensor.vocabulary);
         let inputs = tensor
             .inputs
             .iter()
@@ -254,19 +255,23 @@ impl MergeJob {
                 let entry = source.checkpoint.entry(&input.tensor)?;
                 source.checkpoint.prefetch(entry);
                 let mut t = source.read_as(&input.tensor, math)?;
-                // Vocabulary tensors larger than the output are cut to it
-                // (unless their rows are aligned to the written tokenizer).
-                for (dim, &size) in tensor.shape.iter().enumerate() {
-                    if alignment.is_none() && t.size()[dim] as usize != size {
+                if input.transform == InputTransform::Narrow {
+                    for (dim, &size) in tensor.shape.iter().enumerate() {
                         t = t.f_narrow(dim as i64, 0, size as i64).map_err(torch)?;
                     }
                 }
                 Ok(t.to_device(device))
             })
             .collect::<Result<Vec<_>>>()?;
-        let inputs = match alignment {
-            Some(alignment) => crate::vocabulary::align(alignment, tensor, &inputs)?,
-            None => inputs,
+        // Row alignment needs every input at once (a row one model lacks is
+        // filled from the others).
+        let aligned = tensor
+            .inputs
+            .iter()
+            .any(|i| i.transform == InputTransform::AlignRows);
+        let inputs = match &self.plan.vocabulary {
+            Some(alignment) if aligned => crate::vocabulary::align(alignment, tensor, &inputs)?,
+            _ => inputs,
         };
         let cx = MergeContext {
             name: &tensor.name,

@@ -25,8 +25,8 @@ pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
 pub use moe::{Expert, GateMode, MoeRecipe};
 pub use params::{Conditional, Scalar, Setting};
 pub use plan::{
-    BasePolicy, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope, ParamSpec,
-    Plan, PlannedInput, PlannedTensor, Resolved, VocabularyAlignment,
+    BasePolicy, InputTransform, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope,
+    ParamSpec, Plan, PlannedInput, PlannedTensor, Resolved, VocabularyAlignment,
 };
 pub use pleas::{PleasMatching, PleasRecipe};
 pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef};

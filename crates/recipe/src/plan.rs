@@ -120,13 +120,27 @@ pub struct PlannedInput {
     pub tensor: String,
     pub shape: Vec<usize>,
     pub params: BTreeMap<String, Resolved>,
+    /// What is done to the stored tensor before the method sees it.
+    pub transform: InputTransform,
+}
+
+/// How an input tensor becomes what the method sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputTransform {
+    /// As stored (in the math dtype).
+    AsStored,
+    /// Cut to the output's shape (a larger vocabulary: the base's rows).
+    Narrow,
+    /// Rows gathered onto the written vocabulary, the missing ones filled
+    /// ([`Plan::vocabulary`]).
+    AlignRows,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedTensor {
     pub name: String,
-    /// The output shape; inputs larger than it (vocabulary tensors) are cut
-    /// to it, unless the plan aligns vocabularies ([`Plan::vocabulary`]).
+    /// The output shape (inputs of another shape say how they get it:
+    /// [`PlannedInput::transform`]).
     pub shape: Vec<usize>,
     /// Rows indexed by the vocabulary (input embedding, output head).
     pub vocabulary: bool,
@@ -182,6 +196,9 @@ impl Plan {
     pub fn align_vocabulary(&mut self, alignment: VocabularyAlignment) {
         for tensor in self.tensors.iter_mut().filter(|t| t.vocabulary) {
             tensor.shape[0] = alignment.size;
+            for input in &mut tensor.inputs {
+                input.transform = InputTransform::AlignRows;
+            }
         }
         self.vocabulary = Some(alignment);
     }
@@ -565,9 +582,13 @@ impl Planner<'_> {
                 tensor: name,
                 shape: tensor.shape.clone(),
                 params,
+                transform: InputTransform::AsStored,
             });
         }
         let shape = self.output_shape(out_name, &inputs, base, vocab)?;
+        for input in inputs.iter_mut().filter(|i| i.shape != shape) {
+            input.transform = InputTransform::Narrow;
+        }
         let mut params = BTreeMap::new();
         for spec in self
             .method
