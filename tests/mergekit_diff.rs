@@ -1031,25 +1031,31 @@ fn moe_matches_mergekit_moe() {
                   'eos_token': '</s>', 'unk_token': 'w0'}, open(sys.argv[1] + '/tokenizer_config.json', 'w'))\n";
     let base = family.join("base");
     python_code(script, &[&base]);
-    let config = |mode: &str| {
-        let path = tmp.path().join(format!("moe-{mode}.yml"));
-        let expert = |i: usize| family.join(format!("finetune-{i}")).display().to_string();
+    let expert = |i: usize| family.join(format!("finetune-{i}")).display().to_string();
+    // Two experts; a third (`tail`: a shared expert instead, for Qwen2-MoE).
+    let write_config = |name: &str, mode: &str, tail: &str| {
+        let path = tmp.path().join(format!("{name}.yml"));
         std::fs::write(
             &path,
             format!(
                 "base_model: {}\ngate_mode: {mode}\nexperts_per_token: 2\nexperts:\n  \
                  - source_model: {}\n    positive_prompts: [\"w1 w2 w3\", \"w4 w5\"]\n  \
                  - source_model: {}\n    positive_prompts: [\"w10 w11\"]\n    \
-                 negative_prompts: [\"w1 w2\"]\n    residual_scale: 0.5\n  \
-                 - source_model: {}\n    positive_prompts: [\"w20 w21 w22 w23\"]\n",
+                 negative_prompts: [\"w1 w2\"]\n    residual_scale: 0.5\n{tail}",
                 base.display(),
                 expert(1),
                 expert(2),
-                expert(3)
             ),
         )
         .unwrap();
         path
+    };
+    let config = |mode: &str| {
+        let third = format!(
+            "  - source_model: {}\n    positive_prompts: [\"w20 w21 w22 w23\"]\n",
+            expert(3)
+        );
+        write_config(&format!("moe-{mode}"), mode, &third)
     };
     let build = |mode: &str, seed: &str, name: &str| {
         let out = tmp.path().join(name);
@@ -1063,22 +1069,30 @@ fn moe_matches_mergekit_moe() {
         ]);
         out
     };
-    for mode in ["cheap_embed", "hidden"] {
-        let ours = build(mode, "0", &format!("ours-{mode}"));
-        let theirs = tmp.path().join(format!("theirs-{mode}"));
+    // mergekit-moe's mixture for a config, and the oracle's comparison of two mixtures.
+    let mergekit_moe = |recipe: &Path, name: &str| {
+        let out = tmp.path().join(name);
         python_ok([
             "-m".as_ref(),
             "mergekit.scripts.moe".as_ref(),
-            config(mode).as_os_str(),
-            theirs.as_os_str(),
+            recipe.as_os_str(),
+            out.as_os_str(),
             "--device".as_ref(),
             "cpu".as_ref(),
         ]);
-        let report: Value = serde_json::from_str(&oracle_ok(
+        out
+    };
+    let compare = |a: &Path, b: &Path| -> Value {
+        serde_json::from_str(&oracle_ok(
             "moe.py",
-            &["compare".as_ref(), ours.as_os_str(), theirs.as_os_str()],
+            &["compare".as_ref(), a.as_os_str(), b.as_os_str()],
         ))
-        .unwrap();
+        .unwrap()
+    };
+    for mode in ["cheap_embed", "hidden"] {
+        let ours = build(mode, "0", &format!("ours-{mode}"));
+        let theirs = mergekit_moe(&config(mode), &format!("theirs-{mode}"));
+        let report = compare(&ours, &theirs);
         eprintln!("{mode}: {report}");
         assert_eq!(report["only_ours"], json!([]), "{mode}");
         assert_eq!(report["only_theirs"], json!([]), "{mode}");
@@ -1102,6 +1116,32 @@ fn moe_matches_mergekit_moe() {
             }
         }
     }
+    // Qwen2-MoE: a shared expert with its own gate, attention biases zeros.
+    // mergekit 0.1.5 reads the shared expert only if it is the base (or an
+    // expert), so the comparison uses the base; amalgam takes any model.
+    let qwen = |shared: &Path, name: &str| {
+        let tail = format!(
+            "shared_experts:\n  - source_model: {}\n    positive_prompts: [\"w30 w31\"]\n",
+            shared.display()
+        );
+        let path = write_config(name, "cheap_embed", &tail);
+        let out = tmp.path().join(format!("{name}-out"));
+        ok(["moe".as_ref(), path.as_os_str(), out.as_os_str()]);
+        (path, out)
+    };
+    let (recipe, ours) = qwen(&base, "qwen-moe");
+    let report = compare(&ours, &mergekit_moe(&recipe, "theirs-qwen-moe"));
+    assert!(
+        report["other"] == 0.0 && report["router"] == 0.0 && report["only_ours"] == json!([]),
+        "{report}"
+    );
+    let (_, own_shared) = qwen(&family.join("finetune-3"), "qwen-moe-shared-3");
+    let report = compare(&own_shared, &ours);
+    assert!(
+        report["other"].as_f64().unwrap() > 0.0,
+        "another shared expert: {report}"
+    );
+
     let digests = |dir: &Path| tensor_digests(&inspect_json(dir, true));
     let (first, again, other) = (
         build("random", "1", "random-1"),

@@ -1,11 +1,14 @@
-//! `amalgam moe` (mergekit-moe): dense Llama or Mistral experts assembled into
-//! a Mixtral-style mixture. Everything but the MLPs comes from the base; each
-//! layer's MLP becomes one expert per input model (`w1`/`w2`/`w3` from its
-//! gate/down/up projections, the per-expert layout transformers 5 loads),
-//! and each layer's router row for an expert is a unit vector from the gate
-//! mode: the base's hidden state entering that layer at the last token of
-//! the expert's prompts (mean over prompts, minus the negative prompts'), the
-//! mean token embedding of the prompts (every layer alike), or random.
+//! `amalgam moe` (mergekit-moe): dense experts assembled into a mixture —
+//! Mixtral from Llama or Mistral models, or Qwen2-MoE (one shared expert
+//! every token goes through, with its own gate) from Llama, Mistral or Qwen2
+//! models. Everything but the MLPs comes from the base (Qwen2-MoE's
+//! attention biases are zeros where the base has none); each layer's MLP
+//! becomes one expert per input model (the per-expert layout transformers 5
+//! loads), and each layer's router row for an expert is a unit vector from
+//! the gate mode: the base's hidden state entering that layer at the last
+//! token of the expert's prompts (mean over prompts, minus the negative
+//! prompts'), the mean token embedding of the prompts (every layer alike), or
+//! random.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +17,7 @@ use amalgam_checkpoint::{
     TensorSpec, WriteOptions, TOKENIZER_CONFIG,
 };
 use amalgam_nn::Llama;
-use amalgam_recipe::{GateMode, MoeRecipe};
+use amalgam_recipe::{Expert, GateMode, ModelRef, MoeRecipe};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -24,27 +27,125 @@ use tch::{Device, Kind, Tensor};
 use crate::source::Source;
 use crate::{MergeError, Progress, Result};
 
+/// A dense MLP's projections, and their Mixtral names.
 const PROJECTIONS: [(&str, &str); 3] =
     [("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")];
+
+/// The mixture written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Mixtral,
+    Qwen2Moe,
+}
+
+impl Output {
+    fn inputs(self) -> &'static [&'static str] {
+        match self {
+            Self::Mixtral => &["llama", "mistral"],
+            Self::Qwen2Moe => &["llama", "mistral", "qwen2"],
+        }
+    }
+
+    /// Expert `e`'s `projection` in `layer`.
+    fn expert(self, layer: usize, e: usize, projection: &str) -> String {
+        match self {
+            Self::Mixtral => {
+                let (_, w) = PROJECTIONS
+                    .iter()
+                    .find(|(p, _)| *p == projection)
+                    .expect("ours");
+                format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight")
+            }
+            Self::Qwen2Moe => format!("model.layers.{layer}.mlp.experts.{e}.{projection}.weight"),
+        }
+    }
+
+    fn router(self, layer: usize) -> String {
+        match self {
+            Self::Mixtral => format!("model.layers.{layer}.block_sparse_moe.gate.weight"),
+            Self::Qwen2Moe => format!("model.layers.{layer}.mlp.gate.weight"),
+        }
+    }
+
+    /// The config keys that make the base's config this mixture's.
+    fn config(self, recipe: &MoeRecipe, intermediate: usize) -> Value {
+        let experts = recipe.experts.len();
+        match self {
+            Self::Mixtral => json!({
+                "model_type": "mixtral",
+                "architectures": ["MixtralForCausalLM"],
+                "num_local_experts": experts,
+                "num_experts_per_tok": recipe.experts_per_token,
+                "sliding_window": null,
+                "output_router_logits": false,
+                "router_aux_loss_coef": 0.001,
+                "router_jitter_noise": 0.0,
+            }),
+            Self::Qwen2Moe => json!({
+                "model_type": "qwen2_moe",
+                "architectures": ["Qwen2MoeForCausalLM"],
+                "num_experts": experts,
+                "num_experts_per_tok": recipe.experts_per_token,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": true,
+                "moe_intermediate_size": intermediate,
+                "shared_expert_intermediate_size": intermediate,
+                "sliding_window": null,
+                "use_sliding_window": false,
+                "output_router_logits": false,
+                "router_aux_loss_coef": 0.001,
+            }),
+        }
+    }
+}
+
+/// Where one output tensor comes from.
+enum Origin {
+    Base(String),
+    /// An expert's (or, `None`, the shared expert's) MLP projection.
+    Expert(Option<usize>, String),
+    /// A layer's router.
+    Router(usize),
+    /// A layer's gate of the shared expert.
+    SharedGate(usize),
+    Zeros,
+}
 
 /// The mixture's inputs, checked.
 pub struct Moe<'r> {
     recipe: &'r MoeRecipe,
+    output: Output,
     base: Source,
     experts: Vec<Source>,
+    shared: Option<Source>,
     layers: usize,
     hidden: usize,
     dtype: Dtype,
 }
 
 impl<'r> Moe<'r> {
-    /// Opens and checks the base and experts: Llama or Mistral models of one
-    /// shape. Errors name the config line.
+    /// Opens and checks the base and experts: models of one family and shape
+    /// that the output can be built from. Errors name the config line.
     pub fn open(recipe: &'r MoeRecipe) -> Result<Self> {
-        let open = |model: &amalgam_recipe::ModelRef| {
-            Source::open_at(model, &|message| {
-                MergeError::Recipe(recipe.error(model.at, message))
-            })
+        let at =
+            |place: &ModelRef, message: String| MergeError::Recipe(recipe.error(place.at, message));
+        let open = |model: &ModelRef| Source::open_at(model, &|message| at(model, message));
+        let output = match (&recipe.architecture, recipe.shared_experts.is_empty()) {
+            (Some((name, place)), shared) if "mixtral".starts_with(name.as_str()) => {
+                if !shared {
+                    return Err(MergeError::Recipe(recipe.error(*place, "Mixtral has no shared experts: drop `shared_experts` or write `architecture: qwen`")));
+                }
+                Output::Mixtral
+            }
+            (Some((_, place)), true) => {
+                return Err(MergeError::Recipe(recipe.error(
+                    *place,
+                    "Qwen2-MoE needs one shared expert (`shared_experts`)",
+                )))
+            }
+            (None, true) => Output::Mixtral,
+            _ => Output::Qwen2Moe,
         };
         let base = open(&recipe.base_model)?;
         let experts = recipe
@@ -52,23 +153,43 @@ impl<'r> Moe<'r> {
             .iter()
             .map(|e| open(&e.model))
             .collect::<Result<Vec<_>>>()?;
+        let shared = recipe
+            .shared_experts
+            .first()
+            .map(|e| open(&e.model))
+            .transpose()?;
         let config = base.checkpoint.config();
-        let at_base =
-            |message: String| MergeError::Recipe(recipe.error(recipe.base_model.at, message));
-        let kind = config.model_type().unwrap_or("unknown");
-        if !["llama", "mistral"].contains(&kind) {
-            return Err(at_base(format!(
-                "the base is a `{kind}` model; `amalgam moe` builds Mixtral from Llama or Mistral models"
-            )));
+        let kind = config.model_type().unwrap_or("unknown").to_owned();
+        if !output.inputs().contains(&kind.as_str()) {
+            return Err(at(
+                &recipe.base_model,
+                format!(
+                    "the base is a `{kind}` model; {output:?} is built from {} models",
+                    output.inputs().join(", ")
+                ),
+            ));
         }
         let layers = base.checkpoint.layers()?;
         let hidden = config
             .get("hidden_size")
             .and_then(Value::as_u64)
-            .ok_or_else(|| at_base("its config has no hidden_size".into()))?
+            .ok_or_else(|| at(&recipe.base_model, "its config has no hidden_size".into()))?
             as usize;
-        for (expert, source) in recipe.experts.iter().zip(&experts) {
+        let all = recipe
+            .experts
+            .iter()
+            .zip(&experts)
+            .chain(recipe.shared_experts.iter().zip(&shared));
+        for (expert, source) in all {
             let other = source.checkpoint.config().model_type().unwrap_or("unknown");
+            if other != kind {
+                return Err(at(
+                    &expert.model,
+                    format!(
+                        "a `{other}` model; the base is `{kind}`: experts share the base's family"
+                    ),
+                ));
+            }
             for layer in 0..layers {
                 for (projection, _) in PROJECTIONS {
                     let name = mlp(layer, projection);
@@ -78,16 +199,16 @@ impl<'r> Moe<'r> {
                         .entry(&name)
                         .map(|e| e.shape.clone())
                         .map_err(|_| {
-                            MergeError::Recipe(recipe.error(
-                                expert.model.at,
-                                format!("this `{other}` model has no {name}, which the base has"),
-                            ))
+                            at(
+                                &expert.model,
+                                format!("this model has no {name}, which the base has"),
+                            )
                         })?;
                     if &shape != want {
-                        return Err(MergeError::Recipe(recipe.error(
-                            expert.model.at,
+                        return Err(at(
+                            &expert.model,
                             format!("{name} is {shape:?} here and {want:?} in the base: experts share one shape"),
-                        )));
+                        ));
                     }
                 }
             }
@@ -98,38 +219,47 @@ impl<'r> Moe<'r> {
         };
         Ok(Self {
             recipe,
+            output,
             base,
             experts,
+            shared,
             layers,
             hidden,
             dtype,
         })
     }
 
-    /// Router weights `[layers, experts, hidden]` (F32), as the gate mode says.
+    pub fn output(&self) -> Output {
+        self.output
+    }
+
+    /// Router rows `[layers, experts (+ the shared one), hidden]` (F32), as
+    /// the gate mode says.
     pub fn gates(&self, seed: u64) -> Result<Tensor> {
-        let (layers, experts, hidden) = (
-            self.layers as i64,
-            self.experts.len() as i64,
-            self.hidden as i64,
-        );
-        let shape = [layers, experts, hidden];
+        let rows: Vec<&Expert> = self
+            .recipe
+            .experts
+            .iter()
+            .chain(&self.recipe.shared_experts)
+            .collect();
+        let (layers, count, hidden) = (self.layers as i64, rows.len() as i64, self.hidden as i64);
+        let shape = [layers, count, hidden];
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(amalgam_checkpoint::stream_seed(
             seed,
             "moe gates",
             0,
         ));
-        let count = (layers * experts * hidden) as usize;
+        let total = (layers * count * hidden) as usize;
         match self.recipe.gate_mode {
             GateMode::Random => {
-                let values: Vec<f32> = (0..count)
+                let values: Vec<f32> = (0..total)
                     .map(|_| StandardNormal.sample(&mut rng))
                     .collect();
                 return Ok(Tensor::from_slice(&values).reshape(shape));
             }
             GateMode::UniformRandom => {
                 let scale = (1.0 / hidden as f64).sqrt() as f32;
-                let values: Vec<f32> = (0..count)
+                let values: Vec<f32> = (0..total)
                     .map(|_| rng.random_range(-scale..scale))
                     .collect();
                 return Ok(Tensor::from_slice(&values).reshape(shape));
@@ -153,7 +283,9 @@ impl<'r> Moe<'r> {
                         "hidden-state gates run the base itself: give it without an adapter".into(),
                     ));
                 }
-                Some(Llama::load(self.base.dir(), Device::Cpu)?)
+                Some(Llama::load(self.base.dir(), Device::Cpu).map_err(|e| {
+                    self.at_base(format!("hidden-state gates run the base through amalgam's forward pass, which cannot run it ({e}); use gate_mode: cheap_embed or random"))
+                })?)
             }
             _ => None,
         };
@@ -201,7 +333,7 @@ impl<'r> Moe<'r> {
             }
         };
         let mut gates = vec![];
-        for expert in &self.recipe.experts {
+        for expert in rows {
             let mut v = vectors(&expert.positive_prompts)?;
             if !expert.negative_prompts.is_empty() {
                 v -= vectors(&expert.negative_prompts)?;
@@ -235,7 +367,80 @@ impl<'r> Moe<'r> {
         MergeError::Recipe(self.recipe.error(self.recipe.base_model.at, message))
     }
 
-    /// Writes the mixture into `out` with router weights `gates`.
+    /// Every output tensor: (spec, where it comes from).
+    fn plan(&self) -> Result<Vec<(TensorSpec, Origin)>> {
+        let base = &self.base.checkpoint;
+        let mut out = vec![];
+        for entry in base.tensors().iter().filter(|e| !e.name.contains(".mlp.")) {
+            out.push((
+                TensorSpec::new(&entry.name, self.dtype, entry.shape.clone()),
+                Origin::Base(entry.name.clone()),
+            ));
+        }
+        let config = base.config();
+        let number = |key: &str| config.get(key).and_then(Value::as_u64).map(|n| n as usize);
+        let heads = number("num_attention_heads").unwrap_or(1);
+        let head_dim = number("head_dim").unwrap_or(self.hidden / heads.max(1));
+        for layer in 0..self.layers {
+            if self.output == Output::Qwen2Moe {
+                // Qwen2-MoE's q/k/v always have biases.
+                for (projection, heads_key) in [
+                    ("q_proj", "num_attention_heads"),
+                    ("k_proj", "num_key_value_heads"),
+                    ("v_proj", "num_key_value_heads"),
+                ] {
+                    let name = format!("model.layers.{layer}.self_attn.{projection}.bias");
+                    if base.entry(&name).is_err() {
+                        let width = number(heads_key).unwrap_or(heads) * head_dim;
+                        out.push((
+                            TensorSpec::new(&name, self.dtype, vec![width]),
+                            Origin::Zeros,
+                        ));
+                    }
+                }
+            }
+            for (projection, _) in PROJECTIONS {
+                let source = mlp(layer, projection);
+                let shape = base.entry(&source)?.shape.clone();
+                for e in 0..self.experts.len() {
+                    out.push((
+                        TensorSpec::new(
+                            self.output.expert(layer, e, projection),
+                            self.dtype,
+                            shape.clone(),
+                        ),
+                        Origin::Expert(Some(e), source.clone()),
+                    ));
+                }
+                if self.shared.is_some() {
+                    let name =
+                        format!("model.layers.{layer}.mlp.shared_expert.{projection}.weight");
+                    out.push((
+                        TensorSpec::new(&name, self.dtype, shape.clone()),
+                        Origin::Expert(None, source.clone()),
+                    ));
+                }
+            }
+            out.push((
+                TensorSpec::new(
+                    self.output.router(layer),
+                    self.dtype,
+                    vec![self.experts.len(), self.hidden],
+                ),
+                Origin::Router(layer),
+            ));
+            if self.shared.is_some() {
+                let name = format!("model.layers.{layer}.mlp.shared_expert_gate.weight");
+                out.push((
+                    TensorSpec::new(&name, self.dtype, vec![1, self.hidden]),
+                    Origin::SharedGate(layer),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the mixture into `out` with router rows `gates` (from [`Moe::gates`]).
     pub fn write(
         &self,
         out: &Path,
@@ -245,104 +450,74 @@ impl<'r> Moe<'r> {
         progress: &dyn Progress,
     ) -> Result<PathBuf> {
         let kind = kind_from_dtype(self.dtype).expect("a float dtype");
-        let base = &self.base.checkpoint;
-        let mut specs = vec![];
-        for entry in base.tensors().iter().filter(|e| !e.name.contains(".mlp.")) {
-            specs.push(TensorSpec::new(
-                &entry.name,
-                self.dtype,
-                entry.shape.clone(),
-            ));
-        }
-        for layer in 0..self.layers {
-            for e in 0..self.experts.len() {
-                for (projection, w) in PROJECTIONS {
-                    let shape = base.entry(&mlp(layer, projection))?.shape.clone();
-                    specs.push(TensorSpec::new(expert_name(layer, e, w), self.dtype, shape));
-                }
-            }
-            specs.push(TensorSpec::new(
-                router_name(layer),
-                self.dtype,
-                vec![self.experts.len(), self.hidden],
-            ));
-        }
-        let mut write = write.clone();
-        write.inputs = std::iter::once(&self.base)
+        let plan = self.plan()?;
+        let specs: Vec<TensorSpec> = plan.iter().map(|(s, _)| s.clone()).collect();
+        let sources: Vec<&Source> = std::iter::once(&self.base)
             .chain(&self.experts)
-            .map(|s| s.dir().to_path_buf())
+            .chain(&self.shared)
             .collect();
+        let mut write = write.clone();
+        write.inputs = sources.iter().map(|s| s.dir().to_path_buf()).collect();
         progress.start(specs.len() as u64, "moe");
-        let writer = CheckpointWriter::create(out, specs.clone(), &write)?;
-        let torch = |name: &str| {
-            let name = name.to_owned();
-            move |cause| MergeError::Torch {
-                tensor: name.clone(),
-                cause,
-            }
-        };
-        for spec in &specs {
+        let writer = CheckpointWriter::create(out, specs, &write)?;
+        let experts = self.experts.len() as i64;
+        for (spec, origin) in &plan {
             let name = spec.name.as_str();
-            let tensor = if let Some(layer) = name
-                .strip_suffix(".block_sparse_moe.gate.weight")
-                .and_then(layer_of)
-            {
-                gates.get(layer as i64)
-            } else if let Some((layer, e, w)) = parse_expert(name) {
-                let (projection, _) = PROJECTIONS
-                    .iter()
-                    .find(|(_, x)| *x == w)
-                    .expect("one of ours");
-                let source_name = mlp(layer, projection);
-                let mut t = self.experts[e].read_as(&source_name, Kind::Float)?;
-                let expert = &self.recipe.experts[e];
-                if let Some(scale) = expert.noise_scale {
-                    let mut rng = Xoshiro256PlusPlus::seed_from_u64(
-                        amalgam_checkpoint::stream_seed(seed, name, e as u64),
-                    );
-                    let noise: Vec<f32> = (0..t.numel())
-                        .map(|_| StandardNormal.sample(&mut rng))
-                        .collect();
-                    let noise = Tensor::from_slice(&noise).reshape(t.size()) * scale;
-                    t += noise;
+            let tensor = match origin {
+                Origin::Base(source) => self.base.read_as(source, Kind::Float)?,
+                Origin::Zeros => Tensor::zeros([spec.shape[0] as i64], (Kind::Float, Device::Cpu)),
+                Origin::Router(layer) => gates.get(*layer as i64).narrow(0, 0, experts),
+                Origin::SharedGate(layer) => gates.get(*layer as i64).narrow(0, experts, 1),
+                Origin::Expert(e, source) => {
+                    let (model, expert) = match e {
+                        Some(e) => (&self.experts[*e], &self.recipe.experts[*e]),
+                        None => (
+                            self.shared.as_ref().expect("planned with one"),
+                            &self.recipe.shared_experts[0],
+                        ),
+                    };
+                    let stream = e.map_or(u64::MAX, |e| e as u64);
+                    self.expert_tensor(model, expert, source, name, seed, stream)?
                 }
-                if let (Some(scale), "down_proj") = (expert.residual_scale, *projection) {
-                    t *= scale;
-                }
-                t
-            } else {
-                self.base.read_as(name, Kind::Float)?
             };
-            let t = tensor.f_to_kind(kind).map_err(torch(name))?.contiguous();
-            writer.write_tensor(name, &t)?;
+            let tensor = tensor
+                .f_to_kind(kind)
+                .map_err(|cause| MergeError::Torch {
+                    tensor: name.to_owned(),
+                    cause,
+                })?
+                .contiguous();
+            writer.write_tensor(name, &tensor)?;
             progress.advance(1);
         }
         progress.finish();
-        let mut config = base.config().clone();
-        let mixtral = json!({
-            "model_type": "mixtral",
-            "architectures": ["MixtralForCausalLM"],
-            "num_local_experts": self.experts.len(),
-            "num_experts_per_tok": self.recipe.experts_per_token,
-            "sliding_window": null,
-            "output_router_logits": false,
-            "router_aux_loss_coef": 0.001,
-            "router_jitter_noise": 0.0,
-        });
-        for (key, value) in mixtral.as_object().expect("an object") {
+        let mut config = self.base.checkpoint.config().clone();
+        let intermediate = self.base.checkpoint.entry(&mlp(0, "gate_proj"))?.shape[0];
+        for (key, value) in self
+            .output
+            .config(self.recipe, intermediate)
+            .as_object()
+            .expect("an object")
+        {
             config.set(key, value.clone());
         }
-        let inputs = std::iter::once(("base", &self.base))
-            .chain(self.experts.iter().map(|s| ("expert", s)))
-            .map(|(role, source)| source.records(role))
+        let roles = std::iter::once("base")
+            .chain(self.experts.iter().map(|_| "expert"))
+            .chain(self.shared.iter().map(|_| "shared expert"));
+        let inputs = sources
+            .iter()
+            .zip(roles)
+            .map(|(source, role)| source.records(role))
             .collect::<Result<Vec<Vec<InputRecord>>>>()?
             .concat();
         let card = ModelCard {
             title: out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             summary: format!(
-                "A Mixtral-style mixture of {} experts ({} per token), router from `{:?}` gates, made by `amalgam moe` from the config below (seed {seed}).",
+                "A {:?} mixture of {} experts ({} per token{}), router from `{:?}` gates, made by `amalgam moe` from the config below (seed {seed}).",
+                self.output,
                 self.experts.len(),
                 self.recipe.experts_per_token,
+                if self.shared.is_some() { ", and a shared expert" } else { "" },
                 self.recipe.gate_mode
             ),
             recipe: Some(self.recipe.text.clone()),
@@ -356,29 +531,36 @@ impl<'r> Moe<'r> {
             card: &card,
         })?)
     }
+
+    /// One expert's projection, with its noise (a seeded stream per tensor
+    /// and expert) and, for the down projection, its residual scale.
+    fn expert_tensor(
+        &self,
+        model: &Source,
+        expert: &Expert,
+        source: &str,
+        name: &str,
+        seed: u64,
+        stream: u64,
+    ) -> Result<Tensor> {
+        let mut t = model.read_as(source, Kind::Float)?;
+        if let Some(scale) = expert.noise_scale {
+            let mut rng = Xoshiro256PlusPlus::seed_from_u64(amalgam_checkpoint::stream_seed(
+                seed, name, stream,
+            ));
+            let noise: Vec<f32> = (0..t.numel())
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            let noise = Tensor::from_slice(&noise).reshape(t.size()) * scale;
+            t += noise;
+        }
+        if let (Some(scale), true) = (expert.residual_scale, source.ends_with("down_proj.weight")) {
+            t *= scale;
+        }
+        Ok(t)
+    }
 }
 
 fn mlp(layer: usize, projection: &str) -> String {
     format!("model.layers.{layer}.mlp.{projection}.weight")
-}
-
-fn expert_name(layer: usize, expert: usize, w: &str) -> String {
-    format!("model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight")
-}
-
-fn router_name(layer: usize) -> String {
-    format!("model.layers.{layer}.block_sparse_moe.gate.weight")
-}
-
-fn layer_of(prefix: &str) -> Option<usize> {
-    prefix.strip_prefix("model.layers.")?.parse().ok()
-}
-
-/// (layer, expert, w1/w2/w3) of an expert tensor's name.
-fn parse_expert(name: &str) -> Option<(usize, usize, &str)> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once(".block_sparse_moe.experts.")?;
-    let (expert, rest) = rest.split_once('.')?;
-    let w = rest.strip_suffix(".weight")?;
-    Some((layer.parse().ok()?, expert.parse().ok()?, w))
 }

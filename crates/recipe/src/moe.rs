@@ -60,8 +60,16 @@ pub struct MoeRecipe {
     /// Output dtype (default: the base's).
     pub dtype: Option<String>,
     pub experts_per_token: usize,
+    /// Experts every token goes through (a Qwen2-MoE output has one).
+    pub shared_experts: Vec<Expert>,
+    /// A prefix of one of [`OUTPUTS`], lowercase; `None`: Mixtral unless
+    /// there is a shared expert.
+    pub architecture: Option<(String, Location)>,
     pub at: Location,
 }
+
+/// The outputs `amalgam moe` writes, by mergekit's names (lowercase).
+pub const OUTPUTS: &[&str] = &["mixtral", "qwen moe"];
 
 const KEYS: &[&str] = &[
     "base_model",
@@ -90,6 +98,9 @@ impl MoeRecipe {
         let mut gate_mode = GateMode::Hidden;
         let mut dtype = None;
         let mut experts_per_token = 2;
+        let mut shared_experts = vec![];
+        let mut shared_at = at;
+        let mut architecture = None;
         for (key, node, key_at) in reader.mapping(&root, "an moe config", KEYS)? {
             match key.as_str() {
                 "base_model" => base_model = Some(model_ref(&reader, node)?),
@@ -114,25 +125,35 @@ impl MoeRecipe {
                 "dtype" => {
                     let name = reader.string(node, "dtype")?;
                     if !["float32", "float16", "bfloat16"].contains(&name.as_str()) {
-                        return Err(reader.error(location(node), format!("unknown dtype `{name}` (float32, float16 or bfloat16)")));
+                        return Err(reader.error(
+                            location(node),
+                            format!("unknown dtype `{name}` (float32, float16 or bfloat16)"),
+                        ));
                     }
                     dtype = Some(name);
                 }
                 "experts_per_token" => {
                     experts_per_token = reader.usize(node, "experts_per_token")?;
                     if experts_per_token == 0 {
-                        return Err(reader.error(location(node), "experts_per_token must be at least 1"));
+                        return Err(
+                            reader.error(location(node), "experts_per_token must be at least 1")
+                        );
                     }
                 }
                 "shared_experts" if Reader::is_null(node) => {}
                 "shared_experts" => {
-                    return Err(reader.error(key_at, "shared experts need a Qwen2-MoE or DeepSeek output, which `amalgam moe` does not write yet (it writes Mixtral)"))
+                    shared_at = key_at;
+                    for item in reader.sequence(node, "shared_experts")? {
+                        shared_experts.push(expert(&reader, item)?);
+                    }
                 }
                 "architecture" => {
-                    let name = reader.string(node, "architecture")?;
-                    if !name.eq_ignore_ascii_case("mixtral") {
-                        return Err(reader.error(location(node), format!("output architecture `{name}` is not supported (`amalgam moe` writes Mixtral)")));
+                    let name = reader.string(node, "architecture")?.to_lowercase();
+                    // mergekit's rule: an output whose name starts with the text given.
+                    if name.is_empty() || !OUTPUTS.iter().any(|o| o.starts_with(name.as_str())) {
+                        return Err(reader.error(location(node), format!("output architecture `{name}` is not supported (`amalgam moe` writes {})", OUTPUTS.join(" or "))));
                     }
+                    architecture = Some((name, location(node)));
                 }
                 _ => unreachable!("mapping() admits only KEYS"),
             }
@@ -147,8 +168,15 @@ impl MoeRecipe {
                 ),
             ));
         }
+        if shared_experts.len() > 1 {
+            return Err(reader.error(shared_at, "one shared expert at most (Qwen2-MoE has one)"));
+        }
         if gate_mode.needs_prompts() {
-            if let Some(e) = experts.iter().find(|e| e.positive_prompts.is_empty()) {
+            if let Some(e) = experts
+                .iter()
+                .chain(&shared_experts)
+                .find(|e| e.positive_prompts.is_empty())
+            {
                 return Err(reader.error(e.at, "this expert has no positive_prompts, which the gate mode needs (or use gate_mode: random)"));
             }
             let prompts = |e: &Expert| (e.positive_prompts.clone(), e.negative_prompts.clone());
@@ -179,6 +207,8 @@ impl MoeRecipe {
             gate_mode,
             dtype,
             experts_per_token,
+            shared_experts,
+            architecture,
             at,
         })
     }
@@ -282,7 +312,13 @@ mod tests {
     fn configs_that_cannot_work_name_their_line() {
         assert!(err(&format!("{TWO}experts_per_token: 3\n")).starts_with("m.yml:2:1:"));
         assert!(err(&format!("{TWO}gate_mode: smart\n")).contains("unknown gate_mode `smart`"));
-        assert!(err(&format!("{TWO}shared_experts: []\n")).contains("Qwen2-MoE"));
+        let two_shared = format!("{TWO}shared_experts:\n  - source_model: s\n    positive_prompts: [a]\n  - source_model: t\n    positive_prompts: [b]\n");
+        assert!(
+            err(&two_shared).contains("one shared expert at most"),
+            "{}",
+            err(&two_shared)
+        );
+        assert!(err(&format!("{TWO}architecture: deepseek\n")).contains("mixtral or qwen moe"));
         let no_prompts = "base_model: b\nexperts:\n  - source_model: x\n  - source_model: y\n";
         assert!(
             err(no_prompts).starts_with("m.yml:3:5:"),
