@@ -217,6 +217,12 @@ impl<'r> Moe<'r> {
             Some(name) => parse_dtype(name).expect("checked by the parser"),
             None => base.checkpoint.entry(&mlp(0, "gate_proj"))?.dtype,
         };
+        if kind_from_dtype(dtype).is_none() {
+            return Err(at(
+                &recipe.base_model,
+                format!("its weights are stored as {dtype:?}; give `dtype:` (float32, float16 or bfloat16)"),
+            ));
+        }
         Ok(Self {
             recipe,
             output,
@@ -449,7 +455,7 @@ impl<'r> Moe<'r> {
         write: &WriteOptions,
         progress: &dyn Progress,
     ) -> Result<PathBuf> {
-        let kind = kind_from_dtype(self.dtype).expect("a float dtype");
+        let kind = kind_from_dtype(self.dtype).expect("checked by Moe::open");
         let plan = self.plan()?;
         let specs: Vec<TensorSpec> = plan.iter().map(|(s, _)| s.clone()).collect();
         let sources: Vec<&Source> = std::iter::once(&self.base)

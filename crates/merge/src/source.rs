@@ -65,7 +65,13 @@ impl Source {
         // A tied head reads the embedding: so does the adapter.
         match &self.adapter {
             Some(adapter) if adapter.touches(&entry.name) => {
-                let stored = kind_from_dtype(entry.dtype).expect("checked by check_dtypes");
+                let stored = kind_from_dtype(entry.dtype).ok_or_else(|| MergeError::Tensor {
+                    tensor: name.to_owned(),
+                    message: format!(
+                        "stored as {:?}, which an adapter cannot be applied to",
+                        entry.dtype
+                    ),
+                })?;
                 let weight = self.checkpoint.read_as(name, stored)?;
                 let adapted = adapter.apply(&entry.name, weight)?;
                 adapted.f_to_kind(kind).map_err(|cause| MergeError::Torch {
