@@ -15,8 +15,8 @@ use anyhow::{anyhow, bail, Context, Result};
 /// is printed. mergekit-extract-lora's options and adapter layout.
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  \
-    amalgam extract-lora work/models/base work/models/finetune-1 work/lora --rank 16\n  \
-    amalgam merge <(printf 'merge_method: linear\\nmodels:\\n  - model: work/models/base+work/lora\\n') work/applied")]
+    amalgam extract-lora work/models/base work/models/finetune-1 work/lora --rank 16\n\
+    Apply it in any recipe as `model: work/models/base+work/lora`.")]
 pub struct Args {
     /// The base model (a directory, or a Hub id in the local cache).
     base: String,

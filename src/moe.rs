@@ -7,11 +7,12 @@ use amalgam_merge::moe::Moe;
 use amalgam_recipe::MoeRecipe;
 use anyhow::Result;
 
-/// Assemble dense Llama or Mistral experts into a Mixtral mixture (mergekit-moe's config).
+/// Assemble dense experts into a Mixtral or Qwen2-MoE mixture (mergekit-moe's config).
 ///
 /// Attention, norms and embeddings come from `base_model`; each expert's MLP
-/// becomes one expert of every layer; router weights come from the experts'
-/// prompts (`gate_mode: hidden` or `cheap_embed`) or are random.
+/// becomes one expert of every layer (one `shared_experts` entry makes a
+/// Qwen2-MoE); router weights come from the experts' prompts (`gate_mode:
+/// hidden` or `cheap_embed`) or are random. Example: recipes/moe/mixtral.yml.
 #[derive(clap::Args)]
 #[command(after_help = "Example config:\n  \
     base_model: work/models/base\n  \

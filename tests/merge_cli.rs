@@ -347,3 +347,61 @@ fn devices_are_checked_before_anything_is_written() {
         assert!(!tmp.path().join("out").exists());
     }
 }
+
+/// The toolbox examples in `recipes/multi-stage/` and `recipes/moe/` run on
+/// the example models, and their outputs load in transformers.
+#[test]
+fn shipped_multi_stage_and_moe_examples_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let staged = tmp.path().join("staged");
+    merge_in(
+        tmp.path(),
+        &[
+            root.join("multi-stage/soup-then-ties.yml").as_os_str(),
+            staged.as_os_str(),
+        ],
+    );
+    let mixture = tmp.path().join("mixture");
+    let result = amalgam_in(
+        tmp.path(),
+        &[
+            "moe".as_ref(),
+            root.join("moe/mixtral.yml").as_os_str(),
+            mixture.as_os_str(),
+        ],
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    // transformers loads both (the oracle fails otherwise), every stored weight used.
+    let loaded = hf_oracle(&[&staged, &mixture], false);
+    for dir in [&staged, &mixture] {
+        let report = &loaded[dir.to_str().unwrap()];
+        let stored: u64 = report["safetensors"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|t| {
+                t["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap())
+                    .product::<u64>()
+            })
+            .sum();
+        assert_eq!(
+            report["parameters"].as_u64().unwrap(),
+            stored,
+            "{}",
+            dir.display()
+        );
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mixture.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "mixtral");
+}
