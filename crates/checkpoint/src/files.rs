@@ -104,6 +104,19 @@ impl ModelDir {
         read_capped(file, &path, limit, what)
     }
 
+    /// The directory's `tokenizer.json`, read by the `tokenizers` crate; `None` without one.
+    pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
+        if !self.has(TOKENIZER_JSON) {
+            return Ok(None);
+        }
+        let text = self.read(TOKENIZER_JSON, MAX_TOKENIZER_BYTES, "a tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&text).map_err(|e| Error::Input {
+            path: self.dir.join(TOKENIZER_JSON),
+            message: format!("not a tokenizer the `tokenizers` library reads: {e}"),
+        })?;
+        Ok(Some(tokenizer))
+    }
+
     /// The JSON object in the file `name` (a companion file such as
     /// `tokenizer_config.json`), capped at [`MAX_JSON_BYTES`].
     pub fn json_object(&self, name: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -114,6 +127,11 @@ impl ModelDir {
         })
     }
 }
+
+const TOKENIZER_JSON: &str = "tokenizer.json";
+/// The most bytes of a `tokenizer.json` read (the largest published ones are
+/// tens of MB).
+const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
 
 /// `…/models--org--name/blobs` when `root` is `…/models--org--name/snapshots/REV`.
 fn snapshot_blobs(root: &Path) -> Option<PathBuf> {

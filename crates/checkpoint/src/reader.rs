@@ -20,10 +20,6 @@ use crate::{
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 const PICKLE_SUFFIXES: &[&str] = &[".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json"];
-const TOKENIZER_JSON: &str = "tokenizer.json";
-/// The most bytes of a `tokenizer.json` read (the largest published ones are
-/// tens of MB).
-const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
 /// The safetensors format's own limit on a header.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Bytes converted per step when a tensor is read into another dtype.
@@ -228,17 +224,7 @@ impl Checkpoint {
 
     /// The model's `tokenizer.json`, read by the `tokenizers` crate; `None` without one.
     pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
-        let files = ModelDir::new(&self.dir)?;
-        if !files.has(TOKENIZER_JSON) {
-            return Ok(None);
-        }
-        let (file, path) = files.open(TOKENIZER_JSON)?;
-        let text = read_capped(file, &path, MAX_TOKENIZER_BYTES, "a tokenizer.json")?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&text).map_err(|e| Error::Input {
-            path: path.clone(),
-            message: format!("not a tokenizer the `tokenizers` library reads: {e}"),
-        })?;
-        Ok(Some(tokenizer))
+        ModelDir::new(&self.dir)?.tokenizer()
     }
 
     /// The chat template the model carries, as transformers finds it:

@@ -4,8 +4,9 @@
 //!
 //!     cargo bench -p amalgam-nn --bench forward
 
-use std::path::Path;
-use std::process::Command;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::time::Instant;
 
 use amalgam_checkpoint::ModelCard;
@@ -42,19 +43,9 @@ fn main() {
     });
     times.sort_by(f64::total_cmp);
     let ours = (BATCH * SEQ) as f64 / times[ITERS / 2];
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("benches/hf_forward.py"))
-        .arg(&dir)
-        .args([BATCH, SEQ, ITERS as i64].map(|n| n.to_string()))
-        .output()
-        .expect("the venv's python runs (scripts/setup.sh)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let mut args = vec![dir.clone().into_os_string()];
+    args.extend([BATCH, SEQ, ITERS as i64].map(|n| n.to_string().into()));
+    let theirs = common::python_json("benches/hf_forward.py", &args);
     let theirs_rate = theirs["tokens_per_s"].as_f64().expect("a rate");
     println!(
         "Forward pass, F32, no grad: {} parameters, batch {BATCH} × {SEQ} tokens, median of {ITERS} calls",

@@ -12,6 +12,7 @@ pub mod data;
 mod error;
 pub mod eval;
 mod llama;
+pub mod text;
 pub mod tokenizer;
 pub mod train;
 pub mod zoo;

@@ -3,16 +3,12 @@
 //! the residual stream the taps return), covering GQA, tied and untied
 //! embeddings, an explicit head_dim and both RoPE scalings.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
 use amalgam_checkpoint::ModelCard;
 use amalgam_nn::{tokenizer, Llama, LlamaConfig, RopeScaling};
+use common::python_json;
 use tch::{Device, Kind, Tensor};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn config(
     heads: usize,
@@ -110,19 +106,10 @@ fn logits_and_residual_stream_match_transformers() {
         }
         let case = tmp.path().join(format!("{name}.safetensors"));
         Tensor::write_safetensors(&tensors, &case).unwrap();
-        let out = Command::new(root().join(".venv/bin/python"))
-            .arg(root().join("tests/oracles/hf_logits.py"))
-            .arg(&dir)
-            .arg(&case)
-            .arg(SAMPLE)
-            .output()
-            .expect("the venv's python runs (scripts/setup.sh)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let report = python_json(
+            "tests/oracles/hf_logits.py",
+            &[dir.as_os_str(), case.as_os_str(), SAMPLE.as_ref()],
         );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let diff = report["max_logit_diff"].as_f64().unwrap();
         assert!(diff <= 1e-4, "{name}: logits differ by {diff}: {report}");
         assert!(
