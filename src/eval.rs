@@ -1,8 +1,12 @@
 //! `amalgam eval MODEL...`: per-domain loss, perplexity and next-token
 //! accuracy on the corpus' held-out splits, for checkpoints and the networks
-//! of stitched families.
+//! of stitched families — or on any text file (`--text`), tokenized with each
+//! model's own tokenizer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The most bytes of a `--text` file read.
+const MAX_TEXT_BYTES: u64 = 1 << 30;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
@@ -11,8 +15,9 @@ use amalgam_checkpoint::{hub, Checkpoint};
 use amalgam_elastic::stitch::{Family, Network};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
-    check_vocabulary, evaluate, window_count, DomainScore, EvalOptions, LanguageModel,
+    check_vocabulary, evaluate_tokens, token_window_count, DomainScore, EvalOptions, LanguageModel,
 };
+use amalgam_nn::text::TextTokenizer;
 use amalgam_nn::{Llama, LlamaConfig};
 
 #[derive(ClapArgs)]
@@ -23,6 +28,11 @@ pub struct Args {
     /// Comma-separated domains (default: all).
     #[arg(long, value_delimiter = ',')]
     domains: Vec<String>,
+    /// Score this text file instead of the corpus, tokenized with each
+    /// model's own tokenizer (its tokenizer.json); BOS and the like as the
+    /// tokenizer adds them.
+    #[arg(long, conflicts_with_all = ["domains", "route"])]
+    text: Option<PathBuf>,
     /// Tokens per evaluation window.
     #[arg(long, default_value_t = 129)]
     seq_len: usize,
@@ -80,19 +90,56 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         max_windows: args.max_windows,
         batch: args.batch.max(1),
     };
-    let counts: Vec<usize> = domains.iter().map(|&d| window_count(d, &options)).collect();
-    if let Some((domain, _)) = domains.iter().zip(&counts).find(|(_, &n)| n == 0) {
-        return Err(anyhow!(
-            "--seq-len {} is longer than the {} held-out text ({} tokens)",
-            args.seq_len,
-            domain.name(),
-            domain.tokens(Split::Eval).len()
-        ));
+    // What is scored: the corpus's held-out domains, or the text file (its
+    // tokens depend on each model's tokenizer, so they are made per model).
+    let corpus: Vec<(String, Vec<i64>)> = domains
+        .iter()
+        .map(|d| (d.name().to_owned(), d.tokens(Split::Eval)))
+        .collect();
+    let text = match &args.text {
+        Some(path) => {
+            let bytes = amalgam_checkpoint::read_regular(path, MAX_TEXT_BYTES, "a text file")?;
+            let text = String::from_utf8(bytes)
+                .map_err(|e| anyhow!("{}: not UTF-8 text: {e}", path.display()))?;
+            Some((path.display().to_string(), text))
+        }
+        None => None,
+    };
+    let streams_for = |dir: &Path, vocab: usize| -> Result<Vec<(String, Vec<i64>)>> {
+        let Some((label, text)) = &text else {
+            return Ok(corpus.clone());
+        };
+        let tokens = TextTokenizer::load(dir)?.encode(text, true)?;
+        if let Some(id) = tokens.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+            return Err(anyhow!(
+                "{}: its tokenizer gives id {id}, outside the model's {vocab}-token vocabulary",
+                dir.display()
+            ));
+        }
+        if token_window_count(&tokens, &options) == 0 {
+            return Err(anyhow!(
+                "--seq-len {} is longer than {label} ({} tokens with {}'s tokenizer)",
+                args.seq_len,
+                tokens.len(),
+                dir.display()
+            ));
+        }
+        Ok(vec![(label.clone(), tokens)])
+    };
+    if text.is_none() {
+        if let Some((domain, _)) = corpus
+            .iter()
+            .find(|(_, tokens)| token_window_count(tokens, &options) == 0)
+        {
+            return Err(anyhow!(
+                "--seq-len {} is longer than the {domain} held-out text",
+                args.seq_len,
+            ));
+        }
     }
-    let total: usize = counts.iter().sum();
-    // Windows are scored `batch` at a time, never more than a domain has.
-    let batch = options.batch.min(counts.iter().copied().max().unwrap_or(1));
-    let load = |path: &PathBuf| -> Result<Llama> {
+    // Windows are scored `batch` at a time.
+    let batch = options.batch;
+    let load = |path: &PathBuf| -> Result<(Llama, PathBuf)> {
         let path = &hub::locate(&path.to_string_lossy())?;
         let checkpoint = Checkpoint::open(path)?;
         let config =
@@ -111,16 +158,36 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         )?;
         let model =
             Llama::load(path, device).with_context(|| format!("loading {}", path.display()))?;
-        check_vocabulary(&model).with_context(|| path.display().to_string())?;
-        Ok(model)
+        if text.is_none() {
+            check_vocabulary(&model).with_context(|| path.display().to_string())?;
+        }
+        Ok((model, path.clone()))
     };
     let reference = args.reference.as_ref().map(load).transpose()?;
+    let reference_streams = match &reference {
+        Some((model, dir)) => Some(streams_for(dir, model.config.vocab_size)?),
+        None => None,
+    };
+    let reference = reference.map(|(model, _)| model);
     let mut results: Vec<Evaluated> = vec![];
     let mut score = |name: String,
                      model: &dyn LanguageModel,
+                     streams: Vec<(String, Vec<i64>)>,
                      parameters: usize,
                      stitched: Option<(u64, &'static str)>|
      -> Result<()> {
+        if let Some(theirs) = &reference_streams {
+            if theirs
+                .iter()
+                .map(|(_, t)| t)
+                .ne(streams.iter().map(|(_, t)| t))
+            {
+                return Err(anyhow!(
+                    "{name}: its tokenizer splits the text differently from the reference's; \
+                     --reference compares models that share a tokenizer"
+                ));
+            }
+        }
         if let Some(reference) = &reference {
             if reference.config.vocab_size != model.vocab_size() {
                 return Err(anyhow!(
@@ -131,10 +198,18 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             }
         }
         let reference = reference.as_ref().map(|r| r as &dyn LanguageModel);
-        let bar = crate::progress::steps(total as u64, &name, quiet);
-        let scores = domains
+        let total: usize = streams
             .iter()
-            .map(|&d| evaluate(model, reference, d, &options, &mut |n| bar.inc(n as u64)))
+            .map(|(_, tokens)| token_window_count(tokens, &options))
+            .sum();
+        let bar = crate::progress::steps(total as u64, &name, quiet);
+        let scores = streams
+            .iter()
+            .map(|(label, tokens)| {
+                evaluate_tokens(model, reference, label, tokens, &options, &mut |n| {
+                    bar.inc(n as u64)
+                })
+            })
             .collect();
         bar.finish_and_clear();
         results.push(Evaluated {
@@ -147,6 +222,13 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     for path in &args.models {
         if Family::is_family(path) {
+            if text.is_some() {
+                return Err(anyhow!(
+                    "{}: --text scores checkpoints; a stitched family's networks use the \
+                     corpus's byte tokenizer",
+                    path.display()
+                ));
+            }
             let family = Family::load(path, device)?;
             let names: Vec<&str> = if args.route.is_empty() {
                 family.members.iter().map(|m| m.name.as_str()).collect()
@@ -169,6 +251,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 score(
                     format!("{}#{name}", path.display()),
                     &family.scorer(member),
+                    corpus.clone(),
                     member.parameters as usize,
                     Some((
                         member.flops_per_token,
@@ -187,10 +270,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 path.display()
             ));
         }
-        let model = load(path)?;
+        let (model, dir) = load(path)?;
+        let streams = streams_for(&dir, model.config.vocab_size)?;
         score(
             path.display().to_string(),
             &model,
+            streams,
             model.config.parameter_count(),
             None,
         )?;
@@ -263,7 +348,11 @@ fn consistency(s: &DomainScore) -> String {
 }
 
 fn print_by_model(results: &[Evaluated]) {
-    let domains: Vec<&str> = results[0].scores.iter().map(|s| s.domain).collect();
+    let domains: Vec<&str> = results[0]
+        .scores
+        .iter()
+        .map(|s| s.domain.as_str())
+        .collect();
     let compared = results[0].scores[0].agreement.is_some();
     let mut header = String::from("| model | parameters |");
     for d in &domains {

@@ -1,6 +1,6 @@
-//! Per-domain evaluation on the held-out splits: mean next-token
-//! cross-entropy, perplexity and next-token accuracy over non-overlapping
-//! windows.
+//! Evaluation on token streams — the corpus's held-out splits, or any text
+//! tokenized with the model's own tokenizer: mean next-token cross-entropy,
+//! perplexity and next-token accuracy over non-overlapping windows.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -11,7 +11,8 @@ use crate::{tokenizer, Llama, NnError, Result};
 /// One model's scores on one domain.
 #[derive(Debug, Clone, Serialize)]
 pub struct DomainScore {
-    pub domain: &'static str,
+    /// The domain, or the text file, scored.
+    pub domain: String,
     /// Predicted tokens the scores average over.
     pub tokens: usize,
     pub loss: f64,
@@ -81,8 +82,21 @@ pub fn evaluate(
     on_batch: &mut dyn FnMut(usize),
 ) -> DomainScore {
     let tokens = domain.tokens(Split::Eval);
+    evaluate_tokens(model, reference, domain.name(), &tokens, options, on_batch)
+}
+
+/// Scores `model` on `tokens` (called `label` in the result), and against
+/// `reference` when given; `on_batch(windows)` after each batch.
+pub fn evaluate_tokens(
+    model: &dyn LanguageModel,
+    reference: Option<&dyn LanguageModel>,
+    label: &str,
+    tokens: &[i64],
+    options: &EvalOptions,
+    on_batch: &mut dyn FnMut(usize),
+) -> DomainScore {
     let len = options.seq_len;
-    let windows = windows(&tokens, options);
+    let windows = windows(tokens, options);
     let (mut loss_sum, mut correct, mut count) = (0.0, 0i64, 0usize);
     let (mut agreeing, mut kl_sum) = (0i64, 0.0);
     tch::no_grad(|| {
@@ -124,7 +138,7 @@ pub fn evaluate(
     });
     let loss = loss_sum / count.max(1) as f64;
     DomainScore {
-        domain: domain.name(),
+        domain: label.to_owned(),
         tokens: count,
         loss,
         perplexity: loss.exp(),
@@ -147,6 +161,11 @@ fn windows<'a>(tokens: &'a [i64], options: &EvalOptions) -> Vec<&'a [i64]> {
 /// How many windows `evaluate` scores for `domain`.
 pub fn window_count(domain: Domain, options: &EvalOptions) -> usize {
     windows(&domain.tokens(Split::Eval), options).len()
+}
+
+/// How many windows `evaluate_tokens` scores for `tokens`.
+pub fn token_window_count(tokens: &[i64], options: &EvalOptions) -> usize {
+    windows(tokens, options).len()
 }
 
 #[cfg(test)]
