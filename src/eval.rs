@@ -11,32 +11,82 @@ const MAX_TEXT_BYTES: u64 = 1 << 30;
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
-use amalgam_checkpoint::{hub, Checkpoint};
+use amalgam_checkpoint::{hub, kind_from_dtype, parse_dtype, Checkpoint, Dtype};
 use amalgam_elastic::stitch::{Family, Network};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
-    check_vocabulary, evaluate_tokens, token_window_count, DomainScore, EvalOptions, LanguageModel,
+    check_vocabulary, corpus_windows, rolling_windows, score_windows, DomainScore, EvalOptions,
+    LanguageModel, Window,
 };
 use amalgam_nn::text::TextTokenizer;
-use amalgam_nn::{Llama, LlamaConfig};
+use amalgam_nn::{Decoder, DecoderConfig};
+
+/// What one model is scored on under one label: a corpus domain or a text file.
+#[derive(Clone)]
+struct Scored {
+    label: String,
+    windows: Vec<Window>,
+    /// The text's UTF-8 bytes (for bits per byte).
+    bytes: Option<usize>,
+}
+
+/// The documents of a `--text` file: the whole file, or for `.jsonl` the
+/// string at `field` of each non-blank line.
+fn read_documents(path: &Path, field: &str) -> Result<(String, Vec<String>)> {
+    let bytes = amalgam_checkpoint::read_regular(path, MAX_TEXT_BYTES, "a text file")?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8 text: {e}", path.display()))?;
+    let label = path.display().to_string();
+    if path.extension().is_none_or(|e| e != "jsonl") {
+        return Ok((label, vec![text]));
+    }
+    let documents = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            let at = format!("{}:{}", path.display(), i + 1);
+            let record: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| anyhow!("{at}: not a JSON line: {e}"))?;
+            record
+                .get(field)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("{at}: no string field {field:?} (choose it with --field)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((label, documents))
+}
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Model directories (Hugging Face Llama checkpoints, or stitched families).
+    /// Model directories (Hugging Face checkpoints of a supported family, or
+    /// stitched families).
     #[arg(required = true)]
     models: Vec<PathBuf>,
     /// Comma-separated domains (default: all).
     #[arg(long, value_delimiter = ',')]
     domains: Vec<String>,
-    /// Score this text file instead of the corpus, tokenized with each
-    /// model's own tokenizer (its tokenizer.json); BOS and the like as the
-    /// tokenizer adds them.
-    #[arg(long, conflicts_with_all = ["domains", "route"])]
-    text: Option<PathBuf>,
-    /// Tokens per evaluation window.
+    /// Score these text files instead of the corpus, each tokenized with
+    /// each model's own tokenizer and scored whole as lm-evaluation-harness's
+    /// rolling log-likelihood scores a document: a plain file is one
+    /// document, a `.jsonl` file one per line (the string at `--field`).
+    /// Reports loss, perplexity and bits per byte per file.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["domains", "route"])]
+    text: Vec<PathBuf>,
+    /// The field of each `.jsonl` line that holds its document.
+    #[arg(long, default_value = "text")]
+    field: String,
+    /// With --text: each window after a document's first sees this many
+    /// tokens before its first prediction (1: disjoint windows, as
+    /// lm-evaluation-harness scores Hugging Face models).
+    #[arg(long, default_value_t = 1)]
+    stride: usize,
+    /// Tokens per evaluation window (the model reads all but the last).
     #[arg(long, default_value_t = 129)]
     seq_len: usize,
-    /// At most this many windows per domain.
+    /// At most this many windows per domain of the corpus (--text scores
+    /// every document whole).
     #[arg(long, default_value_t = 256)]
     max_windows: usize,
     #[arg(long, default_value_t = 32)]
@@ -58,6 +108,10 @@ pub struct Args {
     by_model: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute in this dtype: float32, or bfloat16/float16 for half the
+    /// weights' memory (a BF16 checkpoint too big for F32).
+    #[arg(long, default_value = "float32")]
+    dtype: String,
     /// Refuse models whose weights and forward pass are estimated to need
     /// more than this, e.g. 8GB (default: the memory available).
     #[arg(long)]
@@ -85,68 +139,98 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         ));
     }
     let device = crate::device::parse(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)
+        .filter(|d| matches!(d, Dtype::F32 | Dtype::BF16 | Dtype::F16))
+        .ok_or_else(|| {
+            anyhow!(
+                "unknown --dtype {:?} (use float32, bfloat16 or float16)",
+                args.dtype
+            )
+        })?;
     let options = EvalOptions {
         seq_len: args.seq_len,
         max_windows: args.max_windows,
         batch: args.batch.max(1),
     };
-    // What is scored: the corpus's held-out domains, or the text file (its
+    // What is scored: the corpus's held-out domains, or the text files (their
     // tokens depend on each model's tokenizer, so they are made per model).
-    let corpus: Vec<(String, Vec<i64>)> = domains
+    let corpus: Vec<Scored> = domains
         .iter()
-        .map(|d| (d.name().to_owned(), d.tokens(Split::Eval)))
+        .map(|d| Scored {
+            label: d.name().to_owned(),
+            windows: corpus_windows(&d.tokens(Split::Eval), &options),
+            bytes: None,
+        })
         .collect();
-    let text = match &args.text {
-        Some(path) => {
-            let bytes = amalgam_checkpoint::read_regular(path, MAX_TEXT_BYTES, "a text file")?;
-            let text = String::from_utf8(bytes)
-                .map_err(|e| anyhow!("{}: not UTF-8 text: {e}", path.display()))?;
-            Some((path.display().to_string(), text))
-        }
-        None => None,
-    };
-    let streams_for = |dir: &Path, vocab: usize| -> Result<Vec<(String, Vec<i64>)>> {
-        let Some((label, text)) = &text else {
+    let texts = args
+        .text
+        .iter()
+        .map(|path| read_documents(path, &args.field))
+        .collect::<Result<Vec<_>>>()?;
+    if args.stride == 0 {
+        return Err(anyhow!("--stride must be at least 1"));
+    }
+    let streams_for = |dir: &Path, vocab: usize| -> Result<Vec<Scored>> {
+        if texts.is_empty() {
             return Ok(corpus.clone());
-        };
-        let tokens = TextTokenizer::load(dir)?.encode(text, true)?;
-        if let Some(id) = tokens.iter().find(|&&id| id < 0 || id as usize >= vocab) {
-            return Err(anyhow!(
-                "{}: its tokenizer gives id {id}, outside the model's {vocab}-token vocabulary",
-                dir.display()
-            ));
         }
-        if token_window_count(&tokens, &options) == 0 {
-            return Err(anyhow!(
-                "--seq-len {} is longer than {label} ({} tokens with {}'s tokenizer)",
-                args.seq_len,
-                tokens.len(),
+        let tokenizer = TextTokenizer::load(dir)?;
+        let prefix = tokenizer.prefix_token().ok_or_else(|| {
+            anyhow!(
+                "{}: its tokenizer names no BOS or EOS token to start a document from",
                 dir.display()
-            ));
-        }
-        Ok(vec![(label.clone(), tokens)])
-    };
-    if text.is_none() {
-        if let Some((domain, _)) = corpus
+            )
+        })?;
+        texts
             .iter()
-            .find(|(_, tokens)| token_window_count(tokens, &options) == 0)
-        {
+            .map(|(label, documents)| {
+                let mut windows = Vec::new();
+                for document in documents {
+                    let tokens = tokenizer.encode(document, false)?;
+                    if let Some(id) = tokens.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+                        return Err(anyhow!(
+                            "{}: its tokenizer gives id {id}, outside the model's \
+                             {vocab}-token vocabulary",
+                            dir.display()
+                        ));
+                    }
+                    windows.extend(rolling_windows(
+                        &tokens,
+                        prefix,
+                        args.seq_len - 1,
+                        args.stride,
+                    ));
+                }
+                if windows.is_empty() {
+                    return Err(anyhow!("{label}: no text to score"));
+                }
+                let bytes = documents.iter().map(String::len).sum();
+                Ok(Scored {
+                    label: label.clone(),
+                    windows,
+                    bytes: Some(bytes),
+                })
+            })
+            .collect()
+    };
+    if texts.is_empty() {
+        if let Some(scored) = corpus.iter().find(|s| s.windows.is_empty()) {
             return Err(anyhow!(
-                "--seq-len {} is longer than the {domain} held-out text",
+                "--seq-len {} is longer than the {} held-out text",
                 args.seq_len,
+                scored.label,
             ));
         }
     }
     // Windows are scored `batch` at a time.
     let batch = options.batch;
-    let load = |path: &PathBuf| -> Result<(Llama, PathBuf)> {
+    let load = |path: &PathBuf| -> Result<(Decoder, PathBuf)> {
         let path = &hub::locate(&path.to_string_lossy())?;
         let checkpoint = Checkpoint::open(path)?;
         let config =
-            LlamaConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;
+            DecoderConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;
         crate::resources::check_memory(
-            config
-                .weight_bytes()
+            (config.weight_bytes() / 32 * dtype.bitsize() as u64)
                 .saturating_add(config.forward_bytes(batch, args.seq_len)),
             args.max_memory.as_deref(),
             "--max-memory",
@@ -156,9 +240,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 args.seq_len
             ),
         )?;
-        let model =
-            Llama::load(path, device).with_context(|| format!("loading {}", path.display()))?;
-        if text.is_none() {
+        let model = Decoder::load_as(path, device, kind_from_dtype(dtype).expect("a float dtype"))
+            .with_context(|| format!("loading {}", path.display()))?;
+        if texts.is_empty() {
             check_vocabulary(&model).with_context(|| path.display().to_string())?;
         }
         Ok((model, path.clone()))
@@ -172,15 +256,15 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let mut results: Vec<Evaluated> = vec![];
     let mut score = |name: String,
                      model: &dyn LanguageModel,
-                     streams: Vec<(String, Vec<i64>)>,
+                     streams: Vec<Scored>,
                      parameters: usize,
                      stitched: Option<(u64, &'static str)>|
      -> Result<()> {
         if let Some(theirs) = &reference_streams {
             if theirs
                 .iter()
-                .map(|(_, t)| t)
-                .ne(streams.iter().map(|(_, t)| t))
+                .map(|s| &s.windows)
+                .ne(streams.iter().map(|s| &s.windows))
             {
                 return Err(anyhow!(
                     "{name}: its tokenizer splits the text differently from the reference's; \
@@ -198,17 +282,19 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             }
         }
         let reference = reference.as_ref().map(|r| r as &dyn LanguageModel);
-        let total: usize = streams
-            .iter()
-            .map(|(_, tokens)| token_window_count(tokens, &options))
-            .sum();
+        let total: usize = streams.iter().map(|s| s.windows.len()).sum();
         let bar = crate::progress::steps(total as u64, &name, quiet);
         let scores = streams
             .iter()
-            .map(|(label, tokens)| {
-                evaluate_tokens(model, reference, label, tokens, &options, &mut |n| {
-                    bar.inc(n as u64)
-                })
+            .map(|s| {
+                let mut score =
+                    score_windows(model, reference, &s.label, &s.windows, batch, &mut |n| {
+                        bar.inc(n as u64)
+                    });
+                score.bits_per_byte = s.bytes.map(|bytes| {
+                    score.loss * score.tokens as f64 / (bytes as f64 * std::f64::consts::LN_2)
+                });
+                score
             })
             .collect();
         bar.finish_and_clear();
@@ -222,7 +308,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     for path in &args.models {
         if Family::is_family(path) {
-            if text.is_some() {
+            if !texts.is_empty() {
                 return Err(anyhow!(
                     "{}: --text scores checkpoints; a stitched family's networks use the \
                      corpus's byte tokenizer",
@@ -304,22 +390,29 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         return Ok(());
     }
     let compared = reference.is_some();
+    let text = !texts.is_empty();
     println!(
-        "| model | domain | loss | perplexity | accuracy | tokens |{}",
+        "| model | {} | loss | perplexity |{} accuracy | tokens |{}",
+        if text { "text" } else { "domain" },
+        if text { " bits/byte |" } else { "" },
         if compared { " agreement | KL |" } else { "" }
     );
     println!(
-        "|---|---|---|---|---|---|{}",
+        "|---|---|---|---|{}---|---|{}",
+        if text { "---|" } else { "" },
         if compared { "---|---|" } else { "" }
     );
     for r in &results {
         for s in &r.scores {
             println!(
-                "| {} | {} | {:.4} | {:.3} | {:.4} | {} |{}",
+                "| {} | {} | {:.4} | {:.3} |{} {:.4} | {} |{}",
                 r.model,
                 s.domain,
                 s.loss,
                 s.perplexity,
+                s.bits_per_byte
+                    .map(|b| format!(" {b:.4} |"))
+                    .unwrap_or_default(),
                 s.accuracy,
                 s.tokens,
                 consistency(s)

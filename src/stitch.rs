@@ -6,7 +6,7 @@ use std::time::Instant;
 use amalgam_checkpoint::{hub, Checkpoint, ModelCard};
 use amalgam_elastic::stitch::Family;
 use amalgam_nn::data::{Domain, Sampler, Split};
-use amalgam_nn::{Llama, LlamaConfig};
+use amalgam_nn::{Decoder, DecoderConfig};
 use amalgam_recipe::StitchRecipe;
 use anyhow::{anyhow, Context, Result};
 
@@ -77,8 +77,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let mut estimate = (recipe.samples as u64).saturating_mul(recipe.seq_len as u64 * 8);
     for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
         let checkpoint = Checkpoint::open(dir).map_err(|e| located(path, at, e.to_string()))?;
-        let config = LlamaConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))
-            .map_err(|e| located(path, at, e.to_string()))?;
+        let config =
+            DecoderConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))
+                .map_err(|e| e.to_string())
+                .and_then(|config| {
+                    config.architecture.require_plain_llama("Stitching")?;
+                    Ok(config)
+                })
+                .map_err(|e| located(path, at, e))?;
         // Calibration runs every sample at once; training keeps a batch's
         // activations for every block, and Adam two moments per weight.
         let training = recipe.train.as_ref().map_or(0, |t| {
@@ -103,7 +109,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .iter()
         .zip(&dirs)
         .map(|((path, at), dir)| {
-            Llama::load(dir, device).map_err(|e| located(path, at, e.to_string()))
+            Decoder::load(dir, device).map_err(|e| located(path, at, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     let output = std::path::absolute(&args.output)?;

@@ -1,85 +1,159 @@
-//! `amalgam eval --text`: any text, tokenized with the model's own tokenizer,
-//! scored as transformers scores it.
+//! `amalgam eval --text`: documents of any text, tokenized with the model's
+//! own tokenizer and scored whole as lm-evaluation-harness's rolling
+//! log-likelihood scores them, equal to transformers' tokenizer and forward
+//! pass on the same windows (`tests/oracles/hf_text_loss.py`).
 
 mod common;
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
 
-/// A tiny random Llama with Llama 2's real tokenizer (32,000 tokens): the
-/// loss, accuracy and token count on a text file match transformers' own
-/// tokenizer and forward pass on the same windows.
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tiny random model of `family` that transformers builds, with the
+/// published tokenizer `tokenizer` (its vocabulary size) beside it.
+fn model_with_tokenizer(dir: &Path, family: &str, tokenizer: &str, vocab: usize) -> PathBuf {
+    let model = dir.join(format!("{family}-{tokenizer}"));
+    let script = "import sys, shutil, torch, transformers\n\
+                  torch.manual_seed(0)\n\
+                  c = transformers.AutoConfig.for_model(sys.argv[3], vocab_size=int(sys.argv[4]), \
+                  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, \
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256)\n\
+                  transformers.AutoModelForCausalLM.from_config(c).save_pretrained(sys.argv[1])\n\
+                  for f in ['tokenizer.json', 'tokenizer_config.json']:\n    shutil.copy(sys.argv[2] + '/' + f, sys.argv[1])\n";
+    let source = root().join(".cache/tokenizers").join(tokenizer);
+    python_code(
+        script,
+        &[
+            &model,
+            &source,
+            Path::new(family),
+            Path::new(&vocab.to_string()),
+        ],
+    );
+    model
+}
+
+/// amalgam's scores for `file` and the oracle's, for windows of `seq_len`
+/// tokens seeing `stride` tokens of context.
+fn scores(
+    model: &Path,
+    file: &Path,
+    seq_len: usize,
+    stride: usize,
+    extra: &[&str],
+) -> (Value, Value) {
+    let (seq, context) = (seq_len.to_string(), stride.to_string());
+    let mut args: Vec<&OsStr> = vec![
+        "eval".as_ref(),
+        model.as_os_str(),
+        "--text".as_ref(),
+        file.as_os_str(),
+        "--seq-len".as_ref(),
+        seq.as_ref(),
+        "--stride".as_ref(),
+        context.as_ref(),
+        "--batch".as_ref(),
+        "4".as_ref(),
+        "--json".as_ref(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let ours: Value = serde_json::from_str(&ok(args)).unwrap();
+    let max_len = (seq_len - 1).to_string();
+    let mut oracle: Vec<&OsStr> = vec![
+        model.as_os_str(),
+        file.as_os_str(),
+        max_len.as_ref(),
+        context.as_ref(),
+    ];
+    if let Some(field) = extra.iter().skip_while(|a| **a != "--field").nth(1) {
+        oracle.push(field.as_ref());
+    }
+    let theirs: Value = serde_json::from_str(&oracle_ok("hf_text_loss.py", &oracle)).unwrap();
+    (ours[0]["domains"][0].clone(), theirs)
+}
+
+fn assert_same(ours: &Value, theirs: &Value, what: &str) {
+    assert_eq!(ours["tokens"], theirs["tokens"], "{what}: {ours} {theirs}");
+    for key in ["loss", "bits_per_byte"] {
+        let (a, b) = (ours[key].as_f64().unwrap(), theirs[key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+            "{what}: {key} {a} against transformers' {b}"
+        );
+    }
+    let tokens = theirs["tokens"].as_f64().unwrap();
+    let accuracy = ours["accuracy"].as_f64().unwrap() - theirs["accuracy"].as_f64().unwrap();
+    assert!(accuracy.abs() <= 1.0 / tokens, "{what}: {ours} {theirs}");
+}
+
+/// A Llama with Llama 2's real tokenizer (SentencePiece-style, BOS as the
+/// prefix) and a Qwen3 with Qwen3's (byte-level BPE, no BOS: EOS is the
+/// prefix): plain text and JSON lines, disjoint and overlapping windows, all
+/// as transformers scores them; bits per byte compare the two tokenizers.
 #[test]
 fn any_text_scores_as_transformers_scores_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("llama2-tiny");
-    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tokenizers/llama2");
-    let script = "import sys, shutil, torch\nfrom transformers import LlamaConfig, LlamaForCausalLM\n\
-                  torch.manual_seed(0)\n\
-                  c = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, \
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)\n\
-                  LlamaForCausalLM(c).save_pretrained(sys.argv[1])\n\
-                  for f in ['tokenizer.json', 'tokenizer_config.json']:\n    shutil.copy(sys.argv[2] + '/' + f, sys.argv[1])\n";
-    python_code(script, &[&model, &tokenizer]);
+    let llama = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000);
+    let qwen = model_with_tokenizer(tmp.path(), "qwen3", "qwen3", 151669);
+    let prose = std::fs::read_to_string(root().join("data/corpus/prose.txt")).unwrap();
+    let sample: String = prose.chars().take(3000).collect();
     let text = tmp.path().join("text.txt");
-    let prose = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpus/prose.txt"),
-    )
-    .unwrap();
-    let sample: String = prose.chars().take(6000).collect();
     std::fs::write(&text, format!("  Ünïcödé and 日本語 first.\n{sample}")).unwrap();
-    let ours: Value = serde_json::from_str(&ok([
-        "eval".as_ref(),
-        model.as_os_str(),
-        "--text".as_ref(),
-        text.as_os_str(),
-        "--seq-len".as_ref(),
-        "65".as_ref(),
-        "--max-windows".as_ref(),
-        "12".as_ref(),
-        "--json".as_ref(),
-    ]))
-    .unwrap();
-    let score = &ours[0]["domains"][0];
-    let theirs: Value = serde_json::from_str(&oracle_ok(
-        "hf_text_loss.py",
-        &[
-            model.as_os_str(),
-            text.as_os_str(),
-            "65".as_ref(),
-            "12".as_ref(),
-        ],
-    ))
-    .unwrap();
-    assert_eq!(score["tokens"], theirs["tokens"], "{score} {theirs}");
-    assert_eq!(score["tokens"], 12 * 64);
-    assert_eq!(score["domain"], text.display().to_string());
-    let (loss, expected) = (
-        score["loss"].as_f64().unwrap(),
-        theirs["loss"].as_f64().unwrap(),
-    );
-    assert!(
-        (loss - expected).abs() <= 1e-4,
-        "loss {loss} against transformers' {expected}"
-    );
-    assert!(
-        (score["accuracy"].as_f64().unwrap() - theirs["accuracy"].as_f64().unwrap()).abs()
-            <= 1.0 / 768.0
-    );
 
-    // Text shorter than a window, and the corpus's domains, are refused by name.
-    let short = tmp.path().join("short.txt");
-    std::fs::write(&short, "Hi.").unwrap();
+    let (ours, theirs) = scores(&llama, &text, 65, 1, &[]);
+    assert_same(&ours, &theirs, "llama2, disjoint windows");
+    assert_eq!(ours["domain"], text.display().to_string());
+    assert!(
+        theirs["tokens"].as_u64().unwrap() > 3 * 64,
+        "several windows"
+    );
+    let (overlapping, theirs) = scores(&llama, &text, 65, 24, &[]);
+    assert_same(&overlapping, &theirs, "llama2, 24 tokens of context");
+    assert_eq!(overlapping["tokens"], ours["tokens"], "every token once");
+
+    let jsonl = tmp.path().join("docs.jsonl");
+    let lines: Vec<String> = sample
+        .split("\n\n")
+        .filter(|d| !d.trim().is_empty())
+        .take(6)
+        .map(|d| serde_json::json!({"id": 1, "body": d}).to_string())
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n") + "\n\n").unwrap();
+    for model in [&llama, &qwen] {
+        let (ours, theirs) = scores(model, &jsonl, 33, 1, &["--field", "body"]);
+        assert_same(&ours, &theirs, &format!("{}: jsonl", model.display()));
+    }
+
+    // Models that tokenize differently cannot be compared token by token.
     let message = fails([
         "eval".as_ref(),
-        model.as_os_str(),
+        qwen.as_os_str(),
+        "--reference".as_ref(),
+        llama.as_os_str(),
         "--text".as_ref(),
-        short.as_os_str(),
+        text.as_os_str(),
+    ]);
+    assert!(message.contains("splits the text differently"), "{message}");
+
+    // A line without the field is named by file and line.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"body\": \"x\"}\n{\"text\": \"y\"}\n").unwrap();
+    let message = fails([
+        "eval".as_ref(),
+        llama.as_os_str(),
+        "--text".as_ref(),
+        bad.as_os_str(),
+        "--field".as_ref(),
+        "body".as_ref(),
     ]);
     assert!(
-        message.contains("--seq-len 129 is longer than"),
+        message.contains(&format!("{}:2: no string field \"body\"", bad.display())),
         "{message}"
     );
 }

@@ -336,3 +336,68 @@ fn every_family_merges_as_mergekit_merges_it() {
     // Values are N(0, 0.5²): one float32 rounding of a result near 2 is 2.4e-7.
     assert_matches(&mergekit_oracle(tmp.path(), &cases), &cases, 5e-7);
 }
+
+/// Every family amalgam runs: linear, TIES, slerp and a passthrough stack of
+/// transformers-built models load in amalgam's forward pass and in
+/// transformers, with the same logits (a stack of six layers from four,
+/// per-layer fields carried along).
+#[test]
+fn every_family_merge_runs_in_both_forward_passes() {
+    use amalgam_nn::{supported_model_types, Decoder};
+    use tch::{Device, Kind, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pairs: Vec<std::ffi::OsString> = vec!["--many".into()];
+    let mut labels = vec![];
+    for family in supported_model_types() {
+        let [base, a, b] = [0, 1, 2].map(|seed| tiny(tmp.path(), family, seed));
+        let models = format!(
+            "models:\n  - model: {}\n    parameters: {{weight: 0.4, density: 0.6}}\n  - model: {}\n    parameters: {{weight: 0.6, density: 0.8}}\n",
+            a.display(),
+            b.display()
+        );
+        let mut outputs = vec![];
+        for (method, extra) in [
+            ("linear", String::new()),
+            ("ties", format!("base_model: {}\n", base.display())),
+            (
+                "slerp",
+                format!("base_model: {}\nparameters:\n  t: 0.3\n", a.display()),
+            ),
+        ] {
+            let recipe = format!("merge_method: {method}\n{extra}{models}");
+            outputs.push(merge_ok(tmp.path(), &format!("{family}-{method}-run"), &recipe).1);
+        }
+        let stacked = tmp.path().join(format!("{family}-stack-run"));
+        stack(tmp.path(), &a, &b, &stacked, [(0, 3), (1, 4)]);
+        assert_eq!(config(&stacked)["num_hidden_layers"], 6, "{family}");
+        outputs.push(stacked);
+        for out in outputs {
+            let model = Decoder::load(&out, Device::Cpu)
+                .unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+            let vocab = model.config.vocab_size as i64;
+            let ids = Tensor::arange(2 * 16, (Kind::Int64, Device::Cpu))
+                .remainder(vocab)
+                .view([2, 16]);
+            let logits = tch::no_grad(|| model.forward(&ids));
+            let case = out.with_extension("case.safetensors");
+            Tensor::write_safetensors(&[("ids", &ids), ("logits", &logits)], &case).unwrap();
+            pairs.extend([out.clone().into_os_string(), case.into_os_string()]);
+            labels.push(out.display().to_string());
+        }
+    }
+    let args: Vec<&std::ffi::OsStr> = pairs.iter().map(|p| p.as_os_str()).collect();
+    let reports: Vec<Value> = serde_json::from_str(&oracle_ok("hf_logits.py", &args)).unwrap();
+    assert_eq!(reports.len(), labels.len());
+    for (label, report) in labels.iter().zip(&reports) {
+        let scale = report["logit_scale"].as_f64().unwrap().max(1.0);
+        let diff = report["max_logit_diff"].as_f64().unwrap();
+        assert!(
+            diff <= 1e-4 * scale,
+            "{label}: transformers differs by {diff}: {report}"
+        );
+        assert!(
+            report["logit_std"].as_f64().unwrap() > 0.1,
+            "{label}: {report}"
+        );
+    }
+}

@@ -275,7 +275,7 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
     let ids: Vec<i64> = (0..2 * 40).map(|i| (i * 37 + 5) % 258).collect();
     let ids = tch::Tensor::from_slice(&ids).view([2, 40]);
     for merged in [&pleas, &wider] {
-        let ours = amalgam_nn::Llama::load(merged, tch::Device::Cpu).unwrap();
+        let ours = amalgam_nn::Decoder::load(merged, tch::Device::Cpu).unwrap();
         let logits = tch::no_grad(|| ours.forward(&ids));
         let (diff, report) = transformers_logit_diff(merged, &ids, &logits, tmp);
         assert!(

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use amalgam_checkpoint::{config_mismatch, Checkpoint, TensorSpec};
 use amalgam_elastic::matformer::ModelLayout;
-use amalgam_nn::LlamaConfig;
+use amalgam_nn::DecoderConfig;
 use libfuzzer_sys::fuzz_target;
 
 fn dir() -> &'static PathBuf {
@@ -34,10 +34,10 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let _ = config_mismatch(config, &specs);
     let _ = ModelLayout::read(&checkpoint);
-    if let Ok(llama) = LlamaConfig::from_model_config(config, &dir.join("config.json")) {
-        let _ = llama.parameter_shapes();
-        let _ = (llama.weight_bytes(), llama.forward_bytes(32, 4096));
-        let _ = llama.taps_bytes(32, 4096);
-        let _ = llama.to_model_config().to_json_pretty();
+    if let Ok(decoder) = DecoderConfig::from_model_config(config, &dir.join("config.json")) {
+        let _ = decoder.parameters();
+        let _ = (decoder.weight_bytes(), decoder.forward_bytes(32, 4096));
+        let _ = decoder.taps_bytes(32, 4096);
+        let _ = decoder.to_model_config().to_json_pretty();
     }
 });

@@ -1,11 +1,13 @@
-"""Oracle: transformers' LlamaForCausalLM (F32, eager attention) on a checkpoint.
+"""Oracle: transformers' causal LM of any family (F32, eager attention) on a checkpoint.
 
     python hf_logits.py MODEL_DIR CASE.safetensors [TEXT]
+    python hf_logits.py --many MODEL_DIR CASE.safetensors [MODEL_DIR CASE.safetensors ...]
 
 CASE holds `ids` (int64 [batch, seq]), our `logits` and, optionally, our
 residual stream `residual.{i}` before each block i. Prints JSON: the largest absolute logit
-difference, the largest difference per block boundary, and the logits' scale;
-with TEXT, also the ids AutoTokenizer (from MODEL_DIR's tokenizer files) gives it.
+difference, the largest difference per block boundary, and the logits' spread
+and largest magnitude; with TEXT, also the ids AutoTokenizer (from MODEL_DIR's
+tokenizer files) gives it; with --many, a JSON list of reports, one per pair.
 """
 import json
 import os
@@ -18,13 +20,12 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 
-def main():
-    model_dir, case_path = sys.argv[1], sys.argv[2]
+def report(model_dir, case_path):
     case = load_file(case_path)
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
         out = model(case["ids"], output_hidden_states=True)
@@ -35,16 +36,26 @@ def main():
         for i in range(layers)
         if f"residual.{i}" in case
     ]
-    report = {
+    return {
         "max_logit_diff": (logits - case["logits"]).abs().max().item(),
         "max_hidden_diff": hidden,
         "logit_std": logits.std().item(),
+        "logit_scale": logits.abs().max().item(),
     }
+
+
+def main():
+    if sys.argv[1] == "--many":
+        pairs = sys.argv[2:]
+        print(json.dumps([report(m, c) for m, c in zip(pairs[::2], pairs[1::2])]))
+        return
+    model_dir = sys.argv[1]
+    result = report(model_dir, sys.argv[2])
     if len(sys.argv) > 3:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        report["tokenizer_ids"] = tokenizer(sys.argv[3], add_special_tokens=False)["input_ids"]
-        report["tokenizer_decoded"] = tokenizer.decode(report["tokenizer_ids"])
-    print(json.dumps(report))
+        result["tokenizer_ids"] = tokenizer(sys.argv[3], add_special_tokens=False)["input_ids"]
+        result["tokenizer_decoded"] = tokenizer.decode(result["tokenizer_ids"])
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ use crate::arch::{classify, Role};
 use crate::ModelConfig;
 
 /// One family's description (see the module documentation).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Family {
     pub model_type: String,
@@ -35,6 +35,10 @@ pub struct Family {
     /// The config key holding the layer count, where it is not `num_hidden_layers`.
     #[serde(default = "num_hidden_layers")]
     pub layer_count_key: String,
+    /// How its decoder-only forward pass is built, for the families
+    /// `amalgam-nn` runs.
+    #[serde(default)]
+    pub decoder: Option<crate::decoder::DecoderLayout>,
 }
 
 fn num_hidden_layers() -> String {

@@ -21,6 +21,7 @@
 pub mod arch;
 mod card;
 mod config;
+pub mod decoder;
 mod dtype;
 mod error;
 pub mod family;

@@ -3,10 +3,10 @@
 //! * [`matformer`] extracts nested submodels from MatFormer-style checkpoints:
 //!   an FFN width per layer (the first m hidden units; granularities, a
 //!   parameter budget turned into a Mix'n'Match choice, or a row of Google's
-//!   slicing table) and layers to skip, for Llama-family and Gemma 3n
-//!   checkpoints. Extraction streams bytes from the input's files to the
+//!   slicing table) and layers to skip, for every decoder family amalgam
+//!   runs (fused and ungated MLPs included) and Gemma 3n. Extraction streams bytes from the input's files to the
 //!   output's shards, a chunk at a time.
-//! * [`stitch`] (SN-Net, in progress): stitching layers fitted by least
+//! * [`stitch`] (SN-Net): stitching layers fitted by least
 //!   squares, routes through two anchors, the stitched forward pass.
 
 mod error;

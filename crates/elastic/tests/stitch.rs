@@ -4,7 +4,7 @@
 
 use amalgam_elastic::stitch::{calibrate, family_routes, stitched_logits, Route, Stitch};
 use amalgam_nn::zoo::ZooSize;
-use amalgam_nn::Llama;
+use amalgam_nn::Decoder;
 use tch::{Device, Tensor};
 
 fn ids() -> Tensor {
@@ -16,7 +16,7 @@ fn ids() -> Tensor {
 fn an_identity_stitch_from_an_anchor_to_itself_is_the_anchor() {
     let mut shape = ZooSize::named("micro").unwrap().shape;
     shape.intermediate_sizes = vec![96; 4];
-    let anchor = Llama::new(shape.clone(), Device::Cpu, 5);
+    let anchor = Decoder::new(shape.clone(), Device::Cpu, 5);
     let ids = ids();
     let expected = tch::no_grad(|| anchor.forward(&ids));
     let anchors = [anchor];
@@ -40,8 +40,8 @@ fn an_identity_stitch_from_an_anchor_to_itself_is_the_anchor() {
 fn a_least_squares_stitch_fits_the_end_anchors_stream() {
     let micro = ZooSize::named("micro").unwrap();
     let (small, large) = (
-        Llama::new(micro.small_anchor.clone(), Device::Cpu, 1),
-        Llama::new(micro.shape.clone(), Device::Cpu, 2),
+        Decoder::new(micro.small_anchor.clone(), Device::Cpu, 1),
+        Decoder::new(micro.shape.clone(), Device::Cpu, 2),
     );
     let ids = ids();
     let (x, y) = tch::no_grad(|| {
@@ -79,8 +79,8 @@ fn calibrated_routes_join_two_anchors_both_ways() {
     small.intermediate_sizes = vec![48; 2];
     large.intermediate_sizes = vec![96; 3];
     let anchors = [
-        Llama::new(small, Device::Cpu, 1),
-        Llama::new(large, Device::Cpu, 2),
+        Decoder::new(small, Device::Cpu, 1),
+        Decoder::new(large, Device::Cpu, 2),
     ];
     let routes = family_routes(&anchors);
     let route = |front, cut, end, resume| Route {
@@ -108,7 +108,7 @@ fn calibrated_routes_join_two_anchors_both_ways() {
         assert!(logits.isfinite().all().int64_value(&[]) == 1, "{route:?}");
     }
     // Calibrating a stitch from an anchor to itself at one block finds the identity.
-    let same = [Llama::new(micro.shape.clone(), Device::Cpu, 3)];
+    let same = [Decoder::new(micro.shape.clone(), Device::Cpu, 3)];
     let route = Route {
         front: 0,
         cut: 1,
@@ -128,8 +128,8 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
     let micro = ZooSize::named("micro").unwrap();
     let family = || {
         let anchors = vec![
-            Llama::new(micro.small_anchor.clone(), Device::Cpu, 1),
-            Llama::new(micro.shape.clone(), Device::Cpu, 2),
+            Decoder::new(micro.small_anchor.clone(), Device::Cpu, 1),
+            Decoder::new(micro.shape.clone(), Device::Cpu, 2),
         ];
         Family::fit(anchors, &ids(), 1e-4).unwrap()
     };
@@ -154,7 +154,7 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
     let mut frozen = family();
     let snapshot = |f: &Family| -> (Vec<Tensor>, Vec<Tensor>) {
         // Sorted by name: each variables() call is a new HashMap.
-        let sorted = |a: &Llama| {
+        let sorted = |a: &Decoder| {
             let mut vars: Vec<(String, Tensor)> = a.vs.variables().into_iter().collect();
             vars.sort_by(|x, y| x.0.cmp(&y.0));
             vars.into_iter().map(|(_, t)| t.copy())

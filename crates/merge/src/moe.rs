@@ -16,7 +16,7 @@ use amalgam_checkpoint::{
     kind_from_dtype, parse_dtype, CheckpointWriter, Dtype, Finish, InputRecord, ModelCard,
     TensorSpec, WriteOptions, TOKENIZER_CONFIG,
 };
-use amalgam_nn::Llama;
+use amalgam_nn::Decoder;
 use amalgam_recipe::{Expert, GateMode, ModelRef, MoeRecipe};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -289,7 +289,7 @@ impl<'r> Moe<'r> {
                         "hidden-state gates run the base itself: give it without an adapter".into(),
                     ));
                 }
-                Some(Llama::load(self.base.dir(), Device::Cpu).map_err(|e| {
+                Some(Decoder::load(self.base.dir(), Device::Cpu).map_err(|e| {
                     self.at_base(format!("hidden-state gates run the base through amalgam's forward pass, which cannot run it ({e}); use gate_mode: cheap_embed or random"))
                 })?)
             }

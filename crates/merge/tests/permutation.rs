@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use amalgam_merge::pleas::permutation::{apply, llama, mlp, DecoderShape};
-use amalgam_nn::Llama;
+use amalgam_nn::Decoder;
 use common::{config, shape, structured_model};
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
@@ -37,7 +37,7 @@ proptest! {
         let mut tensors: BTreeMap<String, Tensor> =
             model.vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
         apply(&mut tensors, &groups, &perms).unwrap();
-        let permuted = Llama::new(config, Device::Cpu, 0);
+        let permuted = Decoder::new(config, Device::Cpu, 0);
         tch::no_grad(|| {
             for (name, mut var) in permuted.vs.variables() {
                 var.copy_(&tensors[&name]);

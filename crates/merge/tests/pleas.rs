@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use amalgam_merge::pleas::permutation::{apply, llama};
 use amalgam_merge::pleas::statistics::Metric;
 use amalgam_merge::pleas::{merge, Activations, Matching, Model, Options, Taps, Widen};
-use amalgam_nn::Llama;
+use amalgam_nn::Decoder;
 use common::{config, shape, structured_model};
 use tch::{Device, Kind, Tensor};
 
-struct Forward<'a>(&'a Llama);
+struct Forward<'a>(&'a Decoder);
 
 impl Activations for Forward<'_> {
     fn taps(&self, ids: &Tensor) -> amalgam_merge::Result<Taps> {
@@ -29,7 +29,7 @@ impl Activations for Forward<'_> {
 
 /// A random model with some structure (larger weights, uneven norm scales)
 /// and a copy of it with every group shuffled.
-fn model_and_shuffled_copy() -> (Llama, Llama) {
+fn model_and_shuffled_copy() -> (Decoder, Decoder) {
     let model = structured_model(config(false, vec![40, 32]), 11, 5.0);
     let groups = llama(&shape(&model.config));
     let perms: Vec<Vec<usize>> = groups
@@ -39,7 +39,7 @@ fn model_and_shuffled_copy() -> (Llama, Llama) {
         .collect();
     let mut tensors = copy(&model.tensors());
     apply(&mut tensors, &groups, &perms).unwrap();
-    let shuffled = Llama::from_tensors(model.config.clone(), &tensors, Device::Cpu).unwrap();
+    let shuffled = Decoder::from_tensors(model.config.clone(), &tensors, Device::Cpu).unwrap();
     (model, shuffled)
 }
 
@@ -59,18 +59,18 @@ fn batches() -> Vec<Tensor> {
         .collect()
 }
 
-fn run(a: &Llama, b: &Llama, matching: Matching, budget: f64, least_squares: bool) -> Llama {
+fn run(a: &Decoder, b: &Decoder, matching: Matching, budget: f64, least_squares: bool) -> Decoder {
     run_widening(a, b, matching, budget, least_squares, Widen::Ffn)
 }
 
 fn run_widening(
-    a: &Llama,
-    b: &Llama,
+    a: &Decoder,
+    b: &Decoder,
     matching: Matching,
     budget: f64,
     least_squares: bool,
     widen: Widen,
-) -> Llama {
+) -> Decoder {
     let (ta, tb) = (copy(&a.tensors()), copy(&b.tensors()));
     let merged = merge(
         &shape(&a.config),
@@ -100,10 +100,10 @@ fn run_widening(
     config.num_attention_heads =
         merged.kv_heads * (config.num_attention_heads / config.num_key_value_heads);
     config.num_key_value_heads = merged.kv_heads;
-    Llama::from_tensors(config, &merged.tensors, Device::Cpu).unwrap()
+    Decoder::from_tensors(config, &merged.tensors, Device::Cpu).unwrap()
 }
 
-fn max_logit_difference(a: &Llama, b: &Llama) -> f64 {
+fn max_logit_difference(a: &Decoder, b: &Decoder) -> f64 {
     let ids = Tensor::from_slice(&(0..40).map(|i| (i * 13 + 5) % 258).collect::<Vec<i64>>())
         .view([2, 20]);
     tch::no_grad(|| {

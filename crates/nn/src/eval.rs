@@ -1,12 +1,14 @@
-//! Evaluation on token streams — the corpus's held-out splits, or any text
-//! tokenized with the model's own tokenizer: mean next-token cross-entropy,
-//! perplexity and next-token accuracy over non-overlapping windows.
+//! Evaluation on token windows — the corpus's held-out splits cut into
+//! non-overlapping windows, or documents of any text tokenized with the
+//! model's own tokenizer and cut as lm-evaluation-harness's rolling
+//! log-likelihood cuts them: mean next-token cross-entropy, perplexity,
+//! next-token accuracy (and bits per byte for text).
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use crate::data::{Domain, Split};
-use crate::{tokenizer, Llama, NnError, Result};
+use crate::{tokenizer, Decoder, NnError, Result};
 
 /// One model's scores on one domain.
 #[derive(Debug, Clone, Serialize)]
@@ -18,6 +20,10 @@ pub struct DomainScore {
     pub loss: f64,
     pub perplexity: f64,
     pub accuracy: f64,
+    /// Total loss in bits over the text's UTF-8 bytes: comparable across
+    /// tokenizers (text only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_byte: Option<f64>,
     /// Against a reference model (e.g. the full model a submodel was cut
     /// from): how often the two predict the same next token, and the mean
     /// KL(reference ‖ model) per token in nats — what speculative decoding
@@ -40,7 +46,7 @@ pub struct EvalOptions {
 
 /// Whether `model` can be scored on the corpus: its vocabulary must hold the
 /// byte tokenizer's ids (models trained here, such as the zoo, do).
-pub fn check_vocabulary(model: &Llama) -> Result<()> {
+pub fn check_vocabulary(model: &Decoder) -> Result<()> {
     if model.config.vocab_size < tokenizer::VOCAB_SIZE {
         return Err(NnError::Invalid(format!(
             "the model's vocabulary has {} tokens, fewer than the byte tokenizer's {}: \
@@ -60,15 +66,16 @@ pub trait LanguageModel {
     fn device(&self) -> tch::Device;
 }
 
-impl LanguageModel for Llama {
+impl LanguageModel for Decoder {
+    /// In F32 whatever the model computes in, so losses sum without rounding.
     fn logits(&self, ids: &Tensor) -> Tensor {
-        self.forward(ids)
+        self.forward(ids).to_kind(Kind::Float)
     }
     fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
     fn device(&self) -> tch::Device {
-        Llama::device(self)
+        Decoder::device(self)
     }
 }
 
@@ -85,8 +92,9 @@ pub fn evaluate(
     evaluate_tokens(model, reference, domain.name(), &tokens, options, on_batch)
 }
 
-/// Scores `model` on `tokens` (called `label` in the result), and against
-/// `reference` when given; `on_batch(windows)` after each batch.
+/// Scores `model` on `tokens` (called `label` in the result) cut into the
+/// corpus's windows, and against `reference` when given; `on_batch(windows)`
+/// after each batch.
 pub fn evaluate_tokens(
     model: &dyn LanguageModel,
     reference: Option<&dyn LanguageModel>,
@@ -95,77 +103,149 @@ pub fn evaluate_tokens(
     options: &EvalOptions,
     on_batch: &mut dyn FnMut(usize),
 ) -> DomainScore {
-    let len = options.seq_len;
-    let windows = windows(tokens, options);
-    let (mut loss_sum, mut correct, mut count) = (0.0, 0i64, 0usize);
+    let windows = corpus_windows(tokens, options);
+    score_windows(model, reference, label, &windows, options.batch, on_batch)
+}
+
+/// Marks a position whose next token is context, not scored.
+pub const NOT_SCORED: i64 = -100;
+
+/// One forward pass's input and, per position, the next token it is scored
+/// on ([`NOT_SCORED`] where it only gives context).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub input: Vec<i64>,
+    pub targets: Vec<i64>,
+}
+
+/// Scores `model` on `windows`, same-length windows `batch` at a time.
+pub fn score_windows(
+    model: &dyn LanguageModel,
+    reference: Option<&dyn LanguageModel>,
+    label: &str,
+    windows: &[Window],
+    batch: usize,
+    on_batch: &mut dyn FnMut(usize),
+) -> DomainScore {
+    let (mut loss_sum, mut correct, mut count) = (0.0, 0i64, 0i64);
     let (mut agreeing, mut kl_sum) = (0i64, 0.0);
+    let mut order: Vec<&Window> = windows.iter().collect();
+    order.sort_by_key(|w| w.input.len()); // stable: windows keep their order within a length
+    let groups = order
+        .chunk_by(|a, b| a.input.len() == b.input.len())
+        .flat_map(|same| same.chunks(batch.max(1)));
     tch::no_grad(|| {
-        for group in windows.chunks(options.batch) {
-            let flat: Vec<i64> = group.concat();
-            let ids = Tensor::from_slice(&flat)
-                .view([group.len() as i64, len as i64])
-                .to_device(model.device());
-            let logits = model.logits(&ids.narrow(1, 0, len as i64 - 1));
-            let targets = ids.narrow(1, 1, len as i64 - 1).reshape([-1]);
-            let logits = logits.reshape([-1, model.vocab_size() as i64]);
+        for group in groups {
+            let len = group[0].input.len() as i64;
+            let stack = |rows: Vec<&[i64]>| {
+                Tensor::from_slice(&rows.concat())
+                    .view([group.len() as i64, len])
+                    .to_device(model.device())
+            };
+            let ids = stack(group.iter().map(|w| w.input.as_slice()).collect());
+            let targets = stack(group.iter().map(|w| w.targets.as_slice()).collect()).reshape([-1]);
+            let scored = targets.ne(NOT_SCORED);
+            let vocab = model.vocab_size() as i64;
+            let logits = model.logits(&ids).reshape([-1, vocab]);
             loss_sum += logits
-                .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0)
+                .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, NOT_SCORED, 0.0)
                 .double_value(&[]);
             let predicted = logits.argmax(-1, false);
             correct += predicted
                 .eq_tensor(&targets)
+                .logical_and(&scored)
                 .sum(Kind::Int64)
                 .int64_value(&[]);
             if let Some(reference) = reference {
-                let theirs = reference
-                    .logits(&ids.narrow(1, 0, len as i64 - 1))
-                    .reshape([-1, model.vocab_size() as i64]);
+                let theirs = reference.logits(&ids).reshape([-1, vocab]);
                 agreeing += predicted
                     .eq_tensor(&theirs.argmax(-1, false))
+                    .logical_and(&scored)
                     .sum(Kind::Int64)
                     .int64_value(&[]);
+                let rows = scored.nonzero().squeeze_dim(1);
                 let (p_log, q_log) = (
-                    theirs.log_softmax(-1, Kind::Double),
-                    logits.log_softmax(-1, Kind::Double),
+                    theirs.index_select(0, &rows).log_softmax(-1, Kind::Double),
+                    logits.index_select(0, &rows).log_softmax(-1, Kind::Double),
                 );
                 kl_sum += (p_log.exp() * (&p_log - q_log))
                     .sum(Kind::Double)
                     .double_value(&[]);
             }
-            count += targets.numel();
+            count += scored.sum(Kind::Int64).int64_value(&[]);
             on_batch(group.len());
         }
     });
-    let loss = loss_sum / count.max(1) as f64;
+    let count = count.max(1) as f64;
+    let loss = loss_sum / count;
     DomainScore {
         domain: label.to_owned(),
-        tokens: count,
+        tokens: count as usize,
         loss,
         perplexity: loss.exp(),
-        accuracy: correct as f64 / count.max(1) as f64,
-        agreement: reference.map(|_| agreeing as f64 / count.max(1) as f64),
-        kl: reference.map(|_| kl_sum / count.max(1) as f64),
+        accuracy: correct as f64 / count,
+        bits_per_byte: None,
+        agreement: reference.map(|_| agreeing as f64 / count),
+        kl: reference.map(|_| kl_sum / count),
     }
 }
 
-/// The non-overlapping windows `evaluate` scores (each window's last token
-/// is the next one's first), at most `max_windows`.
-fn windows<'a>(tokens: &'a [i64], options: &EvalOptions) -> Vec<&'a [i64]> {
+/// The corpus's windows of `tokens`: non-overlapping runs of `seq_len`
+/// tokens (each run's last token is the next one's first), every position
+/// scored on its next token, at most `max_windows`.
+pub fn corpus_windows(tokens: &[i64], options: &EvalOptions) -> Vec<Window> {
     tokens
         .windows(options.seq_len)
         .step_by(options.seq_len - 1)
         .take(options.max_windows)
+        .map(|run| Window {
+            input: run[..run.len() - 1].to_vec(),
+            targets: run[1..].to_vec(),
+        })
         .collect()
+}
+
+/// One document's windows as lm-evaluation-harness's rolling log-likelihood
+/// makes them: every token scored exactly once, inputs of at most `max_len`
+/// tokens. The first window predicts the document's first tokens from
+/// `prefix` (the tokenizer's BOS, or EOS where it has none); each later one
+/// predicts up to `max_len − context + 1` new tokens, its input reaching back
+/// so that at least `context` tokens before its first prediction are seen
+/// (`context` 1: disjoint windows, each seeing the previous one's last token).
+pub fn rolling_windows(doc: &[i64], prefix: i64, max_len: usize, context: usize) -> Vec<Window> {
+    let max_len = max_len.max(1);
+    let step = max_len + 1 - context.clamp(1, max_len);
+    let first = doc.len().min(max_len);
+    if first == 0 {
+        return Vec::new();
+    }
+    let mut input = vec![prefix];
+    input.extend_from_slice(&doc[..first - 1]);
+    let mut windows = vec![Window {
+        input,
+        targets: doc[..first].to_vec(),
+    }];
+    let mut predicted = first;
+    while predicted < doc.len() {
+        let count = (doc.len() - predicted).min(step);
+        let end = predicted + count;
+        let input = doc[end - 1 - max_len..end - 1].to_vec();
+        let mut targets = vec![NOT_SCORED; max_len - count];
+        targets.extend_from_slice(&doc[predicted..end]);
+        windows.push(Window { input, targets });
+        predicted = end;
+    }
+    windows
 }
 
 /// How many windows `evaluate` scores for `domain`.
 pub fn window_count(domain: Domain, options: &EvalOptions) -> usize {
-    windows(&domain.tokens(Split::Eval), options).len()
+    corpus_windows(&domain.tokens(Split::Eval), options).len()
 }
 
 /// How many windows `evaluate_tokens` scores for `tokens`.
 pub fn token_window_count(tokens: &[i64], options: &EvalOptions) -> usize {
-    windows(tokens, options).len()
+    corpus_windows(tokens, options).len()
 }
 
 #[cfg(test)]
@@ -173,14 +253,49 @@ mod tests {
     use super::*;
     use crate::zoo::ZooSize;
 
+    /// Every token scored once, inputs never longer than `max_len`, each
+    /// scored token predicted from the position before it, and at least
+    /// `context` tokens seen before a later window's first prediction.
+    #[test]
+    fn rolling_windows_score_every_token_once() {
+        let doc: Vec<i64> = (10..47).collect();
+        for (max_len, context) in [(8, 1), (8, 3), (8, 8), (1, 1), (40, 1), (5, 9)] {
+            let windows = rolling_windows(&doc, 0, max_len, context);
+            let mut scored = Vec::new();
+            for (k, w) in windows.iter().enumerate() {
+                assert_eq!(w.input.len(), w.targets.len());
+                assert!(w.input.len() <= max_len);
+                let first = w.targets.iter().position(|&t| t != NOT_SCORED).unwrap();
+                for (i, &t) in w.targets.iter().enumerate().skip(first) {
+                    // Position i predicts the token after input[i] in the document.
+                    let before = if k == 0 && i == 0 { 0 } else { w.input[i] };
+                    assert_eq!(t, if before == 0 { 10 } else { before + 1 });
+                    scored.push(t);
+                }
+                if k > 0 {
+                    assert!(first + 1 >= context.min(max_len), "{max_len} {context}");
+                }
+            }
+            assert_eq!(scored, doc, "max_len {max_len}, context {context}");
+        }
+        assert!(rolling_windows(&[], 0, 8, 1).is_empty());
+        assert_eq!(
+            rolling_windows(&[5, 6], 1, 8, 1),
+            [Window {
+                input: vec![1, 5],
+                targets: vec![5, 6]
+            }]
+        );
+    }
+
     #[test]
     fn models_without_the_byte_vocabulary_are_refused() {
         let mut shape = ZooSize::named("micro").unwrap().shape;
         shape.vocab_size = 100;
-        let model = Llama::new(shape, tch::Device::Cpu, 0);
+        let model = Decoder::new(shape, tch::Device::Cpu, 0);
         let message = check_vocabulary(&model).unwrap_err().to_string();
         assert!(message.contains("vocabulary has 100 tokens"), "{message}");
-        let full = Llama::new(ZooSize::named("micro").unwrap().shape, tch::Device::Cpu, 0);
+        let full = Decoder::new(ZooSize::named("micro").unwrap().shape, tch::Device::Cpu, 0);
         assert!(check_vocabulary(&full).is_ok());
     }
 }

@@ -1,6 +1,8 @@
-//! Neural-network side of amalgam: a Llama-family decoder forward pass in tch
-//! (with activation taps and per-layer FFN widths, for PLeaS, MatFormer and
-//! stitching), its training loop, the byte-level tokenizer, the committed
+//! Neural-network side of amalgam: one decoder-only forward pass in tch for
+//! every supported family (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3,
+//! GPT-NeoX, OLMo 2 — what differs is the family's description), with
+//! activation taps and per-layer FFN widths for PLeaS, MatFormer and
+//! stitching; its training loop, the byte-level tokenizer, the committed
 //! text corpus with its held-out splits, per-domain evaluation, and the model
 //! zoo trained from them.
 //!
@@ -9,14 +11,17 @@
 
 mod config;
 pub mod data;
+mod decoder;
 mod error;
 pub mod eval;
-mod llama;
 pub mod text;
 pub mod tokenizer;
 pub mod train;
 pub mod zoo;
 
-pub use config::{nested_width, LlamaConfig, RopeScaling, GRANULARITIES};
+pub use config::{
+    nested_width, supported_model_types, Activation, Architecture, DecoderConfig, ParamKind,
+    Parameter, RopeScaling, GRANULARITIES,
+};
+pub use decoder::{Decoder, Taps};
 pub use error::{NnError, Result};
-pub use llama::{Llama, Taps};

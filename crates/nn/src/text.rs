@@ -30,6 +30,8 @@ const LLAMA_CLASSES: &[&str] = &[
 /// A model's tokenizer.
 pub struct TextTokenizer {
     tokenizer: tokenizers::Tokenizer,
+    /// The id `tokenizer_config.json`'s `bos_token` names, else its `eos_token`'s.
+    prefix: Option<i64>,
 }
 
 impl TextTokenizer {
@@ -48,6 +50,15 @@ impl TextTokenizer {
             true => files.json_object(TOKENIZER_CONFIG)?,
             false => Default::default(),
         };
+        // A special token is named as a string or as an added-token object.
+        let special = |key: &str| {
+            let token = config.get(key)?;
+            let text = token
+                .as_str()
+                .or_else(|| token.get("content").and_then(Value::as_str))?;
+            tokenizer.token_to_id(text).map(i64::from)
+        };
+        let prefix = special("bos_token").or_else(|| special("eos_token"));
         let class = config.get("tokenizer_class").and_then(Value::as_str);
         if class.is_some_and(|c| LLAMA_CLASSES.contains(&c)) {
             let flag = |key: &str, default: bool| {
@@ -63,7 +74,13 @@ impl TextTokenizer {
                 '▁', scheme, false,
             ))));
         }
-        Ok(Self { tokenizer })
+        Ok(Self { tokenizer, prefix })
+    }
+
+    /// The token a document's first window predicts from, as
+    /// lm-evaluation-harness picks it: BOS, or EOS where there is no BOS.
+    pub fn prefix_token(&self) -> Option<i64> {
+        self.prefix
     }
 
     /// The ids of `text`; with `special`, the tokenizer's own special tokens

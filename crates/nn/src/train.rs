@@ -6,7 +6,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 use crate::data::Sampler;
-use crate::{Llama, Result};
+use crate::{Decoder, Result};
 
 /// How long and how hard to train.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +44,7 @@ impl TrainOptions {
 /// Trains `model` in place; `on_step(step, loss)` after every step. Returns
 /// the loss of every step.
 pub fn train(
-    model: &mut Llama,
+    model: &mut Decoder,
     sampler: &mut Sampler,
     options: &TrainOptions,
     on_step: &mut dyn FnMut(usize, f64),

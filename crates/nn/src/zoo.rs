@@ -29,7 +29,7 @@ use tch::Device;
 use crate::data::{Domain, Sampler, Split};
 use crate::eval::EvalOptions;
 use crate::train::{train, TrainOptions};
-use crate::{tokenizer, Llama, LlamaConfig, NnError, Result, GRANULARITIES};
+use crate::{tokenizer, Architecture, Decoder, DecoderConfig, NnError, Result, GRANULARITIES};
 
 /// Bump when training changes in a way that invalidates cached members.
 const RECIPE_VERSION: u32 = 2;
@@ -38,29 +38,30 @@ const RECIPE_VERSION: u32 = 2;
 #[derive(Debug, Clone)]
 pub struct ZooSize {
     pub name: &'static str,
-    pub shape: LlamaConfig,
-    pub small_anchor: LlamaConfig,
+    pub shape: DecoderConfig,
+    pub small_anchor: DecoderConfig,
     pub pretrain: TrainOptions,
     pub finetune: TrainOptions,
     /// How the zoo's models are evaluated (windows of the pretraining length).
     pub eval: EvalOptions,
 }
 
-fn shape(hidden: usize, layers: usize, heads: usize, kv: usize, ffn: usize) -> LlamaConfig {
-    LlamaConfig {
+fn shape(hidden: usize, layers: usize, heads: usize, kv: usize, ffn: usize) -> DecoderConfig {
+    DecoderConfig {
         vocab_size: tokenizer::VOCAB_SIZE,
         hidden_size: hidden,
         intermediate_sizes: vec![ffn; layers],
         num_attention_heads: heads,
         num_key_value_heads: kv,
         head_dim: hidden / heads,
-        rms_norm_eps: 1e-5,
+        norm_eps: 1e-5,
         rope_theta: 10_000.0,
         rope_scaling: None,
         tie_word_embeddings: true,
         max_position_embeddings: 1024,
         bos_token_id: Some(tokenizer::BOS),
         eos_token_id: Some(tokenizer::EOS),
+        architecture: Architecture::llama(),
     }
 }
 
@@ -207,7 +208,7 @@ impl ZooSet {
 #[derive(Debug, Clone)]
 pub struct Member {
     pub name: String,
-    pub shape: LlamaConfig,
+    pub shape: DecoderConfig,
     pub init_seed: u64,
     /// Fine-tuned from this member; trained from scratch when `None`.
     pub parent: Option<String>,
@@ -309,8 +310,8 @@ pub fn build(
         });
         let started = Instant::now();
         let mut model = match &member.parent {
-            Some(parent) => Llama::load(&dir.join(parent), device)?,
-            None => Llama::new(member.shape.clone(), device, member.init_seed),
+            Some(parent) => Decoder::load(&dir.join(parent), device)?,
+            None => Decoder::new(member.shape.clone(), device, member.init_seed),
         };
         let data_seed = fnv1a(member.init_seed, member.name.as_bytes());
         let mut sampler = Sampler::new(&member.domains, Split::Train, data_seed);

@@ -4,14 +4,14 @@
 
 use amalgam_checkpoint::{ModelCard, WriteOptions};
 use amalgam_nn::zoo::ZooSize;
-use amalgam_nn::{tokenizer, Llama};
+use amalgam_nn::{tokenizer, Decoder};
 use tch::{Device, Kind, Tensor};
 
 #[test]
 fn per_layer_widths_round_trip_and_drive_the_forward_pass() {
     let mut shape = ZooSize::named("micro").unwrap().shape;
     shape.intermediate_sizes = vec![40, 12];
-    let model = Llama::new(shape.clone(), Device::Cpu, 3);
+    let model = Decoder::new(shape.clone(), Device::Cpu, 3);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("nested");
     model
@@ -20,8 +20,13 @@ fn per_layer_widths_round_trip_and_drive_the_forward_pass() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["intermediate_size"], serde_json::json!([40, 12]));
-    let loaded = Llama::load(&dir, Device::Cpu).unwrap();
-    assert_eq!(loaded.config, shape);
+    let loaded = Decoder::load(&dir, Device::Cpu).unwrap();
+    let mut read = loaded.config.clone();
+    assert!(
+        read.architecture.source.take().is_some(),
+        "keeps its config.json"
+    );
+    assert_eq!(read, shape);
     let ids = Tensor::randint(
         tokenizer::VOCAB_SIZE as i64,
         [2, 9],
@@ -46,7 +51,7 @@ fn a_config_that_does_not_fit_the_weights_is_refused_by_tensor_name() {
     let shape = ZooSize::named("micro").unwrap().shape;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("m");
-    Llama::new(shape.clone(), Device::Cpu, 1)
+    Decoder::new(shape.clone(), Device::Cpu, 1)
         .save(
             &dir,
             &ModelCard::default(),
@@ -59,7 +64,7 @@ fn a_config_that_does_not_fit_the_weights_is_refused_by_tensor_name() {
     let mut config = shape.to_model_config();
     config.set("intermediate_size", serde_json::json!(50));
     std::fs::write(dir.join("config.json"), config.to_json_pretty()).unwrap();
-    let error = Llama::load(&dir, Device::Cpu)
+    let error = Decoder::load(&dir, Device::Cpu)
         .err()
         .expect("refused")
         .to_string();
@@ -70,10 +75,10 @@ fn a_config_that_does_not_fit_the_weights_is_refused_by_tensor_name() {
 }
 
 /// A model whose FFN weights are the first `widths` units of `full`'s.
-fn sliced(full: &Llama, widths: &[usize]) -> Llama {
+fn sliced(full: &Decoder, widths: &[usize]) -> Decoder {
     let mut shape = full.config.clone();
     shape.intermediate_sizes = widths.to_vec();
-    let small = Llama::new(shape, Device::Cpu, 0);
+    let small = Decoder::new(shape, Device::Cpu, 0);
     let source = full.vs.variables();
     tch::no_grad(|| {
         for (name, var) in small.vs.variables() {
@@ -93,7 +98,7 @@ fn sliced(full: &Llama, widths: &[usize]) -> Llama {
 fn nested_forward_equals_the_sliced_model() {
     let mut shape = ZooSize::named("micro").unwrap().shape;
     shape.intermediate_sizes = vec![96, 64];
-    let full = Llama::new(shape, Device::Cpu, 5);
+    let full = Decoder::new(shape, Device::Cpu, 5);
     let ids = Tensor::randint(
         tokenizer::VOCAB_SIZE as i64,
         [3, 17],
@@ -123,7 +128,7 @@ fn nested_training_makes_the_small_submodel_work() {
     let eighth = size.shape.nested_widths(0.125);
     let eval_ids = Sampler::new(&[Domain::Prose], Split::Eval, 3).batch(16, 65, Device::Cpu);
     let eighth_loss = |nested: Vec<f64>| {
-        let mut model = Llama::new(size.shape.clone(), Device::Cpu, 9);
+        let mut model = Decoder::new(size.shape.clone(), Device::Cpu, 9);
         let options = TrainOptions {
             steps: 150,
             nested,

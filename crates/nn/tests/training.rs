@@ -5,12 +5,12 @@ use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::eval::{evaluate, EvalOptions};
 use amalgam_nn::train::{train, TrainOptions};
 use amalgam_nn::zoo::ZooSize;
-use amalgam_nn::Llama;
+use amalgam_nn::Decoder;
 use tch::Device;
 
-fn trained(steps: usize, data_seed: u64) -> Llama {
+fn trained(steps: usize, data_seed: u64) -> Decoder {
     let size = ZooSize::named("micro").unwrap();
-    let mut model = Llama::new(size.shape.clone(), Device::Cpu, 7);
+    let mut model = Decoder::new(size.shape.clone(), Device::Cpu, 7);
     let mut sampler = Sampler::new(&[Domain::Code], Split::Train, data_seed);
     let options = TrainOptions {
         steps,
@@ -20,7 +20,7 @@ fn trained(steps: usize, data_seed: u64) -> Llama {
     model
 }
 
-fn same_weights(a: &Llama, b: &Llama) -> bool {
+fn same_weights(a: &Decoder, b: &Decoder) -> bool {
     let (a, b) = (a.vs.variables(), b.vs.variables());
     a.len() == b.len() && a.iter().all(|(name, t)| t.equal(&b[name]))
 }
@@ -39,7 +39,7 @@ fn training_lowers_held_out_loss() {
         max_windows: 16,
         batch: 16,
     };
-    let loss = |model: &Llama| evaluate(model, None, Domain::Code, &options, &mut |_| {}).loss;
+    let loss = |model: &Decoder| evaluate(model, None, Domain::Code, &options, &mut |_| {}).loss;
     let (before, after) = (loss(&trained(0, 1)), loss(&trained(150, 1)));
     assert!(
         after < before - 1.0,

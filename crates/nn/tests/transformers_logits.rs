@@ -6,7 +6,7 @@
 mod common;
 
 use amalgam_checkpoint::ModelCard;
-use amalgam_nn::{tokenizer, Llama, LlamaConfig, RopeScaling};
+use amalgam_nn::{tokenizer, Architecture, Decoder, DecoderConfig, RopeScaling};
 use common::python_json;
 use tch::{Device, Kind, Tensor};
 
@@ -16,29 +16,30 @@ fn config(
     head_dim: usize,
     tied: bool,
     rope: Option<RopeScaling>,
-) -> LlamaConfig {
-    LlamaConfig {
+) -> DecoderConfig {
+    DecoderConfig {
         vocab_size: tokenizer::VOCAB_SIZE,
         hidden_size: 48,
         intermediate_sizes: vec![80; 3],
         num_attention_heads: heads,
         num_key_value_heads: kv,
         head_dim,
-        rms_norm_eps: 1e-5,
+        norm_eps: 1e-5,
         rope_theta: 500.0,
         rope_scaling: rope,
         tie_word_embeddings: tied,
         max_position_embeddings: 64,
         bos_token_id: Some(tokenizer::BOS),
         eos_token_id: Some(tokenizer::EOS),
+        architecture: Architecture::llama(),
     }
 }
 
 /// A model with weights large enough that every part of the network moves
 /// the logits (the N(0, 0.02²) init would leave them near zero).
-fn random_model(config: LlamaConfig, seed: i64) -> Llama {
+fn random_model(config: DecoderConfig, seed: i64) -> Decoder {
     tch::manual_seed(seed);
-    let model = Llama::new(config, Device::Cpu, seed as u64);
+    let model = Decoder::new(config, Device::Cpu, seed as u64);
     tch::no_grad(|| {
         for (name, var) in model.vs.variables() {
             let noise = Tensor::randn(var.size(), (Kind::Float, Device::Cpu));
@@ -89,7 +90,7 @@ fn logits_and_residual_stream_match_transformers() {
             .save_with_tokenizer(&dir, &ModelCard::default())
             .unwrap();
         // Loading our own output must give the same model.
-        let loaded = Llama::load(&dir, Device::Cpu).unwrap();
+        let loaded = Decoder::load(&dir, Device::Cpu).unwrap();
         let ids = Tensor::randint(
             tokenizer::VOCAB_SIZE as i64,
             [2, 40],

@@ -10,7 +10,7 @@ use amalgam_checkpoint::{
     Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard, ModelConfig, TensorSpec, WriteOptions,
 };
 
-use super::layout::{ffn_axis, FfnAxis, ModelLayout, Part};
+use super::layout::{FfnAxis, ModelLayout, Part};
 use crate::{ElasticError, Result};
 
 /// Output bytes gathered per write when cutting a tensor, bounding memory.
@@ -99,26 +99,24 @@ impl<'c> Extraction<'c> {
                     let Some(new) = new_index[index] else {
                         continue;
                     };
-                    let cut = match ffn_axis(rest) {
+                    let cut = match layout.ffn_axis(rest) {
                         None => None,
                         Some(axis) => {
                             let (full, width) = (layout.ffn_widths[index], spec.widths[new]);
-                            let dim = match axis {
-                                FfnAxis::Rows => 0,
-                                FfnAxis::Columns => 1,
+                            let (dim, blocks) = match axis {
+                                FfnAxis::Rows => (0, 1),
+                                FfnAxis::FusedRows => (0, 2),
+                                FfnAxis::Columns => (1, 1),
                             };
-                            if entry.shape.len() <= dim || entry.shape[dim] != full {
+                            if entry.shape.len() <= dim || entry.shape[dim] != blocks * full {
                                 return Err(error(format!(
-                                    "tensor {}: shape {:?}, expected {full} FFN units along dimension {dim} (as gate_proj has)",
-                                    entry.name, entry.shape
+                                    "tensor {}: shape {:?}, expected {} FFN units along dimension {dim} (as the MLP's input projection has)",
+                                    entry.name, entry.shape, blocks * full
                                 )));
                             }
-                            Some(cut_along(
-                                &entry.shape,
-                                dim,
-                                full,
-                                std::iter::once(0..width).collect(),
-                            ))
+                            // The first `width` units of each block (gate and up of a fused projection).
+                            let keep = (0..blocks).map(|b| b * full..b * full + width).collect();
+                            Some(cut_along(&entry.shape, dim, blocks * full, keep))
                         }
                     };
                     (layout.layer_name(new, rest), cut)

@@ -1,8 +1,11 @@
 //! Where a checkpoint keeps its nested FFNs and per-layer state, and how its
 //! config changes when layers are dropped or narrowed.
 //!
-//! Two families are known: Llama-style decoders (`model.layers.N.mlp.
-//! {gate,up,down}_proj`, any `model_type`) and Gemma 3n, whose text model
+//! Every decoder family amalgam runs is known from its description (the
+//! MLP's input projections, separate, fused `[gate; up]` as Phi-3 stores
+//! them, or ungated as GPT-NeoX's; its output projection; the layer prefix);
+//! other checkpoints are read as Llama-style (`model.layers.N.mlp.
+//! {gate,up,down}_proj`). Gemma 3n is known too: its text model
 //! also has per-layer embeddings packed layer-major into two global tensors
 //! and shares the KV cache of a few layers with the last ones. Gemma 3n's
 //! tensors live under `model.language_model.` in the multimodal checkpoint
@@ -12,7 +15,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use amalgam_checkpoint::{Checkpoint, ModelConfig};
+use amalgam_checkpoint::decoder::{DecoderLayout, MlpInput};
+use amalgam_checkpoint::{family, Checkpoint, ModelConfig};
 use serde_json::{Map, Value};
 
 use crate::{ElasticError, Result};
@@ -29,22 +33,72 @@ pub(crate) enum Part<'n> {
     PerLayerBlocks { axis: usize, block: usize },
 }
 
-/// The rows (`gate_proj`, `up_proj`, their biases) or columns (`down_proj`)
-/// that hold a layer's FFN hidden units.
+/// Where a layer tensor holds the FFN hidden units: its rows (the MLP's
+/// input projections and their biases), two blocks of rows (a fused
+/// `[gate; up]`), or its columns (the output projection's weight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FfnAxis {
     Rows,
+    FusedRows,
     Columns,
 }
 
-pub(crate) fn ffn_axis(rest: &str) -> Option<FfnAxis> {
-    match rest {
-        "mlp.gate_proj.weight"
-        | "mlp.up_proj.weight"
-        | "mlp.gate_proj.bias"
-        | "mlp.up_proj.bias" => Some(FfnAxis::Rows),
-        "mlp.down_proj.weight" => Some(FfnAxis::Columns),
-        _ => None,
+/// The MLP tensors of a layer (names relative to it, without suffix).
+#[derive(Debug, Clone)]
+struct FfnNames {
+    /// Whose rows are the hidden units.
+    rows: Vec<String>,
+    /// Whose rows are `[gate; up]`, each block the hidden units.
+    fused_rows: Option<String>,
+    /// Whose weight's columns are the hidden units.
+    columns: String,
+}
+
+impl FfnNames {
+    fn of(layout: Option<&DecoderLayout>) -> Self {
+        let Some(layout) = layout else {
+            return FfnNames {
+                rows: vec!["mlp.gate_proj".into(), "mlp.up_proj".into()],
+                fused_rows: None,
+                columns: "mlp.down_proj".into(),
+            };
+        };
+        let (rows, fused_rows) = match &layout.mlp.input {
+            MlpInput::Gated(parts) => (parts.to_vec(), None),
+            MlpInput::GatedConcatenated(part) => (vec![], Some(part.clone())),
+            MlpInput::Plain(part) => (vec![part.clone()], None),
+        };
+        FfnNames {
+            rows,
+            fused_rows,
+            columns: layout.mlp.output.clone(),
+        }
+    }
+
+    fn axis(&self, rest: &str) -> Option<FfnAxis> {
+        let (stem, suffix) = rest.rsplit_once('.')?;
+        if !matches!(suffix, "weight" | "bias") {
+            return None;
+        }
+        if self.rows.iter().any(|r| r == stem) {
+            Some(FfnAxis::Rows)
+        } else if self.fused_rows.as_deref() == Some(stem) {
+            Some(FfnAxis::FusedRows)
+        } else if stem == self.columns && suffix == "weight" {
+            Some(FfnAxis::Columns)
+        } else {
+            None
+        }
+    }
+
+    /// The weight whose rows count a layer's hidden units, and how many
+    /// blocks of them it holds.
+    fn width_source(&self) -> (String, usize) {
+        match (&self.fused_rows, self.rows.first()) {
+            (Some(fused), _) => (format!("{fused}.weight"), 2),
+            (None, Some(first)) => (format!("{first}.weight"), 1),
+            (None, None) => unreachable!("an MLP has an input projection"),
+        }
     }
 }
 
@@ -58,6 +112,8 @@ pub struct ModelLayout {
     text_config_key: Option<&'static str>,
     /// Gemma 3n's `hidden_size_per_layer_input`.
     per_layer_input: Option<usize>,
+    /// The layers' MLP tensors.
+    ffn: FfnNames,
     /// Every layer's FFN width, from the stored `gate_proj` rows.
     pub ffn_widths: Vec<usize>,
     /// Layers whose KV cache later layers reuse (Gemma 3n): never skipped.
@@ -72,10 +128,21 @@ impl ModelLayout {
             message,
         };
         let config = checkpoint.config();
-        let (prefix, text_config_key) = match config.model_type() {
-            Some("gemma3n") => ("model.language_model.", Some("text_config")),
-            _ => ("model.", None),
+        let decoder = family::of(config).and_then(|f| f.decoder.as_ref());
+        let (prefix, text_config_key) = match (config.model_type(), decoder) {
+            (Some("gemma3n"), _) => ("model.language_model.".to_owned(), Some("text_config")),
+            (_, Some(layout)) => match layout.layers.strip_suffix("layers.{i}") {
+                Some(prefix) => (prefix.to_owned(), None),
+                None => {
+                    return Err(error(format!(
+                        "layers named `{}`: extraction needs them as PREFIX.layers.N",
+                        layout.layers
+                    )))
+                }
+            },
+            _ => ("model.".to_owned(), None),
         };
+        let ffn = FfnNames::of(decoder);
         let text = text_config(config, text_config_key).map_err(error)?;
         let field = |key: &str| text.get(key).and_then(Value::as_u64).map(|v| v as usize);
         let layers = field("num_hidden_layers")
@@ -90,21 +157,29 @@ impl ModelLayout {
         };
         let mut layout = ModelLayout {
             dir: dir.clone(),
-            prefix: prefix.into(),
+            prefix: prefix.clone(),
             text_config_key,
             per_layer_input,
+            ffn,
             ffn_widths: vec![],
             kv_producers: vec![],
         };
+        let (width_source, blocks) = layout.ffn.width_source();
         for layer in 0..layers {
-            let name = format!("{prefix}layers.{layer}.mlp.gate_proj.weight");
+            let name = layout.layer_name(layer, &width_source);
             let entry = checkpoint.entry(&name).map_err(|_| {
                 error(format!(
-                    "no tensor {name}: extraction knows Llama-style decoders \
-                     (model.layers.N.mlp.{{gate,up,down}}_proj) and Gemma 3n"
+                    "no tensor {name}: extraction knows the decoder families amalgam runs, \
+                     Llama-style names (model.layers.N.mlp.{{gate,up,down}}_proj) and Gemma 3n"
                 ))
             })?;
-            layout.ffn_widths.push(entry.shape[0]);
+            if entry.shape.is_empty() || entry.shape[0] % blocks != 0 {
+                return Err(error(format!(
+                    "tensor {name}: shape {:?} does not hold {blocks} equal blocks of FFN units",
+                    entry.shape
+                )));
+            }
+            layout.ffn_widths.push(entry.shape[0] / blocks);
         }
         for entry in checkpoint.tensors() {
             if let Part::Layer { index, .. } = layout.part(&entry.name) {
@@ -122,6 +197,11 @@ impl ModelLayout {
 
     pub fn layers(&self) -> usize {
         self.ffn_widths.len()
+    }
+
+    /// Where a layer tensor (`rest`: its name within the layer) holds the FFN units.
+    pub(crate) fn ffn_axis(&self, rest: &str) -> Option<FfnAxis> {
+        self.ffn.axis(rest)
     }
 
     pub(crate) fn part<'n>(&self, name: &'n str) -> Part<'n> {

@@ -20,7 +20,7 @@ pub use extract::{Extraction, SliceSpec};
 pub use layout::ModelLayout;
 
 use crate::{ElasticError, Result};
-use layout::{ffn_axis, Part};
+use layout::Part;
 
 /// The width a granularity name (`S`, `M`, `L`, `XL`, any case) gives an FFN
 /// `full` units wide.
@@ -208,7 +208,7 @@ impl CostModel {
                     let Some(i) = kept.iter().position(|&l| l == index) else {
                         continue;
                     };
-                    match ffn_axis(rest) {
+                    match layout.ffn_axis(rest) {
                         Some(_) => cost.per_unit[i] += numel / layout.ffn_widths[index] as u64,
                         None => cost.fixed += numel,
                     }

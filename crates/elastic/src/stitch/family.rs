@@ -16,7 +16,7 @@ use std::path::Path;
 use amalgam_checkpoint::{ModelCard, OutputDir};
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::eval::LanguageModel;
-use amalgam_nn::Llama;
+use amalgam_nn::Decoder;
 use amalgam_recipe::StitchTraining;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -49,7 +49,7 @@ pub struct Member {
 
 /// Anchors plus every stitched route between them.
 pub struct Family {
-    pub anchors: Vec<Llama>,
+    pub anchors: Vec<Decoder>,
     pub members: Vec<Member>,
 }
 
@@ -79,7 +79,7 @@ impl LanguageModel for Scorer<'_> {
 impl Family {
     /// Joins two anchors (same vocabulary) with least-squares stitches fitted
     /// on the calibration batch `ids`.
-    pub fn fit(anchors: Vec<Llama>, ids: &Tensor, ridge: f64) -> Result<Self> {
+    pub fn fit(anchors: Vec<Decoder>, ids: &Tensor, ridge: f64) -> Result<Self> {
         if anchors.len() != 2 || anchors[0].config.vocab_size != anchors[1].config.vocab_size {
             return Err(ElasticError::Stitch(
                 "a family joins two anchors with the same vocabulary".into(),
@@ -117,7 +117,7 @@ impl Family {
 
     /// (parameters, FLOPs per token) of a network.
     fn size(&self, network: &Network) -> (u64, u64) {
-        let head = |a: &Llama| (a.config.vocab_size * a.config.hidden_size) as u64;
+        let head = |a: &Decoder| (a.config.vocab_size * a.config.hidden_size) as u64;
         match network {
             Network::Anchor(a) => {
                 let config = &self.anchors[*a].config;
@@ -131,7 +131,7 @@ impl Family {
             }
             Network::Stitched(route, stitch) => {
                 let (front, end) = (&self.anchors[route.front], &self.anchors[route.end]);
-                let blocks = |a: &Llama, layers: std::ops::Range<usize>| -> (u64, u64) {
+                let blocks = |a: &Decoder, layers: std::ops::Range<usize>| -> (u64, u64) {
                     layers.fold((0, 0), |(p, m), l| {
                         let matrices = a.config.block_matrix_parameters(l) as u64;
                         (p + matrices + 2 * a.config.hidden_size as u64, m + matrices)
@@ -371,7 +371,7 @@ impl Family {
         }
         let anchors = (0..2)
             .map(|a| {
-                Llama::load(&dir.join(format!("anchor-{a}")), device)
+                Decoder::load(&dir.join(format!("anchor-{a}")), device)
                     .map_err(|e| bad(format!("anchor {a}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -8,7 +8,7 @@ mod family;
 
 use std::ops::Range;
 
-use amalgam_nn::Llama;
+use amalgam_nn::Decoder;
 use tch::{Kind, Tensor};
 
 use crate::{ElasticError, Result};
@@ -83,7 +83,7 @@ pub struct Route {
 }
 
 /// The logits of `route` through `stitch`.
-pub fn stitched_logits(anchors: &[Llama], route: Route, stitch: &Stitch, ids: &Tensor) -> Tensor {
+pub fn stitched_logits(anchors: &[Decoder], route: Route, stitch: &Stitch, ids: &Tensor) -> Tensor {
     let (front, end) = (&anchors[route.front], &anchors[route.end]);
     let x = front.blocks(front.embed(ids), 0..route.cut);
     let x = stitch.apply(&x);
@@ -92,7 +92,7 @@ pub fn stitched_logits(anchors: &[Llama], route: Route, stitch: &Stitch, ids: &T
 
 /// Every stitched route between two anchors, both ways (front 0 → end 1 and
 /// front 1 → end 0), at SN-Net's positions.
-pub fn family_routes(anchors: &[Llama]) -> Vec<Route> {
+pub fn family_routes(anchors: &[Decoder]) -> Vec<Route> {
     let depth = |a: usize| anchors[a].config.intermediate_sizes.len();
     let mut routes = vec![];
     for (front, end) in [(0, 1), (1, 0)] {
@@ -111,7 +111,7 @@ pub fn family_routes(anchors: &[Llama]) -> Vec<Route> {
 /// Least-squares stitching layers for `routes`, from the anchors' residual
 /// streams on the calibration batch `ids` (each anchor runs once).
 pub fn calibrate(
-    anchors: &[Llama],
+    anchors: &[Decoder],
     routes: &[Route],
     ids: &Tensor,
     ridge: f64,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use amalgam_checkpoint::{InputRecord, ModelCard};
 use amalgam_nn::data::{Domain, Sampler, Split};
-use amalgam_nn::{tokenizer, Llama, LlamaConfig};
+use amalgam_nn::{tokenizer, Decoder, DecoderConfig};
 use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -40,7 +40,7 @@ impl WholeModelMethod for Pleas {
 }
 
 /// The forward pass as PLeaS's feature source.
-struct Forward<'a>(&'a Llama);
+struct Forward<'a>(&'a Decoder);
 
 impl Activations for Forward<'_> {
     fn taps(&self, ids: &Tensor) -> Result<Taps> {
@@ -138,10 +138,15 @@ fn run(
     tch::set_num_threads(threads as i32);
     let mut estimate = (pleas.samples as u64).saturating_mul(pleas.seq_len as u64 * 8);
     for (checkpoint, m) in checkpoints.iter().zip(&pleas.models) {
-        let config = LlamaConfig::from_model_config(
+        let config = DecoderConfig::from_model_config(
             checkpoint.config(),
             &checkpoint.dir().join("config.json"),
         )
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            config.architecture.require_plain_llama("PLeaS")?;
+            Ok(config)
+        })
         .map_err(|e| MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path))))?;
         let batch = pleas.batch.min(pleas.samples);
         estimate = estimate
@@ -159,7 +164,7 @@ fn run(
         .iter()
         .zip(&checkpoints)
         .map(|(m, checkpoint)| {
-            Llama::load(checkpoint.dir(), device).map_err(|e| {
+            Decoder::load(checkpoint.dir(), device).map_err(|e| {
                 MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path)))
             })
         })
@@ -180,7 +185,7 @@ fn run(
         head_dim: config.head_dim,
         ffn: config.intermediate_sizes.clone(),
         untied_head: !config.tie_word_embeddings,
-        rms_norm_eps: config.rms_norm_eps,
+        rms_norm_eps: config.norm_eps,
     };
     let batches = calibration(recipe, &pleas, config.vocab_size)?;
     let settings = super::Options {
@@ -220,7 +225,7 @@ fn run(
             pleas.calibration
         ));
     }
-    let on_cpu = |m: &Llama| -> BTreeMap<String, Tensor> {
+    let on_cpu = |m: &Decoder| -> BTreeMap<String, Tensor> {
         m.tensors()
             .into_iter()
             .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
@@ -250,7 +255,7 @@ fn run(
     out_config.num_attention_heads =
         merged.kv_heads * (config.num_attention_heads / config.num_key_value_heads);
     out_config.num_key_value_heads = merged.kv_heads;
-    let model = Llama::from_tensors(out_config, &merged.tensors, Device::Cpu)?;
+    let model = Decoder::from_tensors(out_config, &merged.tensors, Device::Cpu)?;
     let inputs = checkpoints
         .iter()
         .zip(["model-a", "model-b"])
