@@ -335,6 +335,14 @@ fn pleas_recipes_name_their_mistakes() {
             "parameters:\n  densty: 0.5\n",
             &["per-model.yml:6:", "unknown pleas parameter `densty`"][..],
         ),
+        (
+            "union",
+            "tokenizer_source: union\n",
+            &[
+                "union.yml:5:",
+                "pleas keeps the vocabulary its two models share",
+            ][..],
+        ),
     ] {
         let path = recipe(name, body);
         let message = fails(["merge".as_ref(), path.as_os_str(), out.as_os_str()]);
@@ -359,6 +367,38 @@ fn pleas_recipes_name_their_mistakes() {
         "{config}"
     );
     assert_eq!(config["tie_word_embeddings"], false);
+    assert_eq!(config["torch_dtype"], "float32", "the inputs' dtype");
+
+    // The written dtype, tokenizer files and chat template follow the recipe.
+    let b = tmp.path().join("f/finetune-1");
+    std::fs::write(b.join("tokenizer_config.json"), "{\"marker\": \"b\"}").unwrap();
+    let styled = recipe(
+        "styled",
+        &format!(
+            "out_dtype: bfloat16\ntokenizer_source: {}\nchat_template: chatml\n\
+             parameters:\n  calibration: random\n  samples: 8\n  seq_len: 16\n",
+            b.display()
+        ),
+    );
+    let styled_out = tmp.path().join("styled-out");
+    ok(["merge".as_ref(), styled.as_os_str(), styled_out.as_os_str()]);
+    let written = amalgam_checkpoint::Checkpoint::open(&styled_out).unwrap();
+    assert!(written
+        .tensors()
+        .iter()
+        .all(|t| t.dtype == amalgam_checkpoint::Dtype::BF16));
+    assert_eq!(written.config().dtype(), Some("bfloat16"));
+    let tokenizer_config =
+        std::fs::read_to_string(styled_out.join("tokenizer_config.json")).unwrap();
+    assert!(
+        tokenizer_config.contains("\"marker\""),
+        "{tokenizer_config}"
+    );
+    assert!(
+        std::fs::read_to_string(styled_out.join("chat_template.jinja"))
+            .unwrap()
+            .contains("<|im_start|>")
+    );
 }
 
 /// Configs that would make a forward pass divide by zero or allocate

@@ -96,6 +96,8 @@ fn assert_same(ours: &Value, theirs: &Value, what: &str) {
 /// prefix) and a Qwen3 with Qwen3's (byte-level BPE, no BOS: EOS is the
 /// prefix): plain text and JSON lines, disjoint and overlapping windows, all
 /// as transformers scores them; bits per byte compare the two tokenizers.
+/// `--reference` compares a Qwen3 with a Qwen2 sharing its tokenizer and
+/// refuses a Llama whose tokenizer differs.
 #[test]
 fn any_text_scores_as_transformers_scores_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -129,6 +131,29 @@ fn any_text_scores_as_transformers_scores_it() {
         let (ours, theirs) = scores(model, &jsonl, 33, 1, &["--field", "body"]);
         assert_same(&ours, &theirs, &format!("{}: jsonl", model.display()));
     }
+
+    // Across families sharing a tokenizer, --reference compares predictions.
+    let qwen2 = model_with_tokenizer(tmp.path(), "qwen2", "qwen3", 151669);
+    let compared: Value = serde_json::from_str(&ok([
+        "eval".as_ref(),
+        qwen.as_os_str(),
+        "--reference".as_ref(),
+        qwen2.as_os_str(),
+        "--text".as_ref(),
+        jsonl.as_os_str(),
+        "--field".as_ref(),
+        "body".as_ref(),
+        "--seq-len".as_ref(),
+        "33".as_ref(),
+        "--batch".as_ref(),
+        "4".as_ref(),
+        "--json".as_ref(),
+    ]))
+    .unwrap();
+    let score = &compared[0]["domains"][0];
+    let agreement = score["agreement"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&agreement), "{score}");
+    assert!(score["kl"].as_f64().unwrap() > 0.0, "{score}");
 
     // Models that tokenize differently cannot be compared token by token.
     let message = fails([

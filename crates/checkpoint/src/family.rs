@@ -123,6 +123,50 @@ pub fn placement(family: Option<&Family>, name: &str) -> (Option<Place>, bool) {
     }
 }
 
+/// Whether `name` is the input embedding (the vocabulary rows before the
+/// layers): from the family's description where there is one, else from
+/// the Llama-style name rules.
+pub fn is_embedding(family: Option<&Family>, name: &str) -> bool {
+    match family {
+        Some(f) => f.pre_layer.iter().any(|n| n == name) && f.vocabulary.iter().any(|n| n == name),
+        None => classify(name).role == Role::Embedding,
+    }
+}
+
+/// Whether `name` is the output head (the vocabulary rows after the layers).
+pub fn is_head(family: Option<&Family>, name: &str) -> bool {
+    match family {
+        Some(f) => f.post_layer.iter().any(|n| n == name) && f.vocabulary.iter().any(|n| n == name),
+        None => classify(name).role == Role::LmHead,
+    }
+}
+
+/// The name a family's output head is written under (what a tied
+/// checkpoint leaves out).
+pub fn head_name(family: Option<&Family>) -> String {
+    let described = family.and_then(|f| match &f.decoder {
+        Some(decoder) => Some(format!("{}.weight", decoder.head[0])),
+        None => f.post_layer.iter().find(|n| is_head(Some(f), n)).cloned(),
+    });
+    described.unwrap_or_else(|| crate::arch::LM_HEAD.to_owned())
+}
+
+/// The FFN width of a dense block's MLP from its output projection
+/// (`[hidden, width]`); `None` for any other tensor.
+pub fn mlp_width(family: Option<&Family>, name: &str, shape: &[usize]) -> Option<usize> {
+    match family.and_then(|f| f.decoder.as_ref()) {
+        Some(decoder) => {
+            let layer = crate::arch::layer_index(name)?;
+            let output = format!(
+                "{}.weight",
+                decoder.layer_tensor(layer, &decoder.mlp.output)
+            );
+            (name == output && shape.len() == 2).then(|| shape[1])
+        }
+        None => crate::arch::mlp_width(name, shape),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +220,38 @@ mod tests {
         assert_eq!(
             placement(None, "model.layers.3.mlp.up_proj.weight"),
             (None, false)
+        );
+    }
+
+    #[test]
+    fn embeddings_heads_and_mlp_widths_follow_the_description() {
+        let of_type = |t: &str| {
+            let config = ModelConfig::from_json(
+                serde_json::json!({"model_type": t})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            );
+            of(&config)
+        };
+        let neox = of_type("gpt_neox");
+        assert!(is_embedding(neox, "gpt_neox.embed_in.weight"));
+        assert!(!is_embedding(None, "gpt_neox.embed_in.weight"));
+        assert!(is_head(neox, "embed_out.weight") && is_head(neox, "lm_head.weight"));
+        assert_eq!(head_name(neox), "lm_head.weight");
+        assert_eq!(head_name(None), "lm_head.weight");
+        assert_eq!(head_name(of_type("gpt2")), "lm_head.weight");
+        let down = "gpt_neox.layers.2.mlp.dense_4h_to_h.weight";
+        assert_eq!(mlp_width(neox, down, &[48, 192]), Some(192));
+        assert_eq!(mlp_width(None, down, &[48, 192]), None);
+        let phi3 = of_type("phi3");
+        assert_eq!(
+            mlp_width(phi3, "model.layers.0.mlp.down_proj.weight", &[8, 40]),
+            Some(40)
+        );
+        assert_eq!(
+            mlp_width(phi3, "model.layers.0.mlp.gate_up_proj.weight", &[80, 8]),
+            None
         );
     }
 }

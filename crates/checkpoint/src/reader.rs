@@ -9,7 +9,6 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use serde::Deserialize;
 
-use crate::arch::{classify, Role};
 use crate::error::IoContext;
 use crate::files::{duplicate_key, read_capped, ModelDir, MAX_JSON_BYTES};
 use crate::{
@@ -266,11 +265,12 @@ impl Checkpoint {
         if let Some(&i) = self.by_name.get(name) {
             return Ok(&self.tensors[i]);
         }
-        if self.is_tied() && classify(name).role == Role::LmHead {
+        let family = crate::family::of(&self.config);
+        if self.is_tied() && crate::family::is_head(family, name) {
             if let Some(embedding) = self
                 .tensors
                 .iter()
-                .find(|t| classify(&t.name).role == Role::Embedding)
+                .find(|t| crate::family::is_embedding(family, &t.name))
             {
                 return Ok(embedding);
             }

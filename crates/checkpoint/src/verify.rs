@@ -5,7 +5,8 @@
 
 use serde_json::Value;
 
-use crate::arch::{classify, layer_count, mlp_width, Role, PER_LAYER_CONFIG_FIELDS};
+use crate::arch::{classify, layer_count, PER_LAYER_CONFIG_FIELDS};
+use crate::family;
 use crate::{ModelConfig, TensorSpec};
 
 /// What is wrong between `config` and the tensors of `specs`, if anything.
@@ -41,7 +42,7 @@ pub fn config_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<Str
     if let Some(vocab) = config.get("vocab_size").and_then(Value::as_u64) {
         let embedding = specs
             .iter()
-            .find(|s| classify(&s.name).role == Role::Embedding && s.shape.len() == 2);
+            .find(|s| family::is_embedding(family::of(config), &s.name) && s.shape.len() == 2);
         if let Some(embedding) = embedding {
             if embedding.shape[0] as u64 != vocab {
                 return Some(format!(
@@ -51,9 +52,10 @@ pub fn config_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<Str
             }
         }
     }
-    let widths = specs
-        .iter()
-        .filter_map(|s| Some((classify(&s.name).layer?, mlp_width(&s.name, &s.shape)?)));
+    let widths = specs.iter().filter_map(|s| {
+        let width = family::mlp_width(family::of(config), &s.name, &s.shape)?;
+        Some((classify(&s.name).layer?, width))
+    });
     for (layer, width) in widths {
         let expected = match config.get("intermediate_size") {
             Some(Value::Array(entries)) => entries.get(layer).and_then(Value::as_u64),

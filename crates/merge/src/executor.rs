@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-use amalgam_checkpoint::arch::{classify, mlp_width, Role, LM_HEAD, PER_LAYER_CONFIG_FIELDS};
+use amalgam_checkpoint::arch::{classify, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::{
     kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard,
@@ -57,6 +57,36 @@ pub struct MergeSummary {
     pub tensors: usize,
     pub bytes_read: u64,
     pub bytes_written: u64,
+}
+
+/// The recipe's chat template; for `auto`, the template most of `inputs`
+/// carry (the first of equals in recipe order), none if none has one.
+pub fn chat_template<'c>(
+    recipe: &Recipe,
+    inputs: impl Iterator<Item = &'c Checkpoint>,
+) -> Result<Option<String>> {
+    match &recipe.chat_template {
+        None => return Ok(None),
+        Some(ChatTemplate::Text(text)) => return Ok(Some(text.clone())),
+        Some(ChatTemplate::Auto) => {}
+    }
+    let mut counts: Vec<(String, usize)> = vec![];
+    for checkpoint in inputs {
+        let Some(found) = checkpoint.chat_template()? else {
+            continue;
+        };
+        let found = found.trim().to_owned();
+        match counts.iter_mut().find(|(t, _)| *t == found) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((found, 1)),
+        }
+    }
+    let most = counts.iter().map(|(_, n)| *n).max();
+    let chosen = counts.into_iter().find(|(_, n)| Some(*n) == most);
+    if chosen.is_none() {
+        tracing::warn!("`chat_template: auto`: no input model has a chat template; none written");
+    }
+    Ok(chosen.map(|(t, _)| t))
 }
 
 impl MergeJob {
@@ -109,7 +139,7 @@ impl MergeJob {
             .plan
             .tensors
             .iter()
-            .find(|t| classify(&t.name).role == Role::Embedding)
+            .find(|t| family::is_embedding(family::of(layout), &t.name))
         {
             config.set("vocab_size", embedding.shape[0].into());
         }
@@ -124,7 +154,8 @@ impl MergeJob {
             if let Some(from) = classify(&input.tensor).layer {
                 sources[layer].get_or_insert((input.model, from));
             }
-            if let Some(width) = mlp_width(&tensor.name, &tensor.shape) {
+            if let Some(width) = family::mlp_width(family::of(layout), &tensor.name, &tensor.shape)
+            {
                 widths[layer] = Some(width);
             }
         }
@@ -452,33 +483,9 @@ impl MergeJob {
         }
     }
 
-    /// The recipe's chat template; for `auto`, the template most input
-    /// models carry (the first of equals in recipe order), none if none has one.
+    /// The recipe's chat template (see [`chat_template`]).
     pub fn chat_template(&self) -> Result<Option<String>> {
-        match &self.recipe.chat_template {
-            None => return Ok(None),
-            Some(ChatTemplate::Text(text)) => return Ok(Some(text.clone())),
-            Some(ChatTemplate::Auto) => {}
-        }
-        let mut counts: Vec<(String, usize)> = vec![];
-        for source in &self.sources {
-            let Some(found) = source.checkpoint.chat_template()? else {
-                continue;
-            };
-            let found = found.trim().to_owned();
-            match counts.iter_mut().find(|(t, _)| *t == found) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((found, 1)),
-            }
-        }
-        let most = counts.iter().map(|(_, n)| *n).max();
-        let chosen = counts.into_iter().find(|(_, n)| Some(*n) == most);
-        if chosen.is_none() {
-            tracing::warn!(
-                "`chat_template: auto`: no input model has a chat template; none written"
-            );
-        }
-        Ok(chosen.map(|(t, _)| t))
+        chat_template(&self.recipe, self.sources.iter().map(|s| &s.checkpoint))
     }
 
     /// Every planned input is stored in a dtype libtorch computes with;
@@ -523,11 +530,12 @@ pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInv
             }
         })
         .collect();
-    let has_head = tensors.iter().any(|t| t.name == LM_HEAD);
+    let head = family::head_name(family::of(checkpoint.config()));
+    let has_head = tensors.iter().any(|t| t.name == head);
     if checkpoint.is_tied() && !has_head {
-        if let Ok(embedding) = checkpoint.entry(LM_HEAD) {
+        if let Ok(embedding) = checkpoint.entry(&head) {
             tensors.push(InventoryTensor {
-                name: LM_HEAD.into(),
+                name: head,
                 shape: embedding.shape.clone(),
                 layer: None,
                 vocab: true,

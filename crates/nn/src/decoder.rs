@@ -54,6 +54,16 @@ impl Taps {
     }
 }
 
+/// What [`Decoder::save_as`] writes besides the weights, and in which dtype.
+pub struct SaveFiles<'a> {
+    pub dtype: Dtype,
+    /// Whose tokenizer files are copied.
+    pub tokenizer_source: Option<&'a Path>,
+    /// Written as `chat_template.jinja`.
+    pub chat_template: Option<&'a str>,
+    pub extra_files: &'a [(&'a str, Vec<u8>)],
+}
+
 /// A weight matrix and its optional bias.
 struct Linear {
     weight: Tensor,
@@ -315,13 +325,34 @@ impl Decoder {
         extra_files: &[(&str, Vec<u8>)],
         options: &WriteOptions,
     ) -> Result<PathBuf> {
+        let files = SaveFiles {
+            dtype: Dtype::F32,
+            tokenizer_source,
+            chat_template: None,
+            extra_files,
+        };
+        self.save_as(out, card, &files, options)
+    }
+
+    /// Writes the model as a Hugging Face checkpoint in `files.dtype` (its
+    /// config saying so) with the files `files` names, atomically.
+    pub fn save_as(
+        &self,
+        out: &Path,
+        card: &ModelCard,
+        files: &SaveFiles,
+        options: &WriteOptions,
+    ) -> Result<PathBuf> {
+        let kind = amalgam_checkpoint::kind_from_dtype(files.dtype)
+            .filter(|k| matches!(k, Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half))
+            .ok_or_else(|| NnError::Invalid(format!("cannot save weights as {:?}", files.dtype)))?;
         let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         variables.sort_by(|a, b| a.0.cmp(&b.0));
         let specs = variables
             .iter()
             .map(|(name, t)| {
                 let shape = t.size().iter().map(|&s| s as usize).collect();
-                TensorSpec::new(name.clone(), Dtype::F32, shape)
+                TensorSpec::new(name.clone(), files.dtype, shape)
             })
             .collect();
         let writer = CheckpointWriter::create(out, specs, options)?;
@@ -329,15 +360,17 @@ impl Decoder {
             let data = tensor
                 .detach()
                 .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
+                .to_kind(kind)
                 .contiguous();
             writer.write_tensor(name, &data)?;
         }
+        let mut config = self.config.to_model_config();
+        config.set_dtype(files.dtype);
         Ok(writer.finish(Finish {
-            config: &self.config.to_model_config(),
-            tokenizer_source,
-            chat_template: None,
-            extra_files,
+            config: &config,
+            tokenizer_source: files.tokenizer_source,
+            chat_template: files.chat_template,
+            extra_files: files.extra_files,
             card,
         })?)
     }

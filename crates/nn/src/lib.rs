@@ -23,5 +23,5 @@ pub use config::{
     nested_width, supported_model_types, Activation, Architecture, DecoderConfig, ParamKind,
     Parameter, RopeScaling, GRANULARITIES,
 };
-pub use decoder::{Decoder, Taps};
+pub use decoder::{Decoder, SaveFiles, Taps};
 pub use error::{NnError, Result};

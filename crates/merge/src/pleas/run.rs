@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use amalgam_checkpoint::{parse_dtype, Checkpoint, Dtype};
 use amalgam_checkpoint::{InputRecord, ModelCard};
 use amalgam_nn::data::{Domain, Sampler, Split};
-use amalgam_nn::{tokenizer, Decoder, DecoderConfig};
-use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe};
+use amalgam_nn::{tokenizer, Decoder, DecoderConfig, SaveFiles};
+use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe, TokenizerSource};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Device, Kind, Tensor};
@@ -130,6 +131,10 @@ fn run(
             }
         })
         .collect::<Result<Vec<_>>>()?;
+    // What the output carries besides the weights: checked before any work.
+    let dtype = output_dtype(recipe, &checkpoints[0]);
+    let tokenizer_source = tokenizer_source(recipe, &pleas, &checkpoints)?;
+    let chat_template = crate::executor::chat_template(recipe, checkpoints.iter())?;
     let device = options.device;
     // Matrix products split their sums by thread: the same recipe and the
     // same thread count give bit-identical output (other counts differ in
@@ -284,7 +289,13 @@ fn run(
     };
     let mut write = options.write.clone();
     write.inputs = checkpoints.iter().map(|c| c.dir().to_path_buf()).collect();
-    let out = model.save(out, &card, Some(checkpoints[0].dir()), &[], &write)?;
+    let files = SaveFiles {
+        dtype,
+        tokenizer_source: Some(tokenizer_source),
+        chat_template: chat_template.as_deref(),
+        extra_files: &[],
+    };
+    let out = model.save_as(out, &card, &files, &write)?;
     Ok(format!(
         "merged 2 models with pleas into {}: {} parameters ({:.3}×), hidden size {}, \
          FFN widths {:?}; features {:.1} s, matching {:.1} s, least squares {:.1} s, total {:.1} s",
@@ -298,4 +309,64 @@ fn run(
         t.least_squares,
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// The written dtype: the recipe's `out_dtype`, else its `dtype`, else the
+/// first model's (its embedding's). PLeaS itself computes in F32 and F64.
+fn output_dtype(recipe: &Recipe, first: &Checkpoint) -> Dtype {
+    let named = recipe.out_dtype.as_ref().or(recipe.dtype.as_ref());
+    match named {
+        Some((name, _)) => parse_dtype(name).expect("validated by the recipe parser"),
+        None => first
+            .tensors()
+            .iter()
+            .find(|t| {
+                amalgam_checkpoint::family::is_embedding(
+                    amalgam_checkpoint::family::of(first.config()),
+                    &t.name,
+                )
+            })
+            .map_or(Dtype::F32, |t| t.dtype),
+    }
+}
+
+/// Whose tokenizer files the output carries: `tokenizer_source: base` (the
+/// first model, PLeaS having no base) or one of the two models. PLeaS keeps
+/// the vocabulary the two models share, so a union, token rules or padding
+/// are refused at their line.
+fn tokenizer_source<'c>(
+    recipe: &Recipe,
+    pleas: &PleasRecipe,
+    checkpoints: &'c [Checkpoint],
+) -> Result<&'c Path> {
+    let Some(spec) = &recipe.tokenizer else {
+        return Ok(checkpoints[0].dir());
+    };
+    let refuse = |what: &str| {
+        MergeError::Recipe(recipe.error(
+            spec.at,
+            format!("pleas keeps the vocabulary its two models share; {what} is not supported"),
+        ))
+    };
+    if !spec.tokens.is_empty() {
+        return Err(refuse("a `tokens:` block"));
+    }
+    if spec.pad_to_multiple_of.is_some() {
+        return Err(refuse("`pad_to_multiple_of`"));
+    }
+    match &spec.source {
+        TokenizerSource::Base => Ok(checkpoints[0].dir()),
+        TokenizerSource::Union => Err(refuse("`union`")),
+        TokenizerSource::Model(m) => pleas
+            .models
+            .iter()
+            .position(|p| p.path == m.path)
+            .map(|i| checkpoints[i].dir())
+            .ok_or_else(|| {
+                MergeError::Recipe(recipe.error(
+                    m.at,
+                    format!("tokenizer source `{}` is not one of the two models", m.path),
+                ))
+            }),
+    }
 }
