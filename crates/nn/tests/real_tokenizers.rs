@@ -94,3 +94,40 @@ fn the_byte_tokenizer_is_a_tokenizer_json_too() {
         );
     }
 }
+
+/// `add_bos_token` / `add_eos_token` in tokenizer_config.json, flipped
+/// either way: the special tokens are still the ones AutoTokenizer adds
+/// (transformers 5 keeps the tokenizer.json's post-processor; amalgam too).
+#[test]
+fn special_token_flags_follow_transformers() {
+    let texts: Vec<String> = ["Hello world", "  two\nlines", ""]
+        .map(str::to_owned)
+        .to_vec();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama3", "qwen3", "gemma3", "llama2"] {
+        let source = root().join(".cache/tokenizers").join(name);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(source.join("tokenizer_config.json")).unwrap())
+                .unwrap();
+        for (flag, value) in [("add_bos_token", false), ("add_eos_token", true)] {
+            let dir = tmp.path().join(format!("{name}-{flag}-{value}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::copy(source.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+            let mut edited = config.clone();
+            edited[flag] = value.into();
+            std::fs::write(
+                dir.join("tokenizer_config.json"),
+                serde_json::to_vec(&edited).unwrap(),
+            )
+            .unwrap();
+            let ours = TextTokenizer::load(&dir).unwrap();
+            for (text, expected) in texts.iter().zip(transformers_ids(&dir, &texts)) {
+                assert_eq!(
+                    ours.encode(text, true).unwrap(),
+                    expected,
+                    "{name} with {flag}: {value}: {text:?}"
+                );
+            }
+        }
+    }
+}
