@@ -5,9 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-/// The most bytes of a `--text` file read.
-const MAX_TEXT_BYTES: u64 = 1 << 30;
-
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
@@ -18,7 +15,7 @@ use amalgam_nn::eval::{
     check_vocabulary, corpus_windows, rolling_windows, score_windows, DomainScore, EvalOptions,
     LanguageModel, Window,
 };
-use amalgam_nn::text::TextTokenizer;
+use amalgam_nn::text::{read_documents, TextTokenizer};
 use amalgam_nn::{Decoder, DecoderConfig};
 
 /// What one model is scored on under one label: a corpus domain or a text file.
@@ -28,34 +25,6 @@ struct Scored {
     windows: Vec<Window>,
     /// The text's UTF-8 bytes (for bits per byte).
     bytes: Option<usize>,
-}
-
-/// The documents of a `--text` file: the whole file, or for `.jsonl` the
-/// string at `field` of each non-blank line.
-fn read_documents(path: &Path, field: &str) -> Result<(String, Vec<String>)> {
-    let bytes = amalgam_checkpoint::read_regular(path, MAX_TEXT_BYTES, "a text file")?;
-    let text =
-        String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8 text: {e}", path.display()))?;
-    let label = path.display().to_string();
-    if path.extension().is_none_or(|e| e != "jsonl") {
-        return Ok((label, vec![text]));
-    }
-    let documents = text
-        .lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| {
-            let at = format!("{}:{}", path.display(), i + 1);
-            let record: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| anyhow!("{at}: not a JSON line: {e}"))?;
-            record
-                .get(field)
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| anyhow!("{at}: no string field {field:?} (choose it with --field)"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((label, documents))
 }
 
 #[derive(ClapArgs)]
@@ -165,7 +134,10 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let texts = args
         .text
         .iter()
-        .map(|path| read_documents(path, &args.field))
+        .map(|path| {
+            let documents = read_documents(path, &args.field)?;
+            Ok((path.display().to_string(), documents))
+        })
         .collect::<Result<Vec<_>>>()?;
     if args.stride == 0 {
         return Err(anyhow!("--stride must be at least 1"));

@@ -6,37 +6,13 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use serde_json::Value;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A tiny random model of `family` that transformers builds, with the
-/// published tokenizer `tokenizer` (its vocabulary size) beside it.
-fn model_with_tokenizer(dir: &Path, family: &str, tokenizer: &str, vocab: usize) -> PathBuf {
-    let model = dir.join(format!("{family}-{tokenizer}"));
-    let script = "import sys, shutil, torch, transformers\n\
-                  torch.manual_seed(0)\n\
-                  c = transformers.AutoConfig.for_model(sys.argv[3], vocab_size=int(sys.argv[4]), \
-                  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, \
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256)\n\
-                  transformers.AutoModelForCausalLM.from_config(c).save_pretrained(sys.argv[1])\n\
-                  for f in ['tokenizer.json', 'tokenizer_config.json']:\n    shutil.copy(sys.argv[2] + '/' + f, sys.argv[1])\n";
-    let source = root().join(".cache/tokenizers").join(tokenizer);
-    python_code(
-        script,
-        &[
-            &model,
-            &source,
-            Path::new(family),
-            Path::new(&vocab.to_string()),
-        ],
-    );
-    model
 }
 
 /// amalgam's scores for `file` and the oracle's, for windows of `seq_len`
@@ -101,8 +77,8 @@ fn assert_same(ours: &Value, theirs: &Value, what: &str) {
 #[test]
 fn any_text_scores_as_transformers_scores_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let llama = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000);
-    let qwen = model_with_tokenizer(tmp.path(), "qwen3", "qwen3", 151669);
+    let llama = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000, 0);
+    let qwen = model_with_tokenizer(tmp.path(), "qwen3", "qwen3", 151669, 0);
     let prose = std::fs::read_to_string(root().join("data/corpus/prose.txt")).unwrap();
     let sample: String = prose.chars().take(3000).collect();
     let text = tmp.path().join("text.txt");
@@ -133,7 +109,7 @@ fn any_text_scores_as_transformers_scores_it() {
     }
 
     // Across families sharing a tokenizer, --reference compares predictions.
-    let qwen2 = model_with_tokenizer(tmp.path(), "qwen2", "qwen3", 151669);
+    let qwen2 = model_with_tokenizer(tmp.path(), "qwen2", "qwen3", 151669, 0);
     let compared: Value = serde_json::from_str(&ok([
         "eval".as_ref(),
         qwen.as_os_str(),

@@ -405,3 +405,77 @@ fn shipped_multi_stage_and_moe_examples_run() {
         serde_json::from_slice(&std::fs::read(mixture.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "mixtral");
 }
+
+/// PLeaS calibrates on a text file (plain, or `.jsonl` with
+/// `calibration_field`) tokenized with the two models' tokenizer — Llama 2's
+/// real one here — and refuses models whose tokenizers differ, at the line.
+#[test]
+fn pleas_calibrates_on_text_with_the_models_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000, 0);
+    let b = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000, 1);
+    let prose = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpus/prose.txt"),
+    )
+    .unwrap();
+    let sample: String = prose.chars().take(4000).collect();
+    let text = tmp.path().join("calibration.txt");
+    std::fs::write(&text, &sample).unwrap();
+    let jsonl = tmp.path().join("calibration.jsonl");
+    let lines: Vec<String> = sample
+        .split("\n\n")
+        .map(|d| serde_json::json!({"body": d}).to_string())
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let recipe = |b: &std::path::Path, calibration: &str| {
+        format!(
+            "merge_method: pleas\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  \
+             calibration: {calibration}\n  samples: 8\n  seq_len: 24\n",
+            a.display(),
+            b.display()
+        )
+    };
+    for (name, calibration) in [
+        ("text", text.display().to_string()),
+        (
+            "jsonl",
+            format!("{}\n  calibration_field: body", jsonl.display()),
+        ),
+    ] {
+        let (_, out) = merge_ok(
+            tmp.path(),
+            &format!("pleas-{name}"),
+            &recipe(&b, &calibration),
+        );
+        let merged = amalgam_nn::Decoder::load(&out, tch::Device::Cpu).unwrap();
+        let ids = tch::Tensor::arange(16, (tch::Kind::Int64, tch::Device::Cpu)).view([1, 16]);
+        let logits = tch::no_grad(|| merged.forward(&ids));
+        assert!(
+            logits.isfinite().all().int64_value(&[]) == 1,
+            "{name}: finite logits"
+        );
+    }
+
+    // Two ids swapped in B's tokenizer: not the same tokenizer any more.
+    let swapped = tmp.path().join("b-swapped");
+    copy_dir(&b, &swapped);
+    let path = swapped.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let vocab = tokenizer["model"]["vocab"].as_object_mut().unwrap();
+    let (x, y) = (vocab["▁the"].clone(), vocab["▁and"].clone());
+    vocab.insert("▁the".into(), y);
+    vocab.insert("▁and".into(), x);
+    std::fs::write(&path, serde_json::to_vec(&tokenizer).unwrap()).unwrap();
+    let bad = tmp.path().join("swapped.yml");
+    std::fs::write(&bad, recipe(&swapped, &text.display().to_string())).unwrap();
+    let message = fails([
+        "merge".as_ref(),
+        bad.as_os_str(),
+        tmp.path().join("swapped-out").as_os_str(),
+    ]);
+    assert!(
+        message.contains("swapped.yml:6:") && message.contains("have different tokenizers"),
+        "{message}"
+    );
+}

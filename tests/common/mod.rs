@@ -261,3 +261,37 @@ pub fn mergekit_oracle(dir: &Path, cases: &[Value]) -> Value {
     std::fs::write(&list, serde_json::to_vec(cases).unwrap()).unwrap();
     serde_json::from_str(&oracle_ok("mergekit_diff.py", &[list.as_os_str()])).unwrap()
 }
+
+/// A tiny random model of `family` that transformers builds (initialised
+/// from `seed`), with the published tokenizer `tokenizer` (its vocabulary
+/// size `vocab`) beside it, fetched by scripts/setup.sh.
+pub fn model_with_tokenizer(
+    dir: &Path,
+    family: &str,
+    tokenizer: &str,
+    vocab: usize,
+    seed: u64,
+) -> PathBuf {
+    let model = dir.join(format!("{family}-{tokenizer}-{seed}"));
+    let script = "import sys, shutil, torch, transformers\n\
+                  torch.manual_seed(int(sys.argv[5]))\n\
+                  c = transformers.AutoConfig.for_model(sys.argv[3], vocab_size=int(sys.argv[4]), \
+                  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, \
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256)\n\
+                  transformers.AutoModelForCausalLM.from_config(c).save_pretrained(sys.argv[1])\n\
+                  for f in ['tokenizer.json', 'tokenizer_config.json']:\n    shutil.copy(sys.argv[2] + '/' + f, sys.argv[1])\n";
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache/tokenizers")
+        .join(tokenizer);
+    python_code(
+        script,
+        &[
+            &model,
+            &source,
+            Path::new(family),
+            Path::new(&vocab.to_string()),
+            Path::new(&seed.to_string()),
+        ],
+    );
+    model
+}

@@ -93,8 +93,41 @@ impl TextTokenizer {
         Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
 
+    /// Whether `other` maps every token to the same id (added tokens included).
+    pub fn same_vocabulary(&self, other: &TextTokenizer) -> bool {
+        self.tokenizer.get_vocab(true) == other.tokenizer.get_vocab(true)
+    }
+
     /// Token ids in use, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
+}
+
+/// The most bytes of a text file read.
+const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// The documents of a text file: the whole file, or for `.jsonl` the string
+/// at `field` of each non-blank line (an error names the file and line).
+pub fn read_documents(path: &Path, field: &str) -> Result<Vec<String>> {
+    let bytes = amalgam_checkpoint::read_regular(path, MAX_TEXT_BYTES, "a text file")?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| NnError::Invalid(format!("{}: not UTF-8 text: {e}", path.display())))?;
+    if path.extension().is_none_or(|e| e != "jsonl") {
+        return Ok(vec![text]);
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            let at = format!("{}:{}", path.display(), i + 1);
+            let record: Value = serde_json::from_str(line)
+                .map_err(|e| NnError::Invalid(format!("{at}: not a JSON line: {e}")))?;
+            record
+                .get(field)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| NnError::Invalid(format!("{at}: no string field {field:?}")))
+        })
+        .collect()
 }

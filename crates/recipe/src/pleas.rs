@@ -9,6 +9,7 @@ const PARAMETERS: &[&str] = &[
     "metric",
     "budget",
     "calibration",
+    "calibration_field",
     "samples",
     "seq_len",
     "batch",
@@ -44,6 +45,8 @@ pub struct PleasRecipe {
     /// resolves the name (and reports errors at `calibration_at`).
     pub calibration: String,
     pub calibration_at: Location,
+    /// The field of each line of a `.jsonl` calibration file that holds its text.
+    pub calibration_field: String,
     pub samples: usize,
     pub seq_len: usize,
     pub batch: usize,
@@ -96,6 +99,7 @@ impl PleasRecipe {
             budget: 1.0,
             calibration: "mixture".into(),
             calibration_at: at,
+            calibration_field: "text".into(),
             samples: 64,
             seq_len: 128,
             batch: 16,
@@ -137,6 +141,10 @@ impl PleasRecipe {
                         out.calibration_at = at;
                     }
                     _ => return Err(recipe.error(at, "`calibration` names the calibration data")),
+                },
+                "calibration_field" => match value {
+                    Scalar::Text(t) => out.calibration_field = t.clone(),
+                    _ => return Err(recipe.error(at, "`calibration_field` names a JSON field")),
                 },
                 "samples" => out.samples = count(1.0)?,
                 "seq_len" => out.seq_len = count(2.0)?,

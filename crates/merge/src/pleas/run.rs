@@ -9,6 +9,7 @@ use std::time::Instant;
 use amalgam_checkpoint::{parse_dtype, Checkpoint, Dtype};
 use amalgam_checkpoint::{InputRecord, ModelCard};
 use amalgam_nn::data::{Domain, Sampler, Split};
+use amalgam_nn::text::{read_documents, TextTokenizer};
 use amalgam_nn::{tokenizer, Decoder, DecoderConfig, SaveFiles};
 use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe, TokenizerSource};
 use rand::{Rng, SeedableRng};
@@ -60,9 +61,14 @@ impl Activations for Forward<'_> {
 }
 
 /// Calibration batches `[batch, seq_len]` as the recipe asks: corpus text
-/// (one domain or the mixture, training split, byte tokenizer) or uniformly
-/// random token ids.
-fn calibration(recipe: &Recipe, pleas: &PleasRecipe, vocab: usize) -> Result<Vec<Tensor>> {
+/// (one domain or the mixture, training split, byte tokenizer), a text file
+/// tokenized with the models' shared tokenizer, or uniformly random token ids.
+fn calibration(
+    recipe: &Recipe,
+    pleas: &PleasRecipe,
+    vocab: usize,
+    models: [&Path; 2],
+) -> Result<Vec<Tensor>> {
     let sizes: Vec<usize> = (0..pleas.samples)
         .step_by(pleas.batch)
         .map(|start| pleas.batch.min(pleas.samples - start))
@@ -81,15 +87,10 @@ fn calibration(recipe: &Recipe, pleas: &PleasRecipe, vocab: usize) -> Result<Vec
     }
     let domains = match pleas.calibration.as_str() {
         "mixture" => Domain::ALL.to_vec(),
-        name => vec![Domain::parse(name).ok_or_else(|| {
-            recipe.error(
-                pleas.calibration_at,
-                format!(
-                    "unknown calibration `{name}` (known: mixture, random, {})",
-                    Domain::ALL.map(|d| d.name()).join(", ")
-                ),
-            )
-        })?],
+        name => match Domain::parse(name) {
+            Some(domain) => vec![domain],
+            None => return text_calibration(recipe, pleas, vocab, models, &sizes),
+        },
     };
     if vocab != tokenizer::VOCAB_SIZE {
         return Err(MergeError::Recipe(recipe.error(
@@ -105,6 +106,83 @@ fn calibration(recipe: &Recipe, pleas: &PleasRecipe, vocab: usize) -> Result<Vec
     Ok(sizes
         .iter()
         .map(|&n| sampler.batch(n, pleas.seq_len, Device::Cpu))
+        .collect())
+}
+
+/// Calibration windows from a text file (one document, or one per `.jsonl`
+/// line): each document tokenized with the models' tokenizer (which must be
+/// the same: tokens and ids) after its BOS (or EOS), the documents joined,
+/// and `seq_len` windows drawn at seeded random offsets.
+fn text_calibration(
+    recipe: &Recipe,
+    pleas: &PleasRecipe,
+    vocab: usize,
+    models: [&Path; 2],
+    sizes: &[usize],
+) -> Result<Vec<Tensor>> {
+    let fail = |message: String| MergeError::Recipe(recipe.error(pleas.calibration_at, message));
+    let path = Path::new(&pleas.calibration);
+    if !path.is_file() {
+        return Err(fail(format!(
+            "unknown calibration `{}` (known: mixture, random, {}, or a text file: \
+             plain text, or .jsonl with `calibration_field`)",
+            pleas.calibration,
+            Domain::ALL.map(|d| d.name()).join(", ")
+        )));
+    }
+    let documents =
+        read_documents(path, &pleas.calibration_field).map_err(|e| fail(e.to_string()))?;
+    let tokenizers = models
+        .iter()
+        .map(|dir| TextTokenizer::load(dir))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| {
+            fail(format!(
+                "text calibration needs the models' tokenizers: {e}"
+            ))
+        })?;
+    if !tokenizers[0].same_vocabulary(&tokenizers[1]) {
+        return Err(fail(format!(
+            "{} and {} have different tokenizers (tokens or ids differ): text calibration \
+             needs one tokenizer both models share; use `calibration: random`",
+            models[0].display(),
+            models[1].display()
+        )));
+    }
+    let mut stream = vec![];
+    for document in &documents {
+        stream.extend(tokenizers[0].prefix_token());
+        stream.extend(
+            tokenizers[0]
+                .encode(document, false)
+                .map_err(|e| fail(e.to_string()))?,
+        );
+    }
+    if let Some(id) = stream.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        return Err(fail(format!(
+            "the tokenizer gives id {id}, outside the models' {vocab}-token vocabulary"
+        )));
+    }
+    if stream.len() < pleas.seq_len {
+        return Err(fail(format!(
+            "{} holds {} tokens, fewer than `seq_len` {}",
+            path.display(),
+            stream.len(),
+            pleas.seq_len
+        )));
+    }
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(pleas.seed);
+    Ok(sizes
+        .iter()
+        .map(|&n| {
+            let ids: Vec<i64> = (0..n)
+                .flat_map(|_| {
+                    let start = rng.random_range(0..=stream.len() - pleas.seq_len);
+                    stream[start..start + pleas.seq_len].to_vec()
+                })
+                .collect();
+            Tensor::from_slice(&ids).view([n as i64, pleas.seq_len as i64])
+        })
         .collect())
 }
 
@@ -192,7 +270,12 @@ fn run(
         untied_head: !config.tie_word_embeddings,
         rms_norm_eps: config.norm_eps,
     };
-    let batches = calibration(recipe, &pleas, config.vocab_size)?;
+    let batches = calibration(
+        recipe,
+        &pleas,
+        config.vocab_size,
+        [checkpoints[0].dir(), checkpoints[1].dir()],
+    )?;
     let settings = super::Options {
         matching: match pleas.matching {
             PleasMatching::Activation if pleas.metric == "distance" => {
