@@ -81,8 +81,20 @@ pub fn families() -> &'static [Family] {
 
 /// The description of a config's family, if there is one.
 pub fn of(config: &ModelConfig) -> Option<&'static Family> {
-    let model_type = config.model_type()?;
+    by_model_type(config.model_type()?)
+}
+
+/// The description of the family `model_type`, if there is one.
+pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
     families().iter().find(|f| f.model_type == model_type)
+}
+
+/// The Llama decoder's description: how checkpoints of families without
+/// one of their own are read.
+pub fn llama_decoder() -> &'static crate::decoder::DecoderLayout {
+    by_model_type("llama")
+        .and_then(|f| f.decoder.as_ref())
+        .expect("families/llama.json describes its decoder")
 }
 
 /// Where a tensor outside the repeated layers belongs.

@@ -85,13 +85,9 @@ impl Architecture {
     /// The Llama family as amalgam's own models use it: no biases, SiLU,
     /// full rotary, no sliding window.
     pub fn llama() -> Self {
-        let family = family::families()
-            .iter()
-            .find(|f| f.model_type == "llama")
-            .expect("families/llama.json");
         Architecture {
             model_type: "llama".into(),
-            layout: family.decoder.as_ref().expect("llama has a decoder"),
+            layout: family::llama_decoder(),
             activation: Activation::Silu,
             qkv_bias: false,
             output_bias: false,

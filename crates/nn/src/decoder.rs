@@ -623,6 +623,17 @@ impl Decoder {
             .local_rope_theta
             .map(|theta| rope_tables(theta, None, rotary, seq, self.device()));
         let scale = 1.0 / arch.query_scale.unwrap_or(c.head_dim as f64).sqrt();
+        // Masks once per pass: the causal one only where soft caps need an
+        // explicit mask, the sliding one only where the window is shorter
+        // than the sequence.
+        let full_mask = arch
+            .attention_softcap
+            .map(|_| allowed_positions(seq, None, self.device()));
+        let sliding_mask = arch
+            .sliding_window
+            .map(|w| w as i64)
+            .filter(|&w| w < seq)
+            .map(|w| allowed_positions(seq, Some(w), self.device()));
         for (layer, block) in self
             .blocks
             .iter()
@@ -654,9 +665,11 @@ impl Decoder {
                     v.repeat_interleave_self_int(groups, 1, None),
                 )
             };
-            let window = arch.sliding_window.filter(|_| sliding);
-            let attended =
-                attend(&q, &k, &v, scale, arch.attention_softcap, window).transpose(1, 2);
+            let mask = match &sliding_mask {
+                Some(mask) if sliding => Some(mask),
+                _ => full_mask.as_ref(),
+            };
+            let attended = attend(&q, &k, &v, scale, arch.attention_softcap, mask).transpose(1, 2);
             if let Some(t) = taps.as_deref_mut() {
                 t.attention_heads.push(attended.shallow_clone());
             }
@@ -684,30 +697,31 @@ impl Decoder {
     }
 }
 
-/// Causal attention of `q`, `k`, `v` `[batch, heads, seq, head_dim]`, scores
-/// scaled by `scale`, soft-capped where the family caps them, restricted to
-/// the last `window` positions where the layer slides.
+/// Which key positions each query may attend to `[seq, seq]`: itself and
+/// earlier ones, within the last `window` where given.
+fn allowed_positions(seq: i64, window: Option<i64>, device: Device) -> Tensor {
+    let positions = Tensor::arange(seq, (Kind::Int64, device));
+    let distance = positions.unsqueeze(1) - positions.unsqueeze(0);
+    let causal = distance.ge(0);
+    match window {
+        Some(w) => causal.logical_and(&distance.lt(w)),
+        None => causal,
+    }
+}
+
+/// Attention of `q`, `k`, `v` `[batch, heads, seq, head_dim]`, scores scaled
+/// by `scale` and soft-capped where the family caps them, within `allowed`
+/// (see [`allowed_positions`]; `None`: plain causal, without a soft cap).
 fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     softcap: Option<f64>,
-    window: Option<usize>,
+    allowed: Option<&Tensor>,
 ) -> Tensor {
-    let seq = q.size()[2];
-    let window = window.map(|w| w as i64).filter(|&w| w < seq);
-    let allowed = || {
-        let positions = Tensor::arange(seq, (Kind::Int64, q.device()));
-        let distance = positions.unsqueeze(1) - positions.unsqueeze(0);
-        let causal = distance.ge(0);
-        match window {
-            Some(w) => causal.logical_and(&distance.lt(w)),
-            None => causal,
-        }
-    };
-    match softcap {
-        None if window.is_none() => Tensor::scaled_dot_product_attention::<Tensor>(
+    match (softcap, allowed) {
+        (None, None) => Tensor::scaled_dot_product_attention::<Tensor>(
             q,
             k,
             v,
@@ -717,19 +731,20 @@ fn attend(
             Some(scale),
             false,
         ),
-        None => Tensor::scaled_dot_product_attention(
+        (None, Some(allowed)) => Tensor::scaled_dot_product_attention(
             q,
             k,
             v,
-            Some(allowed()),
+            Some(allowed),
             0.0,
             false,
             Some(scale),
             false,
         ),
-        Some(cap) => {
+        (Some(cap), allowed) => {
+            let allowed = allowed.expect("a soft-capped attention is given its mask");
             let scores = soft_cap(&(q.matmul(&k.transpose(-2, -1)) * scale), cap);
-            let scores = scores.masked_fill(&allowed().logical_not(), f64::NEG_INFINITY);
+            let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
             scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(v)
         }
     }

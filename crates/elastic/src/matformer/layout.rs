@@ -4,8 +4,8 @@
 //! Every decoder family amalgam runs is known from its description (the
 //! MLP's input projections, separate, fused `[gate; up]` as Phi-3 stores
 //! them, or ungated as GPT-NeoX's; its output projection; the layer prefix);
-//! other checkpoints are read as Llama-style (`model.layers.N.mlp.
-//! {gate,up,down}_proj`). Gemma 3n is known too: its text model
+//! other checkpoints are read with the Llama description. Gemma 3n is known
+//! too: its text model
 //! also has per-layer embeddings packed layer-major into two global tensors
 //! and shares the KV cache of a few layers with the last ones. Gemma 3n's
 //! tensors live under `model.language_model.` in the multimodal checkpoint
@@ -55,14 +55,7 @@ struct FfnNames {
 }
 
 impl FfnNames {
-    fn of(layout: Option<&DecoderLayout>) -> Self {
-        let Some(layout) = layout else {
-            return FfnNames {
-                rows: vec!["mlp.gate_proj".into(), "mlp.up_proj".into()],
-                fused_rows: None,
-                columns: "mlp.down_proj".into(),
-            };
-        };
+    fn of(layout: &DecoderLayout) -> Self {
         let (rows, fused_rows) = match &layout.mlp.input {
             MlpInput::Gated(parts) => (parts.to_vec(), None),
             MlpInput::GatedConcatenated(part) => (vec![], Some(part.clone())),
@@ -128,19 +121,21 @@ impl ModelLayout {
             message,
         };
         let config = checkpoint.config();
-        let decoder = family::of(config).and_then(|f| f.decoder.as_ref());
-        let (prefix, text_config_key) = match (config.model_type(), decoder) {
-            (Some("gemma3n"), _) => ("model.language_model.".to_owned(), Some("text_config")),
-            (_, Some(layout)) => match layout.layers.strip_suffix("layers.{i}") {
+        // Families without a description (Gemma 3n among them) are read as Llama.
+        let decoder = family::of(config)
+            .and_then(|f| f.decoder.as_ref())
+            .unwrap_or_else(family::llama_decoder);
+        let (prefix, text_config_key) = match config.model_type() {
+            Some("gemma3n") => ("model.language_model.".to_owned(), Some("text_config")),
+            _ => match decoder.layers.strip_suffix("layers.{i}") {
                 Some(prefix) => (prefix.to_owned(), None),
                 None => {
                     return Err(error(format!(
                         "layers named `{}`: extraction needs them as PREFIX.layers.N",
-                        layout.layers
+                        decoder.layers
                     )))
                 }
             },
-            _ => ("model.".to_owned(), None),
         };
         let ffn = FfnNames::of(decoder);
         let text = text_config(config, text_config_key).map_err(error)?;
