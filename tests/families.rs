@@ -337,10 +337,10 @@ fn every_family_merges_as_mergekit_merges_it() {
     assert_matches(&mergekit_oracle(tmp.path(), &cases), &cases, 5e-7);
 }
 
-/// Every family amalgam runs: linear, TIES, slerp and a passthrough stack of
-/// transformers-built models load in amalgam's forward pass and in
-/// transformers, with the same logits (a stack of six layers from four,
-/// per-layer fields carried along).
+/// Every family amalgam runs: linear, TIES, slerp, PLeaS (widened to 1.5×)
+/// and a passthrough stack of transformers-built models load in amalgam's
+/// forward pass and in transformers, with the same logits (a stack of six
+/// layers from four, per-layer fields carried along).
 #[test]
 fn every_family_merge_runs_in_both_forward_passes() {
     use amalgam_nn::{supported_model_types, Decoder};
@@ -367,6 +367,14 @@ fn every_family_merge_runs_in_both_forward_passes() {
             let recipe = format!("merge_method: {method}\n{extra}{models}");
             outputs.push(merge_ok(tmp.path(), &format!("{family}-{method}-run"), &recipe).1);
         }
+        // PLeaS, widened (a wider residual stream, more KV heads, wider FFNs).
+        let recipe = format!(
+            "merge_method: pleas\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  \
+             calibration: random\n  samples: 8\n  seq_len: 16\n  budget: 1.5\n",
+            a.display(),
+            b.display()
+        );
+        outputs.push(merge_ok(tmp.path(), &format!("{family}-pleas-run"), &recipe).1);
         let stacked = tmp.path().join(format!("{family}-stack-run"));
         stack(tmp.path(), &a, &b, &stacked, [(0, 3), (1, 4)]);
         assert_eq!(config(&stacked)["num_hidden_layers"], 6, "{family}");

@@ -254,6 +254,34 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
     let aligned = merge("aligned", "  least_squares: false\n");
     let pleas = merge("1x", "  budget: 1\n");
     let wider = merge("2x", "  budget: 2\n");
+    // `--dry-run` states the plan — the widths the merge then wrote — and its
+    // peak memory, and writes nothing; a budget below the estimate refuses.
+    let recipe = tmp.join("pleas-2x.yml");
+    let planned = tmp.join("pleas-planned");
+    let args = |extra: &[&str]| {
+        let mut args = vec![
+            "merge".into(),
+            recipe.clone().into_os_string(),
+            planned.clone().into_os_string(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        args
+    };
+    let plan = ok(args(&["--dry-run"]));
+    assert!(!planned.exists(), "{plan}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(wider.join("config.json")).unwrap()).unwrap();
+    for expected in [
+        format!(": hidden {} (", config["hidden_size"]),
+        format!(", {} KV heads (", config["num_key_value_heads"]),
+        "two passes".to_string(),
+        "peak memory ≈".to_string(),
+    ] {
+        assert!(plan.contains(&expected), "{expected:?} not in {plan}");
+    }
+    let refused = fails(args(&["--memory-budget", "100MB"]));
+    assert!(refused.contains("this PLeaS merge"), "{refused}");
+    assert!(!planned.exists());
     let weight = merge("weight", "  matching: weight\n  calibration: random\n");
     // Same recipe, same threads: the same bytes.
     let again = merge("2x-again", "  budget: 2\n");

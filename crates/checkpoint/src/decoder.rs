@@ -52,6 +52,11 @@ pub struct DecoderLayout {
     /// attention scores instead of head_dim's (Gemma 2/3).
     #[serde(default)]
     pub query_scale: Option<String>,
+    /// transformers derives the head size as `hidden_size / heads` and
+    /// ignores a `head_dim` key (GPT-NeoX): a model whose heads do not span
+    /// the hidden size exactly would not load there.
+    #[serde(default)]
+    pub head_dim_from_hidden: bool,
 }
 
 /// How a norm scales its normalised input.

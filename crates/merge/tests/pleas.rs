@@ -6,32 +6,23 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use amalgam_merge::pleas::permutation::{apply, llama};
+use amalgam_merge::pleas::permutation::{apply, decoder};
 use amalgam_merge::pleas::statistics::Metric;
-use amalgam_merge::pleas::{merge, Activations, Matching, Model, Options, Taps, Widen};
-use amalgam_nn::Decoder;
-use common::{config, shape, structured_model};
+use amalgam_merge::pleas::{merge, Matching, Options, Plan, Widen};
+use amalgam_merge::Progress;
+use amalgam_nn::{supported_model_types, Decoder, Part};
+use common::{config, family_config, random_model, structured_model};
 use tch::{Device, Kind, Tensor};
-
-struct Forward<'a>(&'a Decoder);
-
-impl Activations for Forward<'_> {
-    fn taps(&self, ids: &Tensor) -> amalgam_merge::Result<Taps> {
-        let (_, taps) = tch::no_grad(|| self.0.forward_taps(ids));
-        let [residual, attention, ffn] = taps.flattened();
-        Ok(Taps {
-            residual,
-            attention,
-            ffn,
-        })
-    }
-}
 
 /// A random model with some structure (larger weights, uneven norm scales)
 /// and a copy of it with every group shuffled.
 fn model_and_shuffled_copy() -> (Decoder, Decoder) {
-    let model = structured_model(config(false, vec![40, 32]), 11, 5.0);
-    let groups = llama(&shape(&model.config));
+    shuffled_copy(structured_model(config(false, vec![40, 32]), 11, 5.0))
+}
+
+/// The model and a copy of it with every permutation group shuffled.
+fn shuffled_copy(model: Decoder) -> (Decoder, Decoder) {
+    let groups = decoder(&model.config);
     let perms: Vec<Vec<usize>> = groups
         .iter()
         .enumerate()
@@ -50,10 +41,10 @@ fn copy(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
-fn batches() -> Vec<Tensor> {
+fn batches(vocab: i64) -> Vec<Tensor> {
     (0..3)
         .map(|b| {
-            let ids: Vec<i64> = (0..4 * 24).map(|i| (i * 37 + b * 101) % 258).collect();
+            let ids: Vec<i64> = (0..4 * 24).map(|i| (i * 37 + b * 101) % vocab).collect();
             Tensor::from_slice(&ids).view([4, 24])
         })
         .collect()
@@ -71,40 +62,56 @@ fn run_widening(
     least_squares: bool,
     widen: Widen,
 ) -> Decoder {
-    let (ta, tb) = (copy(&a.tensors()), copy(&b.tensors()));
-    let merged = merge(
-        &shape(&a.config),
-        Model {
-            tensors: &ta,
-            activations: &Forward(a),
+    let options = Options {
+        matching,
+        budget,
+        ridge: 1e-8,
+        kind: Kind::Double,
+        least_squares,
+        widen,
+    };
+    let plan = Plan::new(&a.config, &options).unwrap();
+    // Both models read part by part, as from a checkpoint: one block at a
+    // time (weight matching, data-free, is the one step that needs both
+    // whole models).
+    let whole = matches!(matching, Matching::Weight { .. });
+    let part_of = |model: &Decoder, part: &Part| {
+        assert!(
+            part.layers.len() <= 1 || whole,
+            "asked for blocks {:?}",
+            part.layers
+        );
+        Ok(model.part(part))
+    };
+    let source_a = |part: &Part| part_of(a, part);
+    let source_b = |part: &Part| part_of(b, part);
+    let mut tensors = BTreeMap::new();
+    merge(
+        &plan,
+        [&source_a, &source_b],
+        &batches(a.config.vocab_size as i64),
+        &options,
+        &mut |name, tensor| {
+            assert!(tensors.insert(name, tensor).is_none(), "written twice");
+            Ok(())
         },
-        Model {
-            tensors: &tb,
-            activations: &Forward(b),
-        },
-        &batches(),
-        &Options {
-            matching,
-            budget,
-            ridge: 1e-8,
-            kind: Kind::Double,
-            least_squares,
-            widen,
-        },
-        &|| {},
+        &Quiet,
     )
     .unwrap();
-    let mut config = a.config.clone();
-    config.intermediate_sizes = merged.ffn_widths.clone();
-    config.hidden_size = merged.hidden;
-    config.num_attention_heads =
-        merged.kv_heads * (config.num_attention_heads / config.num_key_value_heads);
-    config.num_key_value_heads = merged.kv_heads;
-    Decoder::from_tensors(config, &merged.tensors, Device::Cpu).unwrap()
+    Decoder::from_tensors(plan.merged_config(), &tensors, Device::Cpu).unwrap()
+}
+
+struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&self, _: u64, _: &str) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
 }
 
 fn max_logit_difference(a: &Decoder, b: &Decoder) -> f64 {
-    let ids = Tensor::from_slice(&(0..40).map(|i| (i * 13 + 5) % 258).collect::<Vec<i64>>())
+    let vocab = a.config.vocab_size as i64;
+    let ids = Tensor::from_slice(&(0..40).map(|i| (i * 13 + 5) % vocab).collect::<Vec<i64>>())
         .view([2, 20]);
     tch::no_grad(|| {
         (a.forward(&ids) - b.forward(&ids))
@@ -146,4 +153,35 @@ fn least_squares_merge_of_a_model_with_its_shuffled_copy_is_the_model() {
     assert!(wider.config.intermediate_sizes.iter().sum::<usize>() > 72);
     let diff = max_logit_difference(&model, &wider);
     assert!(diff < 1e-2, "PLeaS 1.4x: logits differ by {diff}");
+}
+
+/// Every family (biases, fused projections, q/k norms, post-norms, `(1 + w)`
+/// norms, LayerNorm with shifts, a parallel residual, tied and untied
+/// heads): PLeaS of a model and a shuffled copy of it gives the model back.
+#[test]
+fn every_family_merged_with_its_shuffled_copy_is_itself() {
+    let ids =
+        Tensor::from_slice(&(0..64).map(|i| (i * 29 + 3) % 96).collect::<Vec<i64>>()).view([2, 32]);
+    for family in supported_model_types() {
+        for tied in [false, true] {
+            let (model, shuffled) = shuffled_copy(random_model(&family_config(family, tied), 5));
+            let matching = Matching::Activation(Metric::Correlation);
+            let merged = run(&model, &shuffled, matching, 1.0, true);
+            let (expected, got) = tch::no_grad(|| {
+                (
+                    model.loss(&ids).double_value(&[]),
+                    merged.loss(&ids).double_value(&[]),
+                )
+            });
+            assert!(
+                (expected - got).abs() <= 1e-3,
+                "{family} (tied {tied}): loss {got} against the model's {expected}"
+            );
+            let diff = max_logit_difference(&model, &merged);
+            assert!(
+                diff < 1e-2,
+                "{family} (tied {tied}): logits differ by {diff}"
+            );
+        }
+    }
 }

@@ -106,7 +106,7 @@ impl Architecture {
 
     /// Whether this is the plain Llama layout (pre-norm RMSNorm, separate
     /// q/k/v and gate/up without biases, SiLU, full RoPE, no sliding window,
-    /// no soft caps): what PLeaS, stitching and MatFormer training handle so far.
+    /// no soft caps): what stitching and MatFormer training handle so far.
     pub fn is_plain_llama(&self) -> bool {
         let plain = Architecture::llama();
         let l = self.layout;
@@ -204,7 +204,7 @@ impl ParameterList {
 }
 
 /// The stored-name stems (no `.weight`/`.bias`) of one block's parts.
-pub(crate) struct BlockNames {
+pub struct BlockNames {
     /// Attention input, attention output, MLP input and MLP output norms.
     pub norms: [Option<String>; 4],
     /// q, k, v; or one fused tensor.
@@ -535,7 +535,8 @@ impl DecoderConfig {
     }
 
     /// The stored-name stems of block `layer`'s parts, from the family's description.
-    pub(crate) fn block_names(&self, layer: usize) -> BlockNames {
+    /// The tensor stems (names without `.weight`/`.bias`) of block `layer`.
+    pub fn block_names(&self, layer: usize) -> BlockNames {
         let layout = self.architecture.layout;
         let name = |part: &str| layout.layer_tensor(layer, part);
         let optional = |part: &Option<String>| part.as_deref().map(name);
@@ -647,11 +648,12 @@ impl DecoderConfig {
 
     /// Bytes of the taps [`crate::Decoder::forward_taps`] records for `batch`
     /// sequences of `seq_len` tokens: every block boundary's residual stream,
-    /// every block's attention heads and FFN hidden units (F32).
+    /// every block's attention heads, MLP input stream and FFN hidden units
+    /// (F32).
     pub fn taps_bytes(&self, batch: usize, seq_len: usize) -> u64 {
         let tokens = (batch as u64).saturating_mul(seq_len as u64);
         let layers = self.num_hidden_layers() as u64;
-        let per_token = (layers + 1) * self.hidden_size as u64
+        let per_token = (2 * layers + 1) * self.hidden_size as u64
             + layers * (self.num_attention_heads * self.head_dim) as u64
             + self
                 .intermediate_sizes

@@ -28,6 +28,10 @@ pub struct Taps {
     /// embeddings), between blocks, and after the last block (before the final
     /// norm) — `layers + 1` tensors of `[batch, seq, hidden]`.
     pub residual: Vec<Tensor>,
+    /// The residual stream each block's MLP reads (its input norm's input):
+    /// the block input plus attention's output, or with a parallel residual
+    /// the block input itself — `[batch, seq, hidden]`.
+    pub mlp_stream: Vec<Tensor>,
     /// act(gate)·up per block: `[batch, seq, ffn width of that block]`.
     pub ffn_hidden: Vec<Tensor>,
     /// Each attention head's output before `o_proj`: `[batch, seq, heads, head_dim]`.
@@ -36,8 +40,9 @@ pub struct Taps {
 
 impl Taps {
     /// Every tap flattened over batch and positions: `[tokens, width]`
-    /// (attention heads side by side), in the order residual, attention, FFN.
-    pub fn flattened(&self) -> [Vec<Tensor>; 3] {
+    /// (attention heads side by side), in the order residual, attention,
+    /// MLP stream, FFN.
+    pub fn flattened(&self) -> [Vec<Tensor>; 4] {
         let flat = |taps: &[Tensor]| {
             taps.iter()
                 .map(|t| {
@@ -49,6 +54,7 @@ impl Taps {
         [
             flat(&self.residual),
             flat(&self.attention_heads),
+            flat(&self.mlp_stream),
             flat(&self.ffn_hidden),
         ]
     }
@@ -62,6 +68,131 @@ pub struct SaveFiles<'a> {
     /// Written as `chat_template.jinja`.
     pub chat_template: Option<&'a str>,
     pub extra_files: &'a [(&'a str, Vec<u8>)],
+}
+
+/// Which pieces of a model a [`Decoder`] holds: a whole model, or the part
+/// of one that a layer-by-layer pass needs (the rest is never read into
+/// memory; running a piece the part lacks is a programming error and panics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// The token embeddings.
+    pub embedding: bool,
+    /// The blocks, by their index in the whole model.
+    pub layers: std::ops::Range<usize>,
+    /// The final norm and the output head (and the embeddings when tied).
+    pub head: bool,
+}
+
+impl Part {
+    pub fn whole(layers: usize) -> Self {
+        Part {
+            embedding: true,
+            layers: 0..layers,
+            head: true,
+        }
+    }
+
+    /// Block `layer` alone.
+    pub fn block(layer: usize) -> Self {
+        Part {
+            embedding: false,
+            layers: layer..layer + 1,
+            head: false,
+        }
+    }
+
+    pub fn embedding() -> Self {
+        Part {
+            embedding: true,
+            layers: 0..0,
+            head: false,
+        }
+    }
+
+    pub fn head() -> Self {
+        Part {
+            embedding: false,
+            layers: 0..0,
+            head: true,
+        }
+    }
+
+    /// Whether the parameter `name` of a model of `config` is in the part.
+    fn holds(&self, config: &DecoderConfig, name: &str) -> bool {
+        let layout = config.architecture.layout;
+        let stem = name.rsplit_once('.').map_or(name, |(stem, _)| stem);
+        if stem == layout.embedding {
+            return self.embedding || (self.head && config.tie_word_embeddings);
+        }
+        if stem == layout.final_norm || layout.head.iter().any(|h| h == stem) {
+            return self.head;
+        }
+        self.layers
+            .clone()
+            .any(|l| name.starts_with(&layout.layer_tensor(l, "")))
+    }
+}
+
+/// Writes a checkpoint of a model of some config tensor by tensor, in any
+/// order — for a model that is never whole in memory (PLeaS writes each
+/// layer as it is solved). Atomic, as every checkpoint write.
+pub struct DecoderWriter {
+    writer: CheckpointWriter,
+    config: DecoderConfig,
+    kind: Kind,
+}
+
+impl DecoderWriter {
+    /// Starts `out` for every parameter of `config`, stored in `dtype`.
+    pub fn create(
+        out: &Path,
+        config: &DecoderConfig,
+        dtype: Dtype,
+        options: &WriteOptions,
+    ) -> Result<Self> {
+        let kind = amalgam_checkpoint::kind_from_dtype(dtype)
+            .filter(|k| matches!(k, Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half))
+            .ok_or_else(|| NnError::Invalid(format!("cannot save weights as {dtype:?}")))?;
+        let mut parameters = config.parameters();
+        parameters.sort_by(|a, b| a.name.cmp(&b.name));
+        let specs = parameters
+            .into_iter()
+            .map(|p| {
+                let shape = p.shape.iter().map(|&s| s as usize).collect();
+                TensorSpec::new(p.name, dtype, shape)
+            })
+            .collect();
+        Ok(DecoderWriter {
+            writer: CheckpointWriter::create(out, specs, options)?,
+            config: config.clone(),
+            kind,
+        })
+    }
+
+    /// Writes one tensor (any dtype and device; converted).
+    pub fn write(&self, name: &str, tensor: &Tensor) -> Result<()> {
+        let data = tensor
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(self.kind)
+            .contiguous();
+        self.writer.write_tensor(name, &data)?;
+        Ok(())
+    }
+
+    /// Writes the config (its dtype `files.dtype`), the files `files` names
+    /// and the card, and moves the checkpoint into place.
+    pub fn finish(self, card: &ModelCard, files: &SaveFiles) -> Result<PathBuf> {
+        let mut config = self.config.to_model_config();
+        config.set_dtype(files.dtype);
+        Ok(self.writer.finish(Finish {
+            config: &config,
+            tokenizer_source: files.tokenizer_source,
+            chat_template: files.chat_template,
+            extra_files: files.extra_files,
+            card,
+        })?)
+    }
 }
 
 /// A weight matrix and its optional bias.
@@ -114,8 +245,11 @@ struct Block {
 pub struct Decoder {
     pub config: DecoderConfig,
     pub vs: nn::VarStore,
+    /// Empty when the part lacks the embeddings (and so for the final norm).
     embed: Tensor,
+    /// Blocks `first_layer..first_layer + blocks.len()` of the whole model.
     blocks: Vec<Block>,
+    first_layer: usize,
     final_norm: Norm,
     /// `None` when tied to the embeddings.
     head: Option<Tensor>,
@@ -127,17 +261,26 @@ impl Decoder {
     /// tensor name), not from libtorch's global generator, so the result does
     /// not depend on what else runs in the process.
     pub fn new(config: DecoderConfig, device: Device, seed: u64) -> Self {
-        Self::build(config, device, Some(seed), Kind::Float)
+        let part = Part::whole(config.num_hidden_layers());
+        Self::build(config, device, Some(seed), Kind::Float, &part)
     }
 
-    /// The model's variables, drawn from `seed` or zero (to be loaded into),
-    /// in `kind`. Names and shapes come from [`DecoderConfig::parameters`].
-    fn build(config: DecoderConfig, device: Device, seed: Option<u64>, kind: Kind) -> Self {
+    /// The variables of `part` of the model, drawn from `seed` or zero (to be
+    /// loaded into), in `kind`. Names and shapes come from
+    /// [`DecoderConfig::parameters`].
+    fn build(
+        config: DecoderConfig,
+        device: Device,
+        seed: Option<u64>,
+        kind: Kind,
+        part: &Part,
+    ) -> Self {
         let mut vs = nn::VarStore::new(device);
         let unit_offset = config.architecture.layout.norm == NormKind::RmsUnitOffset;
         let mut vars: std::collections::HashMap<String, Tensor> = config
             .parameters()
             .into_iter()
+            .filter(|p| part.holds(&config, &p.name))
             .map(|p| {
                 let mut path = vs.root();
                 let mut parts: Vec<&str> = p.name.split('.').collect();
@@ -161,13 +304,16 @@ impl Decoder {
             vs.set_kind(kind);
         }
         let mut take = |stem: &str, suffix: &str| vars.remove(&format!("{stem}.{suffix}"));
+        let empty = || Tensor::zeros([0], (kind, device));
         let mut linear = |stem: &String| Linear {
-            weight: take(stem, "weight").expect("listed by parameters"),
+            weight: take(stem, "weight").unwrap_or_else(empty),
             bias: take(stem, "bias"),
         };
         let layout = config.architecture.layout;
         let embed = linear(&layout.embedding).weight;
-        let blocks = (0..config.num_hidden_layers())
+        let blocks = part
+            .layers
+            .clone()
             .map(|i| {
                 let names = config.block_names(i);
                 let norm = |l: Linear| Norm {
@@ -194,6 +340,7 @@ impl Decoder {
             vs,
             embed,
             blocks,
+            first_layer: part.layers.start,
             final_norm: Norm {
                 weight: final_norm.weight,
                 bias: final_norm.bias,
@@ -214,9 +361,26 @@ impl Decoder {
     /// not have is an error, not a huge allocation), and every stored tensor
     /// must be one the family's description places.
     pub fn load_as(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_part(dir, device, kind, None)
+    }
+
+    /// [`Decoder::load_as`] reading only `part` of the model (`None`: all of
+    /// it) — every stored tensor is still checked against the config, but
+    /// only the part's are read.
+    pub fn load_part(dir: &Path, device: Device, kind: Kind, part: Option<&Part>) -> Result<Self> {
         let checkpoint = Checkpoint::open(dir)?;
         let config =
             DecoderConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))?;
+        let whole = Part::whole(config.num_hidden_layers());
+        let part = part.unwrap_or(&whole);
+        if part.layers.end > whole.layers.end {
+            return Err(NnError::Invalid(format!(
+                "{}: blocks {:?} asked of a {}-layer model",
+                dir.display(),
+                part.layers,
+                whole.layers.end
+            )));
+        }
         let layout = config.architecture.layout;
         let mut parameters = config.parameters();
         parameters.sort_by(|a, b| a.name.cmp(&b.name)); // the first mismatch reported is the same every time
@@ -264,11 +428,14 @@ impl Decoder {
                 )));
             }
         }
-        let model = Decoder::build(config, device, None, kind);
+        let model = Decoder::build(config, device, None, kind, part);
         let variables = model.vs.variables();
         for (name, stored) in sources {
+            let Some(variable) = variables.get(&name) else {
+                continue; // outside the part
+            };
             let tensor = checkpoint.read_as(&stored, kind)?;
-            tch::no_grad(|| variables[&name].shallow_clone().copy_(&tensor));
+            tch::no_grad(|| variable.shallow_clone().copy_(&tensor));
         }
         Ok(model)
     }
@@ -280,7 +447,8 @@ impl Decoder {
         tensors: &std::collections::BTreeMap<String, Tensor>,
         device: Device,
     ) -> Result<Self> {
-        let model = Decoder::build(config, device, None, Kind::Float);
+        let part = Part::whole(config.num_hidden_layers());
+        let model = Decoder::build(config, device, None, Kind::Float, &part);
         for (name, var) in model.vs.variables() {
             let tensor = tensors
                 .get(&name)
@@ -343,40 +511,29 @@ impl Decoder {
         files: &SaveFiles,
         options: &WriteOptions,
     ) -> Result<PathBuf> {
-        let kind = amalgam_checkpoint::kind_from_dtype(files.dtype)
-            .filter(|k| matches!(k, Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half))
-            .ok_or_else(|| NnError::Invalid(format!("cannot save weights as {:?}", files.dtype)))?;
+        let writer = DecoderWriter::create(out, &self.config, files.dtype, options)?;
         let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         variables.sort_by(|a, b| a.0.cmp(&b.0));
-        let specs = variables
-            .iter()
-            .map(|(name, t)| {
-                let shape = t.size().iter().map(|&s| s as usize).collect();
-                TensorSpec::new(name.clone(), files.dtype, shape)
-            })
-            .collect();
-        let writer = CheckpointWriter::create(out, specs, options)?;
         for (name, tensor) in &variables {
-            let data = tensor
-                .detach()
-                .to_device(Device::Cpu)
-                .to_kind(kind)
-                .contiguous();
-            writer.write_tensor(name, &data)?;
+            writer.write(name, tensor)?;
         }
-        let mut config = self.config.to_model_config();
-        config.set_dtype(files.dtype);
-        Ok(writer.finish(Finish {
-            config: &config,
-            tokenizer_source: files.tokenizer_source,
-            chat_template: files.chat_template,
-            extra_files: files.extra_files,
-            card,
-        })?)
+        writer.finish(card, files)
     }
 
     pub fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    /// A copy of `part` of this model (which must hold it).
+    pub fn part(&self, part: &Part) -> Decoder {
+        let copy = Self::build(self.config.clone(), self.device(), None, Kind::Float, part);
+        let source = self.vs.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in copy.vs.variables() {
+                var.copy_(&source[&name]);
+            }
+        });
+        copy
     }
 
     /// A separate model made of blocks `layers` of this one (renumbered from
@@ -395,7 +552,8 @@ impl Decoder {
         if !arch.sliding_layers.is_empty() {
             arch.sliding_layers = kept.iter().map(|&l| arch.sliding_layers[l]).collect();
         }
-        let sub = Self::build(config, self.device(), None, Kind::Float);
+        let part = Part::whole(config.num_hidden_layers());
+        let sub = Self::build(config, self.device(), None, Kind::Float, &part);
         let layout = self.config.architecture.layout;
         let prefix = |i: usize| format!("{}.", layout.layers.replace("{i}", &i.to_string()));
         let source = self.vs.variables();
@@ -464,7 +622,8 @@ impl Decoder {
 
     fn run(&self, ids: &Tensor, mut taps: Option<&mut Taps>, widths: Option<&[usize]>) -> Tensor {
         let x = self.embed(ids);
-        let x = self.run_blocks(x, 0..self.blocks.len(), taps.as_deref_mut(), widths);
+        let layers = self.first_layer..self.first_layer + self.blocks.len();
+        let x = self.run_blocks(x, layers, taps.as_deref_mut(), widths);
         if let Some(t) = taps {
             t.residual.push(x.shallow_clone());
         }
@@ -503,6 +662,14 @@ impl Decoder {
         self.run_blocks(x, layers, None, None)
     }
 
+    /// [`Decoder::blocks`] with the activations of each block (the residual
+    /// stream entering each, not the one leaving the last).
+    pub fn blocks_taps(&self, x: Tensor, layers: std::ops::Range<usize>) -> (Tensor, Taps) {
+        let mut taps = Taps::default();
+        let x = self.run_blocks(x, layers, Some(&mut taps), None);
+        (x, taps)
+    }
+
     fn norm(&self, norm: &Norm, x: &Tensor) -> Tensor {
         let eps = self.config.norm_eps;
         let layout_norm = self.config.architecture.layout.norm;
@@ -512,10 +679,13 @@ impl Decoder {
                 let kind = x.kind();
                 let x = x.to_kind(Kind::Float);
                 let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-                let mut scale = norm.weight.to_kind(Kind::Float);
-                if layout_norm == NormKind::RmsUnitOffset {
-                    scale += 1.0;
-                }
+                // Out of place: `to_kind` of an F32 weight is the weight itself.
+                let scale = norm.weight.to_kind(Kind::Float);
+                let scale = if layout_norm == NormKind::RmsUnitOffset {
+                    scale + 1.0
+                } else {
+                    scale
+                };
                 (x * (variance + eps).rsqrt() * scale).to_kind(kind)
             }
             NormKind::Layer => {
@@ -634,13 +804,13 @@ impl Decoder {
             .map(|w| w as i64)
             .filter(|&w| w < seq)
             .map(|w| allowed_positions(seq, Some(w), self.device()));
-        for (layer, block) in self
-            .blocks
-            .iter()
-            .enumerate()
-            .take(layers.end)
-            .skip(layers.start)
-        {
+        let held = self.first_layer..self.first_layer + self.blocks.len();
+        assert!(
+            layers.is_empty() || (held.contains(&layers.start) && layers.end <= held.end),
+            "blocks {layers:?} asked of a model holding {held:?}"
+        );
+        for layer in layers {
+            let block = &self.blocks[layer - self.first_layer];
             if let Some(t) = taps.as_deref_mut() {
                 t.residual.push(x.shallow_clone());
             }
@@ -678,6 +848,9 @@ impl Decoder {
             let width = widths.map(|w| w[layer] as i64);
             // Out of place throughout: `+=` would change the tapped tensors and break autograd.
             if arch.parallel_residual {
+                if let Some(t) = taps.as_deref_mut() {
+                    t.mlp_stream.push(x.shallow_clone());
+                }
                 let (hidden, down) = self.mlp(block, &self.block_norm(block, 2, &x), width);
                 if let Some(t) = taps.as_deref_mut() {
                     t.ffn_hidden.push(hidden.shallow_clone());
@@ -686,6 +859,9 @@ impl Decoder {
                 x = mlp_out + attention_out + &x;
             } else {
                 x = &x + attention_out;
+                if let Some(t) = taps.as_deref_mut() {
+                    t.mlp_stream.push(x.shallow_clone());
+                }
                 let (hidden, down) = self.mlp(block, &self.block_norm(block, 2, &x), width);
                 if let Some(t) = taps.as_deref_mut() {
                     t.ffn_hidden.push(hidden.shallow_clone());

@@ -20,8 +20,8 @@ pub mod train;
 pub mod zoo;
 
 pub use config::{
-    nested_width, supported_model_types, Activation, Architecture, DecoderConfig, ParamKind,
-    Parameter, RopeScaling, GRANULARITIES,
+    nested_width, supported_model_types, Activation, Architecture, BlockNames, DecoderConfig,
+    ParamKind, Parameter, RopeScaling, GRANULARITIES,
 };
-pub use decoder::{Decoder, SaveFiles, Taps};
+pub use decoder::{Decoder, DecoderWriter, Part, SaveFiles, Taps};
 pub use error::{NnError, Result};

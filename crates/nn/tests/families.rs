@@ -54,6 +54,12 @@ fn every_family_matches_transformers() {
             let (logits, taps) = tch::no_grad(|| model.forward_taps(ids));
             let diff = relative_diff(&logits, &expected["logits"]);
             assert!(diff <= 1e-4, "{name}/{variant}: logits differ by {diff:e}");
+            // A forward pass changes nothing: the second gives the same logits.
+            let again = tch::no_grad(|| model.forward(ids));
+            assert!(
+                again.equal(&logits),
+                "{name}/{variant}: a second pass differs"
+            );
             for i in 0..model.config.num_hidden_layers() {
                 let diff = relative_diff(&taps.residual[i], &expected[&format!("hidden.{i}")]);
                 assert!(
@@ -160,7 +166,7 @@ fn unknown_families_and_unplaced_tensors_are_refused() {
     assert!(gemma
         .config
         .architecture
-        .require_plain_llama("PLeaS")
+        .require_plain_llama("Stitching")
         .unwrap_err()
-        .contains("PLeaS handles Llama-layout decoders so far"));
+        .contains("Stitching handles Llama-layout decoders so far"));
 }

@@ -7,9 +7,13 @@
 //! blocks are zero by construction, because each output block is solved only
 //! from the inputs it may read — merged outputs from all inputs, A-only
 //! outputs from `[merged | A-only]`, B-only from `[merged | B-only]`.
+//!
+//! A layer with a bias is solved with a constant input (unpenalised) that
+//! every output block reads.
 
 use tch::{Kind, Tensor};
 
+use super::block::Linear;
 use crate::{MergeError, Result};
 
 /// Sizes of a side's `[merged, A-only, B-only]` blocks.
@@ -21,30 +25,40 @@ pub struct NormalEquations {
     gram: Tensor,
     cross: Tensor,
     kind: Kind,
+    /// The last input is the constant 1 (the layer has a bias).
+    bias: bool,
 }
 
 impl NormalEquations {
-    /// Empty equations in `kind` (F32 or F64) for `inputs` → `outputs` features.
-    pub fn new(inputs: usize, outputs: usize, kind: Kind, device: tch::Device) -> Self {
+    /// Empty equations in `kind` (F32 or F64) for `inputs` → `outputs`
+    /// features, with a bias or without.
+    pub fn new(inputs: usize, outputs: usize, bias: bool, kind: Kind, device: tch::Device) -> Self {
+        let rows = (inputs + bias as usize) as i64;
         NormalEquations {
-            gram: Tensor::zeros([inputs as i64, inputs as i64], (kind, device)),
-            cross: Tensor::zeros([inputs as i64, outputs as i64], (kind, device)),
+            gram: Tensor::zeros([rows, rows], (kind, device)),
+            cross: Tensor::zeros([rows, outputs as i64], (kind, device)),
             kind,
+            bias,
         }
     }
 
     /// Adds a batch: inputs `[n, in]`, targets `[n, out]`.
     pub fn add(&mut self, x: &Tensor, y: &Tensor) {
-        let x = x.to_kind(self.kind);
+        let mut x = x.to_kind(self.kind);
+        if self.bias {
+            let ones = Tensor::ones([x.size()[0], 1], (self.kind, x.device()));
+            x = Tensor::cat(&[x, ones], 1);
+        }
         let xt = x.transpose(0, 1);
         self.gram += xt.matmul(&x);
         self.cross += xt.matmul(&y.to_kind(self.kind));
     }
 
-    /// The weight `[out, in]` (F32) minimising ‖XWᵀ − Y‖² + λ‖W‖² blockwise,
-    /// with λ = `ridge` × the mean diagonal of `XᵀX` (scale-free), and the
-    /// A-only × B-only blocks exactly zero.
-    pub fn solve(&self, inputs: Blocks, outputs: Blocks, ridge: f64) -> Result<Tensor> {
+    /// The weight `[out, in]` (F32) minimising ‖XWᵀ + b − Y‖² + λ‖W‖²
+    /// blockwise, with λ = `ridge` × the mean diagonal of `XᵀX` (scale-free;
+    /// the bias is not penalised), and the A-only × B-only blocks exactly
+    /// zero; with its bias if the equations have one.
+    pub fn solve(&self, inputs: Blocks, outputs: Blocks, ridge: f64) -> Result<Linear> {
         self.solve_columns(inputs, 0, outputs, ridge)
     }
 
@@ -56,8 +70,8 @@ impl NormalEquations {
         first: usize,
         outputs: Blocks,
         ridge: f64,
-    ) -> Result<Tensor> {
-        let n_in: usize = inputs.iter().sum();
+    ) -> Result<Linear> {
+        let n_in: usize = inputs.iter().sum::<usize>() + self.bias as usize;
         let n_out: usize = outputs.iter().sum();
         if self.gram.size() != [n_in as i64, n_in as i64]
             || self.cross.size()[0] != n_in as i64
@@ -74,6 +88,7 @@ impl NormalEquations {
         let range = |at: usize, len: usize| (at as i64..(at + len) as i64).collect::<Vec<_>>();
         let device = self.gram.device();
         let weight = Tensor::zeros([n_out as i64, n_in as i64], (self.kind, device));
+        let constant = (n_in - 1) as i64;
         for (o, readable) in [[0, 1, 2], [0, 1, usize::MAX], [0, usize::MAX, 2]]
             .into_iter()
             .enumerate()
@@ -81,11 +96,15 @@ impl NormalEquations {
             if outputs[o] == 0 {
                 continue;
             }
-            let columns: Vec<i64> = readable
+            let mut columns: Vec<i64> = readable
                 .iter()
                 .filter(|&&i| i != usize::MAX)
                 .flat_map(|&i| range(in_at[i], inputs[i]))
                 .collect();
+            let penalised = columns.len() as i64;
+            if self.bias {
+                columns.push(constant);
+            }
             if columns.is_empty() {
                 continue;
             }
@@ -97,11 +116,11 @@ impl NormalEquations {
                 outputs[o] as i64,
             );
             let size = columns.len() as i64;
-            let scale = f64::max(
-                gram.diagonal(0, 0, 1).mean(self.kind).double_value(&[]),
-                1e-12,
-            );
-            let regularised = gram + Tensor::eye(size, (self.kind, device)) * (ridge * scale);
+            let diagonal = gram.diagonal(0, 0, 1).narrow(0, 0, penalised);
+            let scale = f64::max(diagonal.mean(self.kind).double_value(&[]), 1e-12);
+            let penalty = Tensor::zeros([size], (self.kind, device));
+            let _ = penalty.narrow(0, 0, penalised).fill_(ridge * scale);
+            let regularised = gram + penalty.diag(0);
             let solution = Tensor::f_linalg_solve(&regularised, &cross, true).map_err(|e| {
                 MergeError::Permutation(format!("least squares: solve failed ({e})"))
             })?;
@@ -110,7 +129,15 @@ impl NormalEquations {
             let mut rows = weight.narrow(0, out_at[o] as i64, outputs[o] as i64);
             let _ = rows.index_copy_(1, &index, &solution.transpose(0, 1));
         }
-        Ok(weight.to_kind(Kind::Float))
+        let weight = weight.to_kind(Kind::Float);
+        Ok(if self.bias {
+            Linear {
+                bias: Some(weight.select(1, constant).contiguous()),
+                weight: weight.narrow(1, 0, constant).contiguous(),
+            }
+        } else {
+            Linear { weight, bias: None }
+        })
     }
 }
 
@@ -131,19 +158,19 @@ mod tests {
         // The A-only × B-only blocks of the true weight are zero.
         let _ = truth.narrow(0, 2, 3).narrow(1, 5, 4).zero_();
         let _ = truth.narrow(0, 5, 1).narrow(1, 3, 2).zero_();
-        let mut equations = NormalEquations::new(9, 6, Kind::Double, Device::Cpu);
+        let mut equations = NormalEquations::new(9, 6, false, Kind::Double, Device::Cpu);
         for _ in 0..3 {
             let x = randn(&[40, 9]);
             equations.add(&x, &x.matmul(&truth.transpose(0, 1)));
         }
-        let weight = equations.solve(inputs, outputs, 0.0).unwrap();
+        let weight = equations.solve(inputs, outputs, 0.0).unwrap().weight;
         assert!(weight
             .to_kind(Kind::Double)
             .allclose(&truth, 1e-5, 1e-5, false));
         // With noisy targets the cross blocks are still exactly zero.
-        let mut noisy = NormalEquations::new(9, 6, Kind::Float, Device::Cpu);
+        let mut noisy = NormalEquations::new(9, 6, false, Kind::Float, Device::Cpu);
         noisy.add(&randn(&[50, 9]), &randn(&[50, 6]));
-        let weight = noisy.solve(inputs, outputs, 1e-3).unwrap();
+        let weight = noisy.solve(inputs, outputs, 1e-3).unwrap().weight;
         assert_eq!(
             weight
                 .narrow(0, 2, 3)
@@ -171,5 +198,29 @@ mod tests {
             0.0
         );
         assert!(noisy.solve([9, 0, 0], [7, 0, 0], 0.0).is_err());
+    }
+
+    #[test]
+    fn a_bias_is_recovered_and_not_penalised() {
+        tch::manual_seed(4);
+        let (weight, bias) = (randn(&[3, 5]), randn(&[3]) * 10.0);
+        let mut equations = NormalEquations::new(5, 3, true, Kind::Double, Device::Cpu);
+        let x = randn(&[60, 5]);
+        equations.add(&x, &(x.matmul(&weight.transpose(0, 1)) + &bias));
+        let solved = equations.solve([5, 0, 0], [3, 0, 0], 0.0).unwrap();
+        assert!(solved
+            .weight
+            .to_kind(Kind::Double)
+            .allclose(&weight, 1e-5, 1e-5, false));
+        let found = solved.bias.unwrap().to_kind(Kind::Double);
+        assert!(found.allclose(&bias, 1e-4, 1e-4, false));
+        // A ridge shrinks the weight, not the bias: the mean output survives.
+        let shrunk = equations.solve([5, 0, 0], [3, 0, 0], 10.0).unwrap();
+        let mean = |t: &Tensor| t.mean(Kind::Double).double_value(&[]);
+        let x_mean = x.mean_dim(0, false, Kind::Double);
+        let predicted = shrunk.weight.to_kind(Kind::Double).mv(&x_mean)
+            + shrunk.bias.unwrap().to_kind(Kind::Double);
+        let expected = weight.mv(&x_mean) + &bias;
+        assert!((mean(&predicted) - mean(&expected)).abs() < 1e-3);
     }
 }

@@ -34,16 +34,6 @@ pub fn assign(scores: &Tensor) -> Result<Vec<usize>> {
     Ok(matched)
 }
 
-/// Feature statistics of both models at every site a Llama group is matched on.
-pub struct SiteStats {
-    /// The residual stream at each block boundary (`layers + 1`).
-    pub residual: Vec<CrossStats>,
-    /// Attention heads' outputs before `o_proj`, per layer.
-    pub attention: Vec<CrossStats>,
-    /// act(gate)·up, per layer.
-    pub ffn: Vec<CrossStats>,
-}
-
 /// Index of the group called `name`.
 pub(crate) fn group_index(groups: &[PermutationGroup], name: &str) -> Result<usize> {
     groups
@@ -52,58 +42,53 @@ pub(crate) fn group_index(groups: &[PermutationGroup], name: &str) -> Result<usi
         .ok_or_else(|| MergeError::Permutation(format!("no permutation group {name}")))
 }
 
-/// Activation matching for the Llama groups of [`super::permutation::llama`]:
-/// the residual permutation maximises the summed score over every block
-/// boundary; each layer's FFN units are matched on act(gate)·up; its
-/// attention heads two-level — query heads within each pair of KV groups
-/// (position by position within a head), then KV groups on those totals.
-pub fn activation_matching(
+/// Activation matching of one layer's groups (of
+/// [`super::permutation::llama`]), written into `perms`: the FFN units on
+/// act(gate)·up; the attention heads two-level — query heads within each
+/// pair of KV groups (position by position within a head), then KV groups on
+/// those totals. (The residual stream, shared by every layer, is matched on
+/// the sum of its scores over every block boundary, before the layers.)
+pub fn match_layer(
     groups: &[PermutationGroup],
-    stats: &SiteStats,
+    layer: usize,
+    ffn: &CrossStats,
+    attention: &CrossStats,
     metric: Metric,
     head_dim: usize,
-) -> Result<Vec<Vec<usize>>> {
-    let mut perms: Vec<Vec<usize>> = groups.iter().map(|g| (0..g.units).collect()).collect();
-    let residual = stats
-        .residual
-        .iter()
-        .map(|s| s.scores(metric))
-        .reduce(|a, b| a + b)
-        .ok_or_else(|| MergeError::Permutation("no residual-stream features".into()))?;
-    perms[group_index(groups, "residual")?] = assign(&residual)?;
-    for (l, (ffn, attention)) in stats.ffn.iter().zip(&stats.attention).enumerate() {
-        perms[group_index(groups, &format!("layers.{l}.ffn"))?] = assign(&ffn.scores(metric))?;
-        let kv_index = group_index(groups, &format!("layers.{l}.kv_heads"))?;
-        let kv = groups[kv_index].units as i64;
-        let heads = block_diagonal_sums(&attention.scores(metric), head_dim as i64);
-        let per_group = heads.size()[0] / kv;
-        // inner[ga][gb]: the best query-head matching between two KV groups.
-        let mut inner = vec![vec![(0.0, vec![]); kv as usize]; kv as usize];
-        for (ga, row) in inner.iter_mut().enumerate() {
-            for (gb, cell) in row.iter_mut().enumerate() {
-                let block = heads.narrow(0, ga as i64 * per_group, per_group).narrow(
-                    1,
-                    gb as i64 * per_group,
-                    per_group,
-                );
-                let matched = assign(&block)?;
-                let total: f64 = matched
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &j)| block.double_value(&[i as i64, j as i64]))
-                    .sum();
-                *cell = (total, matched);
-            }
+    perms: &mut [Vec<usize>],
+) -> Result<()> {
+    let l = layer;
+    perms[group_index(groups, &format!("layers.{l}.ffn"))?] = assign(&ffn.scores(metric))?;
+    let kv_index = group_index(groups, &format!("layers.{l}.kv_heads"))?;
+    let kv = groups[kv_index].units as i64;
+    let heads = block_diagonal_sums(&attention.scores(metric), head_dim as i64);
+    let per_group = heads.size()[0] / kv;
+    // inner[ga][gb]: the best query-head matching between two KV groups.
+    let mut inner = vec![vec![(0.0, vec![]); kv as usize]; kv as usize];
+    for (ga, row) in inner.iter_mut().enumerate() {
+        for (gb, cell) in row.iter_mut().enumerate() {
+            let block = heads.narrow(0, ga as i64 * per_group, per_group).narrow(
+                1,
+                gb as i64 * per_group,
+                per_group,
+            );
+            let matched = assign(&block)?;
+            let total: f64 = matched
+                .iter()
+                .enumerate()
+                .map(|(i, &j)| block.double_value(&[i as i64, j as i64]))
+                .sum();
+            *cell = (total, matched);
         }
-        let outer: Vec<f64> = inner.iter().flatten().map(|(s, _)| *s).collect();
-        let kv_perm = assign(&Tensor::from_slice(&outer).view([kv, kv]))?;
-        for (position, &gb) in kv_perm.iter().enumerate() {
-            let q = group_index(groups, &format!("layers.{l}.group{position}.q_heads"))?;
-            perms[q] = inner[position][gb].1.clone();
-        }
-        perms[kv_index] = kv_perm;
     }
-    Ok(perms)
+    let outer: Vec<f64> = inner.iter().flatten().map(|(s, _)| *s).collect();
+    let kv_perm = assign(&Tensor::from_slice(&outer).view([kv, kv]))?;
+    for (position, &gb) in kv_perm.iter().enumerate() {
+        let q = group_index(groups, &format!("layers.{l}.group{position}.q_heads"))?;
+        perms[q] = inner[position][gb].1.clone();
+    }
+    perms[kv_index] = kv_perm;
+    Ok(())
 }
 
 /// `tensor`'s entries along one group axis as rows: `[units, rest]`.

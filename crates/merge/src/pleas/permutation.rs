@@ -3,7 +3,10 @@
 //! they index; permuting all of a group's axes together leaves the network's
 //! function unchanged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use amalgam_checkpoint::decoder::{MlpInput, Projections};
+use amalgam_nn::DecoderConfig;
 
 use tch::Tensor;
 
@@ -31,7 +34,7 @@ pub struct PermutationGroup {
     pub parent: Option<(usize, usize)>,
 }
 
-/// The shape facts a Llama-family decoder's symmetries depend on.
+/// The sizes PLeaS's plan and alignment read off a decoder's config.
 #[derive(Debug, Clone)]
 pub struct DecoderShape {
     pub hidden: usize,
@@ -40,88 +43,159 @@ pub struct DecoderShape {
     pub head_dim: usize,
     /// FFN width per layer.
     pub ffn: Vec<usize>,
-    /// A separate `lm_head.weight` (untied embeddings).
+    /// A separate output head (untied embeddings).
     pub untied_head: bool,
-    pub rms_norm_eps: f64,
 }
 
-/// The permutation groups of a Llama-family decoder: one residual-stream
-/// permutation shared by the whole network (RMSNorm is equivariant to it);
-/// per layer, one FFN permutation shared by gate and up rows and down
-/// columns; per layer, the KV heads (each moving with its group of query
-/// heads), and within each GQA group the query heads — whole heads only, as
-/// RoPE rotates pairs inside a head.
-pub fn llama(shape: &DecoderShape) -> Vec<PermutationGroup> {
-    let axis = |tensor: String, dim, offset, block| Axis {
-        tensor,
-        dim,
-        offset,
-        block,
+impl DecoderShape {
+    pub fn of(config: &DecoderConfig) -> Self {
+        DecoderShape {
+            hidden: config.hidden_size,
+            heads: config.num_attention_heads,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            ffn: config.intermediate_sizes.clone(),
+            untied_head: !config.tie_word_embeddings,
+        }
+    }
+}
+
+/// The permutation groups of a decoder of any supported family, read from
+/// its description (tensor names, fused layouts, biases, norms):
+/// - one residual-stream permutation shared by the whole network (RMSNorm,
+///   `(1 + w)` RMSNorm and LayerNorm are all equivariant to it): the
+///   embeddings' columns, every reader's input columns, every writer's
+///   output rows and biases, every norm on the stream (pre- and post-norms,
+///   weights and biases), the untied head's columns;
+/// - per layer, the FFN units: the rows (and biases) of gate and up, or of
+///   each half of a fused `[gate; up]`, or of an ungated input; the output's
+///   columns;
+/// - per layer, the KV heads, each moving with its group of query heads:
+///   q/k/v rows and biases (separate, `[q; k; v]`, or interleaved per head),
+///   q/k norms that span all heads, the output's columns;
+/// - within each KV group, its query heads.
+///
+/// Heads move whole (RoPE, partial or full, rotates pairs inside a head;
+/// per-head q/k norms act on a head's dimensions, which never move).
+pub fn decoder(config: &DecoderConfig) -> Vec<PermutationGroup> {
+    let stored: BTreeSet<String> = config.parameters().into_iter().map(|p| p.name).collect();
+    let layout = config.architecture.layout;
+    let (heads, kv, hd) = config.attention_sizes();
+    let (heads, kv, hd) = (heads as usize, kv as usize, hd as usize);
+    let per_group = heads / kv;
+    // `units × block` entries from `offset` of a tensor's weight, and of its
+    // bias where the model has one.
+    let axes = |stem: &str, dim: usize, offset: usize, block: usize| -> Vec<Axis> {
+        ["weight", "bias"]
+            .iter()
+            .map(|suffix| format!("{stem}.{suffix}"))
+            .filter(|name| stored.contains(name) && (dim == 0 || name.ends_with("weight")))
+            .map(|tensor| Axis {
+                tensor,
+                dim,
+                offset,
+                block,
+            })
+            .collect()
     };
-    let mut residual = vec![
-        axis("model.embed_tokens.weight".into(), 1, 0, 1),
-        axis("model.norm.weight".into(), 0, 0, 1),
-    ];
-    if shape.untied_head {
-        residual.push(axis("lm_head.weight".into(), 1, 0, 1));
+    let mut residual = axes(&layout.embedding, 1, 0, 1);
+    residual.extend(axes(&layout.final_norm, 0, 0, 1));
+    if !config.tie_word_embeddings {
+        residual.extend(axes(&layout.head[0], 1, 0, 1));
     }
     // The residual group comes first; its axes are collected on the way.
     let mut groups = vec![PermutationGroup {
         name: "residual".into(),
-        units: shape.hidden,
+        units: config.hidden_size,
         axes: vec![],
         parent: None,
     }];
-    let (hd, per_group) = (shape.head_dim, shape.heads / shape.kv_heads);
-    for (l, &ffn) in shape.ffn.iter().enumerate() {
-        let name = |part: &str| format!("model.layers.{l}.{part}.weight");
-        for reader in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-        ] {
-            residual.push(axis(name(reader), 1, 0, 1));
+    for (l, &ffn) in config.intermediate_sizes.iter().enumerate() {
+        let names = config.block_names(l);
+        for norm in names.norms.iter().flatten() {
+            residual.extend(axes(norm, 0, 0, 1));
         }
-        for writer in [
-            "self_attn.o_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
-        ] {
-            residual.push(axis(name(writer), 0, 0, 1));
+        for reader in names.qkv.iter().chain(&names.mlp_input) {
+            residual.extend(axes(reader, 1, 0, 1));
         }
+        for writer in [&names.output, &names.mlp_output] {
+            residual.extend(axes(writer, 0, 0, 1));
+        }
+        let mut ffn_axes = vec![];
+        match &layout.mlp.input {
+            MlpInput::GatedConcatenated(_) => {
+                let fused = &names.mlp_input[0];
+                ffn_axes.extend(axes(fused, 0, 0, 1));
+                ffn_axes.extend(axes(fused, 0, ffn, 1));
+            }
+            MlpInput::Gated(_) | MlpInput::Plain(_) => {
+                for input in &names.mlp_input {
+                    ffn_axes.extend(axes(input, 0, 0, 1));
+                }
+            }
+        }
+        ffn_axes.extend(axes(&names.mlp_output, 1, 0, 1));
         groups.push(PermutationGroup {
             name: format!("layers.{l}.ffn"),
             units: ffn,
-            axes: vec![
-                axis(name("mlp.gate_proj"), 0, 0, 1),
-                axis(name("mlp.up_proj"), 0, 0, 1),
-                axis(name("mlp.down_proj"), 1, 0, 1),
-            ],
+            axes: ffn_axes,
             parent: None,
         });
+        // Each projection's rows of the KV groups: (stem, offset, rows per group).
+        let q_rows: Vec<(String, usize, usize)> = match &layout.attention.qkv {
+            // [q_h; k_h; v_h] per head (no GQA): a head's three parts move together.
+            Projections::InterleavedByHead(_) => vec![(names.qkv[0].clone(), 0, 3 * hd)],
+            // q's rows, alone or first in [q; k; v].
+            _ => vec![(names.qkv[0].clone(), 0, per_group * hd)],
+        };
+        let kv_rows: Vec<(String, usize, usize)> = match &layout.attention.qkv {
+            Projections::Separate(_) => {
+                vec![(names.qkv[1].clone(), 0, hd), (names.qkv[2].clone(), 0, hd)]
+            }
+            Projections::Concatenated(_) => vec![
+                (names.qkv[0].clone(), heads * hd, hd),
+                (names.qkv[0].clone(), (heads + kv) * hd, hd),
+            ],
+            Projections::InterleavedByHead(_) => vec![],
+        };
+        let across = layout
+            .attention
+            .qk_norm
+            .as_ref()
+            .is_some_and(|n| n.across_heads);
+        let mut kv_axes = vec![];
+        for (stem, offset, block) in q_rows.iter().chain(&kv_rows) {
+            kv_axes.extend(axes(stem, 0, *offset, *block));
+        }
+        if let (true, Some([q, k])) = (across, &names.qk_norm) {
+            kv_axes.extend(axes(q, 0, 0, per_group * hd));
+            kv_axes.extend(axes(k, 0, 0, hd));
+        }
+        kv_axes.extend(axes(&names.output, 1, 0, per_group * hd));
         let kv_group = groups.len();
         groups.push(PermutationGroup {
             name: format!("layers.{l}.kv_heads"),
-            units: shape.kv_heads,
-            axes: vec![
-                axis(name("self_attn.q_proj"), 0, 0, per_group * hd),
-                axis(name("self_attn.k_proj"), 0, 0, hd),
-                axis(name("self_attn.v_proj"), 0, 0, hd),
-                axis(name("self_attn.o_proj"), 1, 0, per_group * hd),
-            ],
+            units: kv,
+            axes: kv_axes,
             parent: None,
         });
-        for g in 0..shape.kv_heads {
+        for g in 0..kv {
+            let mut q_axes = vec![];
+            let first = g * per_group * hd;
+            match &layout.attention.qkv {
+                Projections::InterleavedByHead(_) => {
+                    // One query head per group: nothing moves inside it.
+                }
+                _ => q_axes.extend(axes(&q_rows[0].0, 0, first, hd)),
+            }
+            if let (true, Some([q, _])) = (across, &names.qk_norm) {
+                q_axes.extend(axes(q, 0, first, hd));
+            }
+            q_axes.extend(axes(&names.output, 1, first, hd));
             groups.push(PermutationGroup {
                 name: format!("layers.{l}.group{g}.q_heads"),
                 units: per_group,
-                axes: vec![
-                    axis(name("self_attn.q_proj"), 0, g * per_group * hd, hd),
-                    axis(name("self_attn.o_proj"), 1, g * per_group * hd, hd),
-                ],
+                axes: q_axes,
                 parent: Some((kv_group, g)),
             });
         }
@@ -153,6 +227,26 @@ pub fn mlp(hidden: &[usize]) -> Vec<PermutationGroup> {
                 axis(format!("layers.{}.weight", i + 1), 1),
             ],
             parent: None,
+        })
+        .collect()
+}
+
+/// The groups as far as they touch `tensors` (axes on other tensors
+/// dropped): to permute a model one layer at a time.
+pub fn restrict(
+    groups: &[PermutationGroup],
+    tensors: &BTreeMap<String, Tensor>,
+) -> Vec<PermutationGroup> {
+    groups
+        .iter()
+        .map(|g| PermutationGroup {
+            axes: g
+                .axes
+                .iter()
+                .filter(|a| tensors.contains_key(&a.tensor))
+                .cloned()
+                .collect(),
+            ..g.clone()
         })
         .collect()
 }

@@ -2,7 +2,6 @@
 //! the forward pass, feeds the PLeaS pipeline their features on calibration
 //! batches, and writes the merged model (its FFN widths in the config).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -10,15 +9,15 @@ use amalgam_checkpoint::{parse_dtype, Checkpoint, Dtype};
 use amalgam_checkpoint::{InputRecord, ModelCard};
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::text::{read_documents, TextTokenizer};
-use amalgam_nn::{tokenizer, Decoder, DecoderConfig, SaveFiles};
+use amalgam_nn::{tokenizer, Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles};
 use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe, TokenizerSource};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Device, Kind, Tensor};
 
-use super::permutation::DecoderShape;
+use super::plan::PROCESS_BYTES;
 use super::statistics::Metric;
-use super::{Activations, Matching, Model, Taps, Widen};
+use super::{Matching, Plan, Widen};
 use crate::source::Source;
 use crate::{MergeError, Progress, Result, RunOptions, WholeModelMethod};
 
@@ -38,25 +37,6 @@ impl WholeModelMethod for Pleas {
         progress: &dyn Progress,
     ) -> Result<String> {
         run(recipe, out, options, progress)
-    }
-}
-
-/// The forward pass as PLeaS's feature source.
-struct Forward<'a>(&'a Decoder);
-
-impl Activations for Forward<'_> {
-    fn taps(&self, ids: &Tensor) -> Result<Taps> {
-        let ids = ids.to_device(self.0.device());
-        let (_, taps) = tch::no_grad(|| self.0.forward_taps(&ids));
-        // The pipeline's statistics and equations live on the CPU.
-        let [residual, attention, ffn] = taps
-            .flattened()
-            .map(|taps| taps.iter().map(|t| t.to_device(Device::Cpu)).collect());
-        Ok(Taps {
-            residual,
-            attention,
-            ffn,
-        })
     }
 }
 
@@ -219,63 +199,18 @@ fn run(
     // the last bits of a few weights).
     let threads = options.threads;
     tch::set_num_threads(threads as i32);
-    let mut estimate = (pleas.samples as u64).saturating_mul(pleas.seq_len as u64 * 8);
-    for (checkpoint, m) in checkpoints.iter().zip(&pleas.models) {
-        let config = DecoderConfig::from_model_config(
-            checkpoint.config(),
-            &checkpoint.dir().join("config.json"),
-        )
-        .map_err(|e| e.to_string())
-        .and_then(|config| {
-            config.architecture.require_plain_llama("PLeaS")?;
-            Ok(config)
-        })
-        .map_err(|e| MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path))))?;
-        let batch = pleas.batch.min(pleas.samples);
-        estimate = estimate
-            .saturating_add(config.weight_bytes())
-            .saturating_add(config.forward_bytes(batch, pleas.seq_len))
-            .saturating_add(config.taps_bytes(batch, pleas.seq_len));
-    }
-    if let Some(limit) = &options.memory_limit {
-        limit
-            .check(estimate, "this PLeaS merge's forward passes")
-            .map_err(MergeError::Memory)?;
-    }
-    let models = pleas
-        .models
+    let configs = checkpoints
         .iter()
-        .zip(&checkpoints)
-        .map(|(m, checkpoint)| {
-            Decoder::load(checkpoint.dir(), device).map_err(|e| {
-                MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path)))
-            })
+        .zip(&pleas.models)
+        .map(|(checkpoint, m)| {
+            DecoderConfig::from_model_config(
+                checkpoint.config(),
+                &checkpoint.dir().join("config.json"),
+            )
+            .map_err(|e| MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path))))
         })
         .collect::<Result<Vec<_>>>()?;
-    let config = models[0].config.clone();
-    if models[1].config.intermediate_sizes != config.intermediate_sizes
-        || models[1].config.hidden_size != config.hidden_size
-    {
-        return Err(MergeError::Recipe(recipe.error(
-            pleas.models[1].at,
-            "pleas merges two models of one shape (hidden size, layers, FFN widths)",
-        )));
-    }
-    let shape = DecoderShape {
-        hidden: config.hidden_size,
-        heads: config.num_attention_heads,
-        kv_heads: config.num_key_value_heads,
-        head_dim: config.head_dim,
-        ffn: config.intermediate_sizes.clone(),
-        untied_head: !config.tie_word_embeddings,
-        rms_norm_eps: config.norm_eps,
-    };
-    let batches = calibration(
-        recipe,
-        &pleas,
-        config.vocab_size,
-        [checkpoints[0].dir(), checkpoints[1].dir()],
-    )?;
+    let config = configs[0].clone();
     let settings = super::Options {
         matching: match pleas.matching {
             PleasMatching::Activation if pleas.metric == "distance" => {
@@ -299,99 +234,195 @@ fn run(
             Widen::All
         },
     };
-    if options.dry_run {
-        return Ok(format!(
-            "pleas: {} + {} ({} layers, hidden {}, FFN {:?}), {:?}, budget {}, {} calibration batches of {}",
-            pleas.models[0].path,
-            pleas.models[1].path,
-            shape.ffn.len(),
-            shape.hidden,
-            shape.ffn,
-            settings.matching,
-            settings.budget,
-            batches.len(),
-            pleas.calibration
-        ));
-    }
-    let on_cpu = |m: &Decoder| -> BTreeMap<String, Tensor> {
-        m.tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
-            .collect()
+    // The memory estimate first (from each config alone: a config claiming
+    // huge sizes is refused before anything is read), then each config
+    // against its weights, then the two models against each other.
+    let batch = pleas.batch.min(pleas.samples);
+    let peak_of = |plan: &Plan, config: &DecoderConfig| {
+        let memory = plan.memory(
+            &settings,
+            pleas.samples * pleas.seq_len,
+            batch * pleas.seq_len,
+        );
+        // Besides: one block's forward pass on one batch, and the process.
+        let peak = memory
+            .peak()
+            .saturating_add(config.forward_bytes(batch, pleas.seq_len))
+            .saturating_add(PROCESS_BYTES);
+        (memory, peak)
     };
-    let (tensors_a, tensors_b) = (on_cpu(&models[0]), on_cpu(&models[1]));
-    let passes = if settings.least_squares { 2 } else { 1 };
-    progress.start((passes * batches.len()) as u64, "pleas");
-    let merged = super::merge(
-        &shape,
-        Model {
-            tensors: &tensors_a,
-            activations: &Forward(&models[0]),
+    let mut planned = vec![];
+    for config in &configs {
+        let plan = Plan::new(config, &settings)?;
+        let (memory, peak) = peak_of(&plan, config);
+        if let Some(limit) = &options.memory_limit {
+            limit
+                .check(peak, "this PLeaS merge")
+                .map_err(MergeError::Memory)?;
+        }
+        planned.push((plan, memory, peak));
+    }
+    for (checkpoint, m) in checkpoints.iter().zip(&pleas.models) {
+        let nothing = Part {
+            embedding: false,
+            layers: 0..0,
+            head: false,
+        };
+        Decoder::load_part(checkpoint.dir(), Device::Cpu, Kind::Float, Some(&nothing)).map_err(
+            |e| MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path))),
+        )?;
+    }
+    let shape_of = |c: &DecoderConfig| {
+        let a = &c.architecture;
+        (
+            (
+                a.model_type.clone(),
+                a.qkv_bias,
+                a.output_bias,
+                a.mlp_bias,
+                a.parallel_residual,
+            ),
+            c.hidden_size,
+            c.intermediate_sizes.clone(),
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.vocab_size,
+            c.tie_word_embeddings,
+        )
+    };
+    if shape_of(&configs[1]) != shape_of(&config) {
+        return Err(MergeError::Recipe(recipe.error(
+            pleas.models[1].at,
+            "pleas merges two models of one family and shape (model type, biases, hidden \
+             size, layers, FFN widths, heads, vocabulary, tied or untied head)",
+        )));
+    }
+    let (plan, memory, peak) = planned.swap_remove(0);
+    let batches = calibration(
+        recipe,
+        &pleas,
+        config.vocab_size,
+        [checkpoints[0].dir(), checkpoints[1].dir()],
+    )?;
+    let out_config = plan.merged_config();
+    let passes = if plan.needs_residual_pass(settings.matching) {
+        "two passes (the residual stream, then layer by layer)"
+    } else {
+        "one pass (layer by layer; no residual pass needed)"
+    };
+    let gb = |bytes: u64| bytes as f64 / 1e9;
+    let ratio = plan.parameters() as f64 / plan.input_parameters as f64;
+    let summary = format!(
+        "pleas: {} + {} ({} layers, hidden {}, FFN {}), {:?}, budget {}: hidden {} ({} channels \
+         kept separately from each model), {} KV heads ({} separate), FFN {}; {} \
+         parameters ({ratio:.3}× one input); {passes} over {} calibration batches of {} × {} \
+         tokens ({}); peak memory ≈ {:.2} GB (residual pass {:.2}, widest layer {:.2}, ends \
+         {:.2}{}, plus {:.2} for the process and one batch's forward pass)",
+        pleas.models[0].path,
+        pleas.models[1].path,
+        plan.shape.ffn.len(),
+        plan.shape.hidden,
+        widths(&plan.shape.ffn),
+        settings.matching,
+        settings.budget,
+        plan.hidden(),
+        plan.allocation.residual,
+        plan.kv_heads(),
+        plan.allocation.kv_groups,
+        widths(&plan.ffn()),
+        plan.parameters(),
+        batches.len(),
+        batch,
+        pleas.seq_len,
+        pleas.calibration,
+        gb(peak),
+        gb(memory.residual_pass),
+        gb(memory.layers),
+        gb(memory.ends),
+        if memory.weight_matching > 0 {
+            format!(", weight matching {:.2}", gb(memory.weight_matching))
+        } else {
+            String::new()
         },
-        Model {
-            tensors: &tensors_b,
-            activations: &Forward(&models[1]),
-        },
+        gb(peak - memory.peak()),
+    );
+    if options.dry_run {
+        return Ok(summary);
+    }
+    tracing::info!("{summary}");
+    let source = |i: usize| {
+        let (dir, m) = (checkpoints[i].dir(), &pleas.models[i]);
+        move |part: &Part| {
+            Decoder::load_part(dir, device, Kind::Float, Some(part)).map_err(|e| {
+                MergeError::Recipe(recipe.error(m.at, format!("model `{}`: {e}", m.path)))
+            })
+        }
+    };
+    let (source_a, source_b) = (source(0), source(1));
+    let mut write = options.write.clone();
+    write.inputs = checkpoints.iter().map(|c| c.dir().to_path_buf()).collect();
+    let writer = DecoderWriter::create(out, &out_config, dtype, &write)?;
+    let report = super::merge(
+        &plan,
+        [&source_a, &source_b],
         &batches,
         &settings,
-        &|| progress.advance(1),
+        &mut |name, tensor| Ok(writer.write(&name, &tensor)?),
+        progress,
     )?;
-    progress.finish();
-    let mut out_config = config.clone();
-    out_config.intermediate_sizes = merged.ffn_widths.clone();
-    out_config.hidden_size = merged.hidden;
-    out_config.num_attention_heads =
-        merged.kv_heads * (config.num_attention_heads / config.num_key_value_heads);
-    out_config.num_key_value_heads = merged.kv_heads;
-    let model = Decoder::from_tensors(out_config, &merged.tensors, Device::Cpu)?;
     let inputs = checkpoints
         .iter()
         .zip(["model-a", "model-b"])
         .map(|(c, role)| InputRecord::hash(role, c))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let t = &merged.timings;
+    let t = &report.timings;
+    let phases = format!(
+        "features {:.1} s, matching {:.1} s, least squares {:.1} s (first pass {:.1} s, \
+         second {:.1} s)",
+        t.features, t.matching, t.least_squares, t.first_pass, t.second_pass
+    );
     let card = ModelCard {
         title: "PLeaS merge".into(),
         summary: format!(
             "Merged by `amalgam merge` (PLeaS: permutation alignment and least squares): \
-             {} parameters ({:.3}× one input), hidden size {} ({} channels kept separately \
+             {} parameters ({ratio:.3}× one input), hidden size {} ({} channels kept separately \
              from each model), FFN widths {:?} ({:?} units kept separately). \
-             Features {:.1} s, matching {:.1} s, least squares {:.1} s ({threads} threads).",
-            merged.parameters,
-            merged.ratio,
-            merged.hidden,
-            merged.separate_residual,
-            merged.ffn_widths,
-            merged.separate_ffn,
-            t.features,
-            t.matching,
-            t.least_squares
+             {phases} ({threads} threads).",
+            plan.parameters(),
+            plan.hidden(),
+            report.separate_residual,
+            plan.ffn(),
+            report.separate_ffn,
         ),
         recipe: Some(recipe.text.clone()),
         inputs,
     };
-    let mut write = options.write.clone();
-    write.inputs = checkpoints.iter().map(|c| c.dir().to_path_buf()).collect();
     let files = SaveFiles {
         dtype,
         tokenizer_source: Some(tokenizer_source),
         chat_template: chat_template.as_deref(),
         extra_files: &[],
     };
-    let out = model.save_as(out, &card, &files, &write)?;
+    let out = writer.finish(&card, &files)?;
     Ok(format!(
-        "merged 2 models with pleas into {}: {} parameters ({:.3}×), hidden size {}, \
-         FFN widths {:?}; features {:.1} s, matching {:.1} s, least squares {:.1} s, total {:.1} s",
+        "merged 2 models with pleas into {}: {} parameters ({ratio:.3}×), hidden size {}, \
+         FFN widths {:?}; {phases}, total {:.1} s",
         out.display(),
-        merged.parameters,
-        merged.ratio,
-        merged.hidden,
-        merged.ffn_widths,
-        t.features,
-        t.matching,
-        t.least_squares,
+        plan.parameters(),
+        plan.hidden(),
+        plan.ffn(),
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// Per-layer widths, `N × W` when every layer has the same.
+fn widths(widths: &[usize]) -> String {
+    match widths {
+        [first, rest @ ..] if rest.iter().all(|w| w == first) => {
+            format!("{} × {first}", widths.len())
+        }
+        _ => format!("{widths:?}"),
+    }
 }
 
 /// The written dtype: the recipe's `out_dtype`, else its `dtype`, else the

@@ -1,0 +1,287 @@
+//! One block's weights in logical parts, whatever the family stores: fused
+//! projections split (`[q; k; v]`, per-head interleaved, `[gate; up]`) and
+//! rejoined on the way out; norms with the family's arithmetic. PLeaS fits
+//! and averages parts; only this file knows how a family lays them out.
+
+use std::collections::BTreeMap;
+
+use amalgam_checkpoint::decoder::{MlpInput, NormKind, Projections};
+use amalgam_nn::DecoderConfig;
+use tch::{Kind, Tensor};
+
+use crate::{MergeError, Result};
+
+/// A weight `[out, in]` (or a norm's scale) and its bias, if the model has one.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// One block of one model, in parts.
+pub(super) struct Block {
+    /// q, k and v, each `[heads × head_dim, hidden]`.
+    pub qkv: [Linear; 3],
+    pub output: Linear,
+    /// gate and up, or up alone (an ungated MLP).
+    pub mlp_input: Vec<Linear>,
+    pub mlp_output: Linear,
+    /// Attention input, attention output, MLP input, MLP output norms.
+    pub norms: [Option<Linear>; 4],
+    /// q and k norms: per head `[head_dim]`, or across heads.
+    pub qk_norm: Option<[Tensor; 2]>,
+}
+
+pub(super) fn get<'t>(tensors: &'t BTreeMap<String, Tensor>, name: &str) -> Result<&'t Tensor> {
+    tensors.get(name).ok_or_else(|| MergeError::Tensor {
+        tensor: name.into(),
+        message: "missing from the model".into(),
+    })
+}
+
+fn linear(tensors: &BTreeMap<String, Tensor>, stem: &str) -> Result<Linear> {
+    Ok(Linear {
+        weight: get(tensors, &format!("{stem}.weight"))?.shallow_clone(),
+        bias: tensors
+            .get(&format!("{stem}.bias"))
+            .map(Tensor::shallow_clone),
+    })
+}
+
+/// Rows `start..start + len` of a weight and its bias.
+fn rows(l: &Linear, start: i64, len: i64) -> Linear {
+    Linear {
+        weight: l.weight.narrow(0, start, len),
+        bias: l.bias.as_ref().map(|b| b.narrow(0, start, len)),
+    }
+}
+
+/// Parts stacked by rows (a fused tensor from its parts).
+fn stacked(parts: &[&Linear]) -> Linear {
+    let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+    let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+    Linear {
+        weight: Tensor::cat(&weights, 0),
+        bias: biases.map(|b| Tensor::cat(&b, 0)),
+    }
+}
+
+/// Per-head interleaved rows `[q_h; k_h; v_h]` (GPT-NeoX) split into q, k, v.
+fn deinterleave(fused: &Linear, heads: i64, head_dim: i64) -> [Linear; 3] {
+    let part = |t: &Tensor, i: i64| {
+        let rest: Vec<i64> = t.size()[1..].to_vec();
+        let mut shape = vec![heads, 3, head_dim];
+        shape.extend(&rest);
+        let mut flat = vec![heads * head_dim];
+        flat.extend(&rest);
+        t.view(shape.as_slice())
+            .select(1, i)
+            .reshape(flat.as_slice())
+    };
+    [0, 1, 2].map(|i| Linear {
+        weight: part(&fused.weight, i),
+        bias: fused.bias.as_ref().map(|b| part(b, i)),
+    })
+}
+
+/// q, k, v interleaved per head again.
+fn interleave(parts: &[Linear; 3], heads: i64, head_dim: i64) -> Linear {
+    let join = |ts: [&Tensor; 3]| {
+        let rest: Vec<i64> = ts[0].size()[1..].to_vec();
+        let mut shape = vec![heads, 1, head_dim];
+        shape.extend(&rest);
+        let views: Vec<Tensor> = ts.iter().map(|t| t.view(shape.as_slice())).collect();
+        let mut flat = vec![3 * heads * head_dim];
+        flat.extend(&rest);
+        Tensor::cat(&views, 1).reshape(flat.as_slice())
+    };
+    Linear {
+        weight: join([0, 1, 2].map(|i| &parts[i].weight)),
+        bias: match (&parts[0].bias, &parts[1].bias, &parts[2].bias) {
+            (Some(q), Some(k), Some(v)) => Some(join([q, k, v])),
+            _ => None,
+        },
+    }
+}
+
+impl Block {
+    /// Block `layer` of a model of `config` from its tensors.
+    pub fn read(
+        config: &DecoderConfig,
+        layer: usize,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        let names = config.block_names(layer);
+        let layout = config.architecture.layout;
+        let (heads, kv, hd) = config.attention_sizes();
+        let qkv = match &layout.attention.qkv {
+            Projections::Separate(_) => [0, 1, 2]
+                .map(|i| linear(tensors, &names.qkv[i]))
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("three parts")),
+            Projections::Concatenated(_) => {
+                let fused = linear(tensors, &names.qkv[0])?;
+                [
+                    rows(&fused, 0, heads * hd),
+                    rows(&fused, heads * hd, kv * hd),
+                    rows(&fused, (heads + kv) * hd, kv * hd),
+                ]
+            }
+            Projections::InterleavedByHead(_) => {
+                deinterleave(&linear(tensors, &names.qkv[0])?, heads, hd)
+            }
+        };
+        let mlp_input = match &layout.mlp.input {
+            MlpInput::GatedConcatenated(_) => {
+                let fused = linear(tensors, &names.mlp_input[0])?;
+                let f = fused.weight.size()[0] / 2;
+                vec![rows(&fused, 0, f), rows(&fused, f, f)]
+            }
+            MlpInput::Gated(_) | MlpInput::Plain(_) => names
+                .mlp_input
+                .iter()
+                .map(|stem| linear(tensors, stem))
+                .collect::<Result<_>>()?,
+        };
+        let mut norms = [None, None, None, None];
+        for (slot, stem) in names.norms.iter().enumerate() {
+            if let Some(stem) = stem {
+                norms[slot] = Some(linear(tensors, stem)?);
+            }
+        }
+        let qk_norm = match &names.qk_norm {
+            Some([q, k]) => Some([
+                get(tensors, &format!("{q}.weight"))?.shallow_clone(),
+                get(tensors, &format!("{k}.weight"))?.shallow_clone(),
+            ]),
+            None => None,
+        };
+        Ok(Block {
+            qkv,
+            output: linear(tensors, &names.output)?,
+            mlp_input,
+            mlp_output: linear(tensors, &names.mlp_output)?,
+            norms,
+            qk_norm,
+        })
+    }
+
+    /// The stored tensors of block `layer` of a model of `config` (the
+    /// merged model's) from these parts: fused layouts rejoined.
+    pub fn write(self, config: &DecoderConfig, layer: usize) -> Vec<(String, Tensor)> {
+        let names = config.block_names(layer);
+        let layout = config.architecture.layout;
+        let (heads, _, hd) = config.attention_sizes();
+        let mut out = vec![];
+        let mut push = |stem: &str, l: Linear| {
+            out.push((format!("{stem}.weight"), l.weight));
+            if let Some(bias) = l.bias {
+                out.push((format!("{stem}.bias"), bias));
+            }
+        };
+        match &layout.attention.qkv {
+            Projections::Separate(_) => {
+                for (stem, part) in names.qkv.iter().zip(self.qkv) {
+                    push(stem, part);
+                }
+            }
+            Projections::Concatenated(_) => {
+                push(&names.qkv[0], stacked(&self.qkv.each_ref()));
+            }
+            Projections::InterleavedByHead(_) => {
+                push(&names.qkv[0], interleave(&self.qkv, heads, hd));
+            }
+        }
+        push(&names.output, self.output);
+        match &layout.mlp.input {
+            MlpInput::GatedConcatenated(_) => {
+                let parts: Vec<&Linear> = self.mlp_input.iter().collect();
+                push(&names.mlp_input[0], stacked(&parts));
+            }
+            MlpInput::Gated(_) | MlpInput::Plain(_) => {
+                for (stem, part) in names.mlp_input.iter().zip(self.mlp_input) {
+                    push(stem, part);
+                }
+            }
+        }
+        push(&names.mlp_output, self.mlp_output);
+        for (stem, norm) in names.norms.iter().zip(self.norms) {
+            if let (Some(stem), Some(norm)) = (stem, norm) {
+                push(stem, norm);
+            }
+        }
+        if let (Some([q, k]), Some([qn, kn])) = (&names.qk_norm, self.qk_norm) {
+            out.push((format!("{q}.weight"), qn));
+            out.push((format!("{k}.weight"), kn));
+        }
+        out
+    }
+}
+
+/// A family's norm arithmetic, for folding norms into the layers that read
+/// them and for writing merged norms.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NormMath {
+    pub kind: NormKind,
+    pub eps: f64,
+}
+
+impl NormMath {
+    pub fn of(config: &DecoderConfig) -> Self {
+        NormMath {
+            kind: config.architecture.layout.norm,
+            eps: config.norm_eps,
+        }
+    }
+
+    /// The norm without its scale and shift: x / rms(x), or (x − mean) / std.
+    pub fn normalise(&self, x: &Tensor) -> Tensor {
+        match self.kind {
+            NormKind::Layer => {
+                let centred = x - x.mean_dim(-1, true, Kind::Float);
+                let variance = centred.square().mean_dim(-1, true, Kind::Float);
+                centred * (variance + self.eps).rsqrt()
+            }
+            _ => x * (x.square().mean_dim(-1, true, Kind::Float) + self.eps).rsqrt(),
+        }
+    }
+
+    /// The scale a stored norm weight multiplies by (`1 + w` for Gemma's).
+    pub fn scale(&self, weight: &Tensor) -> Tensor {
+        match self.kind {
+            NormKind::RmsUnitOffset => weight + 1.0,
+            _ => weight.shallow_clone(),
+        }
+    }
+
+    /// The stored weight of a norm that multiplies by `scale`.
+    pub fn stored(&self, scale: Tensor) -> Tensor {
+        match self.kind {
+            NormKind::RmsUnitOffset => scale - 1.0,
+            _ => scale,
+        }
+    }
+
+    /// A norm of `width` channels that only normalises (scale 1, shift 0).
+    pub fn identity(&self, width: usize) -> Linear {
+        let ones = Tensor::ones([width as i64], (Kind::Float, tch::Device::Cpu));
+        Linear {
+            weight: self.stored(ones),
+            bias: (self.kind == NormKind::Layer)
+                .then(|| Tensor::zeros([width as i64], (Kind::Float, tch::Device::Cpu))),
+        }
+    }
+
+    /// What a layer reading this norm's output computes from the normalised
+    /// input: `W·diag(scale)` and `b + W·shift`.
+    pub fn fold(&self, reader: &Linear, norm: &Linear) -> Linear {
+        let weight = &reader.weight * self.scale(&norm.weight).unsqueeze(0);
+        let bias = match (&reader.bias, &norm.bias) {
+            (Some(b), Some(shift)) => Some(b + reader.weight.mv(shift)),
+            (None, Some(shift)) => Some(reader.weight.mv(shift)),
+            (b, None) => b.as_ref().map(Tensor::shallow_clone),
+        };
+        Linear { weight, bias }
+    }
+}
