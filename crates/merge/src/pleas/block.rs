@@ -17,6 +17,16 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
+impl Linear {
+    /// The same tensors, shared.
+    pub fn shallow_clone(&self) -> Linear {
+        Linear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
 /// One block of one model, in parts.
 pub(super) struct Block {
     /// q, k and v, each `[heads × head_dim, hidden]`.

@@ -106,6 +106,13 @@ fn solve(
     Ok(solved)
 }
 
+/// The solutions of a fixed number of readers, as an array.
+fn parts<const N: usize>(solved: Vec<Linear>) -> [Linear; N] {
+    solved
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one solution per reader"))
+}
+
 /// The norm in `slot` of both models' blocks, if the family has it there.
 fn norms(blocks: &[Block; 2], slot: usize) -> Option<[&Linear; 2]> {
     match (&blocks[0].norms[slot], &blocks[1].norms[slot]) {
@@ -145,10 +152,7 @@ pub(super) fn least_squares_layer(
     let folded = |slot: usize, part: &dyn Fn(&Block) -> &Linear| -> [Linear; 2] {
         [0, 1].map(|m| match norms(&blocks, slot) {
             Some(norm) => math.fold(part(&blocks[m]), norm[m]),
-            None => Linear {
-                weight: part(&blocks[m]).weight.shallow_clone(),
-                bias: part(&blocks[m]).bias.as_ref().map(Tensor::shallow_clone),
-            },
+            None => part(&blocks[m]).shallow_clone(),
         })
     };
     // One system at a time (accumulated over every batch, solved, freed).
@@ -162,9 +166,8 @@ pub(super) fn least_squares_layer(
         &qkv.iter().map(|p| [&p[0], &p[1]]).collect::<Vec<_>>(),
         &[&queries, &keys, &keys],
         arch.qkv_bias,
-    )?
-    .try_into()
-    .unwrap_or_else(|_| unreachable!("three readers"));
+    )
+    .map(parts)?;
     drop(qkv);
     let output = [&blocks[0].output, &blocks[1].output];
     let [output]: [Linear; 1] = solve(
@@ -175,9 +178,8 @@ pub(super) fn least_squares_layer(
         &[output],
         &[residual],
         arch.output_bias,
-    )?
-    .try_into()
-    .unwrap_or_else(|_| unreachable!("one reader"));
+    )
+    .map(parts)?;
     let mlp: Vec<[Linear; 2]> = (0..blocks[0].mlp_input.len())
         .map(|i| folded(2, &|b| &b.mlp_input[i]))
         .collect();
@@ -200,9 +202,8 @@ pub(super) fn least_squares_layer(
         &[down],
         &[residual],
         arch.mlp_bias,
-    )?
-    .try_into()
-    .unwrap_or_else(|_| unreachable!("one reader"));
+    )
+    .map(parts)?;
     // Norms before a layer were folded into it; those after are averaged.
     let d = residual.width();
     let norms = [0, 1, 2, 3].map(|slot| {

@@ -35,7 +35,8 @@
 //!   with separate channels that approximates each model's own statistics
 //!   when the two streams' scales agree, and the least squares absorb the rest.
 //! - The **residual stream** is one permutation for the whole network. The
-//!   embeddings and every writer into it (`o_proj`, `down_proj`) are fitted
+//!   embeddings and every writer into it (attention's and the MLP's output
+//!   projections) are fitted
 //!   to the two models' writes in its layout (merged channels: the average),
 //!   so the merged stream tracks both streams. An untied head is fitted the
 //!   same way (final norm folded in); a tied head reads the embeddings, and
@@ -235,22 +236,22 @@ pub fn merge(
         let wanted = matches!(options.matching, Matching::Activation(_))
             || plan.allocation.kv_groups > 0
             || plan.allocation.ffn[l] > 0;
+        let stats = wanted.then(|| (statistics(&features.ffn), statistics(&features.attention)));
+        if let (Some((ffn, attention)), Matching::Activation(metric)) = (&stats, options.matching) {
+            match_layer(
+                &groups,
+                l,
+                ffn,
+                attention,
+                metric,
+                shape.head_dim,
+                &mut perms,
+            )?;
+        }
+        // The permutations of this layer are final: B's order against A's.
+        let index = LayerIndex::new(&groups, &perms, shape, l)?;
         let (mut kv_scores, mut ffn_scores) = (vec![0.0; shape.kv_heads], vec![0.0; shape.ffn[l]]);
-        if wanted {
-            let ffn = statistics(&features.ffn);
-            let attention = statistics(&features.attention);
-            if let Matching::Activation(metric) = options.matching {
-                match_layer(
-                    &groups,
-                    l,
-                    &ffn,
-                    &attention,
-                    metric,
-                    shape.head_dim,
-                    &mut perms,
-                )?;
-            }
-            let index = LayerIndex::new(&groups, &perms, shape, l)?;
+        if let Some((ffn, attention)) = stats {
             ffn_scores = matched_scores(
                 &ffn.scores(Metric::Correlation),
                 &perms[group_index(&groups, &format!("layers.{l}.ffn"))?],
@@ -270,7 +271,6 @@ pub fn merge(
             ffn: UnitLayout::new(plan.allocation.ffn[l], &ffn_scores),
         };
         // B's features and weights in A's order.
-        let index = LayerIndex::new(&groups, &perms, shape, l)?;
         let align = |x: &mut Vec<Tensor>, f: &dyn Fn(&Tensor) -> Tensor| {
             *x = x.iter().map(f).collect();
         };

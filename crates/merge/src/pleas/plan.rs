@@ -19,7 +19,6 @@ pub struct Plan {
     /// Model A's config (both models have its shape).
     pub config: DecoderConfig,
     pub shape: DecoderShape,
-    pub vocab: usize,
     pub allocation: Allocation,
     /// Stored parameters of one input.
     pub input_parameters: usize,
@@ -30,7 +29,6 @@ impl Plan {
     /// `options.budget` (1 to 2 times one model's parameters).
     pub fn new(config: &DecoderConfig, options: &Options) -> Result<Self> {
         let shape = DecoderShape::of(config);
-        let vocab = config.vocab_size;
         if !(1.0..=2.0).contains(&options.budget) {
             return Err(MergeError::Permutation(format!(
                 "budget {} is outside 1 to 2 (a multiple of one model's parameters)",
@@ -46,7 +44,6 @@ impl Plan {
         Ok(Plan {
             config: config.clone(),
             shape,
-            vocab,
             allocation,
             input_parameters,
         })
@@ -122,7 +119,7 @@ impl Plan {
         let k = size(s.kv_heads) * size(s.head_dim);
         let qm = size(self.heads()) * size(s.head_dim);
         let km = size(self.kv_heads()) * size(s.head_dim);
-        let vocab = size(self.vocab);
+        let vocab = size(self.config.vocab_size);
         let streams = 2.0 * n * d * f32;
         let block = |f: f64| d * (2.0 * q + 2.0 * k) + 3.0 * d * f + 2.0 * d;
         let layer = |f: f64, fm: f64| -> f64 {
@@ -182,7 +179,6 @@ impl Plan {
         };
         // `as` saturates: an estimate past u64 is u64::MAX.
         Memory {
-            streams: streams as u64,
             residual_pass: (streams + residual_pass) as u64,
             layers: (streams + layers) as u64,
             ends: (streams + ends) as u64,
@@ -191,11 +187,10 @@ impl Plan {
     }
 }
 
-/// Bytes the streamed run holds at the peak of each phase (streams included).
+/// Bytes the streamed run holds at the peak of each phase (both models'
+/// residual streams over the calibration tokens included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Memory {
-    /// Both models' residual streams over the calibration tokens.
-    pub streams: u64,
     pub residual_pass: u64,
     /// The widest layer of the second pass.
     pub layers: u64,
