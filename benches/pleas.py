@@ -1,8 +1,16 @@
 """PLeaS benchmark: `amalgam merge` with `merge_method: pleas` on the small zoo,
-and on two TinyLlama-1.1B-shape BF16 checkpoints (`--tinyllama`).
+and on two TinyLlama-1.1B-shape BF16 checkpoints (`--tinyllama`); and
+`amalgam stitch` of a TinyLlama-shape anchor with a half-width one (`--stitch`).
 
     scripts/setup.sh && cargo build --release && .venv/bin/python benches/pleas.py
     .venv/bin/python benches/pleas.py --tinyllama   # about an hour on 2 cores
+    .venv/bin/python benches/pleas.py --stitch      # minutes
+
+The stitch case: the TinyLlama-shape base (as above) and a half-width,
+11-layer anchor of the same family (`amalgam synth --hidden 1024
+--intermediate 2816 --layers 11`, BF16), stitched by least squares alone on
+64 x 128 random-token windows, streamed; reported: wall time, peak RSS, the
+`--dry-run` estimate and the number of routes.
 
 The TinyLlama case: `amalgam synth --shape tinyllama --dtype bfloat16` writes
 a base and one fine-tune (4.4 GB in all, generated on demand under
@@ -26,6 +34,7 @@ I/O floor is reading both inputs and writing the output's bytes, same run.
 Writes benches/PLEAS.md and prints the table.
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -77,18 +86,57 @@ def floor_of(inputs, written, work):
     return time.perf_counter() - started
 
 
+def synth(out, finetunes, *shape):
+    """`amalgam synth` of a TinyLlama-shape BF16 family into `out` unless it is there."""
+    last = f"finetune-{finetunes}" if finetunes else "base"
+    if not os.path.exists(os.path.join(out, last, "config.json")):
+        subprocess.run([AMALGAM, "synth", "--shape", "tinyllama", "--dtype", "bfloat16",
+                        "--finetunes", str(finetunes), *shape, out], cwd=ROOT, check=True)
+
+
+def stitch(args):
+    work = os.path.join(ROOT, args.work, "tinyllama")
+    large, small = os.path.join(work, "synth"), os.path.join(work, "half")
+    synth(large, 1)
+    synth(small, 0, "--hidden", "1024", "--intermediate", "2816", "--layers", "11")
+    recipe = os.path.join(work, "stitch.yml")
+    with open(recipe, "w") as f:
+        f.write(f"kind: stitch\nanchors: [{small}/base, {large}/base]\n"
+                "calibration: {source: random, samples: 64, seq_len: 128, batch: 8}\n")
+    out = os.path.join(work, "family")
+    dry = subprocess.run([AMALGAM, "stitch", recipe, out, "--dry-run"],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    estimate = float(ESTIMATE.search(dry.stdout).group(1))
+    wall, rss, anon = measure([AMALGAM, "stitch", recipe, out, "--force", "-q"])
+    with open(os.path.join(out, "family.json")) as f:
+        routes = sum(r["kind"] == "stitched" for r in json.load(f)["routes"])
+    written = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(out) for n in names)
+    shutil.rmtree(out)
+    lines = [
+        f"Machine: {machine()}. `amalgam stitch` (least squares only) of a half-width, 11-layer "
+        "anchor (hidden 1024, FFN 2816, 16 heads / 2 KV heads; `amalgam synth --hidden 1024 "
+        "--intermediate 2816 --layers 11`) and the TinyLlama-1.1B-shape base, both BF16 "
+        "(forward passes in BF16), 64 x 128 random-token calibration windows in batches of 8, "
+        "normal equations in F64; the family written (anchors copied part by part, the "
+        "stitches); one run. Target (issue 17): peak RSS ≤ 4 GB.",
+        "",
+        "| routes | wall s | peak RSS GB | peak anon GB | `--dry-run` estimate GB | written GB |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {routes} | {wall:.0f} | {rss / 1e9:.2f} | {anon / 1e9:.2f} | {estimate:.2f} | {written / 1e9:.2f} |",
+    ]
+    write_section("stitch", "\n".join(lines) + "\n")
+
+
 def tinyllama(args):
     work = os.path.join(ROOT, args.work, "tinyllama")
-    synth = os.path.join(work, "synth")
-    if not os.path.exists(os.path.join(synth, "finetune-1", "config.json")):
-        subprocess.run([AMALGAM, "synth", "--shape", "tinyllama", "--dtype", "bfloat16",
-                        "--finetunes", "1", synth], cwd=ROOT, check=True)
-    inputs = safetensors(os.path.join(synth, "base")) + safetensors(os.path.join(synth, "finetune-1"))
+    pair = os.path.join(work, "synth")
+    synth(pair, 1)
+    inputs = safetensors(os.path.join(pair, "base")) + safetensors(os.path.join(pair, "finetune-1"))
     rows = []
     for budget in ("1", "1.5"):
         recipe = os.path.join(work, f"budget-{budget}.yml")
         with open(recipe, "w") as f:
-            f.write(f"merge_method: pleas\nmodels:\n  - model: {synth}/base\n  - model: {synth}/finetune-1\n"
+            f.write(f"merge_method: pleas\nmodels:\n  - model: {pair}/base\n  - model: {pair}/finetune-1\n"
                     f"parameters:\n  calibration: random\n  samples: 64\n  seq_len: 128\n  budget: {budget}\n")
         dry = subprocess.run([AMALGAM, "merge", recipe, os.path.join(work, "out"), "--dry-run"],
                              cwd=ROOT, check=True, capture_output=True, text=True)
@@ -119,9 +167,13 @@ def main():
     parser.add_argument("--work", default="work/bench/pleas")
     parser.add_argument("--tinyllama", action="store_true",
                         help="the TinyLlama-1.1B-shape pair instead of the small zoo")
+    parser.add_argument("--stitch", action="store_true",
+                        help="stitch a TinyLlama-shape anchor with a half-width one")
     args = parser.parse_args()
     if args.tinyllama:
         return tinyllama(args)
+    if args.stitch:
+        return stitch(args)
     zoo = os.path.join(ROOT, "work", "zoo", "small")
     if not all(os.path.exists(os.path.join(zoo, m, "config.json")) for m in ("base", "init-b")):
         subprocess.run([AMALGAM, "zoo", "build", "--size", "small", "--dir", "work/zoo"], cwd=ROOT, check=True)

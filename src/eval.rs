@@ -196,6 +196,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     }
     // Windows are scored `batch` at a time.
     let batch = options.batch;
+    let kind = kind_from_dtype(dtype).expect("a float dtype");
     let load = |path: &PathBuf| -> Result<(Decoder, PathBuf)> {
         let path = &hub::locate(&path.to_string_lossy())?;
         let checkpoint = Checkpoint::open(path)?;
@@ -212,7 +213,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 args.seq_len
             ),
         )?;
-        let model = Decoder::load_as(path, device, kind_from_dtype(dtype).expect("a float dtype"))
+        let model = Decoder::load_as(path, device, kind)
             .with_context(|| format!("loading {}", path.display()))?;
         if texts.is_empty() {
             check_vocabulary(&model).with_context(|| path.display().to_string())?;
@@ -280,14 +281,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     for path in &args.models {
         if Family::is_family(path) {
-            if !texts.is_empty() {
-                return Err(anyhow!(
-                    "{}: --text scores checkpoints; a stitched family's networks use the \
-                     corpus's byte tokenizer",
-                    path.display()
-                ));
+            let family = Family::load(path, device, kind)?;
+            // Every network reads and writes the anchors' shared tokens.
+            if texts.is_empty() {
+                check_vocabulary(&family.anchors[0]).with_context(|| path.display().to_string())?;
             }
-            let family = Family::load(path, device)?;
+            let streams = streams_for(&family.dirs[0], family.anchors[0].config.vocab_size)?;
             let names: Vec<&str> = if args.route.is_empty() {
                 family.members.iter().map(|m| m.name.as_str()).collect()
             } else {
@@ -309,7 +308,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 score(
                     format!("{}#{name}", path.display()),
                     &family.scorer(member),
-                    corpus.clone(),
+                    streams.clone(),
                     member.parameters as usize,
                     Some((
                         member.flops_per_token,

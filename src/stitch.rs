@@ -3,22 +3,28 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use amalgam_checkpoint::{hub, Checkpoint, ModelCard};
-use amalgam_elastic::stitch::Family;
-use amalgam_nn::data::{Domain, Sampler, Split};
-use amalgam_nn::{Decoder, DecoderConfig};
+use amalgam_checkpoint::{hub, Checkpoint, Dtype, ModelCard};
+use amalgam_elastic::stitch::{
+    calibrate, family_routes, members, save_family, AnchorOut, Family, Plan, Source,
+};
+use amalgam_nn::calibration::TokenSource;
+use amalgam_nn::text::TextTokenizer;
+use amalgam_nn::{Decoder, DecoderConfig, Part, PROCESS_BYTES};
 use amalgam_recipe::StitchRecipe;
 use anyhow::{anyhow, Context, Result};
+use tch::Kind;
 
-/// Stitch two anchors (same tokenizer, any widths and depths) into a family
-/// of networks: each anchor, and every SN-Net route from one anchor's first
-/// blocks into the other's later blocks through a linear stitching layer
-/// fitted by least squares on calibration text, then optionally trained
-/// (`train:` in the recipe, one route sampled per step). Evaluate it with
-/// `amalgam eval FAMILY` (all routes, or `--route NAME`).
+/// Stitch two anchors (any supported families, one shared tokenizer, any
+/// widths and depths) into a family of networks: each anchor, and every
+/// SN-Net route from one anchor's first blocks into the other's later blocks
+/// through a linear stitching layer fitted by least squares on calibration
+/// text — streamed, one block in memory — then optionally trained (`train:`
+/// in the recipe, one route sampled per step). Evaluate it with `amalgam
+/// eval FAMILY` (all routes, or `--route NAME`).
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     amalgam stitch recipes/stitch/zoo.yml work/family\n  \
+    amalgam stitch recipes/stitch/zoo.yml work/family --dry-run\n  \
     amalgam eval work/family --by-model\n  \
     amalgam stitch --export 1:3-0:1 work/family work/route")]
 pub struct Args {
@@ -33,10 +39,14 @@ pub struct Args {
     /// Replace a non-empty output directory.
     #[arg(long)]
     force: bool,
+    /// Print the plan (anchors, routes, calibration, which streams are kept)
+    /// and its peak memory, and stop.
+    #[arg(long)]
+    dry_run: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Refuse a recipe whose anchors, calibration and training are estimated
-    /// to need more than this, e.g. 8GB (default: the memory available).
+    /// Refuse a recipe whose calibration (or training) is estimated to need
+    /// more than this, e.g. 8GB (default: the memory available).
     #[arg(long)]
     max_memory: Option<String>,
 }
@@ -45,7 +55,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     if let Some(route) = &args.export {
         let device = crate::device::parse(&args.device)?;
-        let family = Family::load(&args.recipe, device)?;
+        let family = Family::load(&args.recipe, device, Kind::Float)?;
         let exported = family
             .export(route)
             .with_context(|| args.recipe.display().to_string())?;
@@ -74,44 +84,93 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .iter()
         .map(|(path, at)| hub::locate(path).map_err(|e| located(path, at, e.to_string())))
         .collect::<Result<Vec<_>>>()?;
-    let mut estimate = (recipe.samples as u64).saturating_mul(recipe.seq_len as u64 * 8);
+    let mut configs = vec![];
+    let mut dtypes = vec![];
     for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
         let checkpoint = Checkpoint::open(dir).map_err(|e| located(path, at, e.to_string()))?;
         let config =
             DecoderConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))
-                .map_err(|e| e.to_string())
-                .and_then(|config| {
-                    config.architecture.require_plain_llama("Stitching")?;
-                    Ok(config)
-                })
-                .map_err(|e| located(path, at, e))?;
-        // Calibration runs every sample at once; training keeps a batch's
-        // activations for every block, and Adam two moments per weight.
-        let training = recipe.train.as_ref().map_or(0, |t| {
-            (config.num_hidden_layers() as u64)
-                .saturating_mul(config.forward_bytes(t.batch, t.seq_len))
-                .saturating_add(3 * config.weight_bytes())
-        });
-        estimate = estimate
-            .saturating_add(config.weight_bytes())
-            .saturating_add(config.forward_bytes(recipe.samples, recipe.seq_len))
-            .saturating_add(config.taps_bytes(recipe.samples, recipe.seq_len))
-            .saturating_add(training);
+                .map_err(|e| located(path, at, e.to_string()))?;
+        dtypes.push(checkpoint.weights_dtype());
+        configs.push(config);
     }
+    let (second, second_at) = &recipe.anchors[1];
+    if configs[0].vocab_size != configs[1].vocab_size {
+        return Err(located(
+            second,
+            second_at,
+            format!(
+                "a vocabulary of {} tokens, the other anchor's has {}: stitched anchors share \
+                 one tokenizer",
+                configs[1].vocab_size, configs[0].vocab_size
+            ),
+        ));
+    }
+    if let (Ok(a), Ok(b)) = (TextTokenizer::load(&dirs[0]), TextTokenizer::load(&dirs[1])) {
+        if !a.same_vocabulary(&b) {
+            return Err(located(
+                second,
+                second_at,
+                "a different tokenizer from the other anchor's (tokens or ids differ): \
+                 stitched anchors share one tokenizer"
+                    .into(),
+            ));
+        }
+    }
+    // Anchors stored in BF16 compute in BF16 (so do the routes through them).
+    let kinds: Vec<Kind> = dtypes
+        .iter()
+        .map(|d| {
+            if *d == Dtype::BF16 {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            }
+        })
+        .collect();
+    let pair = [&configs[0], &configs[1]];
+    let routes = family_routes(pair.map(DecoderConfig::num_hidden_layers));
+    if routes.is_empty() {
+        return Err(anyhow!(
+            "{}: no stitch positions: each anchor needs at least two blocks",
+            recipe.source_name
+        ));
+    }
+    let plan = Plan::new(
+        pair,
+        [kinds[0], kinds[1]],
+        routes,
+        recipe.samples,
+        recipe.seq_len,
+        recipe.batch,
+    );
+    // Training holds both anchors whole (F32), a batch's activations for
+    // every block, and Adam's two moments per trained weight.
+    let training = recipe.train.as_ref().map(|t| {
+        configs.iter().fold(PROCESS_BYTES, |sum, c| {
+            let moments = if t.anchor_lr_scale > 0.0 { 2 } else { 0 };
+            sum.saturating_add(
+                (c.num_hidden_layers() as u64).saturating_mul(c.forward_bytes(t.batch, t.seq_len)),
+            )
+            .saturating_add((1 + moments) * c.weight_bytes())
+        })
+    });
+    let estimate = plan.memory.peak().max(training.unwrap_or(0));
     crate::resources::check_memory(
         estimate,
         args.max_memory.as_deref(),
         "--max-memory",
         "this stitching recipe",
     )?;
-    let anchors = recipe
-        .anchors
-        .iter()
-        .zip(&dirs)
-        .map(|((path, at), dir)| {
-            Decoder::load(dir, device).map_err(|e| located(path, at, e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Configs against the stored shapes (reading nothing but one block).
+    for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
+        Decoder::load_part(dir, tch::Device::Cpu, Kind::Float, Some(&Part::block(0)))
+            .map_err(|e| located(path, at, e.to_string()))?;
+    }
+    if args.dry_run {
+        print_plan(&recipe, &dirs, &configs, &dtypes, &plan, training);
+        return Ok(());
+    }
     let output = std::path::absolute(&args.output)?;
     for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
         if std::path::absolute(dir)?.starts_with(&output) {
@@ -121,47 +180,113 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             ));
         }
     }
-    let ids = Sampler::new(&Domain::ALL, Split::Train, recipe.seed).batch(
-        recipe.samples,
-        recipe.seq_len,
-        device,
-    );
-    let mut family = Family::fit(anchors, &ids, recipe.ridge)?;
-    if let Some(train) = &recipe.train {
-        let bar = crate::progress::steps(train.steps as u64, "training routes", quiet);
-        let losses = family.train(train, &mut |step, loss| {
-            bar.set_position(step as u64 + 1);
-            if step % 10 == 0 {
-                bar.set_message(format!("loss {loss:.3}"));
-            }
-        })?;
-        bar.finish_and_clear();
-        let tail = &losses[losses.len().saturating_sub(20)..];
-        tracing::info!(
-            "trained the routes for {} steps; final loss {:.3}",
-            train.steps,
-            tail.iter().sum::<f64>() / tail.len().max(1) as f64
-        );
-    }
+    let text_source = |seed: u64| {
+        let longest = recipe
+            .train
+            .as_ref()
+            .map_or(0, |t| t.seq_len)
+            .max(recipe.seq_len);
+        let models: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
+        TokenSource::open(
+            &recipe.source,
+            &recipe.field,
+            configs[0].vocab_size,
+            &models,
+            longest,
+            seed,
+        )
+        .map_err(|e| anyhow!("{}:{}: {e}", recipe.source_name, recipe.source_at))
+    };
+    let batches = text_source(recipe.seed)?.batches(recipe.samples, recipe.batch, recipe.seq_len);
+    let sources: Vec<Box<Source<'_>>> = dirs
+        .iter()
+        .zip(&kinds)
+        .map(|(dir, &kind)| -> Box<Source<'_>> {
+            Box::new(move |part: &Part| Ok(Decoder::load_part(dir, device, kind, Some(part))?))
+        })
+        .collect();
+    let bar = crate::progress::steps(plan.blocks() as u64, "calibrating stitches", quiet);
+    let stitches = calibrate(
+        &plan,
+        [sources[0].as_ref(), sources[1].as_ref()],
+        &batches,
+        recipe.ridge,
+        &mut || bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    let members = members(pair, &plan.routes, stitches);
     let card = ModelCard {
         title: "An anchor of a stitched family".into(),
         summary: format!(
             "Saved by `amalgam stitch` as an anchor of the family in this directory's parent \
              ({} networks; see family.json).",
-            family.members.len()
+            members.len()
         ),
         recipe: Some(recipe.text.clone()),
         inputs: vec![],
     };
-    family.save(&args.output, args.force, &card)?;
+    let (count, members) = match &recipe.train {
+        None => {
+            let anchors = dirs
+                .iter()
+                .map(|d| AnchorOut::Checkpoint(d))
+                .collect::<Vec<_>>();
+            save_family(&args.output, args.force, &anchors, &members, &card)?;
+            (members.len(), members)
+        }
+        Some(train) => {
+            let anchors = recipe
+                .anchors
+                .iter()
+                .zip(&dirs)
+                .map(|((path, at), dir)| {
+                    Decoder::load(dir, device).map_err(|e| located(path, at, e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut family = Family {
+                anchors,
+                members,
+                dirs: dirs.clone(),
+            };
+            let bar = crate::progress::steps(train.steps as u64, "training routes", quiet);
+            let losses =
+                family.train(train, &mut text_source(train.seed)?, &mut |step, loss| {
+                    bar.set_position(step as u64 + 1);
+                    if step % 10 == 0 {
+                        bar.set_message(format!("loss {loss:.3}"));
+                    }
+                })?;
+            bar.finish_and_clear();
+            let tail = &losses[losses.len().saturating_sub(20)..];
+            tracing::info!(
+                "trained the routes for {} steps; final loss {:.3}",
+                train.steps,
+                tail.iter().sum::<f64>() / tail.len().max(1) as f64
+            );
+            // Frozen anchors are copied from their checkpoints, bit for bit.
+            let anchors = family
+                .anchors
+                .iter()
+                .zip(&dirs)
+                .map(|(model, dir)| match train.anchor_lr_scale > 0.0 {
+                    true => AnchorOut::Model {
+                        model,
+                        files_from: dir,
+                    },
+                    false => AnchorOut::Checkpoint(dir),
+                })
+                .collect::<Vec<_>>();
+            save_family(&args.output, args.force, &anchors, &family.members, &card)?;
+            (family.members.len(), family.members)
+        }
+    };
     if !quiet {
         println!(
-            "stitched {} networks into {} in {:.1} s",
-            family.members.len(),
+            "stitched {count} networks into {} in {:.1} s",
             args.output.display(),
             started.elapsed().as_secs_f64()
         );
-        for m in &family.members {
+        for m in &members {
             println!(
                 "{}\t{} parameters\t{} FLOPs/token",
                 m.name, m.parameters, m.flops_per_token
@@ -169,4 +294,60 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `--dry-run` prints: the anchors, the routes, the calibration and
+/// the peak memory by phase.
+fn print_plan(
+    recipe: &StitchRecipe,
+    dirs: &[PathBuf],
+    configs: &[DecoderConfig],
+    dtypes: &[Dtype],
+    plan: &Plan,
+    training: Option<u64>,
+) {
+    let gb = |bytes: u64| bytes as f64 / 1e9;
+    for (a, ((dir, config), dtype)) in dirs.iter().zip(configs).zip(dtypes).enumerate() {
+        println!(
+            "anchor-{a}: {} ({}, {} blocks, hidden {}, {dtype:?})",
+            dir.display(),
+            config.architecture.model_type,
+            config.num_hidden_layers(),
+            config.hidden_size
+        );
+    }
+    let ways = |front: usize| plan.routes.iter().filter(|r| r.front == front).count();
+    println!(
+        "routes: {} ({} from anchor-0 into anchor-1, {} from anchor-1 into anchor-0)",
+        plan.routes.len(),
+        ways(0),
+        ways(1)
+    );
+    println!(
+        "calibration: {} × {} tokens from `{}`, {} per forward pass; ridge {} (relative to \
+         the mean diagonal of XᵀX)",
+        recipe.samples, recipe.seq_len, recipe.source, recipe.batch, recipe.ridge
+    );
+    println!(
+        "streams kept: anchor-{}'s at {} block boundaries ({:.2} GB); anchor-{} walked block \
+         by block",
+        plan.kept,
+        plan.kept_boundaries.len(),
+        gb(plan.memory.kept_streams),
+        1 - plan.kept
+    );
+    println!(
+        "peak memory ≈ {:.2} GB (kept anchor's pass {:.2}, walked anchor's pass with the \
+         least squares {:.2})",
+        gb(plan.memory.peak()),
+        gb(plan.memory.kept_pass),
+        gb(plan.memory.walked_pass)
+    );
+    if let Some(bytes) = training {
+        println!(
+            "training ≈ {:.2} GB (both anchors whole in F32, {} steps)",
+            gb(bytes),
+            recipe.train.as_ref().map_or(0, |t| t.steps)
+        );
+    }
 }

@@ -36,6 +36,10 @@ pub struct Args {
     /// Override the shape's FFN width.
     #[arg(long)]
     intermediate: Option<usize>,
+    /// Override the shape's width (a multiple of its head size; the query
+    /// and key/value head counts scale with it).
+    #[arg(long)]
+    hidden: Option<usize>,
     /// Tie the output head to the input embedding (no lm_head tensor).
     #[arg(long)]
     tied: bool,
@@ -53,6 +57,20 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     shape.tied = args.tied;
     shape.layers = args.layers.unwrap_or(shape.layers);
     shape.intermediate = args.intermediate.unwrap_or(shape.intermediate);
+    if let Some(hidden) = args.hidden {
+        let head_dim = shape.head_dim();
+        let groups = shape.heads / shape.kv_heads;
+        if hidden == 0 || hidden % (head_dim * groups) != 0 {
+            return Err(anyhow!(
+                "--hidden {hidden} is not a multiple of {} (head size {head_dim} × {groups} query \
+                 heads per key/value head)",
+                head_dim * groups
+            ));
+        }
+        shape.heads = hidden / head_dim;
+        shape.kv_heads = shape.heads / groups;
+        shape.hidden = hidden;
+    }
     let dtype = parse_dtype(&args.dtype).ok_or_else(|| {
         anyhow!(
             "unknown --dtype {:?} (use float32, float16 or bfloat16)",

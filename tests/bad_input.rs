@@ -318,7 +318,7 @@ fn pleas_recipes_name_their_mistakes() {
         (
             "text",
             "parameters:\n  calibration: prose\n",
-            &["text.yml:6:", "calibration: random"][..],
+            &["text.yml:6:", "byte tokenizer", "(`random`)"][..],
         ),
         (
             "unknown",

@@ -409,3 +409,106 @@ fn every_family_merge_runs_in_both_forward_passes() {
         );
     }
 }
+
+/// `amalgam stitch` on every family: two transformers-built anchors of
+/// different depths, random-token calibration, streamed (`--dry-run` states
+/// the plan and its peak memory); the family's anchors are the input
+/// checkpoints tensor for tensor, and every route runs to finite logits.
+/// Anchors whose vocabularies differ are refused, naming the anchor.
+#[test]
+fn every_family_stitches_streamed() {
+    use amalgam_elastic::stitch::Family;
+    use amalgam_nn::supported_model_types;
+    use tch::{Device, Kind, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    for family in supported_model_types() {
+        let deep = tiny(tmp.path(), family, 1);
+        let shallow = tmp.path().join(format!("{family}-shallow"));
+        oracle_ok(
+            "tiny_models.py",
+            &[
+                family.as_ref(),
+                shallow.as_os_str(),
+                "--layers".as_ref(),
+                "3".as_ref(),
+            ],
+        );
+        let recipe = tmp.path().join(format!("{family}-stitch.yml"));
+        std::fs::write(
+            &recipe,
+            format!(
+                "kind: stitch\nanchors: [{}, {}]\ncalibration: {{source: random, samples: 6, \
+                 seq_len: 16, batch: 4}}\n",
+                shallow.display(),
+                deep.display()
+            ),
+        )
+        .unwrap();
+        let out = tmp.path().join(format!("{family}-family"));
+        let args = |extra: &'static str| {
+            let mut args = vec!["stitch".as_ref(), recipe.as_os_str(), out.as_os_str()];
+            args.extend((!extra.is_empty()).then(|| std::ffi::OsStr::new(extra)));
+            args
+        };
+        let plan = ok(args("--dry-run"));
+        assert!(
+            plan.contains("peak memory ≈") && plan.contains("streams kept: anchor-0"),
+            "{family}: {plan}"
+        );
+        assert!(!out.exists(), "{family}: a dry run wrote the family");
+        ok(args(""));
+        let stitched = Family::load(&out, Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+        for (a, input) in [&shallow, &deep].into_iter().enumerate() {
+            let copied = stitched.anchors[a].tensors();
+            let original = amalgam_nn::Decoder::load(input, Device::Cpu)
+                .unwrap()
+                .tensors();
+            assert_eq!(copied.len(), original.len(), "{family}");
+            for (name, tensor) in &original {
+                assert!(tensor.equal(&copied[name]), "{family}: anchor-{a} {name}");
+            }
+        }
+        let routes = amalgam_elastic::stitch::family_routes([3, 4]);
+        assert_eq!(stitched.members.len(), 2 + routes.len(), "{family}");
+        let ids = Tensor::arange(2 * 16, (Kind::Int64, Device::Cpu))
+            .remainder(96)
+            .view([2, 16]);
+        for member in &stitched.members {
+            use amalgam_nn::eval::LanguageModel;
+            let logits = tch::no_grad(|| stitched.scorer(member).logits(&ids));
+            assert_eq!(logits.size(), [2, 16, 96], "{family} {}", member.name);
+            assert_eq!(
+                logits.isfinite().all().int64_value(&[]),
+                1,
+                "{family} {}",
+                member.name
+            );
+        }
+    }
+    // A zoo model's byte-level vocabulary is not a transformers tiny model's.
+    let zoo = amalgam_nn::zoo::ZooSize::named("micro").unwrap();
+    let byte_level = tmp.path().join("byte-level");
+    amalgam_nn::Decoder::new(zoo.shape.clone(), Device::Cpu, 0)
+        .save_with_tokenizer(&byte_level, &Default::default())
+        .unwrap();
+    let recipe = tmp.path().join("mixed.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "kind: stitch\nanchors:\n  - {}\n  - {}\ncalibration: {{source: random}}\n",
+            tmp.path().join("llama-1").display(),
+            byte_level.display()
+        ),
+    )
+    .unwrap();
+    let message = fails([
+        "stitch".as_ref(),
+        recipe.as_os_str(),
+        tmp.path().join("mixed").as_os_str(),
+    ]);
+    assert!(
+        message.contains("mixed.yml:4:5: anchor") && message.contains("share one tokenizer"),
+        "{message}"
+    );
+}

@@ -255,6 +255,16 @@ impl Checkpoint {
         Ok(None)
     }
 
+    /// The dtype the model is stored in: its embeddings' (F32 if it has
+    /// none this crate recognises).
+    pub fn weights_dtype(&self) -> Dtype {
+        let family = crate::family::of(self.config());
+        self.tensors()
+            .iter()
+            .find(|t| crate::family::is_embedding(family, &t.name))
+            .map_or(Dtype::F32, |t| t.dtype)
+    }
+
     pub fn is_tied(&self) -> bool {
         self.config.tie_word_embeddings()
     }

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-/// What can go wrong when extracting a submodel.
+/// What can go wrong when extracting a submodel or stitching a family.
 #[derive(Debug, thiserror::Error)]
 pub enum ElasticError {
     #[error(transparent)]
@@ -13,6 +13,9 @@ pub enum ElasticError {
     /// A slicing table (CSV) that cannot be read or has no such row.
     #[error("{}: {message}", path.display())]
     Table { path: PathBuf, message: String },
+    /// A model the forward pass cannot load or run, or a fit that failed.
+    #[error(transparent)]
+    Nn(#[from] amalgam_nn::NnError),
     /// A stitching layer that cannot be fitted or applied.
     #[error("stitching: {0}")]
     Stitch(String),

@@ -1,15 +1,145 @@
 //! SN-Net stitching on real forward passes: a stitch from an anchor to itself
-//! at the same block, through the identity, is the anchor (bit for bit); a
-//! least-squares stitch between two anchors fits the end anchor's stream.
+//! at the same block, through the identity, is the anchor (bit for bit); the
+//! streamed calibration gives the least squares of the whole-model streams,
+//! on every family, whichever anchor's streams it keeps, asking its sources
+//! for one block at a time.
 
-use amalgam_elastic::stitch::{calibrate, family_routes, stitched_logits, Route, Stitch};
+use std::cell::RefCell;
+
+use amalgam_checkpoint::ModelConfig;
+use amalgam_elastic::stitch::{
+    calibrate, family_routes, members, stitched_logits, Family, Network, Plan, Route, Stitch,
+};
+use amalgam_nn::calibration::TokenSource;
+use amalgam_nn::least_squares::NormalEquations;
 use amalgam_nn::zoo::ZooSize;
-use amalgam_nn::Decoder;
-use tch::{Device, Tensor};
+use amalgam_nn::{supported_model_types, Decoder, DecoderConfig, Part};
+use tch::{Device, Kind, Tensor};
 
-fn ids() -> Tensor {
-    let ids: Vec<i64> = (0..3 * 24).map(|i| (i * 53 + 7) % 258).collect();
+fn ids(vocab: i64) -> Tensor {
+    let ids: Vec<i64> = (0..3 * 24).map(|i| (i * 53 + 7) % vocab).collect();
     Tensor::from_slice(&ids).view([3, 24])
+}
+
+/// A small config of `family`: `hidden` wide (heads of 8), `layers` deep.
+fn family_config(family: &str, hidden: usize, layers: usize) -> DecoderConfig {
+    let heads = hidden / 8;
+    let serde_json::Value::Object(fields) = serde_json::json!({
+        "model_type": family,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": if family == "gpt_neox" { heads } else { heads / 2 },
+        "head_dim": 8,
+        "intermediate_size": 2 * hidden,
+        "vocab_size": 96,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": false,
+    }) else {
+        unreachable!("an object")
+    };
+    DecoderConfig::from_model_config(
+        &ModelConfig::from_json(fields),
+        std::path::Path::new("config.json"),
+    )
+    .unwrap_or_else(|e| panic!("{family}: {e}"))
+}
+
+/// Streamed calibration of every route between `anchors`, each asked only
+/// for its embeddings or a single block (checked).
+fn streamed(anchors: &[Decoder; 2], batches: &[Tensor], ridge: f64) -> (Plan, Vec<Stitch>) {
+    let configs = [&anchors[0].config, &anchors[1].config];
+    let routes = family_routes(configs.map(DecoderConfig::num_hidden_layers));
+    let plan = Plan::new(configs, [Kind::Float; 2], routes, 3, 24, 1);
+    let asked = RefCell::new(vec![]);
+    let source = |a: usize| {
+        let asked = &asked;
+        move |part: &Part| {
+            assert!(
+                !part.head && (part.embedding != (part.layers.len() == 1)),
+                "{part:?}"
+            );
+            asked.borrow_mut().push(part.clone());
+            Ok(anchors[a].part(part))
+        }
+    };
+    let (first, second) = (source(0), source(1));
+    let stitches = calibrate(&plan, [&first, &second], batches, ridge, &mut || {}).unwrap();
+    assert_eq!(asked.borrow().len(), 2 + plan.blocks());
+    (plan, stitches)
+}
+
+/// The same stitches from the whole models' residual streams, all tokens at once.
+fn whole(anchors: &[Decoder; 2], routes: &[Route], ids: &Tensor, ridge: f64) -> Vec<Stitch> {
+    let streams: Vec<Vec<Tensor>> = tch::no_grad(|| {
+        anchors
+            .iter()
+            .map(|a| {
+                let (_, taps) = a.forward_taps(ids);
+                taps.residual
+                    .iter()
+                    .map(|r| r.reshape([-1, r.size()[2]]))
+                    .collect()
+            })
+            .collect()
+    });
+    routes
+        .iter()
+        .map(|r| {
+            let (x, y) = (&streams[r.front][r.cut], &streams[r.end][r.resume]);
+            let (inputs, outputs) = (x.size()[1] as usize, y.size()[1] as usize);
+            let mut equations =
+                NormalEquations::new(inputs, outputs, true, Kind::Double, Device::Cpu);
+            equations.add(x, y);
+            let linear = equations
+                .solve([inputs, 0, 0], [outputs, 0, 0], ridge)
+                .unwrap();
+            Stitch::from_linear(linear)
+        })
+        .collect()
+}
+
+#[test]
+fn streamed_calibration_is_the_whole_model_least_squares_on_every_family() {
+    let ids = ids(96);
+    let batches: Vec<Tensor> = (0..3).map(|i| ids.narrow(0, i, 1)).collect();
+    for family in supported_model_types() {
+        // Both orders: the narrower, shallower anchor's streams are kept
+        // whether it comes first or second.
+        let narrow = Decoder::new(family_config(family, 16, 2), Device::Cpu, 1);
+        let wide = Decoder::new(family_config(family, 32, 3), Device::Cpu, 2);
+        for (anchors, kept) in [
+            (
+                [narrow.part(&Part::whole(2)), wide.part(&Part::whole(3))],
+                0,
+            ),
+            (
+                [wide.part(&Part::whole(3)), narrow.part(&Part::whole(2))],
+                1,
+            ),
+        ] {
+            let (plan, stitches) = streamed(&anchors, &batches, 1e-4);
+            assert_eq!(plan.kept, kept, "{family}");
+            let expected = whole(&anchors, &plan.routes, &ids, 1e-4);
+            for ((route, got), want) in plan.routes.iter().zip(&stitches).zip(&expected) {
+                for (g, w) in [(&got.weight, &want.weight), (&got.bias, &want.bias)] {
+                    let scale = w.abs().max().double_value(&[]);
+                    let error = (g - w).abs().max().double_value(&[]);
+                    assert!(
+                        error <= 1e-4 * scale.max(1.0),
+                        "{family} {route:?}: off by {error} (scale {scale})"
+                    );
+                }
+                let logits = tch::no_grad(|| stitched_logits(&anchors, *route, got, &ids));
+                assert_eq!(logits.size(), [3, 24, 96]);
+                assert_eq!(
+                    logits.isfinite().all().int64_value(&[]),
+                    1,
+                    "{family} {route:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -17,7 +147,7 @@ fn an_identity_stitch_from_an_anchor_to_itself_is_the_anchor() {
     let mut shape = ZooSize::named("micro").unwrap().shape;
     shape.intermediate_sizes = vec![96; 4];
     let anchor = Decoder::new(shape.clone(), Device::Cpu, 5);
-    let ids = ids();
+    let ids = ids(258);
     let expected = tch::no_grad(|| anchor.forward(&ids));
     let anchors = [anchor];
     let identity = Stitch::identity(shape.hidden_size);
@@ -37,52 +167,12 @@ fn an_identity_stitch_from_an_anchor_to_itself_is_the_anchor() {
 }
 
 #[test]
-fn a_least_squares_stitch_fits_the_end_anchors_stream() {
-    let micro = ZooSize::named("micro").unwrap();
-    let (small, large) = (
-        Decoder::new(micro.small_anchor.clone(), Device::Cpu, 1),
-        Decoder::new(micro.shape.clone(), Device::Cpu, 2),
-    );
-    let ids = ids();
-    let (x, y) = tch::no_grad(|| {
-        (
-            small.blocks(small.embed(&ids), 0..1),
-            large.blocks(large.embed(&ids), 0..1),
-        )
-    });
-    let flat = |t: &Tensor| t.reshape([-1, t.size()[2]]);
-    let stitch = Stitch::fit(&flat(&x), &flat(&y), 0.0).unwrap();
-    assert_eq!(stitch.weight.size(), [32, 16]);
-    let residual = |s: &Stitch| {
-        (s.apply(&flat(&x)) - flat(&y))
-            .square()
-            .mean(tch::Kind::Double)
-            .double_value(&[])
-    };
-    // Better than any other map tried: the zero map, and the fit perturbed.
-    let zero = Stitch {
-        weight: Tensor::zeros([32, 16], (tch::Kind::Float, Device::Cpu)),
-        bias: Tensor::zeros([32], (tch::Kind::Float, Device::Cpu)),
-    };
-    let nudged = Stitch {
-        weight: &stitch.weight + 0.01,
-        bias: stitch.bias.shallow_clone(),
-    };
-    assert!(residual(&stitch) < residual(&zero));
-    assert!(residual(&stitch) < residual(&nudged));
-}
-
-#[test]
 fn calibrated_routes_join_two_anchors_both_ways() {
     let micro = ZooSize::named("micro").unwrap();
     let (mut small, mut large) = (micro.small_anchor.clone(), micro.shape.clone());
     small.intermediate_sizes = vec![48; 2];
     large.intermediate_sizes = vec![96; 3];
-    let anchors = [
-        Decoder::new(small, Device::Cpu, 1),
-        Decoder::new(large, Device::Cpu, 2),
-    ];
-    let routes = family_routes(&anchors);
+    let routes = family_routes([2, 3]);
     let route = |front, cut, end, resume| Route {
         front,
         cut,
@@ -100,38 +190,44 @@ fn calibrated_routes_join_two_anchors_both_ways() {
             route(1, 2, 0, 1)
         ]
     );
-    let stitches = calibrate(&anchors, &routes, &ids(), 1e-6).unwrap();
-    assert_eq!(stitches.len(), routes.len());
-    for (route, stitch) in routes.iter().zip(&stitches) {
-        let logits = tch::no_grad(|| stitched_logits(&anchors, *route, stitch, &ids()));
-        assert_eq!(logits.size(), [3, 24, 258]);
-        assert!(logits.isfinite().all().int64_value(&[]) == 1, "{route:?}");
-    }
-    // Calibrating a stitch from an anchor to itself at one block finds the identity.
-    let same = [Decoder::new(micro.shape.clone(), Device::Cpu, 3)];
-    let route = Route {
-        front: 0,
-        cut: 1,
-        end: 0,
-        resume: 1,
-    };
-    let stitch = &calibrate(&same, &[route], &ids(), 0.0).unwrap()[0];
-    let eye = Tensor::eye(32, (tch::Kind::Float, Device::Cpu));
-    let error = (&stitch.weight - eye).abs().max().double_value(&[]);
+    // A stitch between an anchor and an exact copy of it, at one block, is
+    // the identity.
+    let anchor = Decoder::new(micro.shape.clone(), Device::Cpu, 3);
+    let same = [anchor.part(&Part::whole(4)), anchor.part(&Part::whole(4))];
+    let (plan, stitches) = streamed(&same, &[ids(258)], 0.0);
+    let at_one = plan
+        .routes
+        .iter()
+        .position(|r| r.cut == 1 && r.resume == 1)
+        .unwrap();
+    let eye = Tensor::eye(32, (Kind::Float, Device::Cpu));
+    let error = (&stitches[at_one].weight - eye)
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(error < 1e-3, "identity off by {error}");
 }
 
 #[test]
 fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
-    use amalgam_elastic::stitch::{Family, Network};
     use amalgam_recipe::StitchTraining;
     let micro = ZooSize::named("micro").unwrap();
     let family = || {
-        let anchors = vec![
+        let anchors = [
             Decoder::new(micro.small_anchor.clone(), Device::Cpu, 1),
             Decoder::new(micro.shape.clone(), Device::Cpu, 2),
         ];
-        Family::fit(anchors, &ids(), 1e-4).unwrap()
+        let (plan, stitches) = streamed(&anchors, &[ids(258)], 1e-4);
+        let members = members(
+            [&anchors[0].config, &anchors[1].config],
+            &plan.routes,
+            stitches,
+        );
+        Family {
+            anchors: anchors.into(),
+            members,
+            dirs: vec![],
+        }
     };
     let options = |steps, anchor_lr_scale| StitchTraining {
         steps,
@@ -141,8 +237,11 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
         anchor_lr_scale,
         seed: 0,
     };
+    let text = || TokenSource::open("mixture", "text", 258, &[], 33, 0).unwrap();
     // Untrained anchors know nothing: training everything, the loss falls.
-    let losses = family().train(&options(80, 1.0), &mut |_, _| {}).unwrap();
+    let losses = family()
+        .train(&options(80, 1.0), &mut text(), &mut |_, _| {})
+        .unwrap();
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     assert!(
         mean(&losses[60..]) < mean(&losses[..20]) - 0.3,
@@ -171,7 +270,9 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
         (anchors, stitches)
     };
     let before = snapshot(&frozen);
-    frozen.train(&options(10, 0.0), &mut |_, _| {}).unwrap();
+    frozen
+        .train(&options(10, 0.0), &mut text(), &mut |_, _| {})
+        .unwrap();
     let after = snapshot(&frozen);
     assert!(
         before.0.iter().zip(&after.0).all(|(a, b)| a.equal(b)),

@@ -67,6 +67,7 @@ fn run_widening(
         budget,
         ridge: 1e-8,
         kind: Kind::Double,
+        device: tch::Device::Cpu,
         least_squares,
         widen,
     };

@@ -671,12 +671,19 @@ impl DecoderConfig {
     /// anything is allocated; saturates, never wraps.
     pub fn forward_bytes(&self, batch: usize, seq_len: usize) -> u64 {
         let tokens = (batch as u64).saturating_mul(seq_len as u64);
+        let logits = tokens.saturating_mul(2 * self.vocab_size as u64 * 4);
+        self.block_forward_bytes(batch, seq_len)
+            .saturating_add(logits)
+    }
+
+    /// [`DecoderConfig::forward_bytes`] without the logits: running blocks alone.
+    pub fn block_forward_bytes(&self, batch: usize, seq_len: usize) -> u64 {
+        let tokens = (batch as u64).saturating_mul(seq_len as u64);
         let widest_ffn = self.intermediate_sizes.iter().copied().max().unwrap_or(0) as u64;
         let per_token = 4 * self.hidden_size as u64
             + (2 * self.num_attention_heads as u64 + 2 * self.num_key_value_heads as u64)
                 * self.head_dim as u64
-            + 3 * widest_ffn
-            + 2 * self.vocab_size as u64;
+            + 3 * widest_ffn;
         tokens.saturating_mul(per_token).saturating_mul(4)
     }
 

@@ -524,6 +524,11 @@ impl Decoder {
         self.vs.device()
     }
 
+    /// The dtype the model computes in.
+    pub fn kind(&self) -> Kind {
+        self.embed.kind()
+    }
+
     /// A copy of `part` of this model (which must hold it).
     pub fn part(&self, part: &Part) -> Decoder {
         let copy = Self::build(self.config.clone(), self.device(), None, Kind::Float, part);

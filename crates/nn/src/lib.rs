@@ -9,11 +9,13 @@
 //! Checkpoints come in and go out through `amalgam-checkpoint`, in the
 //! Hugging Face layout `transformers` loads.
 
+pub mod calibration;
 mod config;
 pub mod data;
 mod decoder;
 mod error;
 pub mod eval;
+pub mod least_squares;
 pub mod text;
 pub mod tokenizer;
 pub mod train;
@@ -25,3 +27,8 @@ pub use config::{
 };
 pub use decoder::{Decoder, DecoderWriter, Part, SaveFiles, Taps};
 pub use error::{NnError, Result};
+
+/// What a process running forward passes holds besides its tensors
+/// (libtorch, the binary, buffers), measured on the small zoo; part of every
+/// streamed run's peak-memory estimate.
+pub const PROCESS_BYTES: u64 = 250_000_000;

@@ -5,7 +5,7 @@ use crate::yaml::{load, location, Reader};
 use crate::{Location, RecipeError};
 
 const KEYS: &[&str] = &["kind", "anchors", "calibration", "ridge", "train"];
-const CALIBRATION_KEYS: &[&str] = &["samples", "seq_len", "seed"];
+const CALIBRATION_KEYS: &[&str] = &["source", "field", "samples", "seq_len", "batch", "seed"];
 const TRAIN_KEYS: &[&str] = &["steps", "batch", "seq_len", "lr", "anchor_lr_scale", "seed"];
 
 /// Route training after the least-squares initialisation (SN-Net's: one
@@ -28,12 +28,22 @@ pub struct StitchRecipe {
     pub text: String,
     /// Two anchor checkpoints (relative to the working directory).
     pub anchors: Vec<(String, Location)>,
-    /// Calibration sequences from the corpus' training split.
+    /// Where calibration (and route training) text comes from: `mixture`
+    /// (the default), a corpus domain, `random`, or a text file; the binary
+    /// resolves the name (and reports errors at `source_at`).
+    pub source: String,
+    pub source_at: Location,
+    /// The field of each line of a `.jsonl` source that holds its text.
+    pub field: String,
+    /// Calibration sequences.
     pub samples: usize,
     /// Tokens per calibration sequence.
     pub seq_len: usize,
+    /// Sequences per forward pass.
+    pub batch: usize,
     pub seed: u64,
-    /// Added to the least-squares normal equations' diagonal.
+    /// Ridge of the least squares, relative to the mean diagonal of XᵀX
+    /// (the bias unpenalised), as PLeaS's.
     pub ridge: f64,
     pub train: Option<StitchTraining>,
 }
@@ -47,8 +57,12 @@ impl StitchRecipe {
             source_name: source_name.into(),
             text: text.into(),
             anchors: vec![],
+            source: "mixture".into(),
+            source_at: root_at,
+            field: "text".into(),
             samples: 64,
             seq_len: 129,
+            batch: 8,
             seed: 0,
             ridge: 1e-4,
             train: None,
@@ -75,6 +89,18 @@ impl StitchRecipe {
                 }
                 "calibration" => {
                     for (key, value, _) in reader.mapping(node, "calibration", CALIBRATION_KEYS)? {
+                        match key.as_str() {
+                            "source" => {
+                                recipe.source = reader.string(value, "source")?;
+                                recipe.source_at = location(value);
+                                continue;
+                            }
+                            "field" => {
+                                recipe.field = reader.string(value, "field")?;
+                                continue;
+                            }
+                            _ => {}
+                        }
                         let n = reader.usize(value, &key)?;
                         match key.as_str() {
                             "samples" | "seq_len" if n < 2 => {
@@ -83,6 +109,7 @@ impl StitchRecipe {
                             }
                             "samples" => recipe.samples = n,
                             "seq_len" => recipe.seq_len = n,
+                            "batch" => recipe.batch = n.max(1),
                             _ => recipe.seed = n as u64,
                         }
                     }
@@ -139,6 +166,17 @@ mod tests {
             "s.yml",
         )
         .unwrap();
+        assert_eq!((r.source.as_str(), r.batch), ("mixture", 8));
+        let file = StitchRecipe::parse(
+            "kind: stitch\nanchors: [a, b]\ncalibration: {source: c.jsonl, field: body, batch: 2}\n",
+            "s.yml",
+        )
+        .unwrap();
+        assert_eq!(
+            (file.source.as_str(), file.field.as_str(), file.batch),
+            ("c.jsonl", "body", 2)
+        );
+        assert_eq!((file.source_at.line, file.source_at.column), (3, 23));
         assert_eq!(
             r.anchors.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(),
             ["a", "b"]

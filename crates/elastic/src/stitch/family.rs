@@ -11,12 +11,12 @@
 //! Route names: `anchor-0`, `anchor-1`, and `F:C-E:R` for front anchor F's
 //! first C blocks stitched into end anchor E from block R.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use amalgam_checkpoint::{ModelCard, OutputDir};
-use amalgam_nn::data::{Domain, Sampler, Split};
+use amalgam_checkpoint::{kind_from_dtype, Checkpoint, ModelCard, OutputDir, WriteOptions};
+use amalgam_nn::calibration::TokenSource;
 use amalgam_nn::eval::LanguageModel;
-use amalgam_nn::Decoder;
+use amalgam_nn::{Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles};
 use amalgam_recipe::StitchTraining;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tch::nn::OptimizerConfig;
 use tch::{nn, Device, Tensor};
 
-use super::{calibrate, family_routes, stitched_logits, Route, Stitch};
+use super::{stitched_logits, Route, Stitch};
 use crate::{ElasticError, Result};
 
 pub const FAMILY_FILE: &str = "family.json";
@@ -51,6 +51,20 @@ pub struct Member {
 pub struct Family {
     pub anchors: Vec<Decoder>,
     pub members: Vec<Member>,
+    /// Where each anchor's tokenizer files and stored dtype come from.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// How [`save_family`] writes an anchor.
+pub enum AnchorOut<'a> {
+    /// Copied from its checkpoint, one part at a time (never whole in memory).
+    Checkpoint(&'a Path),
+    /// Saved from memory (trained, or cut by an export) in the dtype and
+    /// with the tokenizer files of the checkpoint `files_from`.
+    Model {
+        model: &'a Decoder,
+        files_from: &'a Path,
+    },
 }
 
 /// A member ready to score (see [`Family::scorer`]).
@@ -76,84 +90,75 @@ impl LanguageModel for Scorer<'_> {
     }
 }
 
-impl Family {
-    /// Joins two anchors (same vocabulary) with least-squares stitches fitted
-    /// on the calibration batch `ids`.
-    pub fn fit(anchors: Vec<Decoder>, ids: &Tensor, ridge: f64) -> Result<Self> {
-        if anchors.len() != 2 || anchors[0].config.vocab_size != anchors[1].config.vocab_size {
-            return Err(ElasticError::Stitch(
-                "a family joins two anchors with the same vocabulary".into(),
-            ));
-        }
-        let routes = family_routes(&anchors);
-        if routes.is_empty() {
-            return Err(ElasticError::Stitch(
-                "no stitch positions: each anchor needs at least two blocks".into(),
-            ));
-        }
-        let stitches = calibrate(&anchors, &routes, ids, ridge)?;
-        let mut family = Family {
-            anchors,
-            members: vec![],
-        };
-        for a in 0..family.anchors.len() {
-            family.push(format!("anchor-{a}"), Network::Anchor(a));
-        }
-        for (route, stitch) in routes.into_iter().zip(stitches) {
-            family.push(route_name(route), Network::Stitched(route, stitch));
-        }
-        Ok(family)
-    }
-
-    fn push(&mut self, name: String, network: Network) {
-        let (parameters, flops_per_token) = self.size(&network);
-        self.members.push(Member {
+impl Member {
+    pub fn new(name: String, network: Network, configs: [&DecoderConfig; 2]) -> Self {
+        let (parameters, flops_per_token) = size(configs, &network);
+        Member {
             name,
             network,
             parameters,
             flops_per_token,
-        });
-    }
-
-    /// (parameters, FLOPs per token) of a network.
-    fn size(&self, network: &Network) -> (u64, u64) {
-        let head = |a: &Decoder| (a.config.vocab_size * a.config.hidden_size) as u64;
-        match network {
-            Network::Anchor(a) => {
-                let config = &self.anchors[*a].config;
-                let matrices: u64 = (0..config.intermediate_sizes.len())
-                    .map(|l| config.block_matrix_parameters(l) as u64)
-                    .sum();
-                (
-                    config.parameter_count() as u64,
-                    2 * (matrices + head(&self.anchors[*a])),
-                )
-            }
-            Network::Stitched(route, stitch) => {
-                let (front, end) = (&self.anchors[route.front], &self.anchors[route.end]);
-                let blocks = |a: &Decoder, layers: std::ops::Range<usize>| -> (u64, u64) {
-                    layers.fold((0, 0), |(p, m), l| {
-                        let matrices = a.config.block_matrix_parameters(l) as u64;
-                        (p + matrices + 2 * a.config.hidden_size as u64, m + matrices)
-                    })
-                };
-                let (front_p, front_m) = blocks(front, 0..route.cut);
-                let end_layers = end.config.intermediate_sizes.len();
-                let (end_p, end_m) = blocks(end, route.resume..end_layers);
-                let stitch_m = stitch.weight.numel() as u64;
-                // The front's embedding, its blocks, the stitch, the end's
-                // blocks, final norm and output head (its tied embedding or
-                // lm_head: one V × H matrix either way).
-                let parameters = head(front)
-                    + front_p
-                    + stitch_m
-                    + stitch.bias.numel() as u64
-                    + end_p
-                    + end.config.hidden_size as u64
-                    + head(end);
-                (parameters, 2 * (front_m + stitch_m + end_m + head(end)))
-            }
         }
+    }
+}
+
+/// The members of a family of anchors of `configs`: the two anchors, then
+/// each route with its stitch.
+pub fn members(
+    configs: [&DecoderConfig; 2],
+    routes: &[Route],
+    stitches: Vec<Stitch>,
+) -> Vec<Member> {
+    let anchors = (0..2).map(|a| Member::new(format!("anchor-{a}"), Network::Anchor(a), configs));
+    let stitched = routes.iter().zip(stitches).map(|(&route, stitch)| {
+        Member::new(route_name(route), Network::Stitched(route, stitch), configs)
+    });
+    anchors.chain(stitched).collect()
+}
+
+/// (parameters, FLOPs per token) of a network of anchors of `configs`.
+fn size(configs: [&DecoderConfig; 2], network: &Network) -> (u64, u64) {
+    let head = |c: &DecoderConfig| (c.vocab_size * c.hidden_size) as u64;
+    match network {
+        Network::Anchor(a) => {
+            let config = configs[*a];
+            let matrices: u64 = (0..config.num_hidden_layers())
+                .map(|l| config.block_matrix_parameters(l) as u64)
+                .sum();
+            (
+                config.parameter_count() as u64,
+                2 * (matrices + head(config)),
+            )
+        }
+        Network::Stitched(route, stitch) => {
+            let (front, end) = (configs[route.front], configs[route.end]);
+            let blocks = |c: &DecoderConfig, layers: std::ops::Range<usize>| -> (u64, u64) {
+                layers.fold((0, 0), |(p, m), l| {
+                    let matrices = c.block_matrix_parameters(l) as u64;
+                    (p + matrices + 2 * c.hidden_size as u64, m + matrices)
+                })
+            };
+            let (front_p, front_m) = blocks(front, 0..route.cut);
+            let (end_p, end_m) = blocks(end, route.resume..end.num_hidden_layers());
+            let stitch_m = stitch.weight.numel() as u64;
+            // The front's embedding, its blocks, the stitch, the end's
+            // blocks, final norm and output head (its tied embedding or
+            // lm_head: one V × H matrix either way).
+            let parameters = head(front)
+                + front_p
+                + stitch_m
+                + stitch.bias.numel() as u64
+                + end_p
+                + end.hidden_size as u64
+                + head(end);
+            (parameters, 2 * (front_m + stitch_m + end_m + head(end)))
+        }
+    }
+}
+
+impl Family {
+    fn configs(&self) -> [&DecoderConfig; 2] {
+        [&self.anchors[0].config, &self.anchors[1].config]
     }
 
     /// SN-Net's training: each step samples one stitched route uniformly
@@ -162,9 +167,11 @@ impl Family {
     /// `options.lr`, the anchors at `options.lr × anchor_lr_scale` (0: frozen,
     /// so the anchors stay exactly the checkpoints they came from).
     /// `on_step(step, loss)` after every step; returns the losses.
+    /// Training windows come from `text` (the calibration's source).
     pub fn train(
         &mut self,
         options: &StitchTraining,
+        text: &mut TokenSource,
         on_step: &mut dyn FnMut(usize, f64),
     ) -> Result<Vec<f64>> {
         let torch = |e: tch::TchError| ElasticError::Stitch(format!("training: {e}"));
@@ -202,11 +209,10 @@ impl Family {
             .filter(|&i| anchors_train || matches!(self.members[i].network, Network::Stitched(..)))
             .collect();
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(options.seed);
-        let mut sampler = Sampler::new(&Domain::ALL, Split::Train, options.seed);
         let mut losses = Vec::with_capacity(options.steps);
         for step in 0..options.steps {
             let member = &self.members[candidates[rng.random_range(0..candidates.len())]];
-            let ids = sampler.batch(options.batch, options.seq_len, device);
+            let ids = text.batch(options.batch, options.seq_len).to_device(device);
             let seq = options.seq_len as i64;
             let logits = self.scorer(member).logits(&ids.narrow(1, 0, seq - 1));
             let loss = logits
@@ -266,10 +272,6 @@ impl Family {
             self.anchors[route.front].sub_layers(0..route.cut),
             end.sub_layers(route.resume..end.config.intermediate_sizes.len()),
         ];
-        let mut family = Family {
-            anchors,
-            members: vec![],
-        };
         let exported = Route {
             front: 0,
             cut: route.cut,
@@ -280,8 +282,17 @@ impl Family {
             weight: stitch.weight.copy(),
             bias: stitch.bias.copy(),
         };
-        family.push(name.to_owned(), Network::Stitched(exported, stitch));
-        Ok(family)
+        let configs = [&anchors[0].config, &anchors[1].config];
+        let member = Member::new(
+            name.to_owned(),
+            Network::Stitched(exported, stitch),
+            configs,
+        );
+        Ok(Family {
+            members: vec![member],
+            dirs: vec![self.dirs[route.front].clone(), self.dirs[route.end].clone()],
+            anchors,
+        })
     }
 
     pub fn member(&self, name: &str) -> Option<&Member> {
@@ -300,60 +311,24 @@ impl Family {
         dir.join(FAMILY_FILE).is_file()
     }
 
-    /// Writes the family to `out`, built in a hidden sibling and renamed
-    /// into place when complete; a non-empty `out` is replaced only with `force`.
+    /// Writes the family to `out` (see [`save_family`]), each anchor saved
+    /// from memory.
     pub fn save(&self, out: &Path, force: bool, card: &ModelCard) -> Result<()> {
-        let dir = OutputDir::create(out, force, &[])?;
-        self.write_into(dir.staging(), card)?;
-        dir.commit()?;
-        Ok(())
+        let anchors = self
+            .anchors
+            .iter()
+            .zip(&self.dirs)
+            .map(|(model, dir)| AnchorOut::Model {
+                model,
+                files_from: dir,
+            })
+            .collect::<Vec<_>>();
+        save_family(out, force, &anchors, &self.members, card)
     }
 
-    fn write_into(&self, dir: &Path, card: &ModelCard) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        for (a, anchor) in self.anchors.iter().enumerate() {
-            anchor
-                .save_with_tokenizer(&dir.join(format!("anchor-{a}")), card)
-                .map_err(|e| ElasticError::Stitch(format!("saving anchor {a}: {e}")))?;
-        }
-        let mut tensors = vec![];
-        let mut routes = vec![];
-        for m in &self.members {
-            let mut entry = json!({
-                "name": m.name,
-                "parameters": m.parameters,
-                "flops_per_token": m.flops_per_token,
-            });
-            match &m.network {
-                Network::Anchor(a) => {
-                    entry["kind"] = "anchor".into();
-                    entry["anchor"] = (*a).into();
-                }
-                Network::Stitched(route, stitch) => {
-                    entry["kind"] = "stitched".into();
-                    entry["front"] = route.front.into();
-                    entry["cut"] = route.cut.into();
-                    entry["end"] = route.end.into();
-                    entry["resume"] = route.resume.into();
-                    tensors.push((format!("{}.weight", m.name), stitch.weight.shallow_clone()));
-                    tensors.push((format!("{}.bias", m.name), stitch.bias.shallow_clone()));
-                }
-            }
-            routes.push(entry);
-        }
-        Tensor::write_safetensors(&tensors, dir.join(STITCHES_FILE))
-            .map_err(|e| ElasticError::Stitch(format!("writing {STITCHES_FILE}: {e}")))?;
-        let index = json!({"format": FORMAT, "version": 1, "routes": routes});
-        let path = dir.join(FAMILY_FILE);
-        std::fs::write(
-            &path,
-            serde_json::to_vec_pretty(&index).expect("JSON serialises"),
-        )
-        .map_err(|e| io(&path, e))
-    }
-
-    /// Reads a family written by [`Family::save`].
-    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+    /// Reads a family written by [`save_family`], its anchors computing in
+    /// `kind` (F32, or BF16 to run every route in BF16).
+    pub fn load(dir: &Path, device: Device, kind: tch::Kind) -> Result<Self> {
         let bad = |message: String| ElasticError::Model {
             path: dir.join(FAMILY_FILE),
             message,
@@ -369,10 +344,12 @@ impl Family {
         if index["format"] != FORMAT || index["version"] != 1 {
             return Err(bad(format!("not a version-1 {FORMAT}")));
         }
-        let anchors = (0..2)
-            .map(|a| {
-                Decoder::load(&dir.join(format!("anchor-{a}")), device)
-                    .map_err(|e| bad(format!("anchor {a}: {e}")))
+        let dirs: Vec<PathBuf> = (0..2).map(|a| dir.join(format!("anchor-{a}"))).collect();
+        let anchors = dirs
+            .iter()
+            .enumerate()
+            .map(|(a, dir)| {
+                Decoder::load_as(dir, device, kind).map_err(|e| bad(format!("anchor {a}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         let stitches: std::collections::HashMap<String, Tensor> =
@@ -383,6 +360,7 @@ impl Family {
         let mut family = Family {
             anchors,
             members: vec![],
+            dirs,
         };
         let routes = index["routes"]
             .as_array()
@@ -441,10 +419,112 @@ impl Family {
                     )))
                 }
             };
-            family.push(name, network);
+            let member = Member::new(name, network, family.configs());
+            family.members.push(member);
         }
         Ok(family)
     }
+}
+
+/// Writes a family to `out`, built in a hidden sibling and renamed into
+/// place when complete (a non-empty `out` is replaced only with `force`):
+/// `anchor-0/`, `anchor-1/`, the stitches and the index.
+pub fn save_family(
+    out: &Path,
+    force: bool,
+    anchors: &[AnchorOut<'_>],
+    members: &[Member],
+    card: &ModelCard,
+) -> Result<()> {
+    let staged = OutputDir::create(out, force, &[])?;
+    let dir = staged.staging();
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    for (a, anchor) in anchors.iter().enumerate() {
+        let path = dir.join(format!("anchor-{a}"));
+        match anchor {
+            AnchorOut::Checkpoint(from) => copy_anchor(from, &path, card),
+            AnchorOut::Model { model, files_from } => {
+                let dtype = Checkpoint::open(files_from)?.weights_dtype();
+                let files = SaveFiles {
+                    dtype,
+                    tokenizer_source: Some(files_from),
+                    chat_template: None,
+                    extra_files: &[],
+                };
+                model
+                    .save_as(&path, card, &files, &WriteOptions::default())
+                    .map(drop)
+            }
+        }
+        .map_err(|e| ElasticError::Stitch(format!("saving anchor {a}: {e}")))?;
+    }
+    let mut tensors = vec![];
+    let mut routes = vec![];
+    for m in members {
+        let mut entry = json!({
+            "name": m.name,
+            "parameters": m.parameters,
+            "flops_per_token": m.flops_per_token,
+        });
+        match &m.network {
+            Network::Anchor(a) => {
+                entry["kind"] = "anchor".into();
+                entry["anchor"] = (*a).into();
+            }
+            Network::Stitched(route, stitch) => {
+                entry["kind"] = "stitched".into();
+                entry["front"] = route.front.into();
+                entry["cut"] = route.cut.into();
+                entry["end"] = route.end.into();
+                entry["resume"] = route.resume.into();
+                tensors.push((format!("{}.weight", m.name), stitch.weight.shallow_clone()));
+                tensors.push((format!("{}.bias", m.name), stitch.bias.shallow_clone()));
+            }
+        }
+        routes.push(entry);
+    }
+    Tensor::write_safetensors(&tensors, dir.join(STITCHES_FILE))
+        .map_err(|e| ElasticError::Stitch(format!("writing {STITCHES_FILE}: {e}")))?;
+    let index = json!({"format": FORMAT, "version": 1, "routes": routes});
+    let path = dir.join(FAMILY_FILE);
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&index).expect("JSON serialises"),
+    )
+    .map_err(|e| io(&path, e))?;
+    staged.commit()?;
+    Ok(())
+}
+
+/// Rewrites the checkpoint `from` into `to` in its own dtype, one part (the
+/// embeddings, each block, the head) in memory at a time, with its
+/// tokenizer files.
+fn copy_anchor(from: &Path, to: &Path, card: &ModelCard) -> amalgam_nn::Result<()> {
+    let checkpoint = Checkpoint::open(from)?;
+    let config = DecoderConfig::from_model_config(checkpoint.config(), &from.join("config.json"))?;
+    let dtype = checkpoint.weights_dtype();
+    let kind = kind_from_dtype(dtype).unwrap_or(tch::Kind::Float);
+    let layers = config.num_hidden_layers();
+    let writer = DecoderWriter::create(to, &config, dtype, &WriteOptions::default())?;
+    let mut written = std::collections::BTreeSet::new();
+    let parts = std::iter::once(Part::embedding())
+        .chain((0..layers).map(Part::block))
+        .chain([Part::head()]);
+    for part in parts {
+        let model = Decoder::load_part(from, Device::Cpu, kind, Some(&part))?;
+        for (name, tensor) in model.tensors() {
+            if written.insert(name.clone()) {
+                writer.write(&name, &tensor)?;
+            }
+        }
+    }
+    let files = SaveFiles {
+        dtype,
+        tokenizer_source: Some(from),
+        chat_template: None,
+        extra_files: &[],
+    };
+    writer.finish(card, &files).map(drop)
 }
 
 fn io(path: &Path, e: std::io::Error) -> ElasticError {

@@ -6,26 +6,11 @@
 use std::collections::BTreeMap;
 
 use amalgam_checkpoint::decoder::{MlpInput, NormKind, Projections};
+pub use amalgam_nn::least_squares::Linear;
 use amalgam_nn::DecoderConfig;
 use tch::{Kind, Tensor};
 
 use crate::{MergeError, Result};
-
-/// A weight `[out, in]` (or a norm's scale) and its bias, if the model has one.
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// The same tensors, shared.
-    pub fn shallow_clone(&self) -> Linear {
-        Linear {
-            weight: self.weight.shallow_clone(),
-            bias: self.bias.as_ref().map(Tensor::shallow_clone),
-        }
-    }
-}
 
 /// One block of one model, in parts.
 pub(super) struct Block {

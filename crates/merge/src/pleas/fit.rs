@@ -23,9 +23,9 @@ use tch::Tensor;
 
 use super::block::{get, Block, Linear, NormMath};
 use super::layout::{combine_weight, LayerLayouts, UnitLayout};
-use super::least_squares::{Blocks, NormalEquations};
 use super::Options;
 use crate::Result;
+use amalgam_nn::least_squares::{Blocks, NormalEquations};
 
 /// Both models' tensors (A's, then B's aligned), by Hugging Face name.
 pub(super) type Pair<'a> = [&'a BTreeMap<String, Tensor>; 2];
@@ -77,7 +77,7 @@ fn solve(
         widths.iter().sum(),
         bias,
         cx.options.kind,
-        tch::Device::Cpu,
+        cx.options.device,
     );
     for batch in 0..batches {
         let x = [input(0, batch), input(1, batch)];
@@ -414,7 +414,7 @@ pub(super) fn least_squares_head(
         vocab,
         false,
         cx.options.kind,
-        tch::Device::Cpu,
+        cx.options.device,
     );
     // In chunks of tokens: a vocabulary's worth of logits per token.
     for (a, b) in streams[0].iter().zip(&streams[1]) {

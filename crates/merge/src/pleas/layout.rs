@@ -6,10 +6,10 @@
 use amalgam_nn::DecoderConfig;
 use tch::Tensor;
 
-use super::least_squares;
 use super::matching::group_index;
 use super::permutation::{DecoderShape, PermutationGroup};
 use crate::Result;
+use amalgam_nn::least_squares;
 
 /// One group's units in the merged model, in blocks `[merged | A-only |
 /// B-only]`: the merged ones (A's unit indices, which after alignment are

@@ -18,7 +18,7 @@
 //!    streams entering the layer; the layer's FFN and attention features
 //!    are matched ([`matching`]), the least-alike matched pairs of a group
 //!    kept separate, and every linear layer of the merged block solved in
-//!    closed form ([`least_squares`], [`fit`]) from the two models' own
+//!    closed form (`amalgam_nn::least_squares`, [`fit`]) from the two models' own
 //!    features in the block layouts (A-only outputs never reading B-only
 //!    inputs). The merged layer is handed to the writer and freed.
 //! 4. **Ends**: embeddings, final norm and head.
@@ -49,7 +49,6 @@
 pub mod block;
 mod fit;
 pub mod layout;
-pub mod least_squares;
 pub mod matching;
 pub mod permutation;
 pub mod plan;
@@ -102,6 +101,9 @@ pub struct Options {
     pub ridge: f64,
     /// F32 or F64 normal equations.
     pub kind: tch::Kind,
+    /// Where the normal equations are accumulated and solved (the forward
+    /// passes run where the sources put the models).
+    pub device: Device,
     /// Which groups a budget above 1 widens.
     pub widen: Widen,
     /// Fit the layers by least squares; otherwise average the aligned

@@ -9,10 +9,6 @@ use super::permutation::DecoderShape;
 use super::{Matching, Options, Widen};
 use crate::{MergeError, Result};
 
-/// What the process holds besides the plan's tensors (libtorch, the
-/// binary, buffers), measured on the small zoo.
-pub const PROCESS_BYTES: u64 = 250_000_000;
-
 /// What a merge of two models of `shape` will produce and hold.
 #[derive(Debug, Clone)]
 pub struct Plan {

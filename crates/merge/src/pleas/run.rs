@@ -7,15 +7,11 @@ use std::time::Instant;
 
 use amalgam_checkpoint::{parse_dtype, Checkpoint, Dtype};
 use amalgam_checkpoint::{InputRecord, ModelCard};
-use amalgam_nn::data::{Domain, Sampler, Split};
-use amalgam_nn::text::{read_documents, TextTokenizer};
-use amalgam_nn::{tokenizer, Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles};
+use amalgam_nn::calibration::TokenSource;
+use amalgam_nn::{Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles, PROCESS_BYTES};
 use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe, TokenizerSource};
-use rand::{Rng, SeedableRng};
-use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Device, Kind, Tensor};
 
-use super::plan::PROCESS_BYTES;
 use super::statistics::Metric;
 use super::{Matching, Plan, Widen};
 use crate::source::Source;
@@ -40,130 +36,24 @@ impl WholeModelMethod for Pleas {
     }
 }
 
-/// Calibration batches `[batch, seq_len]` as the recipe asks: corpus text
-/// (one domain or the mixture, training split, byte tokenizer), a text file
-/// tokenized with the models' shared tokenizer, or uniformly random token ids.
+/// Calibration batches `[batch, seq_len]` as the recipe asks (see
+/// [`TokenSource`]).
 fn calibration(
     recipe: &Recipe,
     pleas: &PleasRecipe,
     vocab: usize,
     models: [&Path; 2],
 ) -> Result<Vec<Tensor>> {
-    let sizes: Vec<usize> = (0..pleas.samples)
-        .step_by(pleas.batch)
-        .map(|start| pleas.batch.min(pleas.samples - start))
-        .collect();
-    if pleas.calibration == "random" {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(pleas.seed);
-        return Ok(sizes
-            .iter()
-            .map(|&n| {
-                let ids: Vec<i64> = (0..n * pleas.seq_len)
-                    .map(|_| rng.random_range(0..vocab as i64))
-                    .collect();
-                Tensor::from_slice(&ids).view([n as i64, pleas.seq_len as i64])
-            })
-            .collect());
-    }
-    let domains = match pleas.calibration.as_str() {
-        "mixture" => Domain::ALL.to_vec(),
-        name => match Domain::parse(name) {
-            Some(domain) => vec![domain],
-            None => return text_calibration(recipe, pleas, vocab, models, &sizes),
-        },
-    };
-    if vocab != tokenizer::VOCAB_SIZE {
-        return Err(MergeError::Recipe(recipe.error(
-            pleas.calibration_at,
-            format!(
-                "corpus calibration is tokenized with amalgam's byte tokenizer ({} tokens), \
-                 this model has {vocab}: use `calibration: random`",
-                tokenizer::VOCAB_SIZE
-            ),
-        )));
-    }
-    let mut sampler = Sampler::new(&domains, Split::Train, pleas.seed);
-    Ok(sizes
-        .iter()
-        .map(|&n| sampler.batch(n, pleas.seq_len, Device::Cpu))
-        .collect())
-}
-
-/// Calibration windows from a text file (one document, or one per `.jsonl`
-/// line): each document tokenized with the models' tokenizer (which must be
-/// the same: tokens and ids) after its BOS (or EOS), the documents joined,
-/// and `seq_len` windows drawn at seeded random offsets.
-fn text_calibration(
-    recipe: &Recipe,
-    pleas: &PleasRecipe,
-    vocab: usize,
-    models: [&Path; 2],
-    sizes: &[usize],
-) -> Result<Vec<Tensor>> {
-    let fail = |message: String| MergeError::Recipe(recipe.error(pleas.calibration_at, message));
-    let path = Path::new(&pleas.calibration);
-    if !path.is_file() {
-        return Err(fail(format!(
-            "unknown calibration `{}` (known: mixture, random, {}, or a text file: \
-             plain text, or .jsonl with `calibration_field`)",
-            pleas.calibration,
-            Domain::ALL.map(|d| d.name()).join(", ")
-        )));
-    }
-    let documents =
-        read_documents(path, &pleas.calibration_field).map_err(|e| fail(e.to_string()))?;
-    let tokenizers = models
-        .iter()
-        .map(|dir| TextTokenizer::load(dir))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| {
-            fail(format!(
-                "text calibration needs the models' tokenizers: {e}"
-            ))
-        })?;
-    if !tokenizers[0].same_vocabulary(&tokenizers[1]) {
-        return Err(fail(format!(
-            "{} and {} have different tokenizers (tokens or ids differ): text calibration \
-             needs one tokenizer both models share; use `calibration: random`",
-            models[0].display(),
-            models[1].display()
-        )));
-    }
-    let mut stream = vec![];
-    for document in &documents {
-        stream.extend(tokenizers[0].prefix_token());
-        stream.extend(
-            tokenizers[0]
-                .encode(document, false)
-                .map_err(|e| fail(e.to_string()))?,
-        );
-    }
-    if let Some(id) = stream.iter().find(|&&id| id < 0 || id as usize >= vocab) {
-        return Err(fail(format!(
-            "the tokenizer gives id {id}, outside the models' {vocab}-token vocabulary"
-        )));
-    }
-    if stream.len() < pleas.seq_len {
-        return Err(fail(format!(
-            "{} holds {} tokens, fewer than `seq_len` {}",
-            path.display(),
-            stream.len(),
-            pleas.seq_len
-        )));
-    }
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(pleas.seed);
-    Ok(sizes
-        .iter()
-        .map(|&n| {
-            let ids: Vec<i64> = (0..n)
-                .flat_map(|_| {
-                    let start = rng.random_range(0..=stream.len() - pleas.seq_len);
-                    stream[start..start + pleas.seq_len].to_vec()
-                })
-                .collect();
-            Tensor::from_slice(&ids).view([n as i64, pleas.seq_len as i64])
-        })
-        .collect())
+    let mut source = TokenSource::open(
+        &pleas.calibration,
+        &pleas.calibration_field,
+        vocab,
+        &models,
+        pleas.seq_len,
+        pleas.seed,
+    )
+    .map_err(|e| MergeError::Recipe(recipe.error(pleas.calibration_at, e.to_string())))?;
+    Ok(source.batches(pleas.samples, pleas.batch, pleas.seq_len))
 }
 
 fn run(
@@ -228,6 +118,7 @@ fn run(
             Kind::Double
         },
         least_squares: pleas.least_squares,
+        device: options.device,
         widen: if pleas.widen == "ffn" {
             Widen::Ffn
         } else {
@@ -431,16 +322,7 @@ fn output_dtype(recipe: &Recipe, first: &Checkpoint) -> Dtype {
     let named = recipe.out_dtype.as_ref().or(recipe.dtype.as_ref());
     match named {
         Some((name, _)) => parse_dtype(name).expect("validated by the recipe parser"),
-        None => first
-            .tensors()
-            .iter()
-            .find(|t| {
-                amalgam_checkpoint::family::is_embedding(
-                    amalgam_checkpoint::family::of(first.config()),
-                    &t.name,
-                )
-            })
-            .map_or(Dtype::F32, |t| t.dtype),
+        None => first.weights_dtype(),
     }
 }
 

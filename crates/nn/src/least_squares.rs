@@ -1,20 +1,41 @@
-//! The least-squares step: one linear layer of the merged model, fitted in
-//! closed form so that, fed the (merged) features of the original models,
-//! it reproduces their (merged) outputs.
+//! Linear layers fitted in closed form: the normal equations of `Y ≈ XWᵀ + b`,
+//! accumulated batch by batch and solved with a ridge relative to the inputs'
+//! scale. PLeaS fits every layer of a merged model this way, stitching its
+//! stitching layers; one implementation, one meaning of `ridge`.
 //!
-//! Both sides of a layer are laid out in blocks `[merged | A-only | B-only]`.
-//! An A-only output must not read B-only inputs (and vice versa): those two
-//! blocks are zero by construction, because each output block is solved only
-//! from the inputs it may read — merged outputs from all inputs, A-only
-//! outputs from `[merged | A-only]`, B-only from `[merged | B-only]`.
+//! Inputs and outputs may be laid out in blocks `[merged | A-only | B-only]`
+//! (PLeaS's partial merges; a plain fit is one block `[n, 0, 0]`). An A-only
+//! output must not read B-only inputs (and vice versa): those two blocks are
+//! zero by construction, because each output block is solved only from the
+//! inputs it may read — merged outputs from all inputs, A-only outputs from
+//! `[merged | A-only]`, B-only from `[merged | B-only]`.
 //!
 //! A layer with a bias is solved with a constant input (unpenalised) that
 //! every output block reads.
 
 use tch::{Kind, Tensor};
 
-use super::block::Linear;
-use crate::{MergeError, Result};
+use crate::{NnError, Result};
+
+/// A weight `[out, in]` (or a norm's scale) and its bias, if the layer has one.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// The same tensors, shared.
+    pub fn shallow_clone(&self) -> Linear {
+        Linear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
+/// Columns per block of the blocked `XᵀX` product.
+const GRAM_BLOCK: i64 = 1024;
 
 /// Sizes of a side's `[merged, A-only, B-only]` blocks.
 pub type Blocks = [usize; 3];
@@ -42,19 +63,38 @@ impl NormalEquations {
         }
     }
 
-    /// Adds a batch: inputs `[n, in]`, targets `[n, out]`.
+    /// Adds a batch: inputs `[n, in]`, targets `[n, out]` (moved to the
+    /// equations' device).
     pub fn add(&mut self, x: &Tensor, y: &Tensor) {
-        let mut x = x.to_kind(self.kind);
+        let device = self.gram.device();
+        let mut x = x.to_device(device).to_kind(self.kind);
         if self.bias {
             let ones = Tensor::ones([x.size()[0], 1], (self.kind, x.device()));
             x = Tensor::cat(&[x, ones], 1);
         }
-        let xt = x.transpose(0, 1);
-        self.gram += xt.matmul(&x);
-        self.cross += xt.matmul(&y.to_kind(self.kind));
+        let xt = x.transpose(0, 1).contiguous();
+        self.cross += xt.matmul(&y.to_device(device).to_kind(self.kind));
+        // XᵀX is symmetric: its upper block triangle is computed and
+        // mirrored (about half the products for a wide layer, and an
+        // exactly symmetric matrix for the Cholesky solve).
+        let width = xt.size()[0];
+        for i in (0..width).step_by(GRAM_BLOCK as usize) {
+            let rows = xt.narrow(0, i, GRAM_BLOCK.min(width - i));
+            for j in (i..width).step_by(GRAM_BLOCK as usize) {
+                let columns = xt.narrow(0, j, GRAM_BLOCK.min(width - j));
+                let product = rows.matmul(&columns.transpose(0, 1));
+                let (n, m) = (product.size()[0], product.size()[1]);
+                let mut upper = self.gram.narrow(0, i, n).narrow(1, j, m);
+                upper += &product;
+                if j != i {
+                    let mut lower = self.gram.narrow(0, j, m).narrow(1, i, n);
+                    lower += product.transpose(0, 1);
+                }
+            }
+        }
     }
 
-    /// The weight `[out, in]` (F32) minimising ‖XWᵀ + b − Y‖² + λ‖W‖²
+    /// The weight `[out, in]` (F32, on the CPU) minimising ‖XWᵀ + b − Y‖² + λ‖W‖²
     /// blockwise, with λ = `ridge` × the mean diagonal of `XᵀX` (scale-free;
     /// the bias is not penalised), and the A-only × B-only blocks exactly
     /// zero; with its bias if the equations have one.
@@ -77,7 +117,7 @@ impl NormalEquations {
             || self.cross.size()[0] != n_in as i64
             || self.cross.size()[1] < (first + n_out) as i64
         {
-            return Err(MergeError::Permutation(format!(
+            return Err(NnError::Invalid(format!(
                 "least squares: blocks {inputs:?} → {outputs:?} do not fit equations {:?} → {:?}",
                 self.gram.size(),
                 self.cross.size()
@@ -121,15 +161,21 @@ impl NormalEquations {
             let penalty = Tensor::zeros([size], (self.kind, device));
             let _ = penalty.narrow(0, 0, penalised).fill_(ridge * scale);
             let regularised = gram + penalty.diag(0);
-            let solution = Tensor::f_linalg_solve(&regularised, &cross, true).map_err(|e| {
-                MergeError::Permutation(format!("least squares: solve failed ({e})"))
-            })?;
+            // Cholesky (half LU's work) while the system is positive
+            // definite; LU when it is not (no ridge, dependent inputs).
+            let (factor, info) = regularised.linalg_cholesky_ex(false, false);
+            let solution = if info.int64_value(&[]) == 0 {
+                cross.cholesky_solve(&factor, false)
+            } else {
+                Tensor::f_linalg_solve(&regularised, &cross, true)
+                    .map_err(|e| NnError::Invalid(format!("least squares: solve failed ({e})")))?
+            };
             // A view of the output block's rows; the solution lands in the
             // columns it was solved for, the rest stay zero.
             let mut rows = weight.narrow(0, out_at[o] as i64, outputs[o] as i64);
             let _ = rows.index_copy_(1, &index, &solution.transpose(0, 1));
         }
-        let weight = weight.to_kind(Kind::Float);
+        let weight = weight.to_kind(Kind::Float).to_device(tch::Device::Cpu);
         Ok(if self.bias {
             Linear {
                 bias: Some(weight.select(1, constant).contiguous()),
@@ -198,6 +244,46 @@ mod tests {
             0.0
         );
         assert!(noisy.solve([9, 0, 0], [7, 0, 0], 0.0).is_err());
+    }
+
+    #[test]
+    fn the_blocked_gram_is_the_plain_product_and_cholesky_solves_as_lu() {
+        tch::manual_seed(5);
+        let width = 2 * GRAM_BLOCK as usize + 37;
+        let mut equations = NormalEquations::new(width, 3, true, Kind::Double, Device::Cpu);
+        let (x, y) = (randn(&[40, width as i64]), randn(&[40, 3]));
+        equations.add(&x, &y);
+        let z = Tensor::cat(
+            &[
+                x.shallow_clone(),
+                Tensor::ones([40, 1], (Kind::Double, Device::Cpu)),
+            ],
+            1,
+        );
+        let plain = z.transpose(0, 1).matmul(&z);
+        let error = (&equations.gram - &plain).abs().max().double_value(&[]);
+        assert!(error < 1e-9, "gram off by {error}");
+        assert!(equations.gram.equal(&equations.gram.transpose(0, 1)));
+        // More inputs than samples: positive definite only with the ridge.
+        let ridge = 1e-3;
+        let solved = equations.solve([width, 0, 0], [3, 0, 0], ridge).unwrap();
+        let scale = plain
+            .diagonal(0, 0, 1)
+            .narrow(0, 0, width as i64)
+            .mean(Kind::Double);
+        let mut penalty = vec![ridge * scale.double_value(&[]); width];
+        penalty.push(0.0);
+        let lu = Tensor::linalg_solve(
+            &(plain + Tensor::from_slice(&penalty).diag(0)),
+            &z.transpose(0, 1).matmul(&y),
+            true,
+        );
+        let expected = lu.narrow(0, 0, width as i64).transpose(0, 1);
+        let error = (solved.weight.to_kind(Kind::Double) - expected)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(error < 1e-5, "solution off by {error}");
     }
 
     #[test]
