@@ -144,16 +144,26 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         recipe.seq_len,
         recipe.batch,
     );
-    // Training holds both anchors whole (F32), a batch's activations for
-    // every block, and Adam's two moments per trained weight.
+    // Training holds both anchors whole (F32; with gradients and Adam's two
+    // moments when they train), every block's activations of a batch and
+    // its logits, and each stitch with its gradient and moments.
     let training = recipe.train.as_ref().map(|t| {
-        configs.iter().fold(PROCESS_BYTES, |sum, c| {
-            let moments = if t.anchor_lr_scale > 0.0 { 2 } else { 0 };
-            sum.saturating_add(
-                (c.num_hidden_layers() as u64).saturating_mul(c.forward_bytes(t.batch, t.seq_len)),
-            )
-            .saturating_add((1 + moments) * c.weight_bytes())
-        })
+        let stitches: u64 = plan
+            .routes
+            .iter()
+            .map(|r| (configs[r.front].hidden_size as u64 + 1) * configs[r.end].hidden_size as u64)
+            .sum();
+        let copies = if t.anchor_lr_scale > 0.0 { 4 } else { 1 };
+        configs.iter().fold(
+            PROCESS_BYTES.saturating_add(stitches.saturating_mul(16)),
+            |sum, c| {
+                let blocks = c.block_forward_bytes(t.batch, t.seq_len);
+                let logits = c.forward_bytes(t.batch, t.seq_len) - blocks;
+                sum.saturating_add((c.num_hidden_layers() as u64).saturating_mul(blocks))
+                    .saturating_add(logits)
+                    .saturating_add(c.weight_bytes().saturating_mul(copies))
+            },
+        )
     });
     let estimate = plan.memory.peak().max(training.unwrap_or(0));
     crate::resources::check_memory(

@@ -471,6 +471,56 @@ fn every_family_stitches_streamed() {
         }
         let routes = amalgam_elastic::stitch::family_routes([3, 4]);
         assert_eq!(stitched.members.len(), 2 + routes.len(), "{family}");
+        // A route's size counts every stored tensor it runs (biases, the
+        // family's norms), by the input files' own tensor names.
+        let stored: Vec<Vec<(String, u64)>> = [&shallow, &deep]
+            .iter()
+            .map(|dir| {
+                let checkpoint = amalgam_checkpoint::Checkpoint::open(dir).unwrap();
+                checkpoint
+                    .tensors()
+                    .iter()
+                    .map(|t| (t.name.clone(), t.shape.iter().product::<usize>() as u64))
+                    .collect()
+            })
+            .collect();
+        let layer = |name: &str| -> Option<usize> {
+            let rest = &name[name.find(".layers.")? + ".layers.".len()..];
+            rest[..rest.find('.')?].parse().ok()
+        };
+        let is_embedding = |name: &str| name.contains("embed_tokens") || name.contains("embed_in");
+        for member in &stitched.members[2..] {
+            let amalgam_elastic::stitch::Network::Stitched(route, stitch) = &member.network else {
+                unreachable!("anchors come first")
+            };
+            let (front, end) = (&stored[route.front], &stored[route.end]);
+            let tied = !end
+                .iter()
+                .any(|(n, _)| n.contains("lm_head") || n.contains("embed_out"));
+            let front_size: u64 = front
+                .iter()
+                .filter(|(n, _)| match layer(n) {
+                    Some(l) => l < route.cut,
+                    None => is_embedding(n),
+                })
+                .map(|(_, size)| size)
+                .sum();
+            let end_size: u64 = end
+                .iter()
+                .filter(|(n, _)| match layer(n) {
+                    Some(l) => l >= route.resume,
+                    None => !is_embedding(n) || tied,
+                })
+                .map(|(_, size)| size)
+                .sum();
+            let stitch_size = (stitch.weight.numel() + stitch.bias.numel()) as u64;
+            assert_eq!(
+                member.parameters,
+                front_size + stitch_size + end_size,
+                "{family} {}",
+                member.name
+            );
+        }
         let ids = Tensor::arange(2 * 16, (Kind::Int64, Device::Cpu))
             .remainder(96)
             .view([2, 16]);

@@ -37,7 +37,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(decoder) = DecoderConfig::from_model_config(config, &dir.join("config.json")) {
         let _ = decoder.parameters();
         let _ = (decoder.weight_bytes(), decoder.forward_bytes(32, 4096));
-        let _ = decoder.taps_bytes(32, 4096);
         let _ = decoder.to_model_config().to_json_pretty();
     }
 });

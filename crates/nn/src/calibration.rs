@@ -63,6 +63,15 @@ impl TokenSource {
                 tokenizer::VOCAB_SIZE
             )));
         }
+        if let Some(short) = domains
+            .iter()
+            .find(|d| d.tokens(Split::Train).len() < seq_len)
+        {
+            return Err(NnError::Invalid(format!(
+                "the corpus's {} text is shorter than `seq_len` {seq_len}",
+                short.name()
+            )));
+        }
         Ok(TokenSource::Corpus(Sampler::new(
             &domains,
             Split::Train,
@@ -95,8 +104,9 @@ impl TokenSource {
 
     /// `samples` windows in batches of up to `batch`.
     pub fn batches(&mut self, samples: usize, batch: usize, seq_len: usize) -> Vec<Tensor> {
+        let batch = batch.max(1);
         (0..samples)
-            .step_by(batch.max(1))
+            .step_by(batch)
             .map(|start| self.batch(batch.min(samples - start), seq_len))
             .collect()
     }
@@ -115,7 +125,7 @@ fn text_tokens(
     if !path.is_file() {
         return Err(NnError::Invalid(format!(
             "unknown calibration `{name}` (known: mixture, random, {}, or a text file: plain \
-             text, or .jsonl with a field naming its text)",
+             text, or .jsonl with the field holding each line's text)",
             Domain::ALL.map(|d| d.name()).join(", ")
         )));
     }
@@ -148,7 +158,7 @@ fn text_tokens(
     }
     if tokens.len() < seq_len {
         return Err(NnError::Invalid(format!(
-            "{} holds {} tokens, fewer than `seq_len` {seq_len}",
+            "{} holds {} tokens, fewer than the {seq_len} a window needs",
             path.display(),
             tokens.len(),
         )));

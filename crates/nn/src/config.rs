@@ -104,40 +104,6 @@ impl Architecture {
         }
     }
 
-    /// Whether this is the plain Llama layout (pre-norm RMSNorm, separate
-    /// q/k/v and gate/up without biases, SiLU, full RoPE, no sliding window,
-    /// no soft caps): what stitching and MatFormer training handle so far.
-    pub fn is_plain_llama(&self) -> bool {
-        let plain = Architecture::llama();
-        let l = self.layout;
-        l.attention.qkv == plain.layout.attention.qkv
-            && l.mlp.input == plain.layout.mlp.input
-            && l.norms == plain.layout.norms
-            && l.norm == NormKind::Rms
-            && l.attention.qk_norm.is_none()
-            && !l.embedding_scaled
-            && self.activation == Activation::Silu
-            && !(self.qkv_bias || self.output_bias || self.mlp_bias || self.parallel_residual)
-            && self.partial_rotary_factor == 1.0
-            && self.local_rope_theta.is_none()
-            && (self.sliding_window.is_none() || !self.sliding_layers.contains(&true))
-            && self.attention_softcap.is_none()
-            && self.final_softcap.is_none()
-            && self.query_scale.is_none()
-    }
-
-    /// An error naming `what` unless this is the plain Llama layout.
-    pub fn require_plain_llama(&self, what: &str) -> std::result::Result<(), String> {
-        if self.is_plain_llama() {
-            return Ok(());
-        }
-        Err(format!(
-            "{what} handles Llama-layout decoders so far (pre-norm RMSNorm, no biases, SiLU, \
-             full RoPE, no sliding window); this `{}` model is not one",
-            self.model_type
-        ))
-    }
-
     /// Whether block `layer` attends within the sliding window.
     pub fn slides(&self, layer: usize) -> bool {
         self.sliding_window.is_some() && self.sliding_layers.get(layer) == Some(&true)
@@ -644,23 +610,6 @@ impl DecoderConfig {
     /// Bytes of the F32 weights.
     pub fn weight_bytes(&self) -> u64 {
         4 * self.parameter_count() as u64
-    }
-
-    /// Bytes of the taps [`crate::Decoder::forward_taps`] records for `batch`
-    /// sequences of `seq_len` tokens: every block boundary's residual stream,
-    /// every block's attention heads, MLP input stream and FFN hidden units
-    /// (F32).
-    pub fn taps_bytes(&self, batch: usize, seq_len: usize) -> u64 {
-        let tokens = (batch as u64).saturating_mul(seq_len as u64);
-        let layers = self.num_hidden_layers() as u64;
-        let per_token = (2 * layers + 1) * self.hidden_size as u64
-            + layers * (self.num_attention_heads * self.head_dim) as u64
-            + self
-                .intermediate_sizes
-                .iter()
-                .map(|&f| f as u64)
-                .sum::<u64>();
-        tokens.saturating_mul(per_token).saturating_mul(4)
     }
 
     /// Bytes a no-grad F32 forward pass of `batch` sequences of `seq_len`

@@ -117,6 +117,16 @@ impl Part {
         }
     }
 
+    /// The parameters of a model of `config` the part holds.
+    pub fn parameter_count(&self, config: &DecoderConfig) -> u64 {
+        config
+            .parameters()
+            .iter()
+            .filter(|p| self.holds(config, &p.name))
+            .map(|p| p.shape.iter().product::<i64>() as u64)
+            .sum()
+    }
+
     /// Whether the parameter `name` of a model of `config` is in the part.
     fn holds(&self, config: &DecoderConfig, name: &str) -> bool {
         let layout = config.architecture.layout;

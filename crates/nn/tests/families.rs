@@ -162,11 +162,10 @@ fn unknown_families_and_unplaced_tensors_are_refused() {
         c["hidden_act"] = "gelu_pytorch_tanh".into();
     });
     let gemma = Decoder::load(&dir, Device::Cpu).unwrap();
-    assert!(!gemma.config.architecture.is_plain_llama());
-    assert!(gemma
-        .config
-        .architecture
-        .require_plain_llama("Stitching")
-        .unwrap_err()
-        .contains("Stitching handles Llama-layout decoders so far"));
+    let layout = gemma.config.architecture.layout;
+    assert!(layout.embedding_scaled);
+    assert_eq!(
+        layout.norm,
+        amalgam_checkpoint::decoder::NormKind::RmsUnitOffset
+    );
 }

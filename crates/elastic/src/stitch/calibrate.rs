@@ -87,7 +87,8 @@ impl Plan {
         let walked = 1 - kept;
         let depth = |a: usize| boundaries(a).last().copied().unwrap_or(0);
         // One anchor running: two streams (a block's input and output), the
-        // larger of its embeddings and one block, one batch's activations.
+        // larger of its embeddings and one block (read in F32, then cast
+        // to its kind), one batch's activations.
         let running = |a: usize| {
             let c = configs[a];
             let widest = (0..c.num_hidden_layers())
@@ -95,8 +96,12 @@ impl Plan {
                 .max()
                 .unwrap_or(0) as f64;
             let weights = f64::max(widest, c.vocab_size as f64 * c.hidden_size as f64);
+            let loading = match kinds[a] {
+                Kind::Float => 4.0,
+                kind => 4.0 + bytes(kind),
+            };
             2.0 * stream(a)
-                + weights * bytes(kinds[a])
+                + weights * loading
                 + c.block_forward_bytes(batch.min(samples), seq_len) as f64
         };
         // One system: XᵀX and XᵀY in F64, the solver's copies of them, and
@@ -160,6 +165,9 @@ pub fn calibrate(
     ridge: f64,
     on_block: &mut dyn FnMut(),
 ) -> Result<Vec<Stitch>> {
+    if batches.is_empty() {
+        return Err(ElasticError::Stitch("no calibration batches".into()));
+    }
     let (kept, walked) = (plan.kept, 1 - plan.kept);
     let routes = &plan.routes;
     let mut stored: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();

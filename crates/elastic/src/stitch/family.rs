@@ -132,25 +132,29 @@ fn size(configs: [&DecoderConfig; 2], network: &Network) -> (u64, u64) {
         }
         Network::Stitched(route, stitch) => {
             let (front, end) = (configs[route.front], configs[route.end]);
-            let blocks = |c: &DecoderConfig, layers: std::ops::Range<usize>| -> (u64, u64) {
-                layers.fold((0, 0), |(p, m), l| {
-                    let matrices = c.block_matrix_parameters(l) as u64;
-                    (p + matrices + 2 * c.hidden_size as u64, m + matrices)
-                })
+            let matrices = |c: &DecoderConfig, layers: std::ops::Range<usize>| -> u64 {
+                layers.map(|l| c.block_matrix_parameters(l) as u64).sum()
             };
-            let (front_p, front_m) = blocks(front, 0..route.cut);
-            let (end_p, end_m) = blocks(end, route.resume..end.num_hidden_layers());
+            let front_m = matrices(front, 0..route.cut);
+            let end_m = matrices(end, route.resume..end.num_hidden_layers());
             let stitch_m = stitch.weight.numel() as u64;
-            // The front's embedding, its blocks, the stitch, the end's
-            // blocks, final norm and output head (its tied embedding or
-            // lm_head: one V × H matrix either way).
-            let parameters = head(front)
-                + front_p
+            // The front's embedding and blocks (every stored tensor: biases
+            // and the family's norms too), the stitch, the end's blocks,
+            // final norm and output head (its tied embedding or lm_head).
+            let front_part = Part {
+                embedding: true,
+                layers: 0..route.cut,
+                head: false,
+            };
+            let end_part = Part {
+                embedding: false,
+                layers: route.resume..end.num_hidden_layers(),
+                head: true,
+            };
+            let parameters = front_part.parameter_count(front)
                 + stitch_m
                 + stitch.bias.numel() as u64
-                + end_p
-                + end.hidden_size as u64
-                + head(end);
+                + end_part.parameter_count(end);
             (parameters, 2 * (front_m + stitch_m + end_m + head(end)))
         }
     }
@@ -196,13 +200,16 @@ impl Family {
         };
         let mut optimizers = vec![adamw.build(&stitch_vars, options.lr).map_err(torch)?];
         let anchors_train = options.anchor_lr_scale > 0.0;
-        if anchors_train {
-            for anchor in &self.anchors {
+        for anchor in &mut self.anchors {
+            if anchors_train {
                 optimizers.push(
                     adamw
                         .build(&anchor.vs, options.lr * options.anchor_lr_scale)
                         .map_err(torch)?,
                 );
+            } else {
+                // No gradients for weights that never step.
+                anchor.vs.freeze();
             }
         }
         let candidates: Vec<usize> = (0..self.members.len())
@@ -290,7 +297,10 @@ impl Family {
         );
         Ok(Family {
             members: vec![member],
-            dirs: vec![self.dirs[route.front].clone(), self.dirs[route.end].clone()],
+            dirs: [route.front, route.end]
+                .iter()
+                .filter_map(|&a| self.dirs.get(a).cloned())
+                .collect(),
             anchors,
         })
     }
@@ -314,6 +324,11 @@ impl Family {
     /// Writes the family to `out` (see [`save_family`]), each anchor saved
     /// from memory.
     pub fn save(&self, out: &Path, force: bool, card: &ModelCard) -> Result<()> {
+        if self.dirs.len() != self.anchors.len() {
+            return Err(ElasticError::Stitch(
+                "the family does not say where its anchors' tokenizer files come from".into(),
+            ));
+        }
         let anchors = self
             .anchors
             .iter()
