@@ -286,6 +286,8 @@ impl Decoder {
         part: &Part,
     ) -> Self {
         let mut vs = nn::VarStore::new(device);
+        // Variables are made in `kind` (never an F32 copy of a half model).
+        vs.set_kind(kind);
         let unit_offset = config.architecture.layout.norm == NormKind::RmsUnitOffset;
         let mut vars: std::collections::HashMap<String, Tensor> = config
             .parameters()
@@ -310,9 +312,6 @@ impl Decoder {
                 (p.name, var)
             })
             .collect();
-        if kind != Kind::Float {
-            vs.set_kind(kind);
-        }
         let mut take = |stem: &str, suffix: &str| vars.remove(&format!("{stem}.{suffix}"));
         let empty = || Tensor::zeros([0], (kind, device));
         let mut linear = |stem: &String| Linear {

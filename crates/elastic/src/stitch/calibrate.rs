@@ -87,8 +87,7 @@ impl Plan {
         let walked = 1 - kept;
         let depth = |a: usize| boundaries(a).last().copied().unwrap_or(0);
         // One anchor running: two streams (a block's input and output), the
-        // larger of its embeddings and one block (read in F32, then cast
-        // to its kind), one batch's activations.
+        // larger of its embeddings and one block, one batch's activations.
         let running = |a: usize| {
             let c = configs[a];
             let widest = (0..c.num_hidden_layers())
@@ -96,12 +95,8 @@ impl Plan {
                 .max()
                 .unwrap_or(0) as f64;
             let weights = f64::max(widest, c.vocab_size as f64 * c.hidden_size as f64);
-            let loading = match kinds[a] {
-                Kind::Float => 4.0,
-                kind => 4.0 + bytes(kind),
-            };
             2.0 * stream(a)
-                + weights * loading
+                + weights * bytes(kinds[a])
                 + c.block_forward_bytes(batch.min(samples), seq_len) as f64
         };
         // One system: XᵀX and XᵀY in F64, the solver's copies of them, and
