@@ -20,7 +20,10 @@ use anyhow::Result;
 #[command(after_help = "Examples:\n  \
     amalgam merge recipes/ties.yml work/merged-ties\n  \
     amalgam merge recipes/ties.yml work/merged-ties --dry-run\n  \
-    amalgam merge recipes/dare_ties.yml work/dare --seed 7 --threads 2 --out-shard-size 1GB")]
+    amalgam merge recipes/dare_ties.yml work/dare --seed 7 --threads 2 --out-shard-size 1GB\n  \
+    amalgam merge recipes/ties.yml work/merged-ties --part 1/2   # on one machine\n  \
+    amalgam merge recipes/ties.yml work/merged-ties --part 2/2   # on another\n  \
+    amalgam merge recipes/ties.yml work/merged-ties --join")]
 pub struct Args {
     /// The recipe (YAML).
     pub(crate) recipe: PathBuf,
@@ -61,11 +64,26 @@ pub struct Args {
     /// finite inputs (otherwise an error naming the tensor).
     #[arg(long)]
     pub(crate) allow_nonfinite: bool,
+    /// Compute only part I of N of the output tensors (balanced by bytes)
+    /// into OUTPUT.parts/part-I-of-N; `--join` makes OUTPUT once all N are
+    /// there (a shared filesystem for several machines).
+    #[arg(long, value_name = "I/N", conflicts_with_all = ["dry_run", "join"])]
+    pub(crate) part: Option<String>,
+    /// Write OUTPUT from the parts in OUTPUT.parts (all N, same recipe and
+    /// seed), byte for byte what one process writes; removes the parts.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub(crate) join: bool,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let text = crate::resources::read_recipe(&args.recipe)?;
     let mut stages = Stages::parse(&text, &args.recipe.display().to_string())?;
+    if (args.part.is_some() || args.join) && !stages.is_single() {
+        return Err(anyhow::anyhow!(
+            "--part and --join split a single-stage recipe; run a multi-stage one's stages \
+             as separate recipes"
+        ));
+    }
     if stages.is_single() {
         let recipe = stages.run_order.remove(0).recipe;
         return run_stage(recipe, &args.output, &args, quiet);
@@ -178,6 +196,17 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()>
     let method = match method_of(&recipe)? {
         Method::PerTensor(method) => method,
         Method::WholeModel(method) => {
+            if args.part.is_some() || args.join {
+                return Err(recipe
+                    .error(
+                        recipe.merge_method_at,
+                        format!(
+                            "`{}` runs on whole models; --part and --join split per-tensor merges",
+                            recipe.merge_method
+                        ),
+                    )
+                    .into());
+            }
             let options = RunOptions {
                 seed: args.seed,
                 device: crate::device::parse(&args.device)?,
@@ -223,10 +252,42 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()>
             allow_nonfinite: args.allow_nonfinite,
         },
     };
+    if args.join {
+        let summary = job.join(out, &options)?;
+        if !quiet {
+            println!(
+                "joined the parts of {} into {}: {} tensors, {:.1} MB, {:.1} s",
+                job.plan.method,
+                summary.out.display(),
+                summary.tensors,
+                summary.bytes_written as f64 / 1e6,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        return Ok(());
+    }
+    let part = args.part.as_deref().map(parse_part).transpose()?;
     let total: u64 = job.output_specs().iter().map(|s| s.byte_len()).sum();
     let bar = crate::progress::bytes(total, &job.recipe.merge_method, quiet);
-    let summary = job.execute(out, &options, &|bytes| bar.inc(bytes))?;
+    let summary = match part {
+        Some((i, n)) => job.execute_part(out, i, n, &options, &|bytes| bar.inc(bytes))?,
+        None => job.execute(out, &options, &|bytes| bar.inc(bytes))?,
+    };
     bar.finish_and_clear();
+    if let (Some((i, n)), false) = (part, quiet) {
+        println!(
+            "part {i}/{n} of {} into {}: {} tensors, {:.1} MB written, {:.1} s; when all {n} \
+             parts are done: amalgam merge {} {} --join",
+            job.plan.method,
+            summary.out.display(),
+            summary.tensors,
+            summary.bytes_written as f64 / 1e6,
+            started.elapsed().as_secs_f64(),
+            args.recipe.display(),
+            out.display()
+        );
+        return Ok(());
+    }
     if !quiet {
         println!(
             "merged {} models with {} into {}: {} tensors, {:.1} MB read, {:.1} MB written, {:.1} s",
@@ -240,6 +301,19 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()>
         );
     }
     Ok(())
+}
+
+/// `I/N` (1 ≤ I ≤ N).
+fn parse_part(text: &str) -> Result<(usize, usize)> {
+    let parsed = text
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+    match parsed {
+        Some((i, n)) if (1..=n).contains(&i) => Ok((i, n)),
+        _ => Err(anyhow::anyhow!(
+            "--part {text:?}: expected I/N with 1 ≤ I ≤ N, e.g. --part 1/4"
+        )),
+    }
 }
 
 /// Half of MemAvailable (or 4 GB where /proc/meminfo cannot be read).

@@ -139,6 +139,93 @@ fn same_seed_same_bytes_whatever_the_thread_count() {
     assert_ne!(one, run("other-seed", "6", "2"));
 }
 
+/// A DARE-TIES merge split into three parts (each a third of the bytes) and
+/// joined is the single-process merge byte for byte, every file; the join
+/// refuses missing parts, parts of another recipe or seed, and removes the
+/// parts when done.
+#[test]
+fn parts_joined_are_the_single_merge_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let recipe = write_recipe(tmp.path(), "dare.yml", DARE);
+    let merge = |out: &str, extra: &[&str]| -> std::process::Output {
+        let seed = if extra.contains(&"--seed") {
+            &[][..]
+        } else {
+            &["--seed", "5"][..]
+        };
+        let mut args = vec!["merge", recipe.to_str().unwrap(), out];
+        args.extend(seed);
+        args.extend(["--out-shard-size", "300KB"]);
+        args.extend(extra);
+        let args: Vec<&std::ffi::OsStr> = args.into_iter().map(std::ffi::OsStr::new).collect();
+        amalgam_in(tmp.path(), &args)
+    };
+    let succeeds = |out: &str, extra: &[&str]| {
+        let result = merge(out, extra);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    };
+    let refused = |out: &str, extra: &[&str], needle: &str| {
+        let result = merge(out, extra);
+        let message = String::from_utf8_lossy(&result.stderr).into_owned();
+        assert!(
+            !result.status.success() && message.contains(needle),
+            "{message}"
+        );
+    };
+    succeeds("one/merged", &[]);
+    let one = tmp.path().join("one/merged");
+    assert!(
+        listing(&one).len() > 6,
+        "several shards and an index: {:?}",
+        listing(&one)
+    );
+    succeeds("split/merged", &["--part", "1/3"]);
+    succeeds("split/merged", &["--part", "3/3"]);
+    refused("split/merged", &["--join"], "missing part-2-of-3");
+    refused(
+        "split/merged",
+        &["--part", "4/3"],
+        "expected I/N with 1 ≤ I ≤ N",
+    );
+    let parts = tmp.path().join("split/merged.parts");
+    // Part 2 written with another seed is refused at the join.
+    let other = merge("split/merged", &["--part", "2/3", "--seed", "6"]);
+    assert!(other.status.success());
+    refused("split/merged", &["--join"], "written with another --seed");
+    std::fs::remove_dir_all(parts.join("part-2-of-3")).unwrap();
+    succeeds("split/merged", &["--part", "2/3"]);
+    let sizes: Vec<u64> = listing(&parts)
+        .iter()
+        .filter(|n| n.starts_with("part-"))
+        .map(|n| {
+            std::fs::metadata(parts.join(n).join("model.safetensors"))
+                .unwrap()
+                .len()
+        })
+        .collect();
+    assert_eq!(sizes.len(), 3);
+    let (least, most) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+    assert!(
+        most - least < most / 2,
+        "parts balanced by bytes: {sizes:?}"
+    );
+    succeeds("split/merged", &["--join"]);
+    let split = tmp.path().join("split/merged");
+    assert_eq!(listing(&one), listing(&split));
+    for name in listing(&one) {
+        assert!(
+            std::fs::read(one.join(&name)).unwrap() == std::fs::read(split.join(&name)).unwrap(),
+            "{name} differs"
+        );
+    }
+    assert!(!parts.exists(), "the parts are removed after the join");
+}
+
 #[test]
 fn out_dtype_saves_the_math_result_cast_once() {
     let tmp = tempfile::tempdir().unwrap();

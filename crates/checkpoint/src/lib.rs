@@ -31,6 +31,7 @@ pub mod interrupt;
 mod layout;
 pub mod memory;
 mod output;
+pub mod parts;
 mod reader;
 mod seed;
 pub mod synthetic;

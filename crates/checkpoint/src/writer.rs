@@ -275,24 +275,7 @@ impl CheckpointWriter {
     /// index, config, tokenizer files and card, fsyncs everything and renames
     /// the staging directory into place.
     pub fn finish(self, finish: Finish<'_>) -> Result<PathBuf> {
-        for (i, (_, spec)) in self.specs.iter().enumerate() {
-            if self.written[i].load(Ordering::Acquire) != spec.byte_len() {
-                return Err(self.error(format!("tensor {} was never written", spec.name)));
-            }
-            let nonfinite = self.nonfinite[i].load(Ordering::Acquire);
-            if nonfinite > 0 && !self.allow_nonfinite && !self.accepted[i].load(Ordering::Acquire) {
-                return Err(self.error(format!(
-                    "tensor {}: {nonfinite} of its {} values are NaN or infinite; refusing to \
-                     write a broken model",
-                    spec.name,
-                    spec.numel()
-                )));
-            }
-        }
-        for (shard, file) in self.files.iter().enumerate() {
-            file.sync_all()
-                .at(self.staging.join(self.layout.file_name(shard)))?;
-        }
+        self.check_and_sync()?;
         if self.layout.shards.len() > 1 {
             let weight_map: BTreeMap<&str, String> = self
                 .specs
@@ -346,6 +329,39 @@ impl CheckpointWriter {
         self.write_file("README.md", finish.card.render().as_bytes())?;
         drop(self.files);
         self.dir.commit()
+    }
+
+    /// Completes one part of an output split across processes (see
+    /// [`crate::parts`]): checked and synced as [`Self::finish`] does, with
+    /// `manifest` as its `part.json` instead of a config, index and card.
+    pub fn finish_part(self, manifest: &[u8]) -> Result<PathBuf> {
+        self.check_and_sync()?;
+        self.write_file(crate::parts::MANIFEST, manifest)?;
+        drop(self.files);
+        self.dir.commit()
+    }
+
+    /// Every planned tensor written, finite unless vouched for; the shards synced.
+    fn check_and_sync(&self) -> Result<()> {
+        for (i, (_, spec)) in self.specs.iter().enumerate() {
+            if self.written[i].load(Ordering::Acquire) != spec.byte_len() {
+                return Err(self.error(format!("tensor {} was never written", spec.name)));
+            }
+            let nonfinite = self.nonfinite[i].load(Ordering::Acquire);
+            if nonfinite > 0 && !self.allow_nonfinite && !self.accepted[i].load(Ordering::Acquire) {
+                return Err(self.error(format!(
+                    "tensor {}: {nonfinite} of its {} values are NaN or infinite; refusing to \
+                     write a broken model",
+                    spec.name,
+                    spec.numel()
+                )));
+            }
+        }
+        for (shard, file) in self.files.iter().enumerate() {
+            file.sync_all()
+                .at(self.staging.join(self.layout.file_name(shard)))?;
+        }
+        Ok(())
     }
 
     fn dominant_float_dtype(&self) -> Option<Dtype> {

@@ -24,6 +24,9 @@ pub enum MergeError {
     /// A model the forward pass cannot load or run.
     #[error(transparent)]
     Model(#[from] amalgam_nn::NnError),
+    /// A merge split across processes (`--part`, `--join`) that does not fit together.
+    #[error("{0}")]
+    Part(String),
     /// A run whose memory estimate exceeds the limit.
     #[error("{0}")]
     Memory(String),

@@ -10,7 +10,7 @@ use std::sync::{Condvar, Mutex};
 use amalgam_checkpoint::arch::{classify, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::{
-    kind_from_dtype, parse_dtype, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard,
+    kind_from_dtype, parse_dtype, parts, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard,
     ModelConfig, TensorSpec, WriteOptions,
 };
 use amalgam_recipe::{
@@ -35,6 +35,9 @@ pub struct ExecOptions {
     pub memory_budget: u64,
     pub write: WriteOptions,
 }
+
+/// `part.json`'s `format`.
+const PART_FORMAT: &str = "amalgam-merge-part";
 
 /// Resident memory of the process before any tensor: libtorch, the maps' page tables, buffers.
 const BASELINE_RSS: u64 = 200_000_000;
@@ -340,6 +343,178 @@ impl MergeJob {
     ) -> Result<MergeSummary> {
         let config = self.output_config()?;
         let writer = CheckpointWriter::create(out, self.output_specs(), &options.write)?;
+        let all: Vec<&PlannedTensor> = self.plan.tensors.iter().collect();
+        self.compute_into(&writer, all, options, progress)?;
+        self.finish_output(writer, &config, out, options.seed)
+    }
+
+    /// Which of `count` parts computes each planned tensor (0-based, in plan
+    /// order): largest first, each to the part with the fewest bytes so far
+    /// (ties: the lowest), so the parts are balanced by bytes written.
+    pub fn part_assignment(&self, count: usize) -> Vec<usize> {
+        let specs = self.output_specs();
+        let mut order: Vec<usize> = (0..specs.len()).collect();
+        order.sort_by(|&a, &b| {
+            (std::cmp::Reverse(specs[a].byte_len()), &specs[a].name)
+                .cmp(&(std::cmp::Reverse(specs[b].byte_len()), &specs[b].name))
+        });
+        let mut load = vec![0u64; count.max(1)];
+        let mut assignment = vec![0; specs.len()];
+        for t in order {
+            let part = (0..load.len()).min_by_key(|&p| (load[p], p)).unwrap_or(0);
+            load[part] += specs[t].byte_len();
+            assignment[t] = part;
+        }
+        assignment
+    }
+
+    /// Computes part `part` (1-based) of `count` into `OUT.parts/part-I-of-N/`
+    /// (see [`amalgam_checkpoint::parts`]); [`MergeJob::join`] makes the
+    /// output once every part is written.
+    pub fn execute_part(
+        &self,
+        out: &Path,
+        part: usize,
+        count: usize,
+        options: &ExecOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<MergeSummary> {
+        if part == 0 || part > count {
+            return Err(MergeError::Part(format!(
+                "--part {part}/{count}: parts are numbered 1 to {count}"
+            )));
+        }
+        self.output_config()?;
+        let assignment = self.part_assignment(count);
+        let mine: Vec<&PlannedTensor> = self
+            .plan
+            .tensors
+            .iter()
+            .zip(&assignment)
+            .filter(|(_, &p)| p == part - 1)
+            .map(|(t, _)| t)
+            .collect();
+        let specs: Vec<TensorSpec> = self
+            .output_specs()
+            .into_iter()
+            .zip(&assignment)
+            .filter(|(_, &p)| p == part - 1)
+            .map(|(s, _)| s)
+            .collect();
+        let bytes_written = specs.iter().map(TensorSpec::byte_len).sum();
+        let write = WriteOptions {
+            max_shard_bytes: u64::MAX,
+            ..options.write.clone()
+        };
+        let dir = parts::part_dir(out, part, count);
+        let writer = CheckpointWriter::create(&dir, specs, &write)?;
+        let tensors: Vec<String> = mine.iter().map(|t| t.name.clone()).collect();
+        let accepted = self.compute_into(&writer, mine, options, progress)?;
+        let manifest = serde_json::json!({
+            "format": PART_FORMAT,
+            "version": 1,
+            "part": part,
+            "count": count,
+            "seed": options.seed,
+            "recipe": self.recipe.text,
+            "tensors": tensors,
+            "accepted_nonfinite": accepted,
+        });
+        let out =
+            writer.finish_part(&serde_json::to_vec_pretty(&manifest).expect("JSON serialises"))?;
+        Ok(MergeSummary {
+            out,
+            tensors: tensors.len(),
+            bytes_read: self.bytes_to_read(),
+            bytes_written,
+        })
+    }
+
+    /// Writes `out` from the parts [`MergeJob::execute_part`] wrote (all of
+    /// them, of this recipe, one seed), byte for byte the checkpoint one
+    /// process would have written; removes the parts when done.
+    pub fn join(&self, out: &Path, options: &ExecOptions) -> Result<MergeSummary> {
+        let config = self.output_config()?;
+        let found = parts::find_parts(out)?;
+        let parts_dir = parts::parts_dir(out);
+        let bad = |message: String| MergeError::Part(format!("{}: {message}", parts_dir.display()));
+        let Some(&(_, count, _)) = found.first() else {
+            return Err(bad("no parts (write them with --part I/N)".into()));
+        };
+        let numbers: Vec<(usize, usize)> = found.iter().map(|&(p, n, _)| (p, n)).collect();
+        let expected: Vec<(usize, usize)> = (1..=count).map(|p| (p, count)).collect();
+        if numbers != expected {
+            let missing: Vec<String> = expected
+                .iter()
+                .filter(|e| !numbers.contains(e))
+                .map(|(p, n)| format!("part-{p}-of-{n}"))
+                .collect();
+            return Err(bad(format!(
+                "the parts do not make one whole: found {:?}, missing {}",
+                numbers,
+                missing.join(", ")
+            )));
+        }
+        let assignment = self.part_assignment(count);
+        let mut seed = None;
+        let mut manifests = vec![];
+        for (part, _, dir) in &found {
+            let manifest = parts::read_manifest(dir)?;
+            let at = |message: &str| bad(format!("part {part}: {message}"));
+            if manifest["format"] != PART_FORMAT || manifest["recipe"] != self.recipe.text.as_str()
+            {
+                return Err(at("written for another recipe (or not a part)"));
+            }
+            let part_seed = manifest["seed"].as_u64().ok_or_else(|| at("no seed"))?;
+            if *seed.get_or_insert(part_seed) != part_seed {
+                return Err(at("written with another --seed than part 1"));
+            }
+            let mut planned: Vec<&str> = self
+                .plan
+                .tensors
+                .iter()
+                .zip(&assignment)
+                .filter(|(_, &p)| p == part - 1)
+                .map(|(t, _)| t.name.as_str())
+                .collect();
+            let mut listed: Vec<&str> = manifest["tensors"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
+                .unwrap_or_default();
+            planned.sort();
+            listed.sort();
+            if planned != listed {
+                return Err(at("holds other tensors than this plan gives it"));
+            }
+            manifests.push(manifest);
+        }
+        let writer = CheckpointWriter::create(out, self.output_specs(), &options.write)?;
+        for ((_, _, dir), manifest) in found.iter().zip(&manifests) {
+            for name in manifest["accepted_nonfinite"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str())
+            {
+                writer.accept_nonfinite(name)?;
+            }
+            parts::copy_part(dir, &writer)?;
+        }
+        let summary = self.finish_output(writer, &config, out, seed.unwrap_or(0))?;
+        std::fs::remove_dir_all(&parts_dir).map_err(|e| bad(format!("cannot remove: {e}")))?;
+        Ok(summary)
+    }
+
+    /// Computes `tensors` into `writer` on the pool; returns the names of
+    /// those whose NaN or ±inf values were accepted (from their inputs, or
+    /// allowed).
+    fn compute_into(
+        &self,
+        writer: &CheckpointWriter,
+        mut tensors: Vec<&PlannedTensor>,
+        options: &ExecOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Vec<String>> {
         tch::set_num_threads(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads.max(1))
@@ -347,12 +522,12 @@ impl MergeJob {
             .map_err(|e| MergeError::Device(format!("cannot start worker threads: {e}")))?;
         let budget = Budget::new(options.memory_budget);
         let started = std::time::Instant::now();
+        let accepted = Mutex::new(vec![]);
         // Largest first, taken from one queue: the big tensors run together at
         // the start (a peak the estimate can predict), the small ones balance the end.
-        let mut order: Vec<&PlannedTensor> = self.plan.tensors.iter().collect();
-        order.sort_by_key(|t| std::cmp::Reverse(self.tensor_memory(t)));
+        tensors.sort_by_key(|t| std::cmp::Reverse(self.tensor_memory(t)));
         pool.install(|| {
-            order
+            tensors
                 .into_iter()
                 .par_bridge()
                 .try_for_each(|tensor| -> Result<()> {
@@ -362,13 +537,29 @@ impl MergeJob {
                     if nonfinite > 0 {
                         self.check_nonfinite(tensor, nonfinite, options.write.allow_nonfinite)?;
                         writer.accept_nonfinite(&tensor.name)?;
+                        accepted
+                            .lock()
+                            .expect("no panics holding it")
+                            .push(tensor.name.clone());
                     }
                     progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
                     Ok(())
                 })
         })?;
-
         tracing::debug!("tensors merged and written in {:.1?}", started.elapsed());
+        let mut accepted = accepted.into_inner().expect("no panics holding it");
+        accepted.sort();
+        Ok(accepted)
+    }
+
+    /// The output's card, config and files around the written tensors, committed.
+    fn finish_output(
+        &self,
+        writer: CheckpointWriter,
+        config: &ModelConfig,
+        out: &Path,
+        seed: u64,
+    ) -> Result<MergeSummary> {
         let base = self.recipe.base_model.as_ref().map(|b| b.path.as_str());
         let inputs = self
             .plan
@@ -385,14 +576,13 @@ impl MergeJob {
             })
             .collect::<Result<Vec<_>>>()?
             .concat();
-        tracing::debug!("inputs hashed at {:.1?}", started.elapsed());
         let card = ModelCard {
             title: out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             summary: format!(
                 "A merge of {} models with the `{}` method, made by amalgam from the recipe below (seed {}).",
                 self.plan.models.len(),
                 self.plan.method,
-                options.seed
+                seed
             ),
             recipe: Some(self.recipe.text.clone()),
             inputs,
@@ -405,13 +595,12 @@ impl MergeJob {
         let chat_template = self.chat_template()?;
         let bytes_written = writer.layout().total_bytes();
         let out = writer.finish(Finish {
-            config: &config,
+            config,
             tokenizer_source: Some(self.sources[self.plan.tokenizer_model].dir()),
             chat_template: chat_template.as_deref(),
             extra_files: &extra,
             card: &card,
         })?;
-        tracing::debug!("output committed at {:.1?}", started.elapsed());
         Ok(MergeSummary {
             out,
             tensors: self.plan.tensors.len(),
