@@ -142,7 +142,7 @@ fn same_seed_same_bytes_whatever_the_thread_count() {
 /// A DARE-TIES merge split into three parts (each a third of the bytes) and
 /// joined is the single-process merge byte for byte, every file; the join
 /// refuses missing parts, parts of another recipe or seed, and removes the
-/// parts when done.
+/// parts when done. So is the Ray driver's, in two parts on a local cluster.
 #[test]
 fn parts_joined_are_the_single_merge_byte_for_byte() {
     let tmp = tempfile::tempdir().unwrap();
@@ -224,6 +224,31 @@ fn parts_joined_are_the_single_merge_byte_for_byte() {
         );
     }
     assert!(!parts.exists(), "the parts are removed after the join");
+    // The Ray driver (a local cluster, one task per part) writes the same bytes.
+    let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ray-merge.py");
+    let ray = Command::new(python())
+        .arg(&driver)
+        .args([recipe.to_str().unwrap(), "ray/merged", "--parts", "2"])
+        .args(["--amalgam", env!("CARGO_BIN_EXE_amalgam")])
+        .arg("--cwd")
+        .arg(tmp.path())
+        .args(["--", "--seed", "5", "--out-shard-size", "300KB", "-q"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        ray.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ray.stderr)
+    );
+    let by_ray = tmp.path().join("ray/merged");
+    assert_eq!(listing(&one), listing(&by_ray));
+    for name in listing(&one) {
+        assert!(
+            std::fs::read(one.join(&name)).unwrap() == std::fs::read(by_ray.join(&name)).unwrap(),
+            "{name} differs (Ray)"
+        );
+    }
 }
 
 #[test]
