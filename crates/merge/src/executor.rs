@@ -498,7 +498,13 @@ impl MergeJob {
             {
                 writer.accept_nonfinite(name)?;
             }
-            parts::copy_part(dir, &writer)?;
+            // A part may hold nothing (more parts than tensors).
+            if manifest["tensors"]
+                .as_array()
+                .is_some_and(|t| !t.is_empty())
+            {
+                parts::copy_part(dir, &writer)?;
+            }
         }
         let summary = self.finish_output(writer, &config, out, seed.unwrap_or(0))?;
         std::fs::remove_dir_all(&parts_dir).map_err(|e| bad(format!("cannot remove: {e}")))?;
