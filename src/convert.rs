@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use amalgam_checkpoint::{
-    count_nonfinite, kind_from_dtype, parse_byte_size, parse_dtype, Checkpoint, CheckpointWriter,
-    Dtype, Finish, InputRecord, ModelCard, TensorSpec, WriteOptions,
+    copy_checkpoint, parse_byte_size, parse_dtype, Checkpoint, InputRecord, ModelCard, WriteOptions,
 };
 use anyhow::{anyhow, Context, Result};
 
@@ -41,22 +40,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     let max_shard_bytes = parse_byte_size(&args.out_shard_size)?;
     let input = Checkpoint::open(&args.input)?;
-    let out_dtype = |dtype: Dtype| match target {
-        Some(t) if is_float(dtype) => t,
-        _ => dtype,
-    };
-    let specs: Vec<TensorSpec> = input
-        .tensors()
-        .iter()
-        .map(|t| TensorSpec::new(&t.name, out_dtype(t.dtype), t.shape.clone()))
-        .collect();
     let options = WriteOptions {
         max_shard_bytes,
         force: args.force,
         inputs: vec![args.input.clone()],
         allow_nonfinite: false,
     };
-    let writer = CheckpointWriter::create(&args.output, specs, &options)?;
     let bar = crate::progress::bytes(
         input
             .tensors()
@@ -66,25 +55,6 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         "convert",
         quiet,
     );
-    for entry in input.tensors() {
-        let dtype = out_dtype(entry.dtype);
-        let raw = input.read_bytes(entry)?;
-        let nonfinite = if dtype == entry.dtype {
-            writer.write_bytes(&entry.name, &raw)?
-        } else {
-            let kind = |d| kind_from_dtype(d).expect("float dtypes map to kinds");
-            let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
-            let tensor = tch::Tensor::f_from_data_size(&raw, &shape, kind(entry.dtype))?
-                .to_kind(kind(dtype));
-            writer.write_tensor(&entry.name, &tensor)?
-        };
-        // NaN/inf the input had are carried over; ones a cast made are not.
-        if nonfinite > 0 && count_nonfinite(entry.dtype, &raw) > 0 {
-            writer.accept_nonfinite(&entry.name)?;
-        }
-        bar.inc(entry.byte_range.end - entry.byte_range.start);
-    }
-    bar.finish_and_clear();
     let card = ModelCard {
         title: format!("{} (converted)", args.input.display()),
         summary: match target {
@@ -96,21 +66,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         recipe: None,
         inputs: vec![InputRecord::hash("source", &input).context("hashing the input")?],
     };
-    let out = writer.finish(Finish {
-        config: input.config(),
-        tokenizer_source: Some(input.dir()),
-        chat_template: None,
-        extra_files: &[],
-        card: &card,
+    let out = copy_checkpoint(&input, &args.output, target, &options, &card, &|bytes| {
+        bar.inc(bytes)
     })?;
+    bar.finish_and_clear();
     tracing::info!(
         "wrote {} ({} tensors)",
         out.display(),
         input.tensors().len()
     );
     Ok(())
-}
-
-fn is_float(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
 }

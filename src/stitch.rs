@@ -148,11 +148,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     // moments when they train), every block's activations of a batch and
     // its logits, and each stitch with its gradient and moments.
     let training = recipe.train.as_ref().map(|t| {
-        let stitches: u64 = plan
-            .routes
-            .iter()
-            .map(|r| (configs[r.front].hidden_size as u64 + 1) * configs[r.end].hidden_size as u64)
-            .sum();
+        let stitches = plan.stitch_parameters;
         let copies = if t.anchor_lr_scale > 0.0 { 4 } else { 1 };
         configs.iter().fold(
             PROCESS_BYTES.saturating_add(stitches.saturating_mul(16)),

@@ -21,6 +21,7 @@
 pub mod arch;
 mod card;
 mod config;
+mod copy;
 pub mod decoder;
 mod dtype;
 mod error;
@@ -40,6 +41,7 @@ mod writer;
 
 pub use card::{InputRecord, ModelCard};
 pub use config::ModelConfig;
+pub use copy::copy_checkpoint;
 pub use dtype::{count_nonfinite, dtype_from_kind, dtype_name, kind_from_dtype, parse_dtype};
 pub use error::{Error, Result};
 pub use files::{open_regular, read_regular, ModelDir, MAX_JSON_BYTES};

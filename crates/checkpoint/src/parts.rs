@@ -9,8 +9,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::Metadata;
-
 use crate::error::IoContext;
 use crate::{CheckpointWriter, Error, Result, MAX_JSON_BYTES};
 
@@ -66,21 +64,9 @@ pub fn read_manifest(dir: &Path) -> Result<serde_json::Value> {
 pub fn copy_part(dir: &Path, writer: &CheckpointWriter) -> Result<Vec<String>> {
     let path = dir.join("model.safetensors");
     let file = crate::open_regular(&path)?;
-    let bad = |message: String| Error::Write {
-        path: path.clone(),
-        message,
-    };
-    let mut length = [0u8; 8];
-    file.read_exact_at(&mut length, 0).at(&path)?;
-    let length = u64::from_le_bytes(length);
-    if length > MAX_JSON_BYTES {
-        return Err(bad(format!("a header of {length} bytes")));
-    }
-    let mut header = vec![0u8; length as usize];
-    file.read_exact_at(&mut header, 8).at(&path)?;
-    let metadata: Metadata =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
-    let data_start = 8 + length;
+    // Validated as every shard is (offsets, dtypes, the file's length).
+    let (length, metadata) = crate::reader::read_header(&file, &path)?;
+    let data_start = 8 + length as u64;
     let mut names = vec![];
     for (name, info) in metadata.tensors() {
         let (start, end) = info.data_offsets;

@@ -402,7 +402,7 @@ impl Checkpoint {
     }
 }
 
-type ShardHeader = (usize, safetensors::tensor::Metadata);
+pub(crate) type ShardHeader = (usize, safetensors::tensor::Metadata);
 /// Tensor name → shard file, as the index says.
 type Placement = BTreeMap<String, String>;
 
@@ -486,7 +486,7 @@ fn open_shard(files: &ModelDir, name: &str) -> Result<(Shard, ShardHeader)> {
 
 /// Reads and validates a shard's header (the safetensors crate's own
 /// validation of offsets, dtypes and shapes) against the file's length.
-fn read_header(file: &File, path: &Path) -> Result<ShardHeader> {
+pub(crate) fn read_header(file: &File, path: &Path) -> Result<ShardHeader> {
     let fail = |tensor: Option<&str>, message: String| Error::Safetensors {
         path: path.into(),
         tensor: tensor.map(str::to_owned),

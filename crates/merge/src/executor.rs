@@ -368,6 +368,14 @@ impl MergeJob {
         assignment
     }
 
+    /// The planned tensors (indices) of part `part` (1-based) of `count`.
+    fn part_tensors(&self, part: usize, count: usize) -> Vec<usize> {
+        let assignment = self.part_assignment(count);
+        (0..assignment.len())
+            .filter(|&i| assignment[i] + 1 == part)
+            .collect()
+    }
+
     /// Computes part `part` (1-based) of `count` into `OUT.parts/part-I-of-N/`
     /// (see [`amalgam_checkpoint::parts`]); [`MergeJob::join`] makes the
     /// output once every part is written.
@@ -385,22 +393,10 @@ impl MergeJob {
             )));
         }
         self.output_config()?;
-        let assignment = self.part_assignment(count);
-        let mine: Vec<&PlannedTensor> = self
-            .plan
-            .tensors
-            .iter()
-            .zip(&assignment)
-            .filter(|(_, &p)| p == part - 1)
-            .map(|(t, _)| t)
-            .collect();
-        let specs: Vec<TensorSpec> = self
-            .output_specs()
-            .into_iter()
-            .zip(&assignment)
-            .filter(|(_, &p)| p == part - 1)
-            .map(|(s, _)| s)
-            .collect();
+        let indices = self.part_tensors(part, count);
+        let all_specs = self.output_specs();
+        let mine: Vec<&PlannedTensor> = indices.iter().map(|&i| &self.plan.tensors[i]).collect();
+        let specs: Vec<TensorSpec> = indices.iter().map(|&i| all_specs[i].clone()).collect();
         let bytes_written = specs.iter().map(TensorSpec::byte_len).sum();
         let write = WriteOptions {
             max_shard_bytes: u64::MAX,
@@ -455,7 +451,6 @@ impl MergeJob {
                 missing.join(", ")
             )));
         }
-        let assignment = self.part_assignment(count);
         let mut seed = None;
         let mut manifests = vec![];
         for (part, _, dir) in &found {
@@ -470,12 +465,9 @@ impl MergeJob {
                 return Err(at("written with another --seed than part 1"));
             }
             let mut planned: Vec<&str> = self
-                .plan
-                .tensors
-                .iter()
-                .zip(&assignment)
-                .filter(|(_, &p)| p == part - 1)
-                .map(|(t, _)| t.name.as_str())
+                .part_tensors(*part, count)
+                .into_iter()
+                .map(|i| self.plan.tensors[i].name.as_str())
                 .collect();
             let mut listed: Vec<&str> = manifest["tensors"]
                 .as_array()

@@ -34,6 +34,8 @@ pub struct Plan {
     pub kept_boundaries: BTreeSet<usize>,
     /// How deep each anchor runs (its deepest boundary a route reads).
     pub depths: [usize; 2],
+    /// Weights and biases of all the routes' stitches.
+    pub stitch_parameters: u64,
     pub memory: Memory,
 }
 
@@ -119,13 +121,11 @@ impl Plan {
             .max()
             .unwrap_or(0) as f64;
         let equations = system(dw, cuts_here * dk).max(system(dk, dw));
-        let stitches: f64 = routes
+        let stitch_parameters: u64 = routes
             .iter()
-            .map(|r| {
-                let (front, end) = (configs[r.front], configs[r.end]);
-                (front.hidden_size as f64 + 1.0) * end.hidden_size as f64 * 4.0
-            })
+            .map(|r| (configs[r.front].hidden_size as u64 + 1) * configs[r.end].hidden_size as u64)
             .sum();
+        let stitches = stitch_parameters as f64 * 4.0;
         let kept_streams = kept_cost(kept);
         let process = PROCESS_BYTES as f64;
         // `as` saturates: an estimate past u64 is u64::MAX.
@@ -137,6 +137,7 @@ impl Plan {
         Plan {
             kept_boundaries: boundaries(kept),
             depths: [depth(0), depth(1)],
+            stitch_parameters,
             kept,
             routes,
             memory,

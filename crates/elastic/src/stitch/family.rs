@@ -13,10 +13,10 @@
 
 use std::path::{Path, PathBuf};
 
-use amalgam_checkpoint::{kind_from_dtype, Checkpoint, ModelCard, OutputDir, WriteOptions};
+use amalgam_checkpoint::{copy_checkpoint, Checkpoint, ModelCard, OutputDir, WriteOptions};
 use amalgam_nn::calibration::TokenSource;
 use amalgam_nn::eval::LanguageModel;
-use amalgam_nn::{Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles};
+use amalgam_nn::{Decoder, DecoderConfig, Part, SaveFiles};
 use amalgam_recipe::StitchTraining;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -457,7 +457,13 @@ pub fn save_family(
     for (a, anchor) in anchors.iter().enumerate() {
         let path = dir.join(format!("anchor-{a}"));
         match anchor {
-            AnchorOut::Checkpoint(from) => copy_anchor(from, &path, card),
+            // Bit for bit, one tensor in memory at a time.
+            AnchorOut::Checkpoint(from) => Checkpoint::open(from)
+                .and_then(|c| {
+                    copy_checkpoint(&c, &path, None, &WriteOptions::default(), card, &|_| {})
+                })
+                .map(drop)
+                .map_err(|e| e.to_string()),
             AnchorOut::Model { model, files_from } => {
                 let dtype = Checkpoint::open(files_from)?.weights_dtype();
                 let files = SaveFiles {
@@ -469,6 +475,7 @@ pub fn save_family(
                 model
                     .save_as(&path, card, &files, &WriteOptions::default())
                     .map(drop)
+                    .map_err(|e| e.to_string())
             }
         }
         .map_err(|e| ElasticError::Stitch(format!("saving anchor {a}: {e}")))?;
@@ -509,37 +516,6 @@ pub fn save_family(
     .map_err(|e| io(&path, e))?;
     staged.commit()?;
     Ok(())
-}
-
-/// Rewrites the checkpoint `from` into `to` in its own dtype, one part (the
-/// embeddings, each block, the head) in memory at a time, with its
-/// tokenizer files.
-fn copy_anchor(from: &Path, to: &Path, card: &ModelCard) -> amalgam_nn::Result<()> {
-    let checkpoint = Checkpoint::open(from)?;
-    let config = DecoderConfig::from_model_config(checkpoint.config(), &from.join("config.json"))?;
-    let dtype = checkpoint.weights_dtype();
-    let kind = kind_from_dtype(dtype).unwrap_or(tch::Kind::Float);
-    let layers = config.num_hidden_layers();
-    let writer = DecoderWriter::create(to, &config, dtype, &WriteOptions::default())?;
-    let mut written = std::collections::BTreeSet::new();
-    let parts = std::iter::once(Part::embedding())
-        .chain((0..layers).map(Part::block))
-        .chain([Part::head()]);
-    for part in parts {
-        let model = Decoder::load_part(from, Device::Cpu, kind, Some(&part))?;
-        for (name, tensor) in model.tensors() {
-            if written.insert(name.clone()) {
-                writer.write(&name, &tensor)?;
-            }
-        }
-    }
-    let files = SaveFiles {
-        dtype,
-        tokenizer_source: Some(from),
-        chat_template: None,
-        extra_files: &[],
-    };
-    writer.finish(card, &files).map(drop)
 }
 
 fn io(path: &Path, e: std::io::Error) -> ElasticError {
