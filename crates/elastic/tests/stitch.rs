@@ -283,3 +283,65 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
         "no stitch moved"
     );
 }
+
+/// What must not be written or run: no calibration batches, a family that
+/// does not say where its anchors' files are, a stitch holding NaN.
+#[test]
+fn broken_inputs_and_outputs_are_errors() {
+    use amalgam_elastic::stitch::{save_family, AnchorOut};
+    let micro = ZooSize::named("micro").unwrap();
+    let anchors = [
+        Decoder::new(micro.small_anchor.clone(), Device::Cpu, 1),
+        Decoder::new(micro.shape.clone(), Device::Cpu, 2),
+    ];
+    {
+        let configs = [&anchors[0].config, &anchors[1].config];
+        let routes = family_routes(configs.map(DecoderConfig::num_hidden_layers));
+        let plan = Plan::new(configs, [Kind::Float; 2], routes, 1, 24, 1);
+        let source = |a: usize| {
+            let anchors = &anchors;
+            move |part: &Part| Ok(anchors[a].part(part))
+        };
+        let (first, second) = (source(0), source(1));
+        let error = calibrate(&plan, [&first, &second], &[], 0.0, &mut || {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("no calibration batches"), "{error}");
+    }
+
+    let (plan, stitches) = streamed(&anchors, &[ids(258)], 1e-4);
+    let tmp = tempfile::tempdir().unwrap();
+    let configs = [&anchors[0].config, &anchors[1].config];
+    let family = Family {
+        members: members(configs, &plan.routes, vec![]),
+        anchors: anchors.into(),
+        dirs: vec![],
+    };
+    let error = family
+        .save(&tmp.path().join("f"), false, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("does not say where its anchors"), "{error}");
+
+    let _ = stitches[0].weight.get(0).get(0).fill_(f64::NAN);
+    let configs = [&family.anchors[0].config, &family.anchors[1].config];
+    let broken = members(configs, &plan.routes, stitches);
+    let out = tmp.path().join("broken");
+    let error = save_family(
+        &out,
+        false,
+        &[AnchorOut::Checkpoint(tmp.path())],
+        &broken,
+        &Default::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        error.contains("NaN or infinite") && error.contains(&broken[2].name),
+        "{error}"
+    );
+    assert!(!out.exists(), "nothing written");
+}

@@ -165,3 +165,22 @@ fn text_tokens(
     }
     Ok(tokens)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_longer_than_the_source_are_refused_not_a_panic() {
+        let long = 100_000_000;
+        let error = TokenSource::open("prose", "text", tokenizer::VOCAB_SIZE, &[], long, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("shorter than `seq_len`"), "{error}");
+        let mut random = TokenSource::open("random", "text", 7, &[], long, 0).unwrap();
+        let batches = random.batches(5, 0, 3);
+        assert_eq!(batches.len(), 5, "a batch of 0 is a batch of 1");
+        assert!(batches.iter().all(|b| b.size() == [1, 3]));
+    }
+}

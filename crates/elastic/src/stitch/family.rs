@@ -451,6 +451,20 @@ pub fn save_family(
     members: &[Member],
     card: &ModelCard,
 ) -> Result<()> {
+    // Nothing broken is written: a stitch with NaN or ±inf is an error.
+    for m in members {
+        if let Network::Stitched(_, stitch) = &m.network {
+            let finite = |t: &Tensor| t.isfinite().all().int64_value(&[]) == 1;
+            if !finite(&stitch.weight) || !finite(&stitch.bias) {
+                return Err(ElasticError::Stitch(format!(
+                    "route {}: its stitching layer holds NaN or infinite values (the \
+                     calibration streams are not finite, or the least squares failed); \
+                     nothing written",
+                    m.name
+                )));
+            }
+        }
+    }
     let staged = OutputDir::create(out, force, &[])?;
     let dir = staged.staging();
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
