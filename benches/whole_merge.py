@@ -9,10 +9,17 @@ with a warm page cache:
   * amalgam and mergekit on linear, ties (density 0.5) and dare_ties (density 0.5):
     median wall time of --runs runs, peak RSS (wait4) and peak anonymous memory
     (RssAnon sampled every 20 ms);
-  * amalgam's memory scaling: 2 vs 4 fine-tunes, and twice the layers;
+  * amalgam's scaling: TIES with 2, 4 and 8 fine-tunes (time per GB read), and
+    twice the layers;
   * amalgam's --dry-run peak-memory estimate next to the measured peak.
 Writes benches/RESULTS.md (machine, command, tables; benches/NOTES.md appended)
 and prints the tables.
+
+    --compare BINARY   also run another amalgam build (e.g. the previous commit's) in the same run
+    --large            instead: Mistral-7B-shape BF16 inputs (base + 2, 43 GB, more than the page
+                       cache holds), the I/O floor, linear and TIES once each; writes
+                       benches/large.json (shown in RESULTS.md by the next full run) and deletes
+                       the inputs unless --keep
 """
 import argparse
 import json
@@ -35,11 +42,11 @@ def sh(*args):
     return subprocess.run(args, check=True, cwd=ROOT)
 
 
-def family(work, name, finetunes, extra=()):
+def family(work, name, finetunes, extra=(), shape="tinyllama"):
     path = os.path.join(work, name)
     if not os.path.exists(os.path.join(path, f"finetune-{finetunes}", "config.json")):
         print(f"generating {path} …", flush=True)
-        sh(AMALGAM, "synth", path, "--shape", "tinyllama", "--dtype", "bfloat16",
+        sh(AMALGAM, "synth", path, "--shape", shape, "--dtype", "bfloat16",
            "--finetunes", str(finetunes), "--seed", "0", "--force", "-q", *extra)
     return path
 
@@ -136,8 +143,8 @@ def runs(cmd, out, n, env=None):
             [round(r[0], 1) for r in results])
 
 
-def amalgam_cmd(recipe_path, out):
-    return [AMALGAM, "merge", recipe_path, out, "--force", "-q"]
+def amalgam_cmd(recipe_path, out, binary=AMALGAM):
+    return [binary, "merge", recipe_path, out, "--force", "-q"]
 
 
 def mergekit_cmd(recipe_path, out):
@@ -162,9 +169,15 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--work", default="work/bench")
+    parser.add_argument("--compare", help="another amalgam binary to run beside this one")
+    parser.add_argument("--compare-label", default="amalgam (previous)")
+    parser.add_argument("--large", action="store_true")
+    parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     work = os.path.join(ROOT, args.work)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    if args.large:
+        return large(work, args)
 
     fam = family(work, "tinyllama", 2)
     out_bytes = sum(os.path.getsize(f) for f in inputs_of(fam, 0))
@@ -200,6 +213,10 @@ def main():
         path = recipe(work, method, method, fam, 2)
         ours = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", args.runs)
         estimates.append((method, dry_run_estimate(path), ours[1]))
+        if args.compare:
+            other = runs(amalgam_cmd(path, f"{args.work}/out", args.compare), f"{args.work}/out", args.runs)
+            lines.append(f"| {method} | {args.compare_label} | {other[0]:.2f} | {other[3]} | {other[1] / GB:.2f} | {other[2] / GB:.2f} | {other[0] / floor:.1f} | |")
+            print(lines[-1], flush=True)
         theirs = None if args.skip_mergekit else runs(mergekit_cmd(path, f"{args.work}/out"), f"{args.work}/out", args.runs, env)
         ratio = f"{theirs[0] / ours[0]:.1f}×" if theirs else "—"
         lines.append(f"| {method} | amalgam | {ours[0]:.2f} | {ours[3]} | {ours[1] / GB:.2f} | {ours[2] / GB:.2f} | {ours[0] / floor:.1f} | {ratio} |")
@@ -207,18 +224,27 @@ def main():
             lines.append(f"| {method} | mergekit 0.1.5 | {theirs[0]:.2f} | {theirs[3]} | {theirs[1] / GB:.2f} | {theirs[2] / GB:.2f} | {theirs[0] / floor:.1f} | |")
         print("\n".join(lines[-(2 if theirs else 1):]), flush=True)
 
-    lines += ["", "## Memory scaling (amalgam, ties density 0.5)", "",
-              "| inputs | output GB | wall s | peak RSS GB | peak anon GB | dry-run estimate GB |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Scaling (amalgam, ties density 0.5)", "",
+              "Each family's inputs are read once before its run (warm where the page cache holds them: "
+              "base + 8 is 19.8 GB).", "",
+              "| inputs | read GB | output GB | wall s | s per GB read | peak RSS GB | peak anon GB | dry-run estimate GB |",
+              "|---|---|---|---|---|---|---|---|"]
     for label, name, k, extra in [("base + 2, 22 layers", "tinyllama", 2, ()),
                                   ("base + 4, 22 layers", "tinyllama-4", 4, ()),
+                                  ("base + 8, 22 layers", "tinyllama-8", 8, ()),
                                   ("base + 2, 44 layers", "tinyllama-44", 2, ("--layers", "44"))]:
         f = family(work, name, k, extra)
         path = recipe(work, f"scale-{name}", "ties", f, k)
         size = sum(os.path.getsize(x) for x in inputs_of(f, 0))
+        read = sum(os.path.getsize(x) for x in inputs_of(f, k))
         read_all(inputs_of(f, k))
         wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", 1)
-        lines.append(f"| {label} | {size / GB:.1f} | {wall:.1f} | {rss / GB:.2f} | {anon / GB:.2f} | {dry_run_estimate(path) / GB:.2f} |")
+        lines.append(f"| {label} | {read / GB:.1f} | {size / GB:.1f} | {wall:.1f} | {wall / (read / GB):.2f} | {rss / GB:.2f} | {anon / GB:.2f} | {dry_run_estimate(path) / GB:.2f} |")
         print(lines[-1], flush=True)
+
+    large_json = os.path.join(ROOT, "benches", "large.json")
+    if os.path.exists(large_json):
+        lines += ["", *large_table(json.load(open(large_json)))]
 
     lines += ["", "## `--dry-run` peak-memory estimate vs measured peak RSS", "",
               "| method | estimate GB | measured GB | estimate / measured |", "|---|---|---|---|"]
@@ -231,6 +257,49 @@ def main():
         text += "\n" + open(notes).read()
     with open(os.path.join(ROOT, "benches", "RESULTS.md"), "w") as f:
         f.write(text)
+
+
+def large(work, args):
+    """Mistral-7B-shape base + 2: the floor, linear and TIES, once each."""
+    fam = family(work, "mistral-7b", 2, shape="mistral-7b")
+    files = inputs_of(fam, 2)
+    out_bytes = sum(os.path.getsize(f) for f in inputs_of(fam, 0))
+    # The inputs exceed the page cache: every pass reads from the disk, the floor's too.
+    started = time.perf_counter()
+    read_all(files)
+    read_s = time.perf_counter() - started
+    _, write_s = io_floor([], out_bytes, os.path.join(work, "floor"))
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       capture_output=True, text=True).stdout.strip(),
+              "read_gb": sum(os.path.getsize(f) for f in files) / GB, "output_gb": out_bytes / GB,
+              "read_s": read_s, "write_s": write_s, "methods": {}}
+    for method in ["linear", "ties"]:
+        path = recipe(work, f"large-{method}", method, fam, 2)
+        wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", 1)
+        result["methods"][method] = {"wall_s": wall, "rss": rss, "anon": anon,
+                                     "estimate": dry_run_estimate(path)}
+        print(method, result["methods"][method], flush=True)
+    with open(os.path.join(ROOT, "benches", "large.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print("\n".join(large_table(result)))
+    if not args.keep:
+        shutil.rmtree(fam)
+
+
+def large_table(r):
+    floor = r["read_s"] + r["write_s"]
+    lines = ["## Mistral-7B shape (amalgam, base + 2, BF16)", "",
+             f"Run {r['date']} at {r['commit']} by `benches/whole_merge.py --large` on {r['machine']}. "
+             f"Inputs {r['read_gb']:.1f} GB — more than the page cache holds, so the inputs come from the disk, "
+             f"in the floor as in the merges. I/O floor: read {r['read_s']:.1f} s + write "
+             f"{r['output_gb']:.1f} GB and fsync {r['write_s']:.1f} s = **{floor:.1f} s**.", "",
+             "| method | wall s | × floor | peak RSS GB | peak anon GB | dry-run estimate GB |",
+             "|---|---|---|---|---|---|"]
+    for method, m in r["methods"].items():
+        lines.append(f"| {method} | {m['wall_s']:.1f} | {m['wall_s'] / floor:.2f} | {m['rss'] / GB:.2f} | "
+                     f"{m['anon'] / GB:.2f} | {m['estimate'] / GB:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ use anyhow::{anyhow, Result};
 pub struct Args {
     /// Directory to create the family in.
     out: PathBuf,
-    /// `tiny` (hidden 64, 4 layers) or `tinyllama` (TinyLlama-1.1B).
+    /// `tiny` (hidden 64, 4 layers), `tinyllama` (TinyLlama-1.1B) or
+    /// `mistral-7b` (Mistral-7B's shape, 14.5 GB per model in BF16).
     #[arg(long, default_value = "tiny")]
     shape: String,
     /// Number of fine-tunes besides the base.
@@ -52,8 +53,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let mut shape = LlamaShape::by_name(&args.shape)
-        .ok_or_else(|| anyhow!("unknown --shape {:?} (use tiny or tinyllama)", args.shape))?;
+    let mut shape = LlamaShape::by_name(&args.shape).ok_or_else(|| {
+        anyhow!(
+            "unknown --shape {:?} (use tiny, tinyllama or mistral-7b)",
+            args.shape
+        )
+    })?;
     shape.tied = args.tied;
     shape.layers = args.layers.unwrap_or(shape.layers);
     shape.intermediate = args.intermediate.unwrap_or(shape.intermediate);

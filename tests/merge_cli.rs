@@ -460,6 +460,64 @@ fn devices_are_checked_before_anything_is_written() {
     }
 }
 
+/// On a CUDA GPU, every element-wise method gives the CPU's bytes (the
+/// kernels round as the fused loops do; DARE and DELLA draw the same masks).
+/// Skipped, saying so, where there is no GPU (CI). The CPU side of the same
+/// equality is `libtorch_kernels_give_the_fused_loops_bits` in the merge
+/// crate's property tests.
+#[test]
+fn cuda_merges_are_the_cpu_merges_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    example_models(tmp.path());
+    let methods = [
+        ("linear", ""),
+        ("task_arithmetic", ""),
+        ("ties", "density: 0.4, "),
+        ("dare_ties", "density: 0.4, "),
+        ("dare_linear", "density: 0.6, "),
+        ("breadcrumbs_ties", "density: 0.5, "),
+        ("della", "density: 0.5, "),
+    ];
+    for (method, density) in methods {
+        let base = if method == "linear" {
+            ""
+        } else {
+            "base_model: work/example/base\n"
+        };
+        let recipe = format!("merge_method: {method}\n{base}models:\n  - model: work/example/finetune-1\n    parameters: {{{density}weight: 0.6}}\n  - model: work/example/finetune-2\n    parameters: {{{density}weight: 0.5}}\n");
+        let recipe = write_recipe(tmp.path(), &format!("{method}.yml"), &recipe);
+        let run = |device: &str| {
+            let out = tmp.path().join(format!("{method}-{device}"));
+            let args = [
+                recipe.as_os_str(),
+                out.as_os_str(),
+                "--device".as_ref(),
+                device.as_ref(),
+            ];
+            let result = amalgam_in(tmp.path(), &[&["merge".as_ref()][..], &args].concat());
+            (result, out)
+        };
+        let (result, on_gpu) = run("cuda");
+        if !result.status.success() {
+            let stderr = String::from_utf8_lossy(&result.stderr);
+            assert!(stderr.contains("libtorch sees no CUDA GPU"), "{stderr}");
+            eprintln!("skipped: no CUDA GPU on this machine");
+            return;
+        }
+        let (result, on_cpu) = run("cpu");
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        assert_eq!(
+            std::fs::read(on_gpu.join("model.safetensors")).unwrap(),
+            std::fs::read(on_cpu.join("model.safetensors")).unwrap(),
+            "{method}"
+        );
+    }
+}
+
 /// The toolbox examples in `recipes/multi-stage/` and `recipes/moe/` run on
 /// the example models, and their outputs load in transformers.
 #[test]

@@ -66,10 +66,24 @@ impl LlamaShape {
         tied: false,
     };
 
+    /// Mistral-7B (v0.1's config; Llama tensor names): 291 tensors,
+    /// 7,241,732,096 parameters, 14.5 GB in BF16 — the scale the merge's
+    /// memory bound is measured at.
+    pub const MISTRAL_7B: Self = Self {
+        hidden: 4096,
+        layers: 32,
+        intermediate: 14336,
+        vocab: 32000,
+        heads: 32,
+        kv_heads: 8,
+        tied: false,
+    };
+
     pub fn by_name(name: &str) -> Option<Self> {
         match name {
             "tiny" => Some(Self::TINY),
             "tinyllama" => Some(Self::TINYLLAMA),
+            "mistral-7b" => Some(Self::MISTRAL_7B),
             _ => None,
         }
     }
@@ -291,6 +305,17 @@ mod tests {
         let expected = 2 * 32000 * 2048 + 2048 + 22 * per_layer;
         assert_eq!(specs.iter().map(TensorSpec::numel).sum::<u64>(), expected);
         assert_eq!(expected, 1_100_048_384);
+    }
+
+    #[test]
+    fn mistral_shape_has_mistral_7bs_parameter_count() {
+        let specs = LlamaShape::MISTRAL_7B.specs(Dtype::BF16);
+        assert_eq!(specs.len(), 3 + 32 * 9);
+        // Mistral-7B-v0.1's published count.
+        assert_eq!(
+            specs.iter().map(TensorSpec::numel).sum::<u64>(),
+            7_241_732_096
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Per-method throughput on 16M-element tensors (4096 × 4096), a base and two
 //! fine-tunes, one thread, as the executor runs each tensor. Prints a table.
 //!
-//!     cargo bench -p amalgam-merge --bench methods [-- FILTER]
+//!     cargo bench -p amalgam-merge --bench methods [-- METHOD]
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use amalgam_recipe::{ParamScope, Resolved, Scalar};
 use tch::{Device, Kind, Tensor};
 
 const SIDE: i64 = 4096;
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 /// Median seconds of `RUNS` calls.
 fn time(mut f: impl FnMut()) -> f64 {
@@ -89,7 +89,7 @@ fn main() {
             .collect();
         for method in METHODS {
             let spec = method.spec();
-            if filter.as_deref().is_some_and(|f| !spec.name.contains(f)) {
+            if filter.as_deref().is_some_and(|f| spec.name != f) {
                 continue;
             }
             let takes_base = !matches!(spec.base, amalgam_recipe::BasePolicy::Ignored);

@@ -114,12 +114,16 @@ impl Element for f16 {
 impl Element for bf16 {
     const KIND: Kind = Kind::BFloat16;
     type Math = f32;
+    /// A shift, as libtorch widens (`half` branches on NaN, which stops vectorisation).
+    #[inline(always)]
     fn widen(self) -> f32 {
-        self.to_f32()
+        f32::from_bits(u32::from(self.to_bits()) << 16)
     }
+    #[inline(always)]
     fn narrow(x: f32) -> bf16 {
         bf16::from_bits((round_bf16(x).to_bits() >> 16) as u16)
     }
+    #[inline(always)]
     fn round(x: f32) -> f32 {
         round_bf16(x)
     }
@@ -127,6 +131,7 @@ impl Element for bf16 {
 
 /// `x` rounded to the nearest bf16 (ties to even) without branches, which
 /// mispredict on data: the rounding runs several times per merged entry.
+#[inline(always)]
 fn round_bf16(x: f32) -> f32 {
     let bits = x.to_bits();
     let rounded = f32::from_bits(bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000);
@@ -134,6 +139,64 @@ fn round_bf16(x: f32) -> f32 {
         f32::NAN
     } else {
         rounded
+    }
+}
+
+/// Whether this CPU runs the fused loops' AVX2 builds (x86-64 with AVX2 and
+/// FMA; detected once). The loops are compiled twice — for the baseline
+/// target and with AVX2 (8 f32 lanes, where the baseline has 4) — and each
+/// entry point picks one; FMA is enabled only because AVX2 CPUs have it:
+/// Rust never fuses a product and a sum, so both builds round alike.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Libtorch kernels that round as the fused loops do: math in f32 (f64 for
+/// f64 tensors), the result of each step rounded to the tensors' dtype — the
+/// element-wise methods on an accelerator.
+pub struct Rounding {
+    /// The tensors' dtype.
+    pub kind: Kind,
+    /// The math dtype.
+    pub wide: Kind,
+}
+
+impl Rounding {
+    pub fn new(kind: Kind) -> Self {
+        let wide = if kind == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        Rounding { kind, wide }
+    }
+
+    /// `t` (in the math dtype) rounded to the tensors' dtype, as one op in it rounds.
+    pub fn round(&self, t: Tensor) -> Tensor {
+        if self.kind == self.wide {
+            t
+        } else {
+            t.to_kind(self.kind).to_kind(self.wide)
+        }
+    }
+
+    /// `x` as the math dtype holds it.
+    pub fn scalar(&self, x: f64) -> f64 {
+        if self.wide == Kind::Float {
+            f64::from(x as f32)
+        } else {
+            x
+        }
+    }
+
+    /// `t / x`, divided: CUDA multiplies by the reciprocal of a host scalar
+    /// (one bit less exact), so `x` goes to `t`'s device as a 0-dim tensor.
+    pub fn divide(&self, t: Tensor, x: f64) -> Tensor {
+        let divisor = Tensor::from(self.scalar(x))
+            .to_kind(self.wide)
+            .to_device(t.device());
+        t / divisor
     }
 }
 

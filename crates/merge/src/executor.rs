@@ -294,7 +294,7 @@ impl MergeJob {
                         t = t.f_narrow(dim as i64, 0, size as i64).map_err(torch)?;
                     }
                 }
-                Ok(t.to_device(device))
+                Ok(upload(t, device))
             })
             .collect::<Result<Vec<_>>>()?;
         // Row alignment needs every input at once (a row one model lacks is
@@ -738,6 +738,18 @@ pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInv
 /// A model's identity for random streams: a hash of its path as the recipe writes it.
 pub fn model_id(path: &str) -> u64 {
     amalgam_checkpoint::stream_seed(0, path, 0)
+}
+
+/// `t` on `device`. To a GPU through page-locked host memory and without
+/// waiting: the copy overlaps this thread's next read, and the other worker
+/// threads' reads and merges.
+fn upload(t: Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        let kind = t.kind();
+        t.pin_memory(device).to_device_(device, kind, true, false)
+    } else {
+        t.to_device(device)
+    }
 }
 
 /// A byte budget shared by the worker threads.

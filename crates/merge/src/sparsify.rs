@@ -38,6 +38,7 @@ impl<T: Element> Delta<'_, T> {
 
     /// The entries from `start` into `out`, rounded to `T` as libtorch's
     /// subtraction in that dtype rounds them.
+    #[inline(always)]
     pub fn values(&self, start: usize, out: &mut [T::Math]) {
         let end = start + out.len();
         for ((value, &model), &base) in out
@@ -85,28 +86,63 @@ impl KeepMask {
     }
 
     /// Sets the bits from `start` (a multiple of 64, as chunk starts are) to `keep`.
+    #[inline(always)]
     pub fn record(&mut self, start: usize, keep: &[bool]) {
         assert!(start % 64 == 0, "records start on a word");
         for (word, bits) in self.words[start / 64..].iter_mut().zip(keep.chunks(64)) {
-            *word = (0..).zip(bits).fold(0, |w, (i, &k)| w | u64::from(k) << i);
+            *word = bits
+                .chunks(8)
+                .enumerate()
+                .fold(0, |w, (i, byte)| w | u64::from(pack8(byte)) << (8 * i));
         }
     }
 
     /// The bits from `start` (a multiple of 64) on, into `keep`.
+    #[inline(always)]
     pub fn read(&self, start: usize, keep: &mut [bool]) {
         assert!(start % 64 == 0, "reads start on a word");
         for (&word, bits) in self.words[start / 64..].iter().zip(keep.chunks_mut(64)) {
-            for (i, k) in bits.iter_mut().enumerate() {
-                *k = (word >> i) & 1 == 1;
+            for (i, byte) in bits.chunks_mut(8).enumerate() {
+                let unpacked = UNPACK[((word >> (8 * i)) & 0xff) as usize].to_le_bytes();
+                for (k, &b) in byte.iter_mut().zip(&unpacked) {
+                    *k = b == 1;
+                }
             }
         }
     }
 }
 
+/// Up to eight keep flags as the bits of a byte (flag i → bit i): one
+/// multiplication moves each flag's byte to its bit, with no carries.
+#[inline(always)]
+fn pack8(flags: &[bool]) -> u8 {
+    let mut bytes = [0u8; 8];
+    for (b, &f) in bytes.iter_mut().zip(flags) {
+        *b = u8::from(f);
+    }
+    ((u64::from_le_bytes(bytes).wrapping_mul(0x0102_0408_1020_4080)) >> 56) as u8
+}
+
+/// Each byte value's bits as eight 0/1 bytes (bit i → byte i).
+static UNPACK: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut value = 0;
+    while value < 256 {
+        let mut bit = 0;
+        while bit < 8 {
+            table[value] |= (((value >> bit) & 1) as u64) << (8 * bit);
+            bit += 1;
+        }
+        value += 1;
+    }
+    table
+};
+
 impl Pruner {
     /// TIES' trim: keeps exactly `max(1, ⌊density·n⌋)` entries with the largest
     /// |δ| (ties go to the lower flat index). The threshold comes from a radix
     /// selection over the magnitudes' bit patterns: two streaming passes, no sort.
+    #[inline(always)]
     pub fn magnitude<T: Element>(delta: &Delta<'_, T>, density: f64) -> Self {
         let n = delta.len();
         let k = ((density * n as f64) as usize).clamp(1, n.max(1));
@@ -135,18 +171,27 @@ impl Pruner {
 
     /// Whether to keep each of the next `values.len()` entries, starting at
     /// flat index `start`, into `keep`.
+    #[inline(always)]
     pub fn keep<M: Real>(&mut self, values: &[M], start: usize, keep: &mut [bool]) {
         let keep = &mut keep[..values.len()];
         match self {
             Pruner::KeepAll => keep.fill(true),
             Pruner::Precomputed(mask) => mask.read(start, keep),
             Pruner::Random { rng, limit } => {
-                for pair in keep.chunks_mut(2) {
-                    let draw = rng.next_u64();
-                    pair[0] = (((draw >> 8) & 0xff_ffff) as u32) < *limit;
-                    if let Some(second) = pair.get_mut(1) {
-                        *second = ((draw >> 40) as u32) < *limit;
-                    }
+                // The draws first (the generator is one dependency chain),
+                // then the comparisons, which vectorise.
+                let mut draws = [0u64; CHUNK / 2];
+                let draws = &mut draws[..keep.len().div_ceil(2)];
+                draws.iter_mut().for_each(|d| *d = rng.next_u64());
+                let limit = *limit;
+                let first = |draw: u64| (((draw >> 8) & 0xff_ffff) as u32) < limit;
+                let mut pairs = keep.chunks_exact_mut(2);
+                for (pair, &draw) in pairs.by_ref().zip(draws.iter()) {
+                    pair[0] = first(draw);
+                    pair[1] = ((draw >> 40) as u32) < limit;
+                }
+                if let [last] = pairs.into_remainder() {
+                    *last = first(draws[draws.len() - 1]);
                 }
             }
             Pruner::Magnitude {
@@ -166,6 +211,13 @@ impl Pruner {
                     *ties_left -= ties;
                     return;
                 }
+                if *ties_left == 0 {
+                    // Every tie is past the quota: a strict comparison.
+                    for (k, value) in keep.iter_mut().zip(values) {
+                        *k = bits(value) > threshold;
+                    }
+                    return;
+                }
                 for (k, value) in keep.iter_mut().zip(values) {
                     let b = bits(value);
                     let tie = b == threshold && *ties_left > 0;
@@ -178,6 +230,7 @@ impl Pruner {
 
     /// Drops (multiplies by zero, as a mask product would) the entries of the
     /// next chunk this pruner does not keep.
+    #[inline(always)]
     pub fn prune<M: Real>(&mut self, values: &mut [M], start: usize, keep: &mut [bool]) {
         if matches!(self, Pruner::KeepAll) {
             return;
@@ -195,49 +248,66 @@ impl Pruner {
 /// bucket (non-negative floats order like their bit patterns). The second
 /// pass is skipped when no magnitude has low bits (BF16 data). Returns the
 /// value and how many entries are strictly larger.
+#[inline(always)]
 fn kth_largest_magnitude<T: Element>(delta: &Delta<'_, T>, k: usize) -> (f32, usize) {
     let mut values = [<T::Math as Real>::ZERO; CHUNK];
+    let mut bits = [0u32; CHUNK];
+    let mut high_counts = vec![0u32; 1 << 16];
     let mut low_bits = 0;
-    let mut histogram = |select: &dyn Fn(u32) -> Option<usize>, low_bits: &mut u32| {
-        let mut counts = vec![0u32; 1 << 16];
-        for (start, len) in chunks(delta.len()) {
-            delta.values(start, &mut values[..len]);
-            for &value in &values[..len] {
-                let bits = value.magnitude().to_bits();
-                *low_bits |= bits & 0xffff;
-                if let Some(bucket) = select(bits) {
-                    counts[bucket] += 1;
-                }
-            }
+    for (start, len) in chunks(delta.len()) {
+        let bits = magnitude_bits(delta, start, &mut values[..len], &mut bits[..len]);
+        low_bits |= bits.iter().fold(0, |acc, &b| acc | b) & 0xffff;
+        for &b in bits.iter() {
+            high_counts[(b >> 16) as usize] += 1;
         }
-        counts
-    };
-    // From the top bucket down, the first where the running count reaches `want`.
-    let locate = |counts: &[u32], want: usize| -> (usize, usize) {
-        let mut above = 0;
-        for bucket in (0..counts.len()).rev() {
-            let count = counts[bucket] as usize;
-            if above + count >= want {
-                return (bucket, above);
-            }
-            above += count;
-        }
-        (0, above)
-    };
-    let high_counts = histogram(&|bits| Some((bits >> 16) as usize), &mut low_bits);
+    }
     let (high, above_high) = locate(&high_counts, k);
     if low_bits == 0 {
         return (f32::from_bits((high as u32) << 16), above_high);
     }
-    let low_counts = histogram(
-        &|bits| ((bits >> 16) as usize == high).then_some((bits & 0xffff) as usize),
-        &mut low_bits,
-    );
+    let mut low_counts = vec![0u32; 1 << 16];
+    let high = high as u32;
+    for (start, len) in chunks(delta.len()) {
+        for &b in magnitude_bits(delta, start, &mut values[..len], &mut bits[..len]).iter() {
+            if b >> 16 == high {
+                low_counts[(b & 0xffff) as usize] += 1;
+            }
+        }
+    }
     let (low, above_low) = locate(&low_counts, k - above_high);
     (
-        f32::from_bits(((high as u32) << 16) | low as u32),
+        f32::from_bits((high << 16) | low as u32),
         above_high + above_low,
     )
+}
+
+/// The bit patterns of |δ| (as f32) for the chunk at `start`, into `bits`.
+#[inline(always)]
+fn magnitude_bits<'b, T: Element>(
+    delta: &Delta<'_, T>,
+    start: usize,
+    values: &mut [T::Math],
+    bits: &'b mut [u32],
+) -> &'b [u32] {
+    delta.values(start, values);
+    for (b, v) in bits.iter_mut().zip(values.iter()) {
+        *b = v.magnitude().to_bits();
+    }
+    bits
+}
+
+/// From the top bucket down, the first where the running count reaches
+/// `want`, and how many entries lie in the buckets above it.
+fn locate(counts: &[u32], want: usize) -> (usize, usize) {
+    let mut above = 0;
+    for bucket in (0..counts.len()).rev() {
+        let count = counts[bucket] as usize;
+        if above + count >= want {
+            return (bucket, above);
+        }
+        above += count;
+    }
+    (0, above)
 }
 
 /// A uniform draw in [0, 1) with 24 random bits.
@@ -298,7 +368,20 @@ pub fn uniform_like(delta: &Tensor, seed: u64) -> Tensor {
 
 /// DARE's whole-tensor mask: keep each entry with probability `density`.
 pub fn random_mask(delta: &Tensor, density: f64, seed: u64) -> Tensor {
-    with_element!(delta.kind(), T => whole_mask::<T>(delta, |_| Pruner::random(density, seed)))
+    random_keep(delta.numel(), density, seed)
+        .reshape(delta.size())
+        .to_device(delta.device())
+}
+
+/// DARE's keep decisions for `n` entries from the stream `seed` (a flat CPU
+/// bool tensor), drawn chunk by chunk as the fused loop draws them.
+pub fn random_keep(n: usize, density: f64, seed: u64) -> Tensor {
+    let mut pruner = Pruner::random(density, seed);
+    let mut keep = vec![false; n];
+    for (start, len) in chunks(n) {
+        pruner.keep(&[0f32; CHUNK][..len], start, &mut keep[start..start + len]);
+    }
+    Tensor::from_slice(&keep)
 }
 
 /// DELLA's MAGPRUNE: within each row (a 1-D tensor is one row), keep
@@ -318,7 +401,9 @@ pub fn della_mask(delta: &Tensor, density: f64, epsilon: f64, seed: u64) -> Tens
         .argsort_stable(true, 1, false)
         .to_kind(Kind::Float);
     let rank_norm = if width > 1 {
-        rank / (width - 1) as f64
+        // Divided by a tensor: CUDA would multiply by a host scalar's reciprocal.
+        let last = Tensor::from((width - 1) as f32).to_device(rank.device());
+        rank / last
     } else {
         rank.zeros_like()
     };

@@ -294,6 +294,117 @@ proptest! {
     }
 }
 
+/// Bit-for-bit equality (signed zeros and NaN payloads included).
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    let bits = |t: &Tensor| {
+        let int = match t.kind().elt_size_in_bytes() {
+            2 => Kind::Int16,
+            4 => Kind::Int,
+            _ => Kind::Int64,
+        };
+        t.contiguous().reshape([-1]).view_dtype(int)
+    };
+    a.size() == b.size() && a.kind() == b.kind() && bits(a).equal(&bits(b))
+}
+
+/// Every task-vector method (and linear) merged by libtorch kernels — the
+/// path a CUDA device takes — against the fused CPU loops, on `inputs` in
+/// each dtype: the same bits.
+fn kernels_match_fused_loops(
+    base: &Tensor,
+    models: &[Tensor],
+    weights: &[f64],
+    densities: &[f64],
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    use amalgam_merge::methods::linear::average_by_kernels;
+    let methods: [&TaskVectorMethod; 8] = [
+        &task_arithmetic::TASK_ARITHMETIC,
+        &ties::TIES,
+        &dare_linear::DARE_LINEAR,
+        &dare_ties::DARE_TIES,
+        &breadcrumbs::BREADCRUMBS,
+        &breadcrumbs_ties::BREADCRUMBS_TIES,
+        &della::DELLA,
+        &della_linear::DELLA_LINEAR,
+    ];
+    let n = models.len();
+    let per_input: Vec<Vec<(&str, f64)>> = (0..n)
+        .map(|i| vec![("weight", weights[i]), ("density", densities[i])])
+        .collect();
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Double] {
+        let inputs: Vec<Tensor> = with_base(base, models)
+            .iter()
+            .map(|t| t.to_kind(kind))
+            .collect();
+        for method in methods {
+            for shared in [
+                &[][..],
+                &[("lambda", 0.7), ("normalize", 0.0)][..],
+                &[("dare_rescale_reciprocal", 1.0)][..],
+            ] {
+                let mut c = call(method, n + 1, Some(n), &[], &per_input);
+                for &(name, value) in shared {
+                    let value = if name == "lambda" {
+                        Scalar::Number(value)
+                    } else {
+                        Scalar::Bool(value != 0.0)
+                    };
+                    c.shared
+                        .insert(name.to_owned(), Resolved { value, at: None });
+                }
+                let cx = MergeContext {
+                    name: "model.layers.0.mlp.up_proj.weight",
+                    inputs: &inputs,
+                    base: Some(n),
+                    params: &c.shared,
+                    input_params: c.per_input.iter().collect(),
+                    input_ids: (0..=n as u64).collect(),
+                    seed,
+                };
+                let fused = method.merge(&cx).unwrap();
+                let kernels = method.merge_by_kernels(&cx).unwrap();
+                prop_assert!(
+                    same_bits(&fused, &kernels),
+                    "{} {kind:?} {shared:?}: {fused} vs {kernels}",
+                    method.name
+                );
+            }
+        }
+        let fused = merge(&linear::Linear, &inputs[..n], None, &[], &per_input);
+        let rounded: Vec<f64> = weights[..n].iter().map(|&w| f64::from(w as f32)).collect();
+        let total = f64::from(rounded.iter().map(|&w| w as f32).sum::<f32>());
+        let kernels = average_by_kernels(&inputs[..n], &rounded, Some(total));
+        prop_assert!(same_bits(&fused, &kernels), "linear {kind:?}");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, rng_seed: RngSeed::Fixed(20_261_202), ..ProptestConfig::default() })]
+
+    #[test]
+    fn libtorch_kernels_give_the_fused_loops_bits((base, models) in family(3), weights in prop::collection::vec(-0.5f64..2.0, 3), densities in prop::collection::vec(0.2f64..0.8, 3), seed in any::<u64>()) {
+        // Deltas on a coarse grid: many tied magnitudes at the trim threshold.
+        let models: Vec<Tensor> = models.iter().map(|m| &base + ((m - &base) * 64.0).round() / 64.0).collect();
+        kernels_match_fused_loops(&base, &models, &weights, &densities, seed)?;
+    }
+}
+
+#[test]
+fn libtorch_kernels_give_the_fused_loops_bits_across_chunks() {
+    // Several chunks of the fused loop, with magnitudes tied across chunk edges.
+    let n = 3 * amalgam_merge::sparsify::CHUNK as i64 + 17;
+    let base = Tensor::randn([n], (Kind::Float, tch::Device::Cpu));
+    let models: Vec<Tensor> = (1..=2i64)
+        .map(|k| {
+            &base + (Tensor::arange(n, (Kind::Float, tch::Device::Cpu)) * k).remainder(7.0) / 8.0
+                - 0.375
+        })
+        .collect();
+    kernels_match_fused_loops(&base, &models, &[0.6, 0.8], &[0.3, 0.5], 11).unwrap();
+}
+
 #[test]
 fn dare_keeps_a_binomial_fraction_and_depends_only_on_the_seed() {
     let delta = Tensor::ones([100_000], (Kind::Float, tch::Device::Cpu));

@@ -3,10 +3,10 @@
 //! Computed in f32 (f64 for f64 inputs), like mergekit.
 
 use amalgam_recipe::{BasePolicy, MethodSpec, ParamScope};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::{flag, weight};
-use crate::elementwise::{flat_cpu, slice, slice_mut, with_element, Element, Real};
+use crate::elementwise::{flat_cpu, slice, slice_mut, with_element, Element, Real, Rounding};
 use crate::sparsify::{chunks, CHUNK};
 use crate::{MergeContext, MergeMethod, Result};
 
@@ -33,14 +33,30 @@ impl MergeMethod for Linear {
             .map(|i| f64::from(cx.input_number(i, "weight") as f32))
             .collect();
         let total = f64::from(weights.iter().map(|&w| w as f32).sum::<f32>());
+        let divisor = cx.flag("normalize").then_some(total);
+        if cx.inputs[0].device() != Device::Cpu {
+            return Ok(average_by_kernels(cx.inputs, &weights, divisor));
+        }
         let flat: Vec<Tensor> = cx.inputs.iter().map(flat_cpu).collect();
         let mut out = flat[0].empty_like();
-        let divisor = cx.flag("normalize").then_some(total);
         with_element!(out.kind(), T => average::<T>(&flat, &weights, divisor, &mut out));
-        Ok(out
-            .reshape(cx.inputs[0].size())
-            .to_device(cx.inputs[0].device()))
+        Ok(out.reshape(cx.inputs[0].size()))
     }
+}
+
+/// [`average`] as libtorch kernels on the inputs' device (an accelerator),
+/// with the same operations in the same order: the same bits.
+pub fn average_by_kernels(inputs: &[Tensor], weights: &[f64], divisor: Option<f64>) -> Tensor {
+    let rounding = Rounding::new(inputs[0].kind());
+    let sum = inputs.iter().zip(weights).fold(
+        inputs[0].zeros_like().to_kind(rounding.wide),
+        |sum, (x, &w)| sum + x.to_kind(rounding.wide) * w,
+    );
+    match divisor {
+        Some(divisor) => rounding.divide(sum, divisor),
+        None => sum,
+    }
+    .to_kind(rounding.kind)
 }
 
 /// Σ wᵢxᵢ (÷ `divisor`) accumulated in f32 (f64 for f64), chunk by chunk so

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 
 use amalgam_recipe::{BasePolicy, MethodSpec, ParamScope};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use super::{density, flag, number, weight};
-use crate::elementwise::{flat_cpu, slice, slice_mut, with_element, Element, Real};
-use crate::sparsify::{chunks, della_mask, outlier_mask, Delta, KeepMask, Pruner, CHUNK};
+use crate::elementwise::{flat_cpu, slice, slice_mut, with_element, Element, Real, Rounding};
+use crate::sparsify::{
+    chunks, della_mask, outlier_mask, random_keep, Delta, KeepMask, Pruner, CHUNK,
+};
 use crate::{MergeContext, MergeMethod, Result};
 
 /// How a member of the family prunes each delta.
@@ -79,11 +81,50 @@ impl MergeMethod for TaskVectorMethod {
         if cx.others().is_empty() {
             return Ok(base.shallow_clone());
         }
+        if base.device() != Device::Cpu {
+            return self.merge_by_kernels(cx);
+        }
         let flat_base = flat_cpu(base);
         let mut out = flat_base.empty_like();
         with_element!(base.kind(), T => self.merge_flat::<T>(cx, &flat_base, &mut out))?;
-        Ok(out.reshape(base.size()).to_device(base.device()))
+        Ok(out.reshape(base.size()))
     }
+}
+
+/// Which entries of one input's task vector are kept.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    All,
+    /// TIES: the `density` fraction of largest magnitudes.
+    Largest {
+        density: f64,
+    },
+    /// DARE: Bernoulli(`density`) from the stream `seed`.
+    Random {
+        density: f64,
+        seed: u64,
+    },
+    /// Breadcrumbs.
+    Outliers {
+        density: f64,
+        gamma: f64,
+    },
+    /// DELLA.
+    RankedRandom {
+        density: f64,
+        epsilon: f64,
+        seed: u64,
+    },
+}
+
+/// What the kept part of a task vector is multiplied by.
+#[derive(Debug, Clone, Copy)]
+enum Rescale {
+    None,
+    /// The DARE paper's 1/density.
+    By(f64),
+    /// Σ|δ| / Σ|kept δ| (mergekit's rule), when both are above `RESCALE_EPS`.
+    L1,
 }
 
 /// How one chunk of weighted task vectors becomes the mixed delta, in the
@@ -103,8 +144,35 @@ impl TaskVectorMethod {
     /// The whole merge over flat CPU data, chunk by chunk: each model's δ is
     /// computed, pruned, rescaled and weighted into a buffer, the buffers are
     /// combined into the mixed delta, and the base is added — every step a
-    /// plain loop over cache-resident buffers.
+    /// plain loop over cache-resident buffers, in the AVX2 build where the
+    /// CPU has it.
     fn merge_flat<T: Element>(
+        &self,
+        cx: &MergeContext<'_>,
+        flat_base: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::elementwise::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked).
+            return unsafe { self.merge_flat_avx2::<T>(cx, flat_base, out) };
+        }
+        self.merge_chunks::<T>(cx, flat_base, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn merge_flat_avx2<T: Element>(
+        &self,
+        cx: &MergeContext<'_>,
+        flat_base: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        self.merge_chunks::<T>(cx, flat_base, out)
+    }
+
+    #[inline(always)]
+    fn merge_chunks<T: Element>(
         &self,
         cx: &MergeContext<'_>,
         flat_base: &Tensor,
@@ -123,28 +191,12 @@ impl TaskVectorMethod {
         let mut pruners = Vec::with_capacity(others.len());
         let mut scales = Vec::with_capacity(others.len());
         for (delta, &input) in deltas.iter().zip(&others) {
-            let (pruner, scale) = self.pruner(cx, input, delta)?;
+            let (keep, rescale) = self.keep_rule(cx, input)?;
+            let (pruner, scale) = pruner(cx, input, keep, rescale, delta);
             pruners.push(pruner);
             scales.push(scale.map(T::Math::from_f64));
         }
-        // Weights are rounded to the math dtype, as the deltas are.
-        let weights: Vec<T::Math> = others
-            .iter()
-            .map(|&i| T::round(T::Math::from_f64(cx.input_number(i, "weight"))))
-            .collect();
-        let total = T::round(weights[1..].iter().fold(weights[0], |acc, &w| acc + w));
-        let lambda = cx.number("lambda");
-        let combine = Combine {
-            consensus: self.consensus,
-            normalize: cx.flag("normalize"),
-            total: if total.abs().to_f64() < 1e-8 {
-                T::Math::ONE
-            } else {
-                total
-            },
-            weights,
-            lambda: (lambda != 1.0).then(|| T::Math::from_f64(lambda)),
-        };
+        let combine = Combine::<T::Math>::new::<T>(self, cx);
         let out = slice_mut::<T>(out);
         let mut weighted = vec![vec![T::Math::ZERO; CHUNK]; deltas.len()];
         let mut mixed = [T::Math::ZERO; CHUNK];
@@ -180,12 +232,161 @@ impl TaskVectorMethod {
     }
 }
 
+impl TaskVectorMethod {
+    /// The same merge as libtorch kernels on the tensors' device (an
+    /// accelerator): the fused loop's operations in its order, rounded to the
+    /// tensors' dtype where the loop rounds, so the result has the same bits.
+    /// (The L1 rescale's sums run in another order; its F64 ratio is rounded
+    /// to the math dtype, so the factors agree unless the ratio falls within
+    /// ~1e-15 of a rounding boundary.)
+    pub fn merge_by_kernels(&self, cx: &MergeContext<'_>) -> Result<Tensor> {
+        let base = cx.base_tensor();
+        let kind = base.kind();
+        let rounding = Rounding::new(kind);
+        let combine = with_element!(kind, T => Combine::new::<T>(self, cx).in_f64());
+        let wide_base = base.to_kind(rounding.wide);
+        let mut columns = Vec::new();
+        for (&input, &weight) in cx.others().iter().zip(&combine.weights) {
+            let (keep, rescale) = self.keep_rule(cx, input)?;
+            let delta = rounding.round(cx.inputs[input].to_kind(rounding.wide) - &wide_base);
+            let whole = || &cx.inputs[input] - base;
+            let mask = match keep {
+                Keep::All => None,
+                Keep::Largest { density } => Some(largest_mask(&delta, density)),
+                Keep::Random { density, seed } => {
+                    Some(random_keep(delta.numel(), density, seed).to_device(delta.device()))
+                }
+                Keep::Outliers { density, gamma } => Some(outlier_mask(&whole(), density, gamma)),
+                Keep::RankedRandom {
+                    density,
+                    epsilon,
+                    seed,
+                } => Some(della_mask(&whole(), density, epsilon, seed)),
+            };
+            let mut values = match &mask {
+                Some(mask) => &delta * mask.reshape(delta.size()).to_kind(rounding.wide),
+                None => delta.shallow_clone(),
+            };
+            let scale = match rescale {
+                Rescale::None => None,
+                Rescale::By(factor) => Some(factor),
+                Rescale::L1 => l1_scale(
+                    delta.abs().sum(Kind::Double).double_value(&[]),
+                    values.abs().sum(Kind::Double).double_value(&[]),
+                ),
+            };
+            if let Some(scale) = scale {
+                values = rounding.round(values * rounding.scalar(scale));
+            }
+            columns.push(rounding.round(values * weight));
+        }
+        let mixed = combine.tensors(&columns, &rounding);
+        Ok((wide_base + mixed).to_kind(kind))
+    }
+}
+
+/// TIES' trim as kernels: the entries the radix selection keeps (the k
+/// largest magnitudes as F32 bit patterns; ties to the lower flat index).
+fn largest_mask(delta: &Tensor, density: f64) -> Tensor {
+    let n = delta.numel();
+    if n == 0 {
+        return delta.zeros_like().to_kind(Kind::Bool);
+    }
+    let k = ((density * n as f64) as usize).clamp(1, n) as i64;
+    let bits = delta
+        .abs()
+        .to_kind(Kind::Float)
+        .reshape([-1])
+        .view_dtype(Kind::Int);
+    let (threshold, _) = bits.kthvalue(n as i64 - k + 1, 0, false);
+    let above = bits.gt_tensor(&threshold);
+    let tie = bits.eq_tensor(&threshold);
+    let ties_left = k - above.sum(Kind::Int64).int64_value(&[]);
+    above.logical_or(&tie.logical_and(&tie.cumsum(0, Kind::Int64).le(ties_left)))
+}
+
+impl Combine<f64> {
+    /// Sign election, normalisation and λ over whole weighted task vectors,
+    /// as [`Combine::chunk`] does chunk by chunk.
+    fn tensors(&self, columns: &[Tensor], rounding: &Rounding) -> Tensor {
+        let (first, rest) = columns.split_first().expect("at least one model");
+        let sum = rest.iter().fold(first.shallow_clone(), |sum, c| sum + c);
+        let mixed = if self.consensus {
+            let positive = rounding.round(sum).ge(0.0);
+            let negative = positive.logical_not();
+            let mut terms = columns.iter().zip(&self.weights).map(|(c, &weight)| {
+                let agrees = positive
+                    .logical_and(&c.gt(0.0))
+                    .logical_or(&negative.logical_and(&c.lt(0.0)));
+                let mask = agrees.to_kind(c.kind());
+                (c * &mask, mask * weight)
+            });
+            let first = terms.next().expect("at least one model");
+            let (kept, shares) = terms.fold(first, |(k, s), (term, share)| (k + term, s + share));
+            let mixed = rounding.round(kept);
+            let divisor = rounding.round(shares);
+            let divisor = divisor.where_self(&divisor.ne(0.0), &divisor.ones_like());
+            if self.normalize {
+                rounding.round(mixed / divisor)
+            } else {
+                mixed
+            }
+        } else {
+            let mixed = rounding.round(sum);
+            if self.normalize {
+                rounding.round(rounding.divide(mixed, self.total))
+            } else {
+                mixed
+            }
+        };
+        match self.lambda {
+            Some(lambda) => rounding.round(mixed * lambda),
+            None => mixed,
+        }
+    }
+}
+
 impl<M: Real> Combine<M> {
+    /// The recipe's weights, normalisation and λ for the inputs other than the base.
+    fn new<T: Element<Math = M>>(method: &TaskVectorMethod, cx: &MergeContext<'_>) -> Self {
+        // Weights are rounded to the math dtype, as the deltas are.
+        let weights: Vec<M> = cx
+            .others()
+            .iter()
+            .map(|&i| T::round(M::from_f64(cx.input_number(i, "weight"))))
+            .collect();
+        let total = T::round(weights[1..].iter().fold(weights[0], |acc, &w| acc + w));
+        let lambda = cx.number("lambda");
+        Combine {
+            consensus: method.consensus,
+            normalize: cx.flag("normalize"),
+            total: if total.abs().to_f64() < 1e-8 {
+                M::ONE
+            } else {
+                total
+            },
+            weights,
+            lambda: (lambda != 1.0).then(|| M::from_f64(lambda)),
+        }
+    }
+
+    /// The same values as f64 (exactly: the math types are f32 and f64).
+    fn in_f64(&self) -> Combine<f64> {
+        Combine {
+            consensus: self.consensus,
+            normalize: self.normalize,
+            weights: self.weights.iter().map(|w| w.to_f64()).collect(),
+            total: self.total.to_f64(),
+            lambda: self.lambda.map(M::to_f64),
+        }
+    }
+
     /// Sign election (optional), normalisation and λ over one chunk of
     /// weighted task vectors (one column per model) into `mixed`, rounded to
     /// `T` after each step; `divisors` and `positive` are scratch space.
     /// Sums run in column order from the first term, as torch's
     /// `stack(…).sum(0)` accumulates (in f32 for 16-bit floats).
+    #[inline(always)]
     fn chunk<T: Element<Math = M>>(
         &self,
         columns: &[&[M]],
@@ -253,76 +454,124 @@ impl<M: Real> Combine<M> {
 }
 
 impl TaskVectorMethod {
-    /// How `input`'s task vector is pruned, and the factor its kept part is
-    /// scaled by (L1-norm rescale, or the DARE paper's 1/density).
-    fn pruner<T: Element>(
-        &self,
-        cx: &MergeContext<'_>,
-        input: usize,
-        delta: &Delta<'_, T>,
-    ) -> Result<(Pruner, Option<f64>)> {
+    /// How `input`'s task vector is pruned and rescaled.
+    fn keep_rule(&self, cx: &MergeContext<'_>, input: usize) -> Result<(Keep, Rescale)> {
         let density = cx.input_number(input, "density");
         if self.sparsifier == Sparsifier::None || density >= 1.0 {
-            return Ok((Pruner::KeepAll, None));
+            return Ok((Keep::All, Rescale::None));
         }
-        // Rank-based masks over the whole delta, in libtorch on the tensors' device.
-        let whole = || &cx.inputs[input] - cx.base_tensor();
-        let pruner = match self.sparsifier {
+        let keep = match self.sparsifier {
             Sparsifier::None => unreachable!("returned above"),
-            Sparsifier::Magnitude => Pruner::magnitude(delta, density),
-            Sparsifier::Random => Pruner::random(density, cx.stream(input)),
-            Sparsifier::Outliers => Pruner::precomputed(&outlier_mask(
-                &whole(),
+            Sparsifier::Magnitude => Keep::Largest { density },
+            Sparsifier::Random => Keep::Random {
                 density,
-                cx.input_number(input, "gamma"),
-            )),
+                seed: cx.stream(input),
+            },
+            Sparsifier::Outliers => Keep::Outliers {
+                density,
+                gamma: cx.input_number(input, "gamma"),
+            },
             Sparsifier::Della => {
                 let epsilon = cx.input_number(input, "epsilon");
                 if density - epsilon <= 0.0 || density + epsilon >= 1.0 {
                     return Err(cx.error(format!("della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})")));
                 }
-                Pruner::precomputed(&della_mask(&whole(), density, epsilon, cx.stream(input)))
+                Keep::RankedRandom {
+                    density,
+                    epsilon,
+                    seed: cx.stream(input),
+                }
             }
         };
-        if cx.flag("dare_rescale_reciprocal") {
-            return Ok((pruner, Some(1.0 / density)));
-        }
-        if !cx.flag("rescale") {
-            return Ok((pruner, None));
-        }
-        // L1 rescale: one pass to measure what the mask keeps, recording the
-        // mask so the merge pass reads it instead of deciding again.
-        let mut pruner = pruner;
-        let mut record = KeepMask::new(delta.len());
-        let (mut before, mut after) = (0.0, 0.0);
-        let mut values = [T::Math::ZERO; CHUNK];
-        let mut keep = vec![false; CHUNK];
-        for (start, len) in chunks(delta.len()) {
-            let values = &mut values[..len];
-            delta.values(start, values);
-            pruner.keep(values, start, &mut keep);
-            record.record(start, &keep[..len]);
-            let (all, kept) = l1_norms(values, &keep[..len]);
-            before += all;
-            after += kept;
-        }
-        let scale = (before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| before / after);
-        Ok((Pruner::Precomputed(Arc::new(record)), scale))
+        let rescale = if cx.flag("dare_rescale_reciprocal") {
+            Rescale::By(1.0 / density)
+        } else if cx.flag("rescale") {
+            Rescale::L1
+        } else {
+            Rescale::None
+        };
+        Ok((keep, rescale))
     }
 }
 
-/// Σ|v| and Σ|v| over the kept entries, in f64 with four accumulators (a
-/// fixed order, so the result is deterministic; one chain would be latency-bound).
+/// `input`'s pruner over its flat CPU `delta`, and the factor its kept part
+/// is scaled by.
+#[inline(always)]
+fn pruner<T: Element>(
+    cx: &MergeContext<'_>,
+    input: usize,
+    keep: Keep,
+    rescale: Rescale,
+    delta: &Delta<'_, T>,
+) -> (Pruner, Option<f64>) {
+    // Rank-based masks over the whole delta, in libtorch.
+    let whole = || &cx.inputs[input] - cx.base_tensor();
+    let pruner = match keep {
+        Keep::All => Pruner::KeepAll,
+        Keep::Largest { density } => Pruner::magnitude(delta, density),
+        Keep::Random { density, seed } => Pruner::random(density, seed),
+        Keep::Outliers { density, gamma } => {
+            Pruner::precomputed(&outlier_mask(&whole(), density, gamma))
+        }
+        Keep::RankedRandom {
+            density,
+            epsilon,
+            seed,
+        } => Pruner::precomputed(&della_mask(&whole(), density, epsilon, seed)),
+    };
+    match rescale {
+        Rescale::None => (pruner, None),
+        Rescale::By(factor) => (pruner, Some(factor)),
+        Rescale::L1 => {
+            // One pass to measure what the mask keeps, recording the mask so
+            // the merge pass reads it instead of deciding again.
+            let mut pruner = pruner;
+            let mut record = KeepMask::new(delta.len());
+            let (mut before, mut after) = (0.0, 0.0);
+            let mut values = [T::Math::ZERO; CHUNK];
+            let mut keep = vec![false; CHUNK];
+            for (start, len) in chunks(delta.len()) {
+                let values = &mut values[..len];
+                delta.values(start, values);
+                pruner.keep(values, start, &mut keep);
+                record.record(start, &keep[..len]);
+                let (all, kept) = l1_norms(values, &keep[..len]);
+                before += all;
+                after += kept;
+            }
+            (
+                Pruner::Precomputed(Arc::new(record)),
+                l1_scale(before, after),
+            )
+        }
+    }
+}
+
+/// The L1 rescale factor from Σ|δ| and Σ|kept δ|.
+fn l1_scale(before: f64, after: f64) -> Option<f64> {
+    (before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| before / after)
+}
+
+/// Σ|v| and Σ|v| over the kept entries, in f64 with sixteen accumulators (a
+/// fixed order, so the result is deterministic; fewer chains would be
+/// latency-bound).
+#[inline(always)]
 fn l1_norms<M: Real>(values: &[M], keep: &[bool]) -> (f64, f64) {
-    let (mut all, mut kept) = ([0.0f64; 4], [0.0f64; 4]);
-    let lanes = values.chunks(4).zip(keep.chunks(4));
-    for (v, k) in lanes {
+    const LANES: usize = 16;
+    let (mut all, mut kept) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let mut add = |v: &[M], k: &[bool]| {
         for lane in 0..v.len() {
             let magnitude = v[lane].abs().to_f64();
             all[lane] += magnitude;
             kept[lane] += magnitude * f64::indicator(k[lane]);
         }
+    };
+    // Whole groups of fixed length keep the accumulators in registers.
+    let (mut v, mut k) = (values.chunks_exact(LANES), keep.chunks_exact(LANES));
+    for (v, k) in v.by_ref().zip(k.by_ref()) {
+        add(&v[..LANES], &k[..LANES]);
     }
+    add(v.remainder(), k.remainder());
     (all.iter().sum(), kept.iter().sum())
 }
 
