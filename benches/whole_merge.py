@@ -9,8 +9,7 @@ with a warm page cache:
   * amalgam and mergekit on linear, ties (density 0.5) and dare_ties (density 0.5):
     median wall time of --runs runs, peak RSS (wait4) and peak anonymous memory
     (RssAnon sampled every 20 ms);
-  * amalgam's scaling: TIES with 2, 4 and 8 fine-tunes (time per GB read), and
-    twice the layers;
+  * amalgam's scaling: TIES with 2, 4 and 8 fine-tunes (time per GB read);
   * amalgam's --dry-run peak-memory estimate next to the measured peak.
 Writes benches/RESULTS.md (machine, command, tables; benches/NOTES.md appended)
 and prints the tables.
@@ -151,8 +150,8 @@ def mergekit_cmd(recipe_path, out):
     return [MERGEKIT, recipe_path, out, "--no-cuda", "--no-copy-tokenizer", "--random-seed", "0"]
 
 
-def dry_run_estimate(recipe_path):
-    out = subprocess.run([AMALGAM, "merge", recipe_path, "unused", "--dry-run", "--json"], cwd=ROOT,
+def dry_run_estimate(recipe_path, extra=()):
+    out = subprocess.run([AMALGAM, "merge", recipe_path, "unused", "--dry-run", "--json", *extra], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)["peak_memory_estimate"]
 
@@ -168,6 +167,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--mergekit-runs", type=int, help="runs of mergekit (default: --runs)")
     parser.add_argument("--work", default="work/bench")
     parser.add_argument("--compare", help="another amalgam binary to run beside this one")
     parser.add_argument("--compare-label", default="amalgam (previous)")
@@ -194,7 +194,9 @@ def main():
         f"Machine: {machine()}.",
         "",
         "Reproduce: `scripts/setup.sh && cargo build --release && .venv/bin/python benches/whole_merge.py` "
-        f"(this run: `--runs {args.runs}`{' --skip-mergekit' if args.skip_mergekit else ''}).",
+        f"(this run: `--runs {args.runs}{' --skip-mergekit' if args.skip_mergekit else ''}"
+        f"{f' --mergekit-runs {args.mergekit_runs}' if args.mergekit_runs else ''}"
+        f"{f' --compare BINARY`, BINARY = {args.compare_label}' if args.compare else '`'}).",
         "",
         "Inputs: TinyLlama-1.1B-shape BF16 checkpoints from `amalgam synth` (base + 2 fine-tunes, "
         f"{out_bytes / GB:.2f} GB each); page cache warm; recipes with no `dtype` (math in the inputs' BF16, "
@@ -217,7 +219,7 @@ def main():
             other = runs(amalgam_cmd(path, f"{args.work}/out", args.compare), f"{args.work}/out", args.runs)
             lines.append(f"| {method} | {args.compare_label} | {other[0]:.2f} | {other[3]} | {other[1] / GB:.2f} | {other[2] / GB:.2f} | {other[0] / floor:.1f} | |")
             print(lines[-1], flush=True)
-        theirs = None if args.skip_mergekit else runs(mergekit_cmd(path, f"{args.work}/out"), f"{args.work}/out", args.runs, env)
+        theirs = None if args.skip_mergekit else runs(mergekit_cmd(path, f"{args.work}/out"), f"{args.work}/out", args.mergekit_runs or args.runs, env)
         ratio = f"{theirs[0] / ours[0]:.1f}×" if theirs else "—"
         lines.append(f"| {method} | amalgam | {ours[0]:.2f} | {ours[3]} | {ours[1] / GB:.2f} | {ours[2] / GB:.2f} | {ours[0] / floor:.1f} | {ratio} |")
         if theirs:
@@ -231,8 +233,7 @@ def main():
               "|---|---|---|---|---|---|---|---|"]
     for label, name, k, extra in [("base + 2, 22 layers", "tinyllama", 2, ()),
                                   ("base + 4, 22 layers", "tinyllama-4", 4, ()),
-                                  ("base + 8, 22 layers", "tinyllama-8", 8, ()),
-                                  ("base + 2, 44 layers", "tinyllama-44", 2, ("--layers", "44"))]:
+                                  ("base + 8, 22 layers", "tinyllama-8", 8, ())]:
         f = family(work, name, k, extra)
         path = recipe(work, f"scale-{name}", "ties", f, k)
         size = sum(os.path.getsize(x) for x in inputs_of(f, 0))
@@ -274,12 +275,16 @@ def large(work, args):
                                        capture_output=True, text=True).stdout.strip(),
               "read_gb": sum(os.path.getsize(f) for f in files) / GB, "output_gb": out_bytes / GB,
               "read_s": read_s, "write_s": write_s, "methods": {}}
-    for method in ["linear", "ties"]:
+    # The default budget (half the available memory) lets the two largest tensors (embedding
+    # and head, 262 MB each) run together; 1.2 GB runs them one at a time.
+    for method, budget in [("linear", None), ("ties", None), ("ties", "1.2GB")]:
         path = recipe(work, f"large-{method}", method, fam, 2)
-        wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", 1)
-        result["methods"][method] = {"wall_s": wall, "rss": rss, "anon": anon,
-                                     "estimate": dry_run_estimate(path)}
-        print(method, result["methods"][method], flush=True)
+        extra = ["--memory-budget", budget] if budget else []
+        wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out") + extra, f"{args.work}/out", 1)
+        label = f"{method} --memory-budget {budget}" if budget else method
+        result["methods"][label] = {"wall_s": wall, "rss": rss, "anon": anon,
+                                    "estimate": dry_run_estimate(path, extra)}
+        print(label, result["methods"][label], flush=True)
     with open(os.path.join(ROOT, "benches", "large.json"), "w") as f:
         json.dump(result, f, indent=1)
     print("\n".join(large_table(result)))
@@ -297,8 +302,11 @@ def large_table(r):
              "| method | wall s | × floor | peak RSS GB | peak anon GB | dry-run estimate GB |",
              "|---|---|---|---|---|---|"]
     for method, m in r["methods"].items():
+        anon = f"{m['anon'] / GB:.2f}" if m.get("anon") else "—"
         lines.append(f"| {method} | {m['wall_s']:.1f} | {m['wall_s'] / floor:.2f} | {m['rss'] / GB:.2f} | "
-                     f"{m['anon'] / GB:.2f} | {m['estimate'] / GB:.2f} |")
+                     f"{anon} | {m['estimate'] / GB:.2f} |")
+    if r.get("note"):
+        lines += ["", r["note"]]
     return lines
 
 
