@@ -82,7 +82,13 @@ impl NormalEquations {
             let rows = xt.narrow(0, i, GRAM_BLOCK.min(width - i));
             for j in (i..width).step_by(GRAM_BLOCK as usize) {
                 let columns = xt.narrow(0, j, GRAM_BLOCK.min(width - j));
-                let product = rows.matmul(&columns.transpose(0, 1));
+                let mut product = rows.matmul(&columns.transpose(0, 1));
+                if j == i {
+                    // A GEMM's diagonal block need not be exactly symmetric
+                    // (BLAS kernels sum (a, b) and (b, a) differently): mirror its upper triangle.
+                    let upper = product.triu(0);
+                    product = &upper + upper.triu(1).transpose(0, 1);
+                }
                 let (n, m) = (product.size()[0], product.size()[1]);
                 let mut upper = self.gram.narrow(0, i, n).narrow(1, j, m);
                 upper += &product;
