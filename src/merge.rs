@@ -44,8 +44,9 @@ pub struct Args {
     /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
     #[arg(long, default_value = "5GB")]
     pub(crate) out_shard_size: String,
-    /// Most bytes of tensors in flight, e.g. 4GB (default: half the available
-    /// memory); for `pleas`, the most its forward passes may hold (default:
+    /// Most bytes of tensors in flight, e.g. 4GB (default: room for each
+    /// thread to hold a typical layer tensor, the largest ones apart, at most
+    /// half the available memory); for `pleas`, the most its forward passes may hold (default:
     /// the memory available), checked before anything is loaded.
     #[arg(long)]
     pub(crate) memory_budget: Option<String>,
@@ -234,7 +235,7 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()>
 
     let memory_budget = match &args.memory_budget {
         Some(text) => parse_byte_size(text)?,
-        None => default_memory_budget(),
+        None => job.default_memory_budget(threads, half_the_available_memory()),
     };
     if args.dry_run {
         return print_plan(&job, threads, memory_budget, args.json);
@@ -316,8 +317,9 @@ fn parse_part(text: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// Half of MemAvailable (or 4 GB where /proc/meminfo cannot be read).
-fn default_memory_budget() -> u64 {
+/// Half of MemAvailable (or 4 GB where /proc/meminfo cannot be read): the
+/// most the default budget may take.
+fn half_the_available_memory() -> u64 {
     crate::resources::available_memory().map_or(4_000_000_000, |bytes| bytes / 2)
 }
 

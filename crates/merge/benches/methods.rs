@@ -1,7 +1,7 @@
 //! Per-method throughput on 16M-element tensors (4096 × 4096), a base and two
 //! fine-tunes, one thread, as the executor runs each tensor. Prints a table.
 //!
-//!     cargo bench -p amalgam-merge --bench methods [-- METHOD]
+//!     cargo bench -p amalgam-merge --bench methods [-- METHOD | phases]
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -30,7 +30,7 @@ fn time(mut f: impl FnMut()) -> f64 {
 /// Where TIES' time goes, phase by phase, for one fine-tune of the base (BF16).
 fn ties_phases(base: &Tensor, model: &Tensor) {
     use amalgam_merge::elementwise::{flat_cpu, slice};
-    use amalgam_merge::sparsify::{chunks, Delta, Pruner, CHUNK};
+    use amalgam_merge::sparsify::{chunks, Delta, KeepMask, Pruner, CHUNK};
     use half::bf16;
     let (base, model) = (
         flat_cpu(&base.to_kind(Kind::BFloat16)),
@@ -57,6 +57,42 @@ fn ties_phases(base: &Tensor, model: &Tensor) {
             "δ and trim, chunk by chunk",
             time(|| {
                 let mut p = pruner.clone();
+                for (s, l) in chunks(n) {
+                    delta.values(s, &mut values[..l]);
+                    p.prune(&mut values[..l], s, &mut keep);
+                }
+            }),
+        ),
+        (
+            "DARE keep decisions only",
+            time(|| {
+                let mut p = Pruner::random(0.5, 7);
+                chunks(n).for_each(|(s, l)| p.keep(&values[..l], s, &mut keep));
+            }),
+        ),
+        (
+            "DARE δ, keep, record mask",
+            time(|| {
+                let mut p = Pruner::random(0.5, 7);
+                let mut record = KeepMask::new(n);
+                for (s, l) in chunks(n) {
+                    delta.values(s, &mut values[..l]);
+                    p.keep(&values[..l], s, &mut keep);
+                    record.record(s, &keep[..l]);
+                }
+            }),
+        ),
+        (
+            "DARE read mask only",
+            time(|| {
+                let record = KeepMask::new(n);
+                chunks(n).for_each(|(s, l)| record.read(s, &mut keep[..l]));
+            }),
+        ),
+        (
+            "DARE δ and drop, chunk by chunk",
+            time(|| {
+                let mut p = Pruner::random(0.5, 7);
                 for (s, l) in chunks(n) {
                     delta.values(s, &mut values[..l]);
                     p.prune(&mut values[..l], s, &mut keep);
@@ -154,7 +190,7 @@ fn main() {
             );
         }
     }
-    if filter.is_none() {
+    if filter.as_deref().is_none_or(|f| f == "phases") {
         ties_phases(&base, &models[0]);
     }
 }

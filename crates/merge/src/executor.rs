@@ -249,6 +249,26 @@ impl MergeJob {
         numel * (copies * (math.bitsize() / 8) as u64 + cast)
     }
 
+    /// The budget used when none is given: room for every thread to hold a
+    /// typical tensor, where typical is the largest need once the biggest
+    /// tensors holding a tenth of all entries (embeddings, heads) are set
+    /// aside; never below the largest single need and never above `cap`.
+    /// Those few largest tensors then run apart, so peak memory follows the
+    /// thread count and a layer's size, not the model's: a 7B merge stays
+    /// near its 1B figure.
+    pub fn default_memory_budget(&self, threads: usize, cap: u64) -> u64 {
+        let sized: Vec<(u64, u64)> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| {
+                let numel = t.shape.iter().map(|&d| d as u64).product();
+                (self.tensor_memory(t), numel)
+            })
+            .collect();
+        typical_budget(sized, threads, cap)
+    }
+
     /// Peak memory with `threads` tensors in flight under `budget`: the
     /// executor starts with the largest tensors, so the peak is the largest
     /// ones running together, as many as fit, plus the process's baseline.
@@ -752,6 +772,22 @@ fn upload(t: Tensor, device: Device) -> Tensor {
     }
 }
 
+/// [`MergeJob::default_memory_budget`] over each tensor's (need, entries).
+fn typical_budget(mut sized: Vec<(u64, u64)>, threads: usize, cap: u64) -> u64 {
+    sized.sort_unstable_by(|a, b| b.cmp(a));
+    let total: u64 = sized.iter().map(|&(_, numel)| numel).sum();
+    let largest = sized.first().map_or(0, |&(need, _)| need);
+    let mut set_aside = 0;
+    let typical = sized
+        .iter()
+        .find(|&&(_, numel)| {
+            set_aside += numel;
+            set_aside * 10 > total
+        })
+        .map_or(0, |&(need, _)| need);
+    (threads.max(1) as u64 * typical).max(largest).min(cap)
+}
+
 /// A byte budget shared by the worker threads.
 struct Budget {
     limit: u64,
@@ -791,5 +827,44 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         *self.budget.used.lock().expect("budget lock") -= self.bytes;
         self.budget.freed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::typical_budget;
+
+    /// Mistral-7B's tensors (entries) at 8 bytes each (base + 2 BF16 and the output).
+    fn mistral_7b() -> Vec<(u64, u64)> {
+        let (hidden, inter, kv, vocab) = (4096u64, 14336, 1024, 32000);
+        let layer = [
+            hidden * hidden,
+            hidden * kv,
+            hidden * kv,
+            hidden * hidden,
+            hidden * inter,
+            hidden * inter,
+            inter * hidden,
+            hidden,
+            hidden,
+        ];
+        let mut numels = vec![vocab * hidden, vocab * hidden, hidden];
+        (0..32).for_each(|_| numels.extend(layer));
+        numels.into_iter().map(|n| (8 * n, n)).collect()
+    }
+
+    #[test]
+    fn the_default_budget_keeps_the_largest_tensors_apart_and_pairs_the_layers() {
+        let (embedding, mlp) = (8 * 32000 * 4096, 8 * 4096 * 14336);
+        let unlimited = u64::MAX;
+        // Two threads: an MLP matrix each fits; the embedding and the head do not.
+        let budget = typical_budget(mistral_7b(), 2, unlimited);
+        assert_eq!(budget, embedding);
+        assert!(2 * mlp <= budget && 2 * embedding > budget);
+        // More threads: room for each to hold an MLP matrix.
+        assert_eq!(typical_budget(mistral_7b(), 16, unlimited), 16 * mlp);
+        // Never above the cap; a model of one tensor: room for it on every thread.
+        assert_eq!(typical_budget(mistral_7b(), 16, 3 * mlp), 3 * mlp);
+        assert_eq!(typical_budget(vec![(80, 10)], 4, unlimited), 320);
     }
 }

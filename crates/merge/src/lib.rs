@@ -23,6 +23,7 @@ pub mod pleas;
 pub mod registry;
 pub mod source;
 pub mod sparsify;
+pub mod stream;
 pub mod vocabulary;
 
 pub use error::{MergeError, Result};

@@ -3,15 +3,17 @@
 
 use std::sync::Arc;
 
-use rand::{RngCore, SeedableRng};
-use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Kind, Tensor};
 
 use crate::elementwise::{flat_cpu, slice, with_element, Element, Real};
+use crate::stream::{Stream, BLOCK};
 
 /// Entries processed at a time by the fused loops: one chunk of every input's
 /// delta stays in the CPU caches between the passes over it.
 pub const CHUNK: usize = 1 << 14;
+
+// DARE draws two decisions per 64-bit draw: a chunk's draws are one block.
+const _: () = assert!(CHUNK / 2 == BLOCK);
 
 /// `(start, len)` of each chunk of a flat tensor of `n` entries.
 pub fn chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -65,7 +67,7 @@ pub enum Pruner {
     /// two 24-bit uniforms, an entry is kept when its uniform is below `limit`
     /// (density · 2²⁴, so integer compares decide).
     Random {
-        rng: Xoshiro256PlusPlus,
+        rng: Stream,
         limit: u32,
     },
     /// A mask computed over the whole tensor (breadcrumbs, DELLA) or recorded
@@ -155,7 +157,7 @@ impl Pruner {
 
     pub fn random(density: f64, seed: u64) -> Self {
         Pruner::Random {
-            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+            rng: Stream::seed_from_u64(seed),
             limit: (density * f64::from(1u32 << 24)).ceil() as u32,
         }
     }
@@ -178,11 +180,11 @@ impl Pruner {
             Pruner::KeepAll => keep.fill(true),
             Pruner::Precomputed(mask) => mask.read(start, keep),
             Pruner::Random { rng, limit } => {
-                // The draws first (the generator is one dependency chain),
-                // then the comparisons, which vectorise.
+                // The draws first (a whole chunk's in four lanes), then the
+                // comparisons, which vectorise.
                 let mut draws = [0u64; CHUNK / 2];
                 let draws = &mut draws[..keep.len().div_ceil(2)];
-                draws.iter_mut().for_each(|d| *d = rng.next_u64());
+                rng.fill(draws);
                 let limit = *limit;
                 let first = |draw: u64| (((draw >> 8) & 0xff_ffff) as u32) < limit;
                 let mut pairs = keep.chunks_exact_mut(2);
@@ -310,11 +312,6 @@ fn locate(counts: &[u32], want: usize) -> (usize, usize) {
     (0, above)
 }
 
-/// A uniform draw in [0, 1) with 24 random bits.
-fn uniform(rng: &mut Xoshiro256PlusPlus) -> f32 {
-    (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0)
-}
-
 /// The keep mask over a whole tensor of the pruner `make` builds for it.
 fn whole_mask<T: Element>(delta: &Tensor, make: impl FnOnce(&Delta<'_, T>) -> Pruner) -> Tensor {
     let flat = flat_cpu(delta);
@@ -359,8 +356,14 @@ pub fn outlier_mask(delta: &Tensor, density: f64, gamma: f64) -> Tensor {
 /// Uniform draws in [0, 1) with 24 bits, one per entry, from the stream `seed`
 /// (independent of thread count and device).
 pub fn uniform_like(delta: &Tensor, seed: u64) -> Tensor {
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let values: Vec<f32> = (0..delta.numel()).map(|_| uniform(&mut rng)).collect();
+    let mut rng = Stream::seed_from_u64(seed);
+    let mut draws = vec![0u64; delta.numel()];
+    draws.chunks_mut(BLOCK).for_each(|block| rng.fill(block));
+    // The top 24 bits of the draw's high half (rand's `next_u32`).
+    let values: Vec<f32> = draws
+        .iter()
+        .map(|&d| (d >> 40) as f32 * (1.0 / 16_777_216.0))
+        .collect();
     Tensor::from_slice(&values)
         .reshape(delta.size())
         .to_device(delta.device())

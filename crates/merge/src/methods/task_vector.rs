@@ -2,16 +2,12 @@
 //! deltas from the base, optionally sparsified, weighted, optionally combined
 //! by sign election, optionally normalised, scaled by λ, added to the base.
 
-use std::sync::Arc;
-
 use amalgam_recipe::{BasePolicy, MethodSpec, ParamScope};
 use tch::{Device, Kind, Tensor};
 
 use super::{density, flag, number, weight};
 use crate::elementwise::{flat_cpu, slice, slice_mut, with_element, Element, Real, Rounding};
-use crate::sparsify::{
-    chunks, della_mask, outlier_mask, random_keep, Delta, KeepMask, Pruner, CHUNK,
-};
+use crate::sparsify::{chunks, della_mask, outlier_mask, random_keep, Delta, Pruner, CHUNK};
 use crate::{MergeContext, MergeMethod, Result};
 
 /// How a member of the family prunes each delta.
@@ -523,26 +519,23 @@ fn pruner<T: Element>(
         Rescale::None => (pruner, None),
         Rescale::By(factor) => (pruner, Some(factor)),
         Rescale::L1 => {
-            // One pass to measure what the mask keeps, recording the mask so
-            // the merge pass reads it instead of deciding again.
-            let mut pruner = pruner;
-            let mut record = KeepMask::new(delta.len());
+            // One pass to measure what the mask keeps; the merge pass decides
+            // again from a copy of the pruner as it was (the same decisions:
+            // pruners are deterministic in flat order), which costs less than
+            // recording the mask and reading it back.
+            let mut measuring = pruner.clone();
             let (mut before, mut after) = (0.0, 0.0);
             let mut values = [T::Math::ZERO; CHUNK];
             let mut keep = vec![false; CHUNK];
             for (start, len) in chunks(delta.len()) {
                 let values = &mut values[..len];
                 delta.values(start, values);
-                pruner.keep(values, start, &mut keep);
-                record.record(start, &keep[..len]);
+                measuring.keep(values, start, &mut keep);
                 let (all, kept) = l1_norms(values, &keep[..len]);
                 before += all;
                 after += kept;
             }
-            (
-                Pruner::Precomputed(Arc::new(record)),
-                l1_scale(before, after),
-            )
+            (pruner, l1_scale(before, after))
         }
     }
 }
