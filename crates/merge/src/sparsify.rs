@@ -353,20 +353,22 @@ pub fn outlier_mask(delta: &Tensor, density: f64, gamma: f64) -> Tensor {
     mask.index_fill(0, &keep, 1).reshape(delta.size())
 }
 
-/// Uniform draws in [0, 1) with 24 bits, one per entry, from the stream `seed`
-/// (independent of thread count and device).
-pub fn uniform_like(delta: &Tensor, seed: u64) -> Tensor {
-    let mut rng = Stream::seed_from_u64(seed);
-    let mut draws = vec![0u64; delta.numel()];
-    draws.chunks_mut(BLOCK).for_each(|block| rng.fill(block));
-    // The top 24 bits of the draw's high half (rand's `next_u32`).
-    let values: Vec<f32> = draws
-        .iter()
-        .map(|&d| (d >> 40) as f32 * (1.0 / 16_777_216.0))
-        .collect();
+/// The stream's next `n` draws as uniforms in [0, 1) with 24 bits (a flat
+/// CPU tensor).
+fn uniforms(rng: &mut Stream, n: usize) -> Tensor {
+    let mut draws = vec![0u64; BLOCK.min(n)];
+    let mut values = Vec::with_capacity(n);
+    for start in (0..n).step_by(BLOCK) {
+        let draws = &mut draws[..BLOCK.min(n - start)];
+        rng.fill(draws);
+        // The top 24 bits of the draw's high half (rand's `next_u32`).
+        values.extend(
+            draws
+                .iter()
+                .map(|&d| (d >> 40) as f32 * (1.0 / 16_777_216.0)),
+        );
+    }
     Tensor::from_slice(&values)
-        .reshape(delta.size())
-        .to_device(delta.device())
 }
 
 /// DARE's whole-tensor mask: keep each entry with probability `density`.
@@ -387,6 +389,20 @@ pub fn random_keep(n: usize, density: f64, seed: u64) -> Tensor {
     Tensor::from_slice(&keep)
 }
 
+/// Each entry's position in its row's stable ascending order of |value| (as
+/// f32): the sorting permutation's inverse — what sorting the order again
+/// gives — by a scatter instead of a second sort.
+fn magnitude_ranks(rows: &Tensor) -> Tensor {
+    let order = rows
+        .abs()
+        .to_kind(Kind::Float)
+        .argsort_stable(true, 1, false);
+    let positions = Tensor::arange(order.size()[1], (Kind::Int64, order.device()))
+        .unsqueeze(0)
+        .expand_as(&order);
+    order.zeros_like().scatter(1, &order, &positions)
+}
+
 /// DELLA's MAGPRUNE: within each row (a 1-D tensor is one row), keep
 /// probabilities rise linearly with the magnitude rank from `density − ε` to
 /// `density + ε`.
@@ -396,31 +412,55 @@ pub fn della_mask(delta: &Tensor, density: f64, epsilon: f64, seed: u64) -> Tens
     } else {
         delta.reshape([delta.size()[0], -1])
     };
-    let width = rows.size()[1];
-    let rank = rows
-        .abs()
-        .to_kind(Kind::Float)
-        .argsort_stable(true, 1, false)
-        .argsort_stable(true, 1, false)
-        .to_kind(Kind::Float);
-    let rank_norm = if width > 1 {
-        // Divided by a tensor: CUDA would multiply by a host scalar's reciprocal.
-        let last = Tensor::from((width - 1) as f32).to_device(rank.device());
-        rank / last
-    } else {
-        rank.zeros_like()
-    };
+    let (count, width) = (rows.size()[0], rows.size()[1]);
     let low = (density - epsilon) as f32 as f64;
     let span = 2.0 * (epsilon as f32 as f64);
-    let probability = rank_norm * span + low;
-    uniform_like(&rows, seed)
-        .lt_tensor(&probability)
-        .reshape(delta.size())
+    // Rows a block at a time, so the sort's scratch stays small whatever the
+    // tensor's size; the draws continue one stream in flat order.
+    let per_block = (DELLA_BLOCK / width.max(1)).max(1);
+    let mut rng = Stream::seed_from_u64(seed);
+    let blocks: Vec<Tensor> = (0..count)
+        .step_by(per_block as usize)
+        .map(|start| {
+            let block = rows.narrow(0, start, per_block.min(count - start));
+            let rank = magnitude_ranks(&block).to_kind(Kind::Float);
+            let rank_norm = if width > 1 {
+                // Divided by a tensor: CUDA would multiply by a host scalar's reciprocal.
+                let last = Tensor::from((width - 1) as f32).to_device(rank.device());
+                rank / last
+            } else {
+                rank.zeros_like()
+            };
+            let probability = rank_norm * span + low;
+            uniforms(&mut rng, block.numel())
+                .reshape(block.size())
+                .to_device(block.device())
+                .lt_tensor(&probability)
+        })
+        .collect();
+    Tensor::cat(&blocks, 0).reshape(delta.size())
 }
+
+/// Entries of a DELLA block (whole rows, at least one).
+const DELLA_BLOCK: i64 = 1 << 20;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The scatter gives the ranks a second stable sort gives, ties (equal
+    /// magnitudes of either sign) included.
+    #[test]
+    fn magnitude_ranks_are_the_order_of_the_order() {
+        let rows = (Tensor::randint(9, [7, 300], (Kind::Float, tch::Device::Cpu)) - 4.0)
+            .to_kind(Kind::BFloat16);
+        let twice = rows
+            .abs()
+            .to_kind(Kind::Float)
+            .argsort_stable(true, 1, false)
+            .argsort_stable(true, 1, false);
+        assert!(magnitude_ranks(&rows).equal(&twice));
+    }
 
     #[test]
     fn magnitude_keeps_exactly_k_even_with_ties() {
