@@ -46,8 +46,9 @@ pub struct Args {
     pub(crate) out_shard_size: String,
     /// Most bytes of tensors in flight, e.g. 4GB (default: room for each
     /// thread to hold a typical layer tensor, the largest ones apart, at most
-    /// half the available memory); for `pleas`, the most its forward passes may hold (default:
-    /// the memory available), checked before anything is loaded.
+    /// half the available memory); for `pleas`, the most its forward passes
+    /// may hold (default: the memory available), checked before anything is
+    /// loaded.
     #[arg(long)]
     pub(crate) memory_budget: Option<String>,
     /// cpu, cuda or cuda:N.

@@ -30,7 +30,7 @@ fn time(mut f: impl FnMut()) -> f64 {
 /// Where TIES' time goes, phase by phase, for one fine-tune of the base (BF16).
 fn ties_phases(base: &Tensor, model: &Tensor) {
     use amalgam_merge::elementwise::{flat_cpu, slice};
-    use amalgam_merge::sparsify::{chunks, Delta, KeepMask, Pruner, CHUNK};
+    use amalgam_merge::sparsify::{chunks, Delta, Pruner, CHUNK};
     use half::bf16;
     let (base, model) = (
         flat_cpu(&base.to_kind(Kind::BFloat16)),
@@ -68,25 +68,6 @@ fn ties_phases(base: &Tensor, model: &Tensor) {
             time(|| {
                 let mut p = Pruner::random(0.5, 7);
                 chunks(n).for_each(|(s, l)| p.keep(&values[..l], s, &mut keep));
-            }),
-        ),
-        (
-            "DARE δ, keep, record mask",
-            time(|| {
-                let mut p = Pruner::random(0.5, 7);
-                let mut record = KeepMask::new(n);
-                for (s, l) in chunks(n) {
-                    delta.values(s, &mut values[..l]);
-                    p.keep(&values[..l], s, &mut keep);
-                    record.record(s, &keep[..l]);
-                }
-            }),
-        ),
-        (
-            "DARE read mask only",
-            time(|| {
-                let record = KeepMask::new(n);
-                chunks(n).for_each(|(s, l)| record.read(s, &mut keep[..l]));
             }),
         ),
         (

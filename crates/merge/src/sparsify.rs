@@ -70,8 +70,7 @@ pub enum Pruner {
         rng: Stream,
         limit: u32,
     },
-    /// A mask computed over the whole tensor (breadcrumbs, DELLA) or recorded
-    /// by an earlier pass, read by range.
+    /// A mask computed over the whole tensor (breadcrumbs, DELLA), read by range.
     Precomputed(Arc<KeepMask>),
 }
 
@@ -418,18 +417,17 @@ pub fn della_mask(delta: &Tensor, density: f64, epsilon: f64, seed: u64) -> Tens
     // Rows a block at a time, so the sort's scratch stays small whatever the
     // tensor's size; the draws continue one stream in flat order.
     let per_block = (DELLA_BLOCK / width.max(1)).max(1);
+    // Divided by a tensor: CUDA would multiply by a host scalar's reciprocal.
+    let last = (width > 1).then(|| Tensor::from((width - 1) as f32).to_device(rows.device()));
     let mut rng = Stream::seed_from_u64(seed);
     let blocks: Vec<Tensor> = (0..count)
         .step_by(per_block as usize)
         .map(|start| {
             let block = rows.narrow(0, start, per_block.min(count - start));
             let rank = magnitude_ranks(&block).to_kind(Kind::Float);
-            let rank_norm = if width > 1 {
-                // Divided by a tensor: CUDA would multiply by a host scalar's reciprocal.
-                let last = Tensor::from((width - 1) as f32).to_device(rank.device());
-                rank / last
-            } else {
-                rank.zeros_like()
+            let rank_norm = match &last {
+                Some(last) => rank / last,
+                None => rank.zeros_like(),
             };
             let probability = rank_norm * span + low;
             uniforms(&mut rng, block.numel())

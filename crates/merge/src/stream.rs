@@ -57,18 +57,14 @@ impl Stream {
         result
     }
 
-    /// Four states, 0, 1, 2 and 3 segments ahead of this one, as word w of
-    /// every lane in one array.
-    fn lane_starts(&self) -> [[u64; 4]; 4] {
-        let mut lanes = [[0u64; 4]; 4];
-        let mut start = self.s;
-        for lane in 0..4 {
-            for (w, word) in lanes.iter_mut().enumerate() {
-                word[lane] = start[w];
-            }
-            start = segment_ahead(&start);
-        }
-        lanes
+    /// Four copies of this stream, 0, 1, 2 and 3 segments ahead.
+    fn lane_starts(&self) -> [Stream; 4] {
+        let mut start = self.clone();
+        [0; 4].map(|_| {
+            let lane = start.clone();
+            start.s = segment_ahead(&start.s);
+            lane
+        })
     }
 
     /// The next `out.len()` draws, in order: a whole block in four lanes,
@@ -83,34 +79,24 @@ impl Stream {
         #[cfg(target_arch = "x86_64")]
         if crate::elementwise::has_avx2() {
             // SAFETY: the CPU has AVX2 (checked); `out` holds a block.
-            self.s = unsafe { lanes_avx2(lanes, out) };
+            self.s = unsafe { lanes_avx2(&lanes, out) };
             return;
         }
-        self.s = lanes_portable(lanes, out);
+        *self = lanes_portable(lanes, out);
     }
 }
 
-/// The four lanes of a block side by side in plain code. Returns the last
-/// lane's final state (where the block ends).
+/// The four lanes of a block stepped in turn (independent chains, which the
+/// CPU overlaps). Returns the last lane, which ends where the block ends.
 #[inline(always)]
-fn lanes_portable(lanes: [[u64; 4]; 4], out: &mut [u64]) -> [u64; 4] {
-    let [mut s0, mut s1, mut s2, mut s3] = lanes;
+fn lanes_portable(mut lanes: [Stream; 4], out: &mut [u64]) -> Stream {
     for step in 0..SEGMENT {
-        for lane in 0..4 {
-            out[lane * SEGMENT + step] = s0[lane]
-                .wrapping_add(s3[lane])
-                .rotate_left(23)
-                .wrapping_add(s0[lane]);
-            let t = s1[lane] << 17;
-            s2[lane] ^= s0[lane];
-            s3[lane] ^= s1[lane];
-            s1[lane] ^= s2[lane];
-            s0[lane] ^= s3[lane];
-            s2[lane] ^= t;
-            s3[lane] = s3[lane].rotate_left(45);
+        for (lane, stream) in lanes.iter_mut().enumerate() {
+            out[lane * SEGMENT + step] = stream.next_u64();
         }
     }
-    [s0[3], s1[3], s2[3], s3[3]]
+    let [.., last] = lanes;
+    last
 }
 
 /// The four lanes of a block in AVX2 registers, four steps at a time, each
@@ -118,11 +104,15 @@ fn lanes_portable(lanes: [[u64; 4]; 4], out: &mut [u64]) -> [u64; 4] {
 /// Returns the last lane's final state.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn lanes_avx2(lanes: [[u64; 4]; 4], out: &mut [u64]) -> [u64; 4] {
+unsafe fn lanes_avx2(lanes: &[Stream; 4], out: &mut [u64]) -> [u64; 4] {
     use std::arch::x86_64::*;
     assert_eq!(out.len(), BLOCK);
-    let load = |w: &[u64; 4]| _mm256_loadu_si256(w.as_ptr().cast());
-    let [mut s0, mut s1, mut s2, mut s3] = lanes.map(|w| load(&w));
+    // Register w holds word w of every lane's state.
+    let word = |w: usize| {
+        let words = lanes.each_ref().map(|lane| lane.s[w]);
+        _mm256_loadu_si256(words.as_ptr().cast())
+    };
+    let [mut s0, mut s1, mut s2, mut s3] = [0, 1, 2, 3].map(word);
     let rotl = |x, k: i32| match k {
         23 => _mm256_or_si256(_mm256_slli_epi64::<23>(x), _mm256_srli_epi64::<41>(x)),
         _ => _mm256_or_si256(_mm256_slli_epi64::<45>(x), _mm256_srli_epi64::<19>(x)),
@@ -225,14 +215,14 @@ mod tests {
         let expected: Vec<u64> = (0..BLOCK).map(|_| reference.next_u64()).collect();
         let lanes = stream.lane_starts();
         let mut out = vec![0u64; BLOCK];
-        stream.s = lanes_portable(lanes, &mut out);
+        stream = lanes_portable(lanes.clone(), &mut out);
         assert_eq!(out, expected);
         assert_eq!(stream.next_u64(), reference.clone().next_u64());
         #[cfg(target_arch = "x86_64")]
         if crate::elementwise::has_avx2() {
             out.fill(0);
             // SAFETY: AVX2 checked.
-            let end = unsafe { lanes_avx2(lanes, &mut out) };
+            let end = unsafe { lanes_avx2(&lanes, &mut out) };
             assert_eq!(out, expected);
             assert_eq!(Stream { s: end }.next_u64(), reference.next_u64());
         }
