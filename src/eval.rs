@@ -33,9 +33,14 @@ pub struct Args {
     /// stitched families).
     #[arg(required = true)]
     models: Vec<PathBuf>,
-    /// Comma-separated domains (default: all).
+    /// Comma-separated domains (default: the general ones, prose, code and
+    /// legal; the study domains are german, spanish, italian, c, perl, cpp).
     #[arg(long, value_delimiter = ',')]
     domains: Vec<String>,
+    /// Which split of the corpus to score: eval (held out from everything)
+    /// or validation (the study domains' split for choosing settings).
+    #[arg(long, default_value = "eval", value_parser = ["eval", "validation"])]
+    split: String,
     /// Score these text files instead of the corpus, each tokenized with
     /// each model's own tokenizer and scored whole as lm-evaluation-harness's
     /// rolling log-likelihood scores a document: a plain file is one
@@ -87,18 +92,31 @@ pub struct Args {
     max_memory: Option<String>,
 }
 
+/// Domains by name; an unknown one is an error listing the known ones.
+pub fn parse_domains(names: &[String]) -> Result<Vec<Domain>> {
+    names
+        .iter()
+        .map(|name| {
+            Domain::parse(name)
+                .ok_or_else(|| anyhow!("unknown domain {name:?} (known: {})", Domain::names()))
+        })
+        .collect()
+}
+
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let domains = if args.domains.is_empty() {
-        Domain::ALL.to_vec()
+        Domain::GENERAL.to_vec()
     } else {
-        args.domains
-            .iter()
-            .map(|name| {
-                Domain::parse(name)
-                    .ok_or_else(|| anyhow!("unknown domain {name:?} (prose, code or legal)"))
-            })
-            .collect::<Result<_>>()?
+        parse_domains(&args.domains)?
     };
+    let split = if args.split == "validation" {
+        Split::Validation
+    } else {
+        Split::Eval
+    };
+    for domain in &domains {
+        domain.check_split(split)?;
+    }
     if args.seq_len < 2 {
         return Err(anyhow!("--seq-len must be at least 2"));
     }
@@ -127,7 +145,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .iter()
         .map(|d| Scored {
             label: d.name().to_owned(),
-            windows: corpus_windows(&d.tokens(Split::Eval), &options),
+            windows: corpus_windows(&d.tokens(split), &options),
             bytes: None,
         })
         .collect();

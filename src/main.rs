@@ -14,6 +14,7 @@ mod progress;
 mod resources;
 mod stitch;
 mod synth;
+mod tune;
 mod zoo;
 
 use std::process::ExitCode;
@@ -32,7 +33,8 @@ use clap::{Parser, Subcommand};
         amalgam inspect work/models/base\n  \
         amalgam convert work/models/base work/base-bf16 --dtype bfloat16 --out-shard-size 1GB\n  \
         amalgam zoo build --size small\n  \
-        amalgam eval work/zoo/small/base work/zoo/small/expert-code --json"
+        amalgam eval work/zoo/small/base work/zoo/small/expert-code --json\n  \
+        amalgam tune recipes/zoo/ties-tune.yml work/tuned --domains german,c,spanish,perl --trials 30"
 )]
 struct Cli {
     /// More log output (-v debug, -vv trace).
@@ -60,6 +62,7 @@ enum Command {
     /// Per-domain loss, perplexity and accuracy of models on held-out text.
     Eval(eval::Args),
     Pareto(pareto::Args),
+    Tune(tune::Args),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Zoo(args) => zoo::run(args, cli.quiet),
         Command::Eval(args) => eval::run(args, cli.quiet),
         Command::Pareto(args) => pareto::run(args),
+        Command::Tune(args) => tune::run(args, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

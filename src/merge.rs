@@ -94,7 +94,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 }
 
 /// The recipe's method from the registry; an unknown name is an error at its line.
-fn method_of(recipe: &Recipe) -> Result<Method> {
+pub(crate) fn method_of(recipe: &Recipe) -> Result<Method> {
     let method = registry::get(&recipe.merge_method).ok_or_else(|| {
         recipe.error(
             recipe.merge_method_at,

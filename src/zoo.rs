@@ -23,8 +23,10 @@ enum ZooCommand {
         /// Where the zoo lives; each size gets its own subdirectory.
         #[arg(long, default_value = "work/zoo")]
         dir: PathBuf,
-        /// Which members: merging (base, experts, init-b, anchor-small) or
-        /// matformer (base, matformer, baseline-s/m/l).
+        /// Which members: merging (base, experts, init-b, init-b-code,
+        /// anchor-small), matformer (base, matformer, baseline-s/m/l) or study
+        /// (base, study experts, multitask models, base-short, base-long and
+        /// their experts).
         #[arg(long, default_value = "merging")]
         set: String,
         #[arg(long, default_value = "cpu")]

@@ -12,18 +12,7 @@ use serde_json::Value;
 fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("zoo");
-    let listed = ok([
-        "zoo".as_ref(),
-        "build".as_ref(),
-        "--size".as_ref(),
-        "micro".as_ref(),
-        "--dir".as_ref(),
-        dir.as_os_str(),
-    ]);
-    let members: Vec<&str> = listed
-        .lines()
-        .map(|l| l.split('\t').next().unwrap())
-        .collect();
+    let members = build_micro_zoo(&dir, None);
     assert_eq!(
         members,
         [
@@ -41,14 +30,7 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
     let before: Vec<Vec<u8>> = members.iter().map(|m| record(m)).collect();
 
     // Up to date: nothing retrained (records unchanged, not rewritten).
-    ok([
-        "zoo".as_ref(),
-        "build".as_ref(),
-        "--size".as_ref(),
-        "micro".as_ref(),
-        "--dir".as_ref(),
-        micro.parent().unwrap().as_os_str(),
-    ]);
+    build_micro_zoo(micro.parent().unwrap(), None);
     let after: Vec<Vec<u8>> = members.iter().map(|m| record(m)).collect();
     assert_eq!(before, after);
 

@@ -1,7 +1,8 @@
 //! Every recipe kind on hostile text: merge recipes parsed and planned (any
 //! method in the registry, models of two to five layers, tied or not), PLeaS
 //! parameters, extraction recipes resolved and planned against a tiny model,
-//! stitching recipes parsed. A plan that resolves must be whole.
+//! stitching recipes parsed, tune markers found and replaced (the result
+//! must be valid YAML without markers). A plan that resolves must be whole.
 #![no_main]
 
 mod common;
@@ -14,7 +15,8 @@ use amalgam_checkpoint::{Checkpoint, Dtype};
 use amalgam_elastic::matformer::{self, Extraction, ModelLayout};
 use amalgam_merge::registry;
 use amalgam_recipe::{
-    ExtractRecipe, InventoryTensor, ModelInventory, Plan, PleasRecipe, Recipe, StitchRecipe,
+    ExtractRecipe, InventoryTensor, ModelInventory, Plan, PleasRecipe, Recipe, SearchSpace,
+    StitchRecipe,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -87,4 +89,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = StitchRecipe::parse(text, "fuzz.yml");
+    if let Ok(space) = SearchSpace::parse(text, "fuzz.yml") {
+        let values: Vec<f64> = space.params.iter().map(|p| p.low).collect();
+        let replaced = space.instantiate(&values);
+        let again = SearchSpace::parse(&replaced, "fuzz.yml").expect("replaced text parses");
+        assert!(again.params.is_empty(), "every marker replaced");
+    }
 });

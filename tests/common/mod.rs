@@ -42,6 +42,21 @@ where
     String::from_utf8(out.stderr).unwrap()
 }
 
+/// `amalgam zoo build --size micro [--set SET] --dir DIR`: the members' names.
+pub fn build_micro_zoo(dir: &Path, set: Option<&str>) -> Vec<String> {
+    let mut args: Vec<&std::ffi::OsStr> = ["zoo", "build", "--size", "micro"]
+        .map(std::ffi::OsStr::new)
+        .to_vec();
+    if let Some(set) = set {
+        args.extend(["--set", set].map(std::ffi::OsStr::new));
+    }
+    args.extend(["--dir".as_ref(), dir.as_os_str()]);
+    ok(args)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_owned())
+        .collect()
+}
+
 pub fn synth(out: &Path, extra: &[&str]) {
     let mut args: Vec<&std::ffi::OsStr> = vec!["synth".as_ref(), out.as_os_str()];
     args.extend(extra.iter().map(std::ffi::OsStr::new));

@@ -47,7 +47,7 @@ impl TokenSource {
             return Ok(TokenSource::Random { vocab, rng });
         }
         let domains = match name {
-            "mixture" => Domain::ALL.to_vec(),
+            "mixture" => Domain::GENERAL.to_vec(),
             name => match Domain::parse(name) {
                 Some(domain) => vec![domain],
                 None => {
@@ -126,7 +126,7 @@ fn text_tokens(
         return Err(NnError::Invalid(format!(
             "unknown calibration `{name}` (known: mixture, random, {}, or a text file: plain \
              text, or .jsonl with the field holding each line's text)",
-            Domain::ALL.map(|d| d.name()).join(", ")
+            Domain::names()
         )));
     }
     let documents = read_documents(path, field)?;

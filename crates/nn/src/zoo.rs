@@ -3,7 +3,7 @@
 //!
 //! | member | how it is made | used for |
 //! |---|---|---|
-//! | `base` | trained on the mixture of all domains (init seed 1) | the shared base; an anchor |
+//! | `base` | trained on the mixture of the general domains (init seed 1) | the shared base; an anchor |
 //! | `expert-<domain>` | `base` fine-tuned on one domain | task-vector merges |
 //! | `init-b` | the base's shape and data, init seed 2 | PLeaS (with `base`) |
 //! | `init-b-code` | `init-b` fine-tuned on code | PLeaS (with `expert-prose`: experts from different bases) |
@@ -11,9 +11,16 @@
 //! | `matformer` | the base's shape, init and data, trained with the nested MatFormer loss | extraction |
 //! | `baseline-{s,m,l}` | FFNs at 1/8, 1/4, 1/2 of the base's, trained like it | MatFormer's comparison |
 //!
+//! | `study-<domain>` | `base` fine-tuned on one study domain (german, c, spanish, perl), which it never saw | the merging study |
+//! | `multitask-<k>` | `base` fine-tuned on the first k study domains together, k × an expert's steps | the study's upper reference |
+//! | `base-short` | trained like `base` for a quarter of its steps | the study's weaker base |
+//! | `base-long` | `base` trained for a second schedule at half the rate | the study's stronger base |
+//! | `short-study-<domain>`, `long-study-<domain>` | `base-short`, `base-long` fine-tuned like `study-<domain>` | merges from a weaker and a stronger base |
+//!
 //! The members come in sets ([`ZooSet`]): `merging` (base, experts, init-b, init-b-code,
-//! anchor-small) and `matformer` (base — the full-width baseline — matformer
-//! and the three narrower baselines).
+//! anchor-small), `matformer` (base — the full-width baseline — matformer
+//! and the three narrower baselines) and `study` (base, the study experts,
+//! the multitask models, base-short, base-long and their experts).
 //! Each member is a normal Hugging Face checkpoint directory with the byte
 //! tokenizer beside it, plus `zoo-member.json` recording how it was made. A
 //! member whose record matches the current recipe (size, corpus, code
@@ -33,6 +40,10 @@ use crate::{tokenizer, Architecture, Decoder, DecoderConfig, NnError, Result, GR
 
 /// Bump when training changes in a way that invalidates cached members.
 const RECIPE_VERSION: u32 = 2;
+
+/// The merging study's experts' domains, in the order the 2-, 3- and
+/// 4-expert merges take them; the other study domains are held out.
+pub const STUDY_EXPERTS: [Domain; 4] = [Domain::German, Domain::C, Domain::Spanish, Domain::Perl];
 
 /// The zoo at one scale.
 #[derive(Debug, Clone)]
@@ -114,7 +125,7 @@ impl ZooSize {
 
     /// The members of `set`, in build order (a parent before its children).
     pub fn members(&self, set: ZooSet) -> Vec<Member> {
-        let mixture = Domain::ALL.to_vec();
+        let mixture = Domain::GENERAL.to_vec();
         let base = Member {
             name: "base".into(),
             shape: self.shape.clone(),
@@ -123,11 +134,13 @@ impl ZooSize {
             domains: mixture.clone(),
             options: self.pretrain.clone(),
         };
-        if set == ZooSet::Matformer {
-            return self.matformer_members(base);
+        match set {
+            ZooSet::Matformer => return self.matformer_members(base),
+            ZooSet::Study => return self.study_members(base),
+            ZooSet::Merging => {}
         }
         let mut members = vec![base];
-        for domain in Domain::ALL {
+        for &domain in Domain::GENERAL {
             members.push(Member {
                 name: format!("expert-{}", domain.name()),
                 shape: self.shape.clone(),
@@ -165,6 +178,50 @@ impl ZooSize {
         members
     }
 
+    /// The study's experts on domains `base` never saw, the multitask models
+    /// over the first 2, 3 and 4 of them, and a shorter- and a longer-trained
+    /// base with their own experts.
+    fn study_members(&self, base: Member) -> Vec<Member> {
+        let fine_tune = |name: String, parent: &str, domains: Vec<Domain>| {
+            let mut options = self.finetune.clone();
+            options.steps *= domains.len();
+            options.warmup *= domains.len();
+            Member {
+                name,
+                shape: self.shape.clone(),
+                init_seed: 1,
+                parent: Some(parent.into()),
+                domains,
+                options,
+            }
+        };
+        let mut short = base.clone();
+        short.name = "base-short".into();
+        short.options.steps /= 4;
+        short.options.warmup /= 4;
+        let mut long = base.clone();
+        long.name = "base-long".into();
+        long.parent = Some("base".into());
+        long.options.lr /= 2.0;
+        let mut members = vec![base];
+        for d in STUDY_EXPERTS {
+            members.push(fine_tune(format!("study-{}", d.name()), "base", vec![d]));
+        }
+        for k in 2..=STUDY_EXPERTS.len() {
+            let domains = STUDY_EXPERTS[..k].to_vec();
+            members.push(fine_tune(format!("multitask-{k}"), "base", domains));
+        }
+        for (other, prefix) in [(short, "short"), (long, "long")] {
+            let parent = other.name.clone();
+            members.push(other);
+            for d in STUDY_EXPERTS {
+                let name = format!("{prefix}-study-{}", d.name());
+                members.push(fine_tune(name, &parent, vec![d]));
+            }
+        }
+        members
+    }
+
     /// The MatFormer model and one independently trained model per
     /// granularity; the base, trained with the same data budget and init, is
     /// the full-width baseline.
@@ -190,15 +247,18 @@ pub enum ZooSet {
     Merging,
     /// base, matformer and the per-granularity baselines.
     Matformer,
+    /// base, the study experts, the multitask models, base-long and its experts.
+    Study,
 }
 
 impl ZooSet {
-    pub const NAMES: &'static str = "merging or matformer";
+    pub const NAMES: &'static str = "merging, matformer or study";
 
     pub fn named(name: &str) -> Option<ZooSet> {
         match name {
             "merging" => Some(ZooSet::Merging),
             "matformer" => Some(ZooSet::Matformer),
+            "study" => Some(ZooSet::Study),
             _ => None,
         }
     }
@@ -217,13 +277,14 @@ pub struct Member {
 }
 
 impl Member {
-    /// Identifies everything the weights depend on (the cache key).
-    fn key(&self, size: &str) -> String {
-        let corpus = Domain::ALL.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, d| {
+    /// Identifies everything the weights depend on (the cache key): the
+    /// recipe, the text it trains on and the parent's key.
+    fn key(&self, size: &str, parent_key: Option<&str>) -> String {
+        let corpus = self.domains.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, d| {
             fnv1a(h, d.text().as_bytes())
         });
         let recipe = format!(
-            "v{RECIPE_VERSION} {size} {self:?} corpus {corpus:016x} threads {}",
+            "v{RECIPE_VERSION} {size} {self:?} corpus {corpus:016x} parent {parent_key:?} threads {}",
             tch::get_num_threads()
         );
         format!("{:016x}", fnv1a(0xcbf2_9ce4_8422_2325, recipe.as_bytes()))
@@ -289,9 +350,12 @@ pub fn build(
     std::fs::create_dir_all(dir)
         .map_err(|e| NnError::Invalid(format!("{}: {e}", dir.display())))?;
     let mut built = vec![];
+    let mut keys: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for member in size.members(set) {
         let out = dir.join(&member.name);
-        let key = member.key(size.name);
+        let parent_key = member.parent.as_ref().map(|p| keys[p].clone());
+        let key = member.key(size.name, parent_key.as_deref());
+        keys.insert(member.name.clone(), key.clone());
         let record_path = out.join("zoo-member.json");
         let cached = std::fs::read(&record_path)
             .ok()

@@ -1,7 +1,7 @@
 //! Recipes: the YAML schemas (mergekit-compatible for merges, multi-stage
 //! recipes and mergekit-moe configs; `kind: extract` for nested submodels;
 //! `kind: stitch` for SN-Net families; `merge_method: pleas`'s own
-//! parameters), validation with line and column, and resolution of
+//! parameters; tune markers for `amalgam tune`), validation with line and column, and resolution of
 //! parameters into a [`Plan`]. Pure data: no
 //! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
 //! and the merge method as a [`MethodSpec`].
@@ -17,6 +17,7 @@ mod schema;
 mod stages;
 mod stitch;
 mod tokenizer;
+mod tune;
 mod yaml;
 
 pub use chat_template::ChatTemplate;
@@ -33,3 +34,4 @@ pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef};
 pub use stages::{Stage, Stages};
 pub use stitch::{StitchRecipe, StitchTraining};
 pub use tokenizer::{TokenRef, TokenRule, TokenSource, TokenizerSource, TokenizerSpec};
+pub use tune::{SearchSpace, TuneParam};

@@ -1,0 +1,298 @@
+//! `amalgam tune RECIPE OUT`: searches a merge recipe's `{tune: [lo, hi]}`
+//! parameters for the lowest mean loss on the corpus' validation split.
+//! Each trial merges in memory (the merged tensors go straight into the
+//! forward pass; nothing is written) and is scored on the validation split
+//! only, so the evaluation split stays unseen. The search is TPE (one
+//! estimator per parameter, seeded): same recipe, seed and thread count, same
+//! trials.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use amalgam_checkpoint::OutputDir;
+use amalgam_merge::executor::MergeJob;
+use amalgam_merge::registry::Method;
+use amalgam_nn::data::Split;
+use amalgam_nn::eval::{check_vocabulary, corpus_windows, score_windows, EvalOptions, Window};
+use amalgam_nn::{Decoder, DecoderConfig};
+use amalgam_recipe::{SearchSpace, Stages, TuneParam};
+use anyhow::{bail, Context, Result};
+use rand_tpe::{RngExt, SeedableRng};
+use tch::{Device, Tensor};
+
+/// Search a recipe's `{tune: [lo, hi]}` parameters against validation loss.
+///
+/// Writes OUT/best.yml (the recipe with the best trial's values: an
+/// ordinary recipe for `amalgam merge --seed S`) and OUT/trials.md (every
+/// trial's values and per-domain validation losses); prints the trials table.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    amalgam tune recipes/zoo/ties-tune.yml work/tuned --domains german,c,spanish,perl --trials 30\n  \
+    amalgam merge work/tuned/best.yml work/ties-tuned --seed 0\n\n\
+    A marker replaces a number anywhere in a merge recipe, on one line:\n  \
+    parameters: {weight: {tune: [0, 1.5]}, density: {tune: [0.1, 1], default: 0.5}}\n\
+    The first trial takes each marker's default (the middle of its range if it has none),\n\
+    so the best recipe is never worse on validation than the defaults.")]
+pub struct Args {
+    /// The recipe with tune markers (a single-stage merge recipe).
+    recipe: PathBuf,
+    /// Output directory for best.yml and trials.md (must not exist or be
+    /// empty, unless --force).
+    output: PathBuf,
+    /// What a trial minimises: the mean of the domains' validation losses.
+    #[arg(long, default_value = "mean-loss", value_parser = ["mean-loss"])]
+    objective: String,
+    /// Comma-separated domains with a validation split (the study domains:
+    /// german, spanish, italian, c, perl, cpp).
+    #[arg(long, value_delimiter = ',', required = true)]
+    domains: Vec<String>,
+    /// How many merges to try.
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// Seeds the search and the merges' random methods (DARE, DELLA).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokens per validation window.
+    #[arg(long, default_value_t = 129)]
+    seq_len: usize,
+    /// At most this many windows per domain.
+    #[arg(long, default_value_t = 64)]
+    max_windows: usize,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+/// One trial: the values tried, the loss on each domain and their mean
+/// (infinite when the merge made non-finite weights).
+struct Trial {
+    values: Vec<f64>,
+    losses: Vec<f64>,
+    mean: f64,
+}
+
+/// Trials after the first drawn uniformly from the ranges before TPE takes
+/// over: its per-parameter estimators need a spread of outcomes to start
+/// from (otherwise parameters whose defaults sit at the same relative place
+/// of their ranges move in lockstep).
+const STARTUP_TRIALS: usize = 5;
+
+/// Rounds a candidate to four decimals (readable recipes), inside its range.
+fn round(value: f64, low: f64, high: f64) -> f64 {
+    ((value * 1e4).round() / 1e4).clamp(low, high)
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let text = crate::resources::read_recipe(&args.recipe)?;
+    let source = args.recipe.display().to_string();
+    let space = SearchSpace::parse(&text, &source)?;
+    if space.params.is_empty() {
+        bail!("{source}: no `{{tune: [low, high]}}` marker: nothing to tune");
+    }
+    if args.trials == 0 {
+        bail!("--trials must be at least 1");
+    }
+    if args.seq_len < 2 || args.max_windows == 0 {
+        bail!("--seq-len must be at least 2 and --max-windows at least 1");
+    }
+    let domains = crate::eval::parse_domains(&args.domains)?;
+    for domain in &domains {
+        domain.check_split(Split::Validation)?;
+    }
+    let device = crate::device::parse(&args.device)?;
+    let options = EvalOptions {
+        seq_len: args.seq_len,
+        max_windows: args.max_windows,
+        batch: args.batch.max(1),
+    };
+    let windows: Vec<Vec<Window>> = domains
+        .iter()
+        .map(|d| corpus_windows(&d.tokens(Split::Validation), &options))
+        .collect();
+    let first: Vec<f64> = space
+        .params
+        .iter()
+        .map(|p| p.default.unwrap_or((p.low + p.high) / 2.0))
+        .collect();
+    // The recipe and its models are checked before the output is created.
+    let job = prepare(&space.instantiate(&first), &source)?;
+    let out = OutputDir::create(&args.output, args.force, &job.input_dirs())?;
+    drop(job);
+
+    let mut optimisers: Vec<tpe::TpeOptimizer> = space
+        .params
+        .iter()
+        .map(|p| {
+            let range = tpe::range(p.low, p.high).expect("checked low < high");
+            tpe::TpeOptimizer::new(tpe::parzen_estimator(), range)
+        })
+        .collect();
+    let mut rng = rand_tpe::rngs::StdRng::seed_from_u64(args.seed);
+    let bar = crate::progress::steps(args.trials as u64, "tune", quiet);
+    let mut trials: Vec<Trial> = vec![];
+    for index in 0..args.trials {
+        let values = if index == 0 {
+            first.clone()
+        } else {
+            let mut ask = |o: &mut tpe::TpeOptimizer, p: &TuneParam| {
+                let value = if index <= STARTUP_TRIALS {
+                    rng.random_range(p.low..=p.high)
+                } else {
+                    let Ok(value) = o.ask(&mut rng);
+                    value
+                };
+                round(value, p.low, p.high)
+            };
+            optimisers
+                .iter_mut()
+                .zip(&space.params)
+                .map(|(o, p)| ask(o, p))
+                .collect()
+        };
+        let losses = match merged(&space.instantiate(&values), &source, args.seed, device)? {
+            Some(model) => windows
+                .iter()
+                .zip(&domains)
+                .map(|(w, d)| score_windows(&model, None, d.name(), w, options.batch, &mut |_| {}))
+                .map(|s| {
+                    if s.loss.is_finite() {
+                        s.loss
+                    } else {
+                        f64::INFINITY
+                    }
+                })
+                .collect(),
+            None => vec![f64::INFINITY; domains.len()],
+        };
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        for ((o, p), v) in optimisers.iter_mut().zip(&space.params).zip(&values) {
+            o.tell(*v, mean)
+                .with_context(|| format!("the search, at {}", p.label))?;
+        }
+        trials.push(Trial {
+            values,
+            losses,
+            mean,
+        });
+        let best = trials.iter().map(|t| t.mean).fold(f64::INFINITY, f64::min);
+        bar.set_position(index as u64 + 1);
+        bar.set_message(format!("best {best:.4}"));
+    }
+    bar.finish_and_clear();
+
+    // The first of equal means is the best.
+    let best = (0..trials.len())
+        .min_by(|&a, &b| trials[a].mean.total_cmp(&trials[b].mean))
+        .expect("at least one trial");
+    if !trials[best].mean.is_finite() {
+        bail!(
+            "every trial's merge made non-finite weights or losses: narrow the tune ranges \
+             in {source}"
+        );
+    }
+    let names: Vec<&str> = domains.iter().map(|d| d.name()).collect();
+    let header = format!(
+        "# amalgam tune: trial {best} of {} (seed {}), mean validation loss {:.4} on {} \
+         (trial 0, each marker's default or midpoint: {:.4}).\n\
+         # Merge it with `amalgam merge --seed {}`.\n",
+        trials.len(),
+        args.seed,
+        trials[best].mean,
+        names.join(", "),
+        trials[0].mean,
+        args.seed
+    );
+    let table = trials_table(&space, &names, &trials, best);
+    std::fs::write(
+        out.staging().join("best.yml"),
+        header + &space.instantiate(&trials[best].values),
+    )
+    .context("writing best.yml")?;
+    std::fs::write(out.staging().join("trials.md"), &table).context("writing trials.md")?;
+    let dir = out.commit()?;
+    print!("{table}");
+    tracing::info!(
+        "best: trial {best}, mean validation loss {:.4} (defaults {:.4}); {}",
+        trials[best].mean,
+        trials[0].mean,
+        dir.join("best.yml").display()
+    );
+    Ok(())
+}
+
+/// The job of a single-stage, per-tensor recipe text.
+fn prepare(text: &str, source: &str) -> Result<MergeJob> {
+    let mut stages = Stages::parse(text, source)?;
+    if !stages.is_single() {
+        bail!("{source}: tune searches a single-stage recipe");
+    }
+    let recipe = stages.run_order.remove(0).recipe;
+    match crate::merge::method_of(&recipe)? {
+        Method::PerTensor(method) => Ok(MergeJob::prepare(recipe, method)?),
+        Method::WholeModel(_) => Err(recipe
+            .error(
+                recipe.merge_method_at,
+                format!(
+                    "`{}` runs on whole models; tune searches per-tensor methods",
+                    recipe.merge_method
+                ),
+            )
+            .into()),
+    }
+}
+
+/// The recipe merged in memory as a model on `device`, or `None` when the
+/// merge made non-finite weights.
+fn merged(text: &str, source: &str, seed: u64, device: Device) -> Result<Option<Decoder>> {
+    let job = prepare(text, source)?;
+    let config = DecoderConfig::from_model_config(
+        &job.output_config()?,
+        Path::new("(the merged model's config.json)"),
+    )?;
+    let mut tensors = BTreeMap::new();
+    for planned in &job.plan.tensors {
+        let tensor: Tensor = job.compute(planned, seed, Device::Cpu)?;
+        if tensor.isfinite().all().int64_value(&[]) == 0 {
+            tracing::warn!(
+                "{}: non-finite values; the trial scores infinity",
+                planned.name
+            );
+            return Ok(None);
+        }
+        tensors.insert(planned.name.clone(), tensor);
+    }
+    let model = Decoder::from_tensors(config, &tensors, device)?;
+    check_vocabulary(&model)?;
+    Ok(Some(model))
+}
+
+/// The trials as a Markdown table, the best marked.
+fn trials_table(space: &SearchSpace, domains: &[&str], trials: &[Trial], best: usize) -> String {
+    let mut table = String::from("| trial |");
+    for p in &space.params {
+        write!(table, " {} |", p.label).unwrap();
+    }
+    for d in domains {
+        write!(table, " {d} loss |").unwrap();
+    }
+    table.push_str(" mean loss |\n|---|");
+    table.push_str(&"---|".repeat(space.params.len() + domains.len() + 1));
+    table.push('\n');
+    for (i, trial) in trials.iter().enumerate() {
+        let mark = if i == best { " (best)" } else { "" };
+        write!(table, "| {i}{mark} |").unwrap();
+        for v in &trial.values {
+            write!(table, " {v} |").unwrap();
+        }
+        for loss in trial.losses.iter().chain([&trial.mean]) {
+            write!(table, " {loss:.4} |").unwrap();
+        }
+        table.push('\n');
+    }
+    table
+}
