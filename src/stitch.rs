@@ -146,12 +146,27 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     );
     // Training holds both anchors whole (F32; with gradients and Adam's two
     // moments when they train), every block's activations of a batch and
-    // its logits, and each stitch with its gradient and moments.
+    // its logits (twice more when distilling: the teacher's and the
+    // softmaxes), and each stitch with its gradient and moments.
     let training = recipe.train.as_ref().map(|t| {
         let stitches = plan.stitch_parameters;
         let copies = if t.anchor_lr_scale > 0.0 { 4 } else { 1 };
+        let teacher = if t.distill > 0.0 {
+            configs
+                .iter()
+                .map(|c| {
+                    2 * (c.forward_bytes(t.batch, t.seq_len)
+                        - c.block_forward_bytes(t.batch, t.seq_len))
+                })
+                .max()
+                .unwrap_or(0)
+        } else {
+            0
+        };
         configs.iter().fold(
-            PROCESS_BYTES.saturating_add(stitches.saturating_mul(16)),
+            PROCESS_BYTES
+                .saturating_add(stitches.saturating_mul(16))
+                .saturating_add(teacher),
             |sum, c| {
                 let blocks = c.block_forward_bytes(t.batch, t.seq_len);
                 let logits = c.forward_bytes(t.batch, t.seq_len) - blocks;

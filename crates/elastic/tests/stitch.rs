@@ -11,6 +11,7 @@ use amalgam_elastic::stitch::{
     calibrate, family_routes, members, stitched_logits, Family, Network, Plan, Route, Stitch,
 };
 use amalgam_nn::calibration::TokenSource;
+use amalgam_nn::eval::LanguageModel;
 use amalgam_nn::least_squares::NormalEquations;
 use amalgam_nn::zoo::ZooSize;
 use amalgam_nn::{supported_model_types, Decoder, DecoderConfig, Part};
@@ -235,6 +236,8 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
         seq_len: 33,
         lr: 1e-2,
         anchor_lr_scale,
+        distill: 0.0,
+        temperature: 1.0,
         seed: 0,
     };
     let text = || TokenSource::open("mixture", "text", 258, &[], 33, 0).unwrap();
@@ -281,6 +284,39 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
     assert!(
         before.1.iter().zip(&after.1).any(|(a, b)| !a.equal(b)),
         "no stitch moved"
+    );
+
+    // Distillation alone, anchors frozen: the routes' predictions move toward
+    // the larger anchor's (anchor 1), by more than next-token training moves them.
+    let probe = text().batch(8, 33);
+    let kl_to_teacher = |f: &Family| -> f64 {
+        let teacher = f.anchors[1].forward(&probe).log_softmax(-1, Kind::Float);
+        let routes: Vec<f64> = f
+            .members
+            .iter()
+            .filter(|m| matches!(m.network, Network::Stitched(..)))
+            .map(|m| {
+                let route = f.scorer(m).logits(&probe).log_softmax(-1, Kind::Float);
+                let kl = teacher.exp() * (&teacher - route);
+                kl.sum(Kind::Float).double_value(&[]) / (8.0 * 33.0)
+            })
+            .collect();
+        mean(&routes)
+    };
+    let start = kl_to_teacher(&family());
+    let trained = |distill| {
+        let mut f = family();
+        let options = StitchTraining {
+            distill,
+            ..options(40, 0.0)
+        };
+        f.train(&options, &mut text(), &mut |_, _| {}).unwrap();
+        tch::no_grad(|| kl_to_teacher(&f))
+    };
+    let (plain, distilled) = (trained(0.0), trained(1.0));
+    assert!(
+        distilled < start * 0.8 && distilled < plain,
+        "KL(teacher ‖ routes): untrained {start:.4}, next-token training {plain:.4}, distilled {distilled:.4}"
     );
 }
 

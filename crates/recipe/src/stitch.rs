@@ -6,7 +6,16 @@ use crate::{Location, RecipeError};
 
 const KEYS: &[&str] = &["kind", "anchors", "calibration", "ridge", "train"];
 const CALIBRATION_KEYS: &[&str] = &["source", "field", "samples", "seq_len", "batch", "seed"];
-const TRAIN_KEYS: &[&str] = &["steps", "batch", "seq_len", "lr", "anchor_lr_scale", "seed"];
+const TRAIN_KEYS: &[&str] = &[
+    "steps",
+    "batch",
+    "seq_len",
+    "lr",
+    "anchor_lr_scale",
+    "distill",
+    "temperature",
+    "seed",
+];
 
 /// Route training after the least-squares initialisation (SN-Net's: one
 /// route sampled per step).
@@ -18,6 +27,12 @@ pub struct StitchTraining {
     pub lr: f64,
     /// The anchors' learning rate as a fraction of `lr` (0: anchors frozen).
     pub anchor_lr_scale: f64,
+    /// Weight of knowledge distillation from the larger anchor in each
+    /// step's loss, in [0, 1]: `(1 − distill) · next-token loss + distill ·
+    /// T² · KL(teacher ‖ network)` at temperature T (0: no distillation).
+    pub distill: f64,
+    /// The distillation's softmax temperature T (> 0).
+    pub temperature: f64,
     pub seed: u64,
 }
 
@@ -121,6 +136,8 @@ impl StitchRecipe {
                         seq_len: 129,
                         lr: 1e-3,
                         anchor_lr_scale: 0.0,
+                        distill: 0.0,
+                        temperature: 1.0,
                         seed: 0,
                     };
                     for (key, value, _) in reader.mapping(node, "train", TRAIN_KEYS)? {
@@ -132,6 +149,22 @@ impl StitchRecipe {
                         match key.as_str() {
                             "lr" => train.lr = number()?,
                             "anchor_lr_scale" => train.anchor_lr_scale = number()?,
+                            "distill" => {
+                                train.distill = number()?;
+                                if train.distill > 1.0 {
+                                    return Err(reader.error(
+                                        location(value),
+                                        "`distill` is a weight in [0, 1]",
+                                    ));
+                                }
+                            }
+                            "temperature" => {
+                                train.temperature = number()?;
+                                if train.temperature == 0.0 {
+                                    return Err(reader
+                                        .error(location(value), "`temperature` must be above 0"));
+                                }
+                            }
                             "steps" => train.steps = reader.usize(value, "steps")?,
                             "batch" => train.batch = reader.usize(value, "batch")?.max(1),
                             "seq_len" => train.seq_len = reader.usize(value, "seq_len")?.max(2),
@@ -191,6 +224,15 @@ mod tests {
         .train
         .unwrap();
         assert_eq!((t.steps, t.lr, t.anchor_lr_scale), (5, 0.01, 0.0));
+        assert_eq!((t.distill, t.temperature), (0.0, 1.0));
+        let t = StitchRecipe::parse(
+            "kind: stitch\nanchors: [a, b]\ntrain: {distill: 0.5, temperature: 2}\n",
+            "s.yml",
+        )
+        .unwrap()
+        .train
+        .unwrap();
+        assert_eq!((t.distill, t.temperature), (0.5, 2.0));
         assert!(
             StitchRecipe::parse("kind: stitch\nanchors: [a, b]\ntrain: {lr: -1}\n", "s.yml")
                 .unwrap_err()
@@ -208,5 +250,13 @@ mod tests {
                 .contains("did you mean `samples`")
         );
         assert!(error("kind: stitch\n").contains("missing `anchors`"));
+        assert!(
+            error("kind: stitch\nanchors: [a, b]\ntrain: {distill: 1.5}\n")
+                .contains("s.yml:3:18: `distill` is a weight in [0, 1]")
+        );
+        assert!(
+            error("kind: stitch\nanchors: [a, b]\ntrain: {temperature: 0}\n")
+                .contains("s.yml:3:22: `temperature` must be above 0")
+        );
     }
 }

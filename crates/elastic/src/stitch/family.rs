@@ -169,8 +169,11 @@ impl Family {
     /// (and, when the anchors train too, the anchors among them) and takes
     /// an AdamW step on its next-token loss — the stitching layers at
     /// `options.lr`, the anchors at `options.lr × anchor_lr_scale` (0: frozen,
-    /// so the anchors stay exactly the checkpoints they came from).
-    /// `on_step(step, loss)` after every step; returns the losses.
+    /// so the anchors stay exactly the checkpoints they came from). With
+    /// `options.distill` > 0 the loss mixes in distillation from the larger
+    /// anchor (by parameters; its own steps are not distilled), as SN-Net
+    /// trains with a teacher. `on_step(step, loss)` after every step with the
+    /// next-token loss; returns those losses.
     /// Training windows come from `text` (the calibration's source).
     pub fn train(
         &mut self,
@@ -215,16 +218,28 @@ impl Family {
         let candidates: Vec<usize> = (0..self.members.len())
             .filter(|&i| anchors_train || matches!(self.members[i].network, Network::Stitched(..)))
             .collect();
+        let teacher = (0..self.anchors.len())
+            .max_by_key(|&a| self.anchors[a].config.parameter_count())
+            .expect("two anchors");
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(options.seed);
         let mut losses = Vec::with_capacity(options.steps);
         for step in 0..options.steps {
             let member = &self.members[candidates[rng.random_range(0..candidates.len())]];
             let ids = text.batch(options.batch, options.seq_len).to_device(device);
             let seq = options.seq_len as i64;
-            let logits = self.scorer(member).logits(&ids.narrow(1, 0, seq - 1));
-            let loss = logits
-                .reshape([-1, logits.size()[2]])
-                .cross_entropy_for_logits(&ids.narrow(1, 1, seq - 1).reshape([-1]));
+            let input = ids.narrow(1, 0, seq - 1);
+            let logits = self.scorer(member).logits(&input);
+            let logits = logits.reshape([-1, logits.size()[2]]);
+            let next_token =
+                logits.cross_entropy_for_logits(&ids.narrow(1, 1, seq - 1).reshape([-1]));
+            let is_teacher = matches!(member.network, Network::Anchor(a) if a == teacher);
+            let loss = if options.distill > 0.0 && !is_teacher {
+                let target = tch::no_grad(|| self.anchors[teacher].forward(&input));
+                let kd = distillation(&logits, &target.reshape(logits.size()), options.temperature);
+                next_token.shallow_clone() * (1.0 - options.distill) + kd * options.distill
+            } else {
+                next_token.shallow_clone()
+            };
             // Only the parameters this network used get a step (optimizer 0
             // holds the stitches, 1 + a anchor a's weights).
             let used: Vec<usize> = match &member.network {
@@ -240,8 +255,8 @@ impl Family {
                 optimizers[o].clip_grad_norm(1.0);
                 optimizers[o].step();
             }
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
+            let value = next_token.double_value(&[]);
+            if !value.is_finite() || !loss.double_value(&[]).is_finite() {
                 return Err(ElasticError::Stitch(format!(
                     "training diverged at step {step} ({value})"
                 )));
@@ -538,4 +553,55 @@ fn io(path: &Path, e: std::io::Error) -> ElasticError {
 
 fn route_name(r: Route) -> String {
     format!("{}:{}-{}:{}", r.front, r.cut, r.end, r.resume)
+}
+
+/// Knowledge distillation's loss: `T² · KL(softmax(target/T) ‖
+/// softmax(logits/T))` per position, averaged over positions (`[positions,
+/// vocab]` both); T² keeps its gradients on the next-token loss's scale.
+fn distillation(logits: &Tensor, target: &Tensor, temperature: f64) -> Tensor {
+    let kind = tch::Kind::Float;
+    let student = (logits / temperature).log_softmax(-1, kind);
+    let teacher = (target / temperature).log_softmax(-1, kind);
+    let kl = (teacher.exp() * (&teacher - student)).sum_dim_intlist(-1, false, kind);
+    kl.mean(kind) * (temperature * temperature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distillation_is_the_scaled_kl_divergence() {
+        tch::manual_seed(0);
+        let logits = Tensor::randn([3, 5], (tch::Kind::Float, Device::Cpu));
+        let target = Tensor::randn([3, 5], (tch::Kind::Float, Device::Cpu)) * 2.0;
+        let rows = |t: &Tensor| -> Vec<Vec<f64>> {
+            Vec::<Vec<f64>>::try_from(t.to_kind(tch::Kind::Double)).unwrap()
+        };
+        for temperature in [1.0, 2.0] {
+            let expected: f64 = rows(&logits)
+                .iter()
+                .zip(rows(&target))
+                .map(|(s, t)| {
+                    let softmax = |x: &[f64]| {
+                        let z: Vec<f64> = x.iter().map(|v| (v / temperature).exp()).collect();
+                        let sum: f64 = z.iter().sum();
+                        z.into_iter().map(|v| v / sum).collect::<Vec<f64>>()
+                    };
+                    let (p, q) = (softmax(&t), softmax(s));
+                    p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>()
+                })
+                .sum::<f64>()
+                / 3.0
+                * temperature
+                * temperature;
+            let got = distillation(&logits, &target, temperature).double_value(&[]);
+            assert!(
+                (got - expected).abs() < 1e-5,
+                "T {temperature}: {got} vs {expected}"
+            );
+        }
+        let same = distillation(&logits, &logits, 1.0).double_value(&[]);
+        assert!(same.abs() < 1e-6, "{same}");
+    }
 }
