@@ -32,7 +32,8 @@ def main():
         scores[entry["model"]] = {d["domain"]: d["loss"] for d in entry["domains"]}
 
     def settings(path):
-        """The tuned values of a best.yml, as `name value` pairs."""
+        """The tuned values of a best.yml, as `name value` pairs (TIES and
+        DARE-TIES tune density and lambda, their weight stays 1)."""
         text = open(path).read()
         line = next(l for l in text.splitlines() if l.startswith("parameters:"))
         pairs = re.findall(r"(\w+): ([0-9.]+)", line)

@@ -151,27 +151,19 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let training = recipe.train.as_ref().map(|t| {
         let stitches = plan.stitch_parameters;
         let copies = if t.anchor_lr_scale > 0.0 { 4 } else { 1 };
-        let teacher = if t.distill > 0.0 {
-            configs
-                .iter()
-                .map(|c| {
-                    2 * (c.forward_bytes(t.batch, t.seq_len)
-                        - c.block_forward_bytes(t.batch, t.seq_len))
-                })
-                .max()
-                .unwrap_or(0)
-        } else {
-            0
+        let blocks = |c: &DecoderConfig| c.block_forward_bytes(t.batch, t.seq_len);
+        let logits = |c: &DecoderConfig| c.forward_bytes(t.batch, t.seq_len) - blocks(c);
+        let teacher = match t.distill > 0.0 {
+            true => configs.iter().map(|c| 2 * logits(c)).max().unwrap_or(0),
+            false => 0,
         };
         configs.iter().fold(
             PROCESS_BYTES
                 .saturating_add(stitches.saturating_mul(16))
                 .saturating_add(teacher),
             |sum, c| {
-                let blocks = c.block_forward_bytes(t.batch, t.seq_len);
-                let logits = c.forward_bytes(t.batch, t.seq_len) - blocks;
-                sum.saturating_add((c.num_hidden_layers() as u64).saturating_mul(blocks))
-                    .saturating_add(logits)
+                sum.saturating_add((c.num_hidden_layers() as u64).saturating_mul(blocks(c)))
+                    .saturating_add(logits(c))
                     .saturating_add(c.weight_bytes().saturating_mul(copies))
             },
         )

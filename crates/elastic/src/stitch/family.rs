@@ -236,7 +236,7 @@ impl Family {
             let loss = if options.distill > 0.0 && !is_teacher {
                 let target = tch::no_grad(|| self.anchors[teacher].forward(&input));
                 let kd = distillation(&logits, &target.reshape(logits.size()), options.temperature);
-                next_token.shallow_clone() * (1.0 - options.distill) + kd * options.distill
+                &next_token * (1.0 - options.distill) + kd * options.distill
             } else {
                 next_token.shallow_clone()
             };
