@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
-# The README's stitching table and plot (docs/stitch-pareto-SIZE.png): builds (or
-# reuses) the zoo, stitches anchor-small and base with least squares only
-# (recipes/stitch/zoo.yml), then trained (zoo-trained.yml), trained with
-# distillation from base (zoo-distilled.yml), and both for four times the steps
-# (zoo-trained-long.yml, zoo-distilled-long.yml), evaluates every network of
-# the five families, and tabulates FLOPs per token against held-out loss.
+# The README's stitching tables and plots: builds (or reuses) the zoo's
+# stitching set, then joins three anchor pairs and evaluates every network of
+# each family:
+# - anchor-small and base, and the same two trained further (all in
+#   docs/stitch-pareto-SIZE.png): least squares only (recipes/stitch/zoo.yml),
+#   trained (zoo-trained.yml), trained with distillation from base
+#   (zoo-distilled.yml), both for four times the steps (zoo-trained-long.yml,
+#   zoo-distilled-long.yml), distilled for four times the steps with the
+#   anchors frozen (zoo-frozen.yml); the anchors trained further, least squares
+#   and as zoo-distilled-long.yml (long-anchors*.yml);
+# - the deep pair of one depth at two widths (deep*.yml), least squares and as
+#   zoo-distilled-long.yml (docs/stitch-pareto-SIZE-deep.png).
 # Usage: scripts/stitch-table.sh [small|micro]
 source "$(dirname "${BASH_SOURCE[0]}")/table-env.sh"
-$amalgam zoo build --size "$size" --dir work/zoo
+$amalgam zoo build --size "$size" --set stitching --dir work/zoo
 out=work/stitch/$size
-mkdir -p "$out"
-for recipe in zoo zoo-trained zoo-distilled zoo-trained-long zoo-distilled-long; do
+mkdir -p "$out" docs
+for recipe in zoo zoo-trained zoo-distilled zoo-trained-long zoo-distilled-long zoo-frozen \
+  long-anchors long-anchors-distilled deep deep-distilled; do
   sed "s#work/zoo/small/#work/zoo/$size/#g" "recipes/stitch/$recipe.yml" > "$out/$recipe.yml"
   $amalgam stitch "$out/$recipe.yml" "$out/$recipe" --force -q
   $amalgam eval "$out/$recipe" --seq-len "$window" --json -q > "$out/$recipe.json"
 done
-mkdir -p docs
 $amalgam pareto --x flops \
   --series "least squares=$out/zoo.json" \
   --series "trained=$out/zoo-trained.json" \
   --series "distilled=$out/zoo-distilled.json" \
   --series "trained 4x=$out/zoo-trained-long.json" \
   --series "distilled 4x=$out/zoo-distilled-long.json" \
+  --series "distilled 4x, anchors frozen=$out/zoo-frozen.json" \
+  --series "anchors trained further: least squares=$out/long-anchors.json" \
+  --series "anchors trained further: distilled 4x=$out/long-anchors-distilled.json" \
   --title "SN-Net family ($size zoo): FLOPs per token vs. held-out loss" \
   --png "docs/stitch-pareto-$size.png"
+$amalgam pareto --x flops \
+  --series "least squares=$out/deep.json" \
+  --series "distilled 4x=$out/deep-distilled.json" \
+  --title "SN-Net family of one depth ($size zoo, 8 blocks, 64 and 128 wide)" \
+  --png "docs/stitch-pareto-$size-deep.png"

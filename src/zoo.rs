@@ -24,9 +24,10 @@ enum ZooCommand {
         #[arg(long, default_value = "work/zoo")]
         dir: PathBuf,
         /// Which members: merging (base, experts, init-b, init-b-code,
-        /// anchor-small), matformer (base, matformer, baseline-s/m/l) or study
+        /// anchor-small), matformer (base, matformer, baseline-s/m/l), study
         /// (base, study experts, multitask models, base-short, base-long and
-        /// their experts).
+        /// their experts) or stitching (base, anchor-small, both trained
+        /// further, deep-narrow, deep-wide).
         #[arg(long, default_value = "merging")]
         set: String,
         #[arg(long, default_value = "cpu")]

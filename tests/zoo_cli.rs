@@ -1,7 +1,8 @@
 //! End to end: `amalgam zoo build --size micro` trains every zoo member, each
 //! loads in transformers, a second build reuses them, `amalgam eval` scores
-//! them per domain, `amalgam stitch` joins the two anchors, and PLeaS merges
-//! the two differently initialised models.
+//! them per domain, `amalgam stitch` joins the two anchors (and the
+//! stitching set's deep pair, trained, gives routes between its anchors), and
+//! PLeaS merges the two differently initialised models.
 
 mod common;
 
@@ -338,5 +339,100 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
     assert!(
         weight < aligned,
         "data-free PLeaS beats permute-then-average: {table}"
+    );
+}
+
+/// The zoo's stitching set: its deep pair (one depth, two widths), stitched by
+/// least squares and then trained with distillation, gives routes between
+/// the anchors on the FLOPs–loss plane, as `scripts/stitch-table.sh` shows
+/// at the small size; training lowers every route's loss far below least
+/// squares'.
+#[test]
+fn deep_anchors_of_one_family_give_routes_between_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = build_micro_zoo(&tmp.path().join("zoo"), Some("stitching"));
+    assert_eq!(
+        members,
+        [
+            "base",
+            "anchor-small",
+            "base-long",
+            "anchor-small-long",
+            "deep-narrow",
+            "deep-wide"
+        ]
+    );
+    let micro = tmp.path().join("zoo/micro");
+    let family = |name: &str, train: &str| -> Vec<(String, u64, f64)> {
+        let recipe = tmp.path().join(format!("{name}.yml"));
+        std::fs::write(
+            &recipe,
+            format!(
+                "kind: stitch\nanchors: [{}, {}]\ncalibration: {{samples: 64, seq_len: 65}}\n{train}",
+                micro.join("deep-narrow").display(),
+                micro.join("deep-wide").display()
+            ),
+        )
+        .unwrap();
+        let out = tmp.path().join(name);
+        ok(["stitch".as_ref(), recipe.as_os_str(), out.as_os_str()]);
+        let scores: Value = serde_json::from_str(&ok([
+            "eval".as_ref(),
+            out.as_os_str(),
+            "--json".as_ref(),
+            "--seq-len".as_ref(),
+            "65".as_ref(),
+            "--max-windows".as_ref(),
+            "16".as_ref(),
+        ]))
+        .unwrap();
+        scores
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let losses: Vec<f64> = e["domains"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d["loss"].as_f64().unwrap())
+                    .collect();
+                (
+                    e["model"]
+                        .as_str()
+                        .unwrap()
+                        .rsplit('#')
+                        .next()
+                        .unwrap()
+                        .to_owned(),
+                    e["flops_per_token"].as_u64().unwrap(),
+                    losses.iter().sum::<f64>() / losses.len() as f64,
+                )
+            })
+            .collect()
+    };
+    let least_squares = family("deep", "");
+    let distilled = family(
+        "deep-distilled",
+        "train: {steps: 4000, batch: 16, seq_len: 65, lr: 0.001, anchor_lr_scale: 0.1, distill: 0.5}\n",
+    );
+    let routes = amalgam_elastic::stitch::family_routes([4, 4]);
+    assert_eq!(distilled.len(), 2 + routes.len());
+    let mean_route =
+        |f: &[(String, u64, f64)]| f[2..].iter().map(|r| r.2).sum::<f64>() / (f.len() - 2) as f64;
+    let (before, after) = (mean_route(&least_squares), mean_route(&distilled));
+    assert!(
+        after < before - 0.2,
+        "training lowers the routes' mean loss: {before:.4} → {after:.4}"
+    );
+    let (small, large) = (&distilled[0], &distilled[1]);
+    let between: Vec<&(String, u64, f64)> = distilled[2..]
+        .iter()
+        .filter(|r| small.1 < r.1 && r.1 < large.1)
+        .filter(|r| large.2 + 0.01 < r.2 && r.2 < small.2 - 0.05)
+        .collect();
+    assert!(
+        !between.is_empty(),
+        "a route lies between the anchors {small:?} and {large:?}: {distilled:?}"
     );
 }

@@ -16,11 +16,14 @@
 //! | `base-short` | trained like `base` for a quarter of its steps | the study's weaker base |
 //! | `base-long` | `base` trained for a second schedule at half the rate | the study's stronger base |
 //! | `short-study-<domain>`, `long-study-<domain>` | `base-short`, `base-long` fine-tuned like `study-<domain>` | merges from a weaker and a stronger base |
+//! | `anchor-small-long` | `anchor-small` trained further as `base-long` is | stitching anchors trained further |
+//! | `deep-narrow`, `deep-wide` | one depth (twice the base's), two widths (half the base's and the base's), same data and schedule | stitching anchors of one family, as SN-Net's |
 //!
 //! The members come in sets ([`ZooSet`]): `merging` (base, experts, init-b, init-b-code,
 //! anchor-small), `matformer` (base — the full-width baseline — matformer
-//! and the three narrower baselines) and `study` (base, the study experts,
-//! the multitask models, base-short, base-long and their experts).
+//! and the three narrower baselines), `study` (base, the study experts,
+//! the multitask models, base-short, base-long and their experts) and
+//! `stitching` (base and anchor-small, both trained further, and the deep pair).
 //! Each member is a normal Hugging Face checkpoint directory with the byte
 //! tokenizer beside it, plus `zoo-member.json` recording how it was made. A
 //! member whose record matches the current recipe (size, corpus, code
@@ -51,6 +54,8 @@ pub struct ZooSize {
     pub name: &'static str,
     pub shape: DecoderConfig,
     pub small_anchor: DecoderConfig,
+    /// Stitching anchors of one depth at two widths (narrow, wide).
+    pub deep_anchors: [DecoderConfig; 2],
     pub pretrain: TrainOptions,
     pub finetune: TrainOptions,
     /// How the zoo's models are evaluated (windows of the pretraining length).
@@ -99,6 +104,7 @@ impl ZooSize {
                 shape: shape(32, 2, 4, 2, 96),
                 // Two blocks: stitching needs a cut strictly inside each anchor.
                 small_anchor: shape(16, 2, 2, 1, 48),
+                deep_anchors: [shape(16, 4, 2, 1, 48), shape(32, 4, 4, 2, 96)],
                 pretrain: schedule(400, 8, 65, 3e-3),
                 finetune: schedule(120, 8, 65, 1e-3),
                 eval: EvalOptions {
@@ -111,6 +117,7 @@ impl ZooSize {
                 name: "small",
                 shape: shape(128, 4, 4, 2, 384),
                 small_anchor: shape(96, 3, 4, 2, 256),
+                deep_anchors: [shape(64, 8, 4, 2, 192), shape(128, 8, 4, 2, 384)],
                 pretrain: schedule(2000, 16, 129, 2e-3),
                 finetune: schedule(300, 16, 129, 2e-4),
                 eval: EvalOptions {
@@ -137,6 +144,7 @@ impl ZooSize {
         match set {
             ZooSet::Matformer => return self.matformer_members(base),
             ZooSet::Study => return self.study_members(base),
+            ZooSet::Stitching => return self.stitching_members(base),
             ZooSet::Merging => {}
         }
         let mut members = vec![base];
@@ -155,7 +163,7 @@ impl ZooSize {
             shape: self.shape.clone(),
             init_seed: 2,
             parent: None,
-            domains: mixture.clone(),
+            domains: mixture,
             options: self.pretrain.clone(),
         });
         // An expert from the other base: PLeaS merges it with expert-prose.
@@ -167,15 +175,41 @@ impl ZooSize {
             domains: vec![Domain::Code],
             options: self.finetune.clone(),
         });
-        members.push(Member {
+        members.push(self.anchor_small());
+        members
+    }
+
+    /// The small stitching anchor: narrower and shallower than `base`, same
+    /// data and schedule.
+    fn anchor_small(&self) -> Member {
+        Member {
             name: "anchor-small".into(),
             shape: self.small_anchor.clone(),
             init_seed: 3,
             parent: None,
-            domains: mixture,
+            domains: Domain::GENERAL.to_vec(),
             options: self.pretrain.clone(),
-        });
-        members
+        }
+    }
+
+    /// Both stitching pairs: base and anchor-small with each trained further,
+    /// and the deep pair of one depth at two widths (SN-Net's anchors are one
+    /// family).
+    fn stitching_members(&self, base: Member) -> Vec<Member> {
+        let small = self.anchor_small();
+        let (base_long, small_long) = (trained_further(&base), trained_further(&small));
+        let deep = |name: &str, shape: &DecoderConfig, init_seed| Member {
+            name: name.into(),
+            shape: shape.clone(),
+            init_seed,
+            ..base.clone()
+        };
+        let [narrow, wide] = &self.deep_anchors;
+        let deep_pair = [deep("deep-narrow", narrow, 4), deep("deep-wide", wide, 5)];
+        [base, small, base_long, small_long]
+            .into_iter()
+            .chain(deep_pair)
+            .collect()
     }
 
     /// The study's experts on domains `base` never saw, the multitask models
@@ -199,10 +233,7 @@ impl ZooSize {
         short.name = "base-short".into();
         short.options.steps /= 4;
         short.options.warmup /= 4;
-        let mut long = base.clone();
-        long.name = "base-long".into();
-        long.parent = Some("base".into());
-        long.options.lr /= 2.0;
+        let long = trained_further(&base);
         let mut members = vec![base];
         for d in STUDY_EXPERTS {
             members.push(fine_tune(format!("study-{}", d.name()), "base", vec![d]));
@@ -240,6 +271,16 @@ impl ZooSize {
     }
 }
 
+/// `member` trained for a second schedule on its data at half the rate:
+/// `NAME-long`.
+fn trained_further(member: &Member) -> Member {
+    let mut long = member.clone();
+    long.name = format!("{}-long", member.name);
+    long.parent = Some(member.name.clone());
+    long.options.lr /= 2.0;
+    long
+}
+
 /// A group of zoo members built together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZooSet {
@@ -247,18 +288,21 @@ pub enum ZooSet {
     Merging,
     /// base, matformer and the per-granularity baselines.
     Matformer,
-    /// base, the study experts, the multitask models, base-long and its experts.
+    /// base, the study experts, the multitask models, base-short, base-long and their experts.
     Study,
+    /// base, anchor-small, both trained further, deep-narrow and deep-wide.
+    Stitching,
 }
 
 impl ZooSet {
-    pub const NAMES: &'static str = "merging, matformer or study";
+    pub const NAMES: &'static str = "merging, matformer, study or stitching";
 
     pub fn named(name: &str) -> Option<ZooSet> {
         match name {
             "merging" => Some(ZooSet::Merging),
             "matformer" => Some(ZooSet::Matformer),
             "study" => Some(ZooSet::Study),
+            "stitching" => Some(ZooSet::Stitching),
             _ => None,
         }
     }
@@ -426,4 +470,51 @@ pub fn build(
         built.push((member.name, out));
     }
     Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member named alike in two sets is the same recipe (so the cache
+    /// shares it), and the stitching set's pairs have the shapes it promises.
+    #[test]
+    fn sets_share_members_and_the_deep_pair_is_one_family() {
+        let size = ZooSize::named("small").unwrap();
+        let stitching = size.members(ZooSet::Stitching);
+        let names: Vec<&str> = stitching.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "base",
+                "anchor-small",
+                "base-long",
+                "anchor-small-long",
+                "deep-narrow",
+                "deep-wide"
+            ]
+        );
+        let others: Vec<Member> = [ZooSet::Merging, ZooSet::Study]
+            .into_iter()
+            .flat_map(|set| size.members(set))
+            .collect();
+        for shared in ["base", "anchor-small", "base-long"] {
+            let find = |members: &[Member]| {
+                let m = members.iter().find(|m| m.name == shared).unwrap();
+                format!("{m:?}")
+            };
+            assert_eq!(find(&stitching), find(&others), "{shared}");
+        }
+        let long = &stitching[3];
+        assert_eq!(long.parent.as_deref(), Some("anchor-small"));
+        assert_eq!(long.options.lr, size.pretrain.lr / 2.0);
+        let (narrow, wide) = (&stitching[4].shape, &stitching[5].shape);
+        assert_eq!(
+            narrow.num_hidden_layers(),
+            2 * size.shape.num_hidden_layers()
+        );
+        assert_eq!(wide.num_hidden_layers(), narrow.num_hidden_layers());
+        assert_eq!(wide.hidden_size, 2 * narrow.hidden_size);
+        assert_eq!(wide.hidden_size, size.shape.hidden_size);
+    }
 }
