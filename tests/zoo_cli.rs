@@ -8,6 +8,28 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::ffi::OsStr;
+use std::path::Path;
+
+/// `amalgam eval DIRS --json --seq-len 65 EXTRA`, parsed.
+fn eval_json(dirs: &[&Path], extra: &[&str]) -> Value {
+    let mut args: Vec<&OsStr> = vec!["eval".as_ref()];
+    args.extend(dirs.iter().map(|d| d.as_os_str()));
+    args.extend(["--json", "--seq-len", "65"].map(OsStr::new));
+    args.extend(extra.iter().map(OsStr::new));
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
+/// An `eval --json` entry's loss averaged over its domains.
+fn mean_loss(entry: &Value) -> f64 {
+    let losses: Vec<f64> = entry["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["loss"].as_f64().unwrap())
+        .collect();
+    losses.iter().sum::<f64>() / losses.len() as f64
+}
 
 #[test]
 fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
@@ -46,10 +68,8 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
         );
     }
 
-    let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref()];
-    args.extend(dirs.iter().map(|d| d.as_os_str()));
-    args.extend(["--json", "--seq-len", "65", "--max-windows", "16"].map(std::ffi::OsStr::new));
-    let scores: Value = serde_json::from_str(&ok(args)).unwrap();
+    let dir_refs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+    let scores = eval_json(&dir_refs, &["--max-windows", "16"]);
     let loss = |model: &str, domain: &str| -> f64 {
         let entry = scores
             .as_array()
@@ -87,7 +107,7 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
 /// `amalgam stitch` on the micro zoo's two anchors: a family of both anchors
 /// and one stitched route each way, which `eval` scores; its anchors score as
 /// the checkpoints they came from.
-fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
+fn stitch_the_anchors(micro: &Path, tmp: &Path) {
     let recipe = tmp.join("stitch.yml");
     std::fs::write(
         &recipe,
@@ -100,22 +120,9 @@ fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
     .unwrap();
     let family = tmp.join("family");
     ok(["stitch".as_ref(), recipe.as_os_str(), family.as_os_str()]);
-    let eval_dir = |dir: &std::path::Path, extra: &[&str]| -> Value {
-        let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref(), dir.as_os_str()];
-        args.extend(extra.iter().map(std::ffi::OsStr::new));
-        args.extend(
-            [
-                "--json",
-                "--seq-len",
-                "65",
-                "--max-windows",
-                "4",
-                "--domains",
-                "code",
-            ]
-            .map(std::ffi::OsStr::new),
-        );
-        serde_json::from_str(&ok(args)).unwrap()
+    const ONE_DOMAIN: [&str; 4] = ["--max-windows", "4", "--domains", "code"];
+    let eval_dir = |dir: &Path, extra: &[&str]| -> Value {
+        eval_json(&[dir], &[extra, &ONE_DOMAIN[..]].concat())
     };
     let eval = |extra: &[&str]| eval_dir(&family, extra);
     let all = eval(&[]);
@@ -126,18 +133,7 @@ fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
         .map(|e| e["model"].as_str().unwrap().rsplit('#').next().unwrap())
         .collect();
     assert_eq!(names, ["anchor-0", "anchor-1", "0:1-1:1", "1:1-0:1"]);
-    let base: Value = serde_json::from_str(&ok([
-        "eval".as_ref(),
-        micro.join("base").as_os_str(),
-        "--json".as_ref(),
-        "--seq-len".as_ref(),
-        "65".as_ref(),
-        "--max-windows".as_ref(),
-        "4".as_ref(),
-        "--domains".as_ref(),
-        "code".as_ref(),
-    ]))
-    .unwrap();
+    let base = eval_dir(&micro.join("base"), &[]);
     assert_eq!(
         all[1]["domains"], base[0]["domains"],
         "anchor-1 is the base"
@@ -184,7 +180,7 @@ fn stitch_the_anchors(micro: &std::path::Path, tmp: &std::path::Path) {
     ]);
     assert!(message.contains("is an anchor"), "{message}");
     // The shipped example recipes are valid stitching recipes.
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/stitch");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/stitch");
     for entry in std::fs::read_dir(examples).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -217,7 +213,7 @@ fn eval_and_zoo_refuse_bad_arguments_by_name() {
 /// initialisations): naive averaging is far worse than either model, aligning
 /// first helps, least squares helps more, and a larger budget more again; the
 /// 1× and 2× outputs are checkpoints transformers computes as we do.
-fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) {
+fn pleas_merges_base_and_init_b(micro: &Path, tmp: &Path) {
     let merge = |name: &str, parameters: &str| {
         let recipe = tmp.join(format!("pleas-{name}.yml"));
         std::fs::write(
@@ -268,7 +264,7 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
     let weight = merge("weight", "  matching: weight\n  calibration: random\n");
     // Same recipe, same threads: the same bytes.
     let again = merge("2x-again", "  budget: 2\n");
-    let weights = |dir: &std::path::Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
     assert!(weights(&wider) == weights(&again), "a second run differs");
 
     // Wider: every group grew (KV heads first), widths uniform across layers.
@@ -296,7 +292,6 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
         );
     }
 
-    let mut args: Vec<&std::ffi::OsStr> = vec!["eval".as_ref()];
     let dirs = [
         micro.join("base"),
         micro.join("init-b"),
@@ -306,25 +301,18 @@ fn pleas_merges_base_and_init_b(micro: &std::path::Path, tmp: &std::path::Path) 
         wider,
         weight,
     ];
-    args.extend(dirs.iter().map(|d| d.as_os_str()));
-    args.extend(["--json", "--seq-len", "65", "--max-windows", "16"].map(std::ffi::OsStr::new));
-    let scores: Value = serde_json::from_str(&ok(args)).unwrap();
-    let mean_loss = |dir: &std::path::Path| -> f64 {
+    let dir_refs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+    let scores = eval_json(&dir_refs, &["--max-windows", "16"]);
+    let loss_of = |dir: &Path| -> f64 {
         let entry = scores
             .as_array()
             .unwrap()
             .iter()
             .find(|e| e["model"].as_str().unwrap() == dir.to_str().unwrap())
             .unwrap();
-        let losses: Vec<f64> = entry["domains"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["loss"].as_f64().unwrap())
-            .collect();
-        losses.iter().sum::<f64>() / losses.len() as f64
+        mean_loss(entry)
     };
-    let [base, init_b, naive, aligned, pleas, wider, weight] = dirs.map(|d| mean_loss(&d));
+    let [base, init_b, naive, aligned, pleas, wider, weight] = dirs.map(|d| loss_of(&d));
     let table = format!(
         "base {base:.3}, init-b {init_b:.3}, naive {naive:.3}, aligned {aligned:.3}, \
          pleas 1x {pleas:.3}, 2x {wider:.3}, weight-matched (random calibration) {weight:.3}"
@@ -376,37 +364,16 @@ fn deep_anchors_of_one_family_give_routes_between_them() {
         .unwrap();
         let out = tmp.path().join(name);
         ok(["stitch".as_ref(), recipe.as_os_str(), out.as_os_str()]);
-        let scores: Value = serde_json::from_str(&ok([
-            "eval".as_ref(),
-            out.as_os_str(),
-            "--json".as_ref(),
-            "--seq-len".as_ref(),
-            "65".as_ref(),
-            "--max-windows".as_ref(),
-            "16".as_ref(),
-        ]))
-        .unwrap();
-        scores
+        eval_json(&[&out], &["--max-windows", "16"])
             .as_array()
             .unwrap()
             .iter()
             .map(|e| {
-                let losses: Vec<f64> = e["domains"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d["loss"].as_f64().unwrap())
-                    .collect();
+                let name = e["model"].as_str().unwrap().rsplit('#').next().unwrap();
                 (
-                    e["model"]
-                        .as_str()
-                        .unwrap()
-                        .rsplit('#')
-                        .next()
-                        .unwrap()
-                        .to_owned(),
+                    name.to_owned(),
                     e["flops_per_token"].as_u64().unwrap(),
-                    losses.iter().sum::<f64>() / losses.len() as f64,
+                    mean_loss(e),
                 )
             })
             .collect()
