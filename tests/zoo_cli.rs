@@ -12,9 +12,9 @@ use std::ffi::OsStr;
 use std::path::Path;
 
 /// `amalgam eval DIRS --json --seq-len 65 EXTRA`, parsed.
-fn eval_json(dirs: &[&Path], extra: &[&str]) -> Value {
+fn eval_json<P: AsRef<Path>>(dirs: &[P], extra: &[&str]) -> Value {
     let mut args: Vec<&OsStr> = vec!["eval".as_ref()];
-    args.extend(dirs.iter().map(|d| d.as_os_str()));
+    args.extend(dirs.iter().map(|d| d.as_ref().as_os_str()));
     args.extend(["--json", "--seq-len", "65"].map(OsStr::new));
     args.extend(extra.iter().map(OsStr::new));
     serde_json::from_str(&ok(args)).unwrap()
@@ -68,8 +68,7 @@ fn micro_zoo_builds_loads_in_transformers_and_evaluates() {
         );
     }
 
-    let dir_refs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
-    let scores = eval_json(&dir_refs, &["--max-windows", "16"]);
+    let scores = eval_json(&dirs, &["--max-windows", "16"]);
     let loss = |model: &str, domain: &str| -> f64 {
         let entry = scores
             .as_array()
@@ -301,8 +300,7 @@ fn pleas_merges_base_and_init_b(micro: &Path, tmp: &Path) {
         wider,
         weight,
     ];
-    let dir_refs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
-    let scores = eval_json(&dir_refs, &["--max-windows", "16"]);
+    let scores = eval_json(&dirs, &["--max-windows", "16"]);
     let loss_of = |dir: &Path| -> f64 {
         let entry = scores
             .as_array()
