@@ -23,6 +23,7 @@ mod card;
 mod config;
 mod copy;
 pub mod decoder;
+mod direct;
 mod dtype;
 mod error;
 pub mod family;
