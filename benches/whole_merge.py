@@ -48,6 +48,7 @@ def family(work, name, finetunes, extra=(), shape="tinyllama"):
         print(f"generating {path} …", flush=True)
         sh(AMALGAM, "synth", path, "--shape", shape, "--dtype", "bfloat16",
            "--finetunes", str(finetunes), "--seed", "0", "--force", "-q", *extra)
+        os.sync()  # no write-back of the new files during the timed runs
     return path
 
 

@@ -239,7 +239,8 @@ impl MergeJob {
     pub fn tensor_memory(&self, tensor: &PlannedTensor) -> u64 {
         let numel: u64 = tensor.shape.iter().map(|&d| d as u64).product();
         let (math, out) = (self.math_dtype(tensor), self.output_dtype(tensor));
-        let copies = (tensor.inputs.len() + self.method.working_copies(tensor.inputs.len())) as u64;
+        let copies = tensor.inputs.len() + self.method.working_copies(tensor.inputs.len(), numel);
+        let copies = copies as u64;
         // A cast to a different output dtype is one more copy.
         let cast = if out == math {
             0

@@ -73,8 +73,9 @@ pub trait MergeMethod: Sync + Send {
     fn merge(&self, cx: &MergeContext<'_>) -> Result<Tensor>;
 
     /// Tensors of the output's size (in the math dtype) the method holds at
-    /// its peak besides its inputs; used for the memory budget and estimate.
-    fn working_copies(&self, inputs: usize) -> usize {
+    /// its peak besides its inputs, for a tensor of `numel` entries; used for
+    /// the memory budget and estimate.
+    fn working_copies(&self, inputs: usize, _numel: u64) -> usize {
         inputs + 2
     }
 }

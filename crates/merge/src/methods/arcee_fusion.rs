@@ -32,7 +32,7 @@ impl MergeMethod for ArceeFusion {
         }
     }
 
-    fn working_copies(&self, _inputs: usize) -> usize {
+    fn working_copies(&self, _inputs: usize, _numel: u64) -> usize {
         6
     }
 

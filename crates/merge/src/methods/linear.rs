@@ -14,7 +14,7 @@ pub struct Linear;
 
 impl MergeMethod for Linear {
     /// Chunked: only the output is allocated at full size.
-    fn working_copies(&self, _inputs: usize) -> usize {
+    fn working_copies(&self, _inputs: usize, _numel: u64) -> usize {
         1
     }
 

@@ -23,7 +23,7 @@ impl MergeMethod for Ram {
         }
     }
 
-    fn working_copies(&self, inputs: usize) -> usize {
+    fn working_copies(&self, inputs: usize, _numel: u64) -> usize {
         3 * inputs + 2
     }
 

@@ -41,9 +41,17 @@ pub struct TaskVectorMethod {
 }
 
 impl MergeMethod for TaskVectorMethod {
-    /// Chunked: only the output is allocated at full size.
-    fn working_copies(&self, _inputs: usize) -> usize {
-        1
+    /// Chunked: only the output is allocated at full size, and the pruned
+    /// deltas the L1 pass keeps (counted for every sparsifier: the recipe's
+    /// `rescale` is not known here).
+    fn working_copies(&self, inputs: usize, numel: u64) -> usize {
+        let models = inputs.saturating_sub(1);
+        let sparsified = self.sparsifier != Sparsifier::None;
+        1 + if sparsified && keeps_pruned_deltas(models, numel) {
+            models
+        } else {
+            0
+        }
     }
 
     fn spec(&self) -> MethodSpec {
@@ -80,10 +88,8 @@ impl MergeMethod for TaskVectorMethod {
         if base.device() != Device::Cpu {
             return self.merge_by_kernels(cx);
         }
-        let flat_base = flat_cpu(base);
-        let mut out = flat_base.empty_like();
-        with_element!(base.kind(), T => self.merge_flat::<T>(cx, &flat_base, &mut out))?;
-        Ok(out.reshape(base.size()))
+        let keep_pruned = keeps_pruned_deltas(cx.others().len(), base.numel() as u64);
+        self.merge_fused(cx, keep_pruned)
     }
 }
 
@@ -137,6 +143,20 @@ struct Combine<M> {
 }
 
 impl TaskVectorMethod {
+    /// The merge of CPU tensors by the fused chunk loops. `keep_pruned`:
+    /// whether the L1 pass keeps the pruned deltas for the merge pass (see
+    /// [`keeps_pruned_deltas`]); both ways give the same bits.
+    pub fn merge_fused(&self, cx: &MergeContext<'_>, keep_pruned: bool) -> Result<Tensor> {
+        let base = cx.base_tensor();
+        if cx.others().is_empty() {
+            return Ok(base.shallow_clone());
+        }
+        let flat_base = flat_cpu(base);
+        let mut out = flat_base.empty_like();
+        with_element!(base.kind(), T => self.merge_flat::<T>(cx, &flat_base, &mut out, keep_pruned))?;
+        Ok(out.reshape(base.size()))
+    }
+
     /// The whole merge over flat CPU data, chunk by chunk: each model's δ is
     /// computed, pruned, rescaled and weighted into a buffer, the buffers are
     /// combined into the mixed delta, and the base is added — every step a
@@ -147,13 +167,14 @@ impl TaskVectorMethod {
         cx: &MergeContext<'_>,
         flat_base: &Tensor,
         out: &mut Tensor,
+        keep_pruned: bool,
     ) -> Result<()> {
         #[cfg(target_arch = "x86_64")]
         if crate::elementwise::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA (checked).
-            return unsafe { self.merge_flat_avx2::<T>(cx, flat_base, out) };
+            return unsafe { self.merge_flat_avx2::<T>(cx, flat_base, out, keep_pruned) };
         }
-        self.merge_chunks::<T>(cx, flat_base, out)
+        self.merge_chunks::<T>(cx, flat_base, out, keep_pruned)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -163,8 +184,9 @@ impl TaskVectorMethod {
         cx: &MergeContext<'_>,
         flat_base: &Tensor,
         out: &mut Tensor,
+        keep_pruned: bool,
     ) -> Result<()> {
-        self.merge_chunks::<T>(cx, flat_base, out)
+        self.merge_chunks::<T>(cx, flat_base, out, keep_pruned)
     }
 
     #[inline(always)]
@@ -173,6 +195,7 @@ impl TaskVectorMethod {
         cx: &MergeContext<'_>,
         flat_base: &Tensor,
         out: &mut Tensor,
+        keep_pruned: bool,
     ) -> Result<()> {
         let others = cx.others();
         let flat: Vec<Tensor> = others.iter().map(|&i| flat_cpu(&cx.inputs[i])).collect();
@@ -185,13 +208,13 @@ impl TaskVectorMethod {
             })
             .collect();
         let mut pruners = Vec::with_capacity(others.len());
-        let mut scales = Vec::with_capacity(others.len());
+        let mut rescales = Vec::with_capacity(others.len());
         for (delta, &input) in deltas.iter().zip(&others) {
             let (keep, rescale) = self.keep_rule(cx, input)?;
-            let (pruner, scale) = pruner(cx, input, keep, rescale, delta);
-            pruners.push(pruner);
-            scales.push(scale.map(T::Math::from_f64));
+            pruners.push(pruner(cx, input, keep, delta));
+            rescales.push(rescale);
         }
+        let first_pass = measure_kept_parts(&deltas, &pruners, &rescales, keep_pruned);
         let combine = Combine::<T::Math>::new::<T>(self, cx);
         let out = slice_mut::<T>(out);
         let mut weighted = vec![vec![T::Math::ZERO; CHUNK]; deltas.len()];
@@ -199,16 +222,26 @@ impl TaskVectorMethod {
         let mut divisors = [T::Math::ZERO; CHUNK];
         let mut keep = vec![false; CHUNK];
         for (start, len) in chunks(base.len()) {
-            for (((values, delta), pruner), (scale, &weight)) in weighted
+            for ((((values, delta), pruner), measured), &weight) in weighted
                 .iter_mut()
                 .zip(&deltas)
                 .zip(&mut pruners)
-                .zip(scales.iter().zip(&combine.weights))
+                .zip(&first_pass)
+                .zip(&combine.weights)
             {
                 let values = &mut values[..len];
-                delta.values(start, values);
-                pruner.prune(values, start, &mut keep);
-                if let Some(scale) = *scale {
+                match &measured.pruned {
+                    Some(pruned) => {
+                        for (v, &p) in values.iter_mut().zip(&pruned[start..start + len]) {
+                            *v = p.widen();
+                        }
+                    }
+                    None => {
+                        delta.values(start, values);
+                        pruner.prune(values, start, &mut keep);
+                    }
+                }
+                if let Some(scale) = measured.scale.map(T::Math::from_f64) {
                     values.iter_mut().for_each(|v| *v = T::round(*v * scale));
                 }
                 values.iter_mut().for_each(|v| *v = T::round(*v * weight));
@@ -490,19 +523,17 @@ impl TaskVectorMethod {
     }
 }
 
-/// `input`'s pruner over its flat CPU `delta`, and the factor its kept part
-/// is scaled by.
+/// `input`'s pruner over its flat CPU `delta`.
 #[inline(always)]
 fn pruner<T: Element>(
     cx: &MergeContext<'_>,
     input: usize,
     keep: Keep,
-    rescale: Rescale,
     delta: &Delta<'_, T>,
-) -> (Pruner, Option<f64>) {
+) -> Pruner {
     // Rank-based masks over the whole delta, in libtorch.
     let whole = || &cx.inputs[input] - cx.base_tensor();
-    let pruner = match keep {
+    match keep {
         Keep::All => Pruner::KeepAll,
         Keep::Largest { density } => Pruner::magnitude(delta, density),
         Keep::Random { density, seed } => Pruner::random(density, seed),
@@ -514,30 +545,106 @@ fn pruner<T: Element>(
             epsilon,
             seed,
         } => Pruner::precomputed(&della_mask(&whole(), density, epsilon, seed)),
-    };
-    match rescale {
-        Rescale::None => (pruner, None),
-        Rescale::By(factor) => (pruner, Some(factor)),
-        Rescale::L1 => {
-            // One pass to measure what the mask keeps; the merge pass decides
-            // again from a copy of the pruner as it was (the same decisions:
-            // pruners are deterministic in flat order), which costs less than
-            // recording the mask and reading it back.
-            let mut measuring = pruner.clone();
-            let (mut before, mut after) = (0.0, 0.0);
-            let mut values = [T::Math::ZERO; CHUNK];
-            let mut keep = vec![false; CHUNK];
-            for (start, len) in chunks(delta.len()) {
-                let values = &mut values[..len];
-                delta.values(start, values);
-                measuring.keep(values, start, &mut keep);
-                let (all, kept) = l1_norms(values, &keep[..len]);
-                before += all;
-                after += kept;
+    }
+}
+
+/// Whether the L1 pass keeps the pruned deltas of a tensor of `numel`
+/// entries for the merge pass, which then reads them instead of forming and
+/// pruning them again: for tensors whose `models` deltas together hold at
+/// most [`KEPT_DELTAS_LIMIT`] entries.
+fn keeps_pruned_deltas(models: usize, numel: u64) -> bool {
+    models as u64 * numel <= KEPT_DELTAS_LIMIT
+}
+
+/// 2²⁶ entries: 128 MB of BF16 deltas (a TinyLlama MLP matrix with four
+/// fine-tunes, a 7B attention matrix with two), below the embeddings whose
+/// need sets the peak.
+const KEPT_DELTAS_LIMIT: u64 = 1 << 26;
+
+/// What the first pass over one delta leaves for the merge pass.
+struct Measured<T> {
+    /// The factor the kept part is scaled by.
+    scale: Option<f64>,
+    /// The pruned delta, when the L1 pass kept it.
+    pruned: Option<Vec<T>>,
+}
+
+/// Each delta's [`Measured`]. The L1 rule measures what each mask keeps, in
+/// one pass over all the deltas chunk by chunk, keeping the pruned deltas
+/// with `keep_pruned`; without them the merge pass decides again from the
+/// pruners as they were (the same decisions: pruners are deterministic in
+/// flat order).
+#[inline(always)]
+fn measure_kept_parts<T: Element>(
+    deltas: &[Delta<'_, T>],
+    pruners: &[Pruner],
+    rescales: &[Rescale],
+    keep_pruned: bool,
+) -> Vec<Measured<T>> {
+    struct Measure<'d, 'a, T> {
+        delta: &'d Delta<'a, T>,
+        pruner: Pruner,
+        before: f64,
+        after: f64,
+        pruned: Option<Vec<T>>,
+    }
+    let mut measured: Vec<Measure<'_, '_, T>> = deltas
+        .iter()
+        .zip(pruners)
+        .zip(rescales)
+        .filter(|(_, rescale)| matches!(rescale, Rescale::L1))
+        .map(|((delta, pruner), _)| Measure {
+            delta,
+            pruner: pruner.clone(),
+            before: 0.0,
+            after: 0.0,
+            pruned: keep_pruned.then(|| Vec::with_capacity(delta.len())),
+        })
+        .collect();
+    let mut values = [T::Math::ZERO; CHUNK];
+    let mut keep = vec![false; CHUNK];
+    let n = measured.first().map_or(0, |m| m.delta.len());
+    for (start, len) in chunks(n) {
+        let values = &mut values[..len];
+        for m in measured.iter_mut() {
+            m.delta.values(start, values);
+            m.pruner.keep(values, start, &mut keep);
+            let keep = &keep[..len];
+            let (all, kept) = l1_norms(values, keep);
+            m.before += all;
+            m.after += kept;
+            if let Some(pruned) = &mut m.pruned {
+                // As `Pruner::prune` drops them: a product with 0 or 1.
+                pruned.extend(
+                    values
+                        .iter()
+                        .zip(keep)
+                        .map(|(&v, &k)| T::narrow(v * T::Math::indicator(k))),
+                );
             }
-            (pruner, l1_scale(before, after))
         }
     }
+    let mut measured = measured.into_iter();
+    rescales
+        .iter()
+        .map(|rescale| match rescale {
+            Rescale::None => Measured {
+                scale: None,
+                pruned: None,
+            },
+            Rescale::By(factor) => Measured {
+                scale: Some(*factor),
+                pruned: None,
+            },
+            Rescale::L1 => {
+                let m = measured.next().expect("one measure per L1 rescale");
+                Measured {
+                    scale: l1_scale(m.before, m.after),
+                    pruned: m.pruned,
+                }
+            }
+        })
+        .collect()
 }
 
 /// The L1 rescale factor from Σ|δ| and Σ|kept δ|.
