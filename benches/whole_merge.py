@@ -5,11 +5,13 @@
 Generates TinyLlama-1.1B-shape BF16 checkpoints (a base and two fine-tunes,
 2.2 GB each) with `amalgam synth` under work/bench/ (reused when present), then,
 with a warm page cache:
-  * the I/O floor: read every input once; write one output-sized file and fsync;
+  * the I/O floor: read every input once; write one output-sized file and fsync, through the
+    page cache and with O_DIRECT (the faster counts);
   * amalgam and mergekit on linear, ties (density 0.5) and dare_ties (density 0.5):
     median wall time of --runs runs, peak RSS (wait4) and peak anonymous memory
     (RssAnon sampled every 20 ms);
-  * amalgam's scaling: TIES with 2, 4 and 8 fine-tunes (time per GB read);
+  * amalgam's scaling: TIES with 2, 4 and 8 fine-tunes (time per GB read; the 4- and 8-fine-tune
+    inputs, 31 GB, are deleted afterwards unless --keep);
   * amalgam's --dry-run peak-memory estimate next to the measured peak.
 Writes benches/RESULTS.md (machine, command, tables; benches/NOTES.md appended)
 and prints the tables.
@@ -19,6 +21,7 @@ and prints the tables.
                        cache holds), the I/O floor, linear and TIES once each; writes
                        benches/large.json (shown in RESULTS.md by the next full run) and deletes
                        the inputs unless --keep
+    --keep             keep the generated inputs (the scaling families; with --large, the 7B ones)
 """
 import argparse
 import json
@@ -265,6 +268,8 @@ def main():
         wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", 1)
         lines.append(f"| {label} | {read / GB:.1f} | {size / GB:.1f} | {wall:.1f} | {wall / (read / GB):.2f} | {rss / GB:.2f} | {anon / GB:.2f} | {dry_run_estimate(path) / GB:.2f} |")
         print(lines[-1], flush=True)
+        if k > 2 and not args.keep:
+            shutil.rmtree(f)  # 11 and 20 GB; the base + 2 family stays for the next run
 
     large_json = os.path.join(ROOT, "benches", "large.json")
     if os.path.exists(large_json):
