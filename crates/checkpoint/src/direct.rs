@@ -64,10 +64,10 @@ impl DirectFile {
     /// the rest (and everything, when the filesystem refuses direct writes)
     /// through `cached`, a page-cache handle on the same file.
     pub fn write_all_at(&self, cached: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-        let start = offset as usize;
+        // The whole blocks within the range, as offsets into `bytes`.
+        let (start, end) = (offset as usize, offset as usize + bytes.len());
         let first = start.next_multiple_of(BLOCK) - start;
-        let last = (start + bytes.len()) / BLOCK * BLOCK;
-        let last = last.saturating_sub(start).max(first);
+        let last = (end / BLOCK * BLOCK).max(start + first) - start;
         if last - first < MIN_DIRECT || !self.usable.load(Ordering::Relaxed) {
             return cached.write_all_at(bytes, offset);
         }

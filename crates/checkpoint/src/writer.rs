@@ -379,7 +379,7 @@ impl CheckpointWriter {
 
     /// Tensor bytes written directly to the device so far, past the page
     /// cache (where the output's filesystem allows it; see `direct`).
-    pub fn direct_bytes(&self) -> u64 {
+    fn direct_bytes(&self) -> u64 {
         self.direct.iter().flatten().map(DirectFile::written).sum()
     }
 

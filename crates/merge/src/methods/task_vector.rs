@@ -556,9 +556,9 @@ fn keeps_pruned_deltas(models: usize, numel: u64) -> bool {
     models as u64 * numel <= KEPT_DELTAS_LIMIT
 }
 
-/// 2²⁶ entries: 128 MB of BF16 deltas (a TinyLlama MLP matrix with four
-/// fine-tunes, a 7B attention matrix with two), below the embeddings whose
-/// need sets the peak.
+/// 2²⁶ entries: 128 MB of BF16 deltas (a 1B model's MLP matrix with four
+/// fine-tunes, a 7B model's attention matrix with two), below the embeddings
+/// whose need sets the peak.
 const KEPT_DELTAS_LIMIT: u64 = 1 << 26;
 
 /// What the first pass over one delta leaves for the merge pass.
