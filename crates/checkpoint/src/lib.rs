@@ -11,8 +11,9 @@
 //!   is created, staged in a hidden sibling, renamed into place without
 //!   replacing anything unchecked, cleaned up on failure or [`interrupt`].
 //! * Inputs are read as a hostile directory may hand them over: regular files
-//!   inside the directory only, bounded JSON, no duplicate keys, `pread`
-//!   instead of memory maps (a truncated file is an error, not a SIGBUS).
+//!   inside the directory only, bounded JSON, no duplicate keys; tensor data
+//!   by `pread` or by [`MappedTensor`], whose SIGBUS guard makes a file
+//!   truncated under it an error, not a crash.
 //! * [`arch`] knows what a tensor name means (layer index and role).
 //! * [`synthetic`] generates Llama-family checkpoint families for tests and benches.
 //!
@@ -31,6 +32,7 @@ mod files;
 pub mod hub;
 pub mod interrupt;
 mod layout;
+mod mapped;
 pub mod memory;
 mod output;
 pub mod parts;
@@ -47,6 +49,7 @@ pub use dtype::{count_nonfinite, dtype_from_kind, dtype_name, kind_from_dtype, p
 pub use error::{Error, Result};
 pub use files::{open_regular, read_regular, ModelDir, MAX_JSON_BYTES};
 pub use layout::{parse_byte_size, ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
+pub use mapped::MappedTensor;
 pub use output::{OutputDir, ScratchDir};
 pub use reader::{Checkpoint, TensorEntry};
 pub use safetensors::Dtype;

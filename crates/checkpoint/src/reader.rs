@@ -12,8 +12,8 @@ use serde::Deserialize;
 use crate::error::IoContext;
 use crate::files::{duplicate_key, read_capped, ModelDir, MAX_JSON_BYTES};
 use crate::{
-    kind_from_dtype, Error, ModelConfig, Result, CHAT_TEMPLATE_JINJA, CHAT_TEMPLATE_JSON,
-    TOKENIZER_CONFIG, TOKENIZER_FILES,
+    kind_from_dtype, mapped::MappedTensor, Error, ModelConfig, Result, CHAT_TEMPLATE_JINJA,
+    CHAT_TEMPLATE_JSON, TOKENIZER_CONFIG, TOKENIZER_FILES,
 };
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -51,9 +51,9 @@ struct Shard {
 /// A Hugging Face checkpoint directory opened for reading. Opening validates
 /// `config.json`, the index, every shard header and the companion files
 /// (tokenizer, generation config: regular files inside the directory); tensor
-/// data is read only when asked for, with positioned reads (`pread`), not
-/// memory maps: a file truncated while it is read is an error naming it,
-/// never a SIGBUS.
+/// data is read only when asked for, with positioned reads (`pread`) or as
+/// guarded mappings ([`Checkpoint::map_as`]): a file truncated while it is
+/// read is an error naming it, never a SIGBUS.
 pub struct Checkpoint {
     dir: PathBuf,
     config: ModelConfig,
@@ -307,9 +307,7 @@ impl Checkpoint {
                 std::io::ErrorKind::UnexpectedEof => Error::Safetensors {
                     path: shard.path.clone(),
                     tensor: Some(entry.name.clone()),
-                    message: "the file ended before the tensor's data: it was truncated \
-                              or replaced while amalgam read it"
-                        .into(),
+                    message: TRUNCATED_WHILE_READ.into(),
                 },
                 _ => Error::Io {
                     path: shard.path.clone(),
@@ -386,6 +384,27 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// The tensor `name` in `kind` as a mapping of its bytes in the shard
+    /// file (no copy), when it is stored in `kind` and can be mapped;
+    /// `None` otherwise (read it with [`Checkpoint::read_as`]).
+    pub fn map_as(&self, name: &str, kind: tch::Kind) -> Result<Option<MappedTensor>> {
+        let entry = self.entry(name)?;
+        if kind_from_dtype(entry.dtype) != Some(kind) {
+            return Ok(None);
+        }
+        let shard = &self.shards[entry.shard];
+        let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
+        Ok(MappedTensor::map(
+            &shard.file,
+            &shard.path,
+            &entry.name,
+            entry.byte_range.start,
+            (entry.byte_range.end - entry.byte_range.start) as usize,
+            &shape,
+            kind,
+        ))
+    }
+
     /// Asks the kernel to start reading a tensor's bytes (readahead).
     pub fn prefetch(&self, entry: &TensorEntry) {
         let file = &self.shards[entry.shard].file;
@@ -401,6 +420,10 @@ impl Checkpoint {
         }
     }
 }
+
+/// How a read that finds the file shorter than its header said is reported.
+pub(crate) const TRUNCATED_WHILE_READ: &str =
+    "the file ended before the tensor's data: it was truncated or replaced while amalgam read it";
 
 pub(crate) type ShardHeader = (usize, safetensors::tensor::Metadata);
 /// Tensor name → shard file, as the index says.

@@ -297,4 +297,26 @@ fn a_file_truncated_while_open_is_an_error_not_a_crash() {
         .to_string();
     assert_mentions(&err, &["model.safetensors", "truncated"]);
     assert!(checkpoint.read_bytes(&last).is_err());
+    // Mapped instead of read: the lost pages raise SIGBUS when touched, which
+    // must become the same error, not kill the process.
+    let kind = amalgam_checkpoint::kind_from_dtype(last.dtype).unwrap();
+    let mapped = checkpoint
+        .map_as(&last.name, kind)
+        .unwrap()
+        .expect("stored in its kind, aligned: mapped");
+    let sum = mapped
+        .tensor()
+        .abs()
+        .sum(tch::Kind::Double)
+        .double_value(&[]);
+    assert_eq!(sum, 0.0, "the lost pages read as zeros");
+    let err = mapped.check().unwrap_err().to_string();
+    assert_mentions(
+        &err,
+        &[
+            "model.safetensors",
+            &format!("tensor {}", last.name),
+            "truncated",
+        ],
+    );
 }

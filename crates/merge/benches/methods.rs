@@ -1,7 +1,7 @@
 //! Per-method throughput on 16M-element tensors (4096 × 4096), a base and two
 //! fine-tunes, one thread, as the executor runs each tensor. Prints a table.
 //!
-//!     cargo bench -p amalgam-merge --bench methods [-- METHOD | phases]
+//!     cargo bench -p amalgam-merge --bench methods [-- METHOD | phases] [f32 | bf16]
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -92,14 +92,20 @@ fn ties_phases(base: &Tensor, model: &Tensor) {
 fn main() {
     tch::set_num_threads(1);
     tch::manual_seed(0);
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let mut args = std::env::args().skip(1).filter(|a| !a.starts_with('-'));
+    let filter = args.next();
+    let kinds = match args.next().as_deref() {
+        Some("f32") => vec![Kind::Float],
+        Some("bf16") => vec![Kind::BFloat16],
+        _ => vec![Kind::Float, Kind::BFloat16],
+    };
     let base = Tensor::randn([SIDE, SIDE], (Kind::Float, Device::Cpu)) * 0.02;
     let models: Vec<Tensor> = (0..2)
         .map(|_| &base + Tensor::randn([SIDE, SIDE], (Kind::Float, Device::Cpu)) * 0.002)
         .collect();
     println!("| method | dtype | ms / tensor (median of {RUNS}) | M elements / s |");
     println!("|---|---|---|---|");
-    for kind in [Kind::Float, Kind::BFloat16] {
+    for kind in kinds {
         let inputs: Vec<Tensor> = std::iter::once(&base)
             .chain(&models)
             .map(|t| t.to_kind(kind))

@@ -302,14 +302,26 @@ impl MergeJob {
             tensor: tensor.name.clone(),
             cause,
         };
+        // Inputs stored in the math dtype are mapped, not copied; every
+        // tensor over a mapping is dropped before it (declared after it).
+        let mut mapped = Vec::new();
         let inputs = tensor
             .inputs
             .iter()
             .map(|input| {
                 let source = &self.sources[input.model];
-                let entry = source.checkpoint.entry(&input.tensor)?;
-                source.checkpoint.prefetch(entry);
-                let mut t = source.read_as(&input.tensor, math)?;
+                let mut t = match source.map_as(&input.tensor, math)? {
+                    Some(m) => {
+                        let t = m.tensor().shallow_clone();
+                        mapped.push(m);
+                        t
+                    }
+                    None => {
+                        let entry = source.checkpoint.entry(&input.tensor)?;
+                        source.checkpoint.prefetch(entry);
+                        source.read_as(&input.tensor, math)?
+                    }
+                };
                 if input.transform == InputTransform::Narrow {
                     for (dim, &size) in tensor.shape.iter().enumerate() {
                         t = t.f_narrow(dim as i64, 0, size as i64).map_err(torch)?;
@@ -352,7 +364,15 @@ impl MergeJob {
             other => other,
         })?;
         let kind = kind_from_dtype(self.output_dtype(tensor)).expect("float dtype");
-        Ok(out.to_device(Device::Cpu).to_kind(kind).contiguous())
+        let out = out.to_device(Device::Cpu).to_kind(kind).contiguous();
+        for m in &mapped {
+            m.check()?;
+        }
+        // An output that is an input (or a view of one) outlives the mapping.
+        if mapped.iter().any(|m| m.contains(&out)) {
+            return Ok(out.copy());
+        }
+        Ok(out)
     }
 
     /// Runs the whole plan into `out`; `progress` gets the bytes of each tensor written.

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use amalgam_checkpoint::{hub, kind_from_dtype, Checkpoint, InputRecord};
+use amalgam_checkpoint::{hub, kind_from_dtype, Checkpoint, InputRecord, MappedTensor};
 use amalgam_recipe::{ModelRef, Recipe};
 use tch::{Kind, Tensor};
 
@@ -81,6 +81,20 @@ impl Source {
             }
             _ => Ok(self.checkpoint.read_as(name, kind)?),
         }
+    }
+
+    /// The tensor `name` in `kind` mapped from its file, when it is stored
+    /// that way and no adapter changes it; `None`: read it with `read_as`.
+    pub fn map_as(&self, name: &str, kind: Kind) -> Result<Option<MappedTensor>> {
+        let entry = self.checkpoint.entry(name)?;
+        if self
+            .adapter
+            .as_ref()
+            .is_some_and(|a| a.touches(&entry.name))
+        {
+            return Ok(None);
+        }
+        Ok(self.checkpoint.map_as(name, kind)?)
     }
 
     /// NaN and ±inf values in the tensor `name` as read (the adapter applied).

@@ -199,26 +199,15 @@ impl Pruner {
                 threshold,
                 ties_left,
             } => {
-                // Compared as bit patterns, which order non-negative floats
-                // (NaN above all, as torch sorts it) and vectorise.
-                let threshold = threshold.to_bits();
                 let bits = |value: &M| value.magnitude().to_bits();
-                let ties = values.iter().filter(|v| bits(v) == threshold).count();
-                if ties <= *ties_left {
-                    // Every tie in this chunk is kept: a plain comparison.
+                if let Some(floor) = magnitude_floor(*threshold, ties_left, values) {
                     for (k, value) in keep.iter_mut().zip(values) {
-                        *k = bits(value) >= threshold;
-                    }
-                    *ties_left -= ties;
-                    return;
-                }
-                if *ties_left == 0 {
-                    // Every tie is past the quota: a strict comparison.
-                    for (k, value) in keep.iter_mut().zip(values) {
-                        *k = bits(value) > threshold;
+                        *k = bits(value) >= floor;
                     }
                     return;
                 }
+                // The quota runs out in this chunk: entry by entry.
+                let threshold = threshold.to_bits();
                 for (k, value) in keep.iter_mut().zip(values) {
                     let b = bits(value);
                     let tie = b == threshold && *ties_left > 0;
@@ -233,8 +222,21 @@ impl Pruner {
     /// next chunk this pruner does not keep.
     #[inline(always)]
     pub fn prune<M: Real>(&mut self, values: &mut [M], start: usize, keep: &mut [bool]) {
-        if matches!(self, Pruner::KeepAll) {
-            return;
+        match self {
+            Pruner::KeepAll => return,
+            Pruner::Magnitude {
+                threshold,
+                ties_left,
+            } => {
+                // Most chunks in one pass, without keep flags.
+                if let Some(floor) = magnitude_floor(*threshold, ties_left, values) {
+                    for value in values.iter_mut() {
+                        *value = *value * M::indicator(value.magnitude().to_bits() >= floor);
+                    }
+                    return;
+                }
+            }
+            _ => {}
         }
         self.keep(values, start, keep);
         // A product with 0 or 1 rather than a branch: the keep pattern is random.
@@ -242,6 +244,28 @@ impl Pruner {
             *value = *value * M::indicator(k);
         }
     }
+}
+
+/// TIES' rule for the next chunk of `values` when one comparison decides it:
+/// keep the magnitudes whose bit patterns (which order non-negative floats,
+/// NaN above all as torch sorts it, and vectorise) are at least the returned
+/// floor — above the threshold once the ties' quota is used up, from the
+/// threshold on while the chunk's ties fit in it (counted off). `None`: the
+/// quota runs out inside this chunk.
+#[inline(always)]
+fn magnitude_floor<M: Real>(threshold: f32, ties_left: &mut usize, values: &[M]) -> Option<u32> {
+    let threshold = threshold.to_bits();
+    if *ties_left == 0 {
+        return Some(threshold.saturating_add(1));
+    }
+    let ties = values
+        .iter()
+        .filter(|v| v.magnitude().to_bits() == threshold)
+        .count();
+    (ties <= *ties_left).then(|| {
+        *ties_left -= ties;
+        threshold
+    })
 }
 
 /// Radix selection of the k-th largest |δ| (as f32): a histogram of the top

@@ -218,8 +218,7 @@ impl TaskVectorMethod {
         let combine = Combine::<T::Math>::new::<T>(self, cx);
         let out = slice_mut::<T>(out);
         let mut weighted = vec![vec![T::Math::ZERO; CHUNK]; deltas.len()];
-        let mut mixed = [T::Math::ZERO; CHUNK];
-        let mut divisors = [T::Math::ZERO; CHUNK];
+        let mut scratch = [[T::Math::ZERO; CHUNK]; 3];
         let mut keep = vec![false; CHUNK];
         for (start, len) in chunks(base.len()) {
             for ((((values, delta), pruner), measured), &weight) in weighted
@@ -241,21 +240,21 @@ impl TaskVectorMethod {
                         pruner.prune(values, start, &mut keep);
                     }
                 }
-                if let Some(scale) = measured.scale.map(T::Math::from_f64) {
-                    values.iter_mut().for_each(|v| *v = T::round(*v * scale));
+                match measured.scale.map(T::Math::from_f64) {
+                    Some(scale) => values
+                        .iter_mut()
+                        .for_each(|v| *v = T::round(T::round(*v * scale) * weight)),
+                    None => values.iter_mut().for_each(|v| *v = T::round(*v * weight)),
                 }
-                values.iter_mut().for_each(|v| *v = T::round(*v * weight));
             }
             let columns: Vec<&[T::Math]> = weighted.iter().map(|w| &w[..len]).collect();
-            let mixed = &mut mixed[..len];
-            combine.chunk::<T>(&columns, mixed, &mut divisors[..len], &mut keep[..len]);
-            for ((y, &b), &m) in out[start..start + len]
-                .iter_mut()
-                .zip(&base[start..start + len])
-                .zip(mixed.iter())
-            {
-                *y = T::narrow(b.widen() + m);
-            }
+            let [sum, kept, shares] = &mut scratch;
+            combine.chunk::<T>(
+                &columns,
+                [&mut sum[..len], &mut kept[..len], &mut shares[..len]],
+                &base[start..start + len],
+                &mut out[start..start + len],
+            );
         }
         Ok(())
     }
@@ -411,73 +410,70 @@ impl<M: Real> Combine<M> {
     }
 
     /// Sign election (optional), normalisation and λ over one chunk of
-    /// weighted task vectors (one column per model) into `mixed`, rounded to
-    /// `T` after each step; `divisors` and `positive` are scratch space.
-    /// Sums run in column order from the first term, as torch's
-    /// `stack(…).sum(0)` accumulates (in f32 for 16-bit floats).
+    /// weighted task vectors (one column per model), each step rounded to
+    /// `T`, then the base added: the chunk `out`. Sums run in column order
+    /// from the first term, as torch's `stack(…).sum(0)` accumulates (in f32
+    /// for 16-bit floats); `sum`, `kept` and `shares` are scratch space.
     #[inline(always)]
     fn chunk<T: Element<Math = M>>(
         &self,
         columns: &[&[M]],
-        mixed: &mut [M],
-        divisors: &mut [M],
-        positive: &mut [bool],
+        [sum, kept, shares]: [&mut [M]; 3],
+        base: &[T],
+        out: &mut [T],
     ) {
         let (first, rest) = columns.split_first().expect("at least one model");
-        mixed.copy_from_slice(first);
+        sum.copy_from_slice(first);
         for column in rest {
-            mixed
-                .iter_mut()
-                .zip(*column)
-                .for_each(|(m, &w)| *m = *m + w);
+            sum.iter_mut().zip(*column).for_each(|(s, &w)| *s = *s + w);
         }
-        if self.consensus {
-            // The weighted majority sign; an exact tie counts as positive, and
-            // zero entries never agree. Disagreeing entries and their weights
-            // count as zeros (a mask product), keeping signed-zero results.
-            for (p, &sum) in positive.iter_mut().zip(mixed.iter()) {
-                *p = T::round(sum) >= M::ZERO;
-            }
-            let term = |w: M, positive: bool, weight: M| {
-                let agrees = (positive && w > M::ZERO) | (!positive && w < M::ZERO);
-                let mask = M::indicator(agrees);
-                (w * mask, weight * mask)
-            };
-            for (j, (column, &weight)) in columns.iter().zip(&self.weights).enumerate() {
-                for (((m, d), &w), &p) in mixed
-                    .iter_mut()
-                    .zip(divisors.iter_mut())
-                    .zip(*column)
-                    .zip(positive.iter())
-                {
-                    let (kept, share) = term(w, p, weight);
-                    (*m, *d) = if j == 0 {
-                        (kept, share)
-                    } else {
-                        (*m + kept, *d + share)
-                    };
-                }
-            }
-            for (m, d) in mixed.iter_mut().zip(divisors.iter_mut()) {
-                *m = T::round(*m);
-                let divisor = T::round(*d);
-                *d = if divisor == M::ZERO { M::ONE } else { divisor };
-            }
+        let finish = |m: M, divisor: M| {
+            let mut m = T::round(m);
             if self.normalize {
-                for (m, &d) in mixed.iter_mut().zip(divisors.iter()) {
-                    *m = T::round(*m / d);
-                }
+                m = T::round(m / divisor);
             }
-        } else {
-            for m in mixed.iter_mut() {
-                *m = T::round(*m);
-                if self.normalize {
-                    *m = T::round(*m / self.total);
+            if let Some(lambda) = self.lambda {
+                m = T::round(m * lambda);
+            }
+            m
+        };
+        let outputs = out.iter_mut().zip(base);
+        if !self.consensus {
+            for ((y, &b), &s) in outputs.zip(sum.iter()) {
+                *y = T::narrow(b.widen() + finish(s, self.total));
+            }
+            return;
+        }
+        // The weighted majority sign; an exact tie counts as positive, and
+        // zero entries never agree. Disagreeing entries and their weights
+        // count as zeros (a mask product), keeping signed-zero results.
+        let term = |w: M, sum: M, weight: M| {
+            let positive = T::round(sum) >= M::ZERO;
+            let agrees = (positive && w > M::ZERO) | (!positive && w < M::ZERO);
+            let mask = M::indicator(agrees);
+            (w * mask, weight * mask)
+        };
+        for (j, (column, &weight)) in columns.iter().zip(&self.weights).enumerate() {
+            let entries = kept
+                .iter_mut()
+                .zip(shares.iter_mut())
+                .zip(*column)
+                .zip(sum.iter());
+            if j == 0 {
+                for (((k, d), &w), &s) in entries {
+                    (*k, *d) = term(w, s, weight);
+                }
+            } else {
+                for (((k, d), &w), &s) in entries {
+                    let (k_j, d_j) = term(w, s, weight);
+                    (*k, *d) = (*k + k_j, *d + d_j);
                 }
             }
         }
-        if let Some(lambda) = self.lambda {
-            mixed.iter_mut().for_each(|m| *m = T::round(*m * lambda));
+        for (((y, &b), &k), &d) in outputs.zip(kept.iter()).zip(shares.iter()) {
+            let divisor = T::round(d);
+            let divisor = if divisor == M::ZERO { M::ONE } else { divisor };
+            *y = T::narrow(b.widen() + finish(k, divisor));
         }
     }
 }
