@@ -1,7 +1,7 @@
 //! Runs a plan: read each output tensor's inputs, cast them to the math dtype,
 //! apply the method, cast to the output dtype and stream the result to the
 //! writer. Output tensors are independent, so they run in parallel on a rayon
-//! pool; libtorch's own threads are pinned to one so that every tensor is
+//! pool, and one more thread writes them as they come; libtorch's own threads are pinned to one so that every tensor is
 //! computed the same way whatever the thread count (bit-identical outputs).
 
 use std::path::{Path, PathBuf};
@@ -565,26 +565,49 @@ impl MergeJob {
         // Largest first, taken from one queue: the big tensors run together at
         // the start (a peak the estimate can predict), the small ones balance the end.
         tensors.sort_by_key(|t| std::cmp::Reverse(self.tensor_memory(t)));
-        pool.install(|| {
-            tensors
-                .into_iter()
-                .par_bridge()
-                .try_for_each(|tensor| -> Result<()> {
-                    let _permit = budget.acquire(self.tensor_memory(tensor));
-                    let merged = self.compute(tensor, options.seed, options.device)?;
-                    let nonfinite = writer.write_tensor(&tensor.name, &merged)?;
-                    if nonfinite > 0 {
-                        self.check_nonfinite(tensor, nonfinite, options.write.allow_nonfinite)?;
-                        writer.accept_nonfinite(&tensor.name)?;
-                        accepted
-                            .lock()
-                            .expect("no panics holding it")
-                            .push(tensor.name.clone());
-                    }
-                    progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
-                    Ok(())
-                })
-        })?;
+        // One thread writes while the workers compute: a worker hands its
+        // output over and goes on instead of waiting for the disk. The
+        // output keeps its share of the budget until it is written.
+        let (handed, to_write) = std::sync::mpsc::sync_channel::<Computed<'_, '_>>(1);
+        let write = |(tensor, merged, _permit): Computed<'_, '_>| -> Result<()> {
+            let nonfinite = writer.write_tensor(&tensor.name, &merged)?;
+            if nonfinite > 0 {
+                self.check_nonfinite(tensor, nonfinite, options.write.allow_nonfinite)?;
+                writer.accept_nonfinite(&tensor.name)?;
+                accepted
+                    .lock()
+                    .expect("no panics holding it")
+                    .push(tensor.name.clone());
+            }
+            progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
+            Ok(())
+        };
+        let (computed, written) = std::thread::scope(|scope| {
+            let writing = scope.spawn(move || to_write.into_iter().try_for_each(write));
+            let computed = pool.install(|| {
+                tensors.into_iter().par_bridge().try_for_each_with(
+                    handed,
+                    |handed, tensor| -> Result<()> {
+                        let mut permit = budget.acquire(self.tensor_memory(tensor));
+                        let merged = self.compute(tensor, options.seed, options.device)?;
+                        permit.shrink((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
+                        // A closed channel: the writer stopped on its error, reported below.
+                        handed
+                            .send((tensor, merged, permit))
+                            .map_err(|_| MergeError::Tensor {
+                                tensor: tensor.name.clone(),
+                                message: "not written: the writer stopped".into(),
+                            })
+                    },
+                )
+            });
+            (
+                computed,
+                writing.join().expect("the writer thread does not panic"),
+            )
+        });
+        // The writer's error first: the workers may only have seen it stop.
+        written.and(computed)?;
         tracing::debug!("tensors merged and written in {:.1?}", started.elapsed());
         let mut accepted = accepted.into_inner().expect("no panics holding it");
         accepted.sort();
@@ -843,6 +866,20 @@ impl Budget {
         }
     }
 }
+
+impl Permit<'_> {
+    /// Gives back all but `bytes` of this permit.
+    fn shrink(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            *self.budget.used.lock().expect("budget lock") -= self.bytes - bytes;
+            self.bytes = bytes;
+            self.budget.freed.notify_all();
+        }
+    }
+}
+
+/// A computed output on its way to the writer thread, with its share of the budget.
+type Computed<'p, 'b> = (&'p PlannedTensor, Tensor, Permit<'b>);
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
