@@ -8,11 +8,16 @@
 //! process. So every mapping is registered, and a SIGBUS handler that finds
 //! the faulting address in a registered mapping puts a zero page there,
 //! marks the mapping as failed and lets the read go on; [`MappedTensor::check`]
-//! then turns it into the same error a short positioned read gives. A SIGBUS
-//! anywhere else goes to the handler that was there before.
+//! then turns it into the same error a short positioned read gives. Any
+//! other SIGBUS (another address, or one not raised by a memory access) goes
+//! to the handler that was there before.
 //!
 //! The mapping is private and writable: a kernel writing into its input
-//! gets copy-on-write pages, never the file.
+//! gets copy-on-write pages, never the file. A file rewritten in place
+//! without being truncated is not detected (nor is it by positioned reads,
+//! though a read takes a snapshot and a mapping may see the new bytes part
+//! way through): writers that replace checkpoints by renaming a new file,
+//! as amalgam's and Hugging Face's do, leave the mapped file unchanged.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -74,9 +79,9 @@ impl MappedTensor {
         (start..start + self.mapping.len).contains(&at)
     }
 
-    /// An error if the file lost some of the mapped bytes (truncated or
-    /// replaced in place) while they were read: the data read is not the
-    /// file's.
+    /// An error if the file lost some of the mapped bytes (truncated) while
+    /// they were read: the data read is not the file's. Call it after the
+    /// last read of the data (a copy of it included).
     pub fn check(&self) -> Result<()> {
         if SLOTS[self.mapping.slot].failed.load(Ordering::Acquire) {
             return Err(Error::Safetensors {
@@ -150,10 +155,12 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // The slot goes dead before the range is unmapped: a new mapping at
+        // the same addresses must not match this slot in the handler.
+        let slot = &SLOTS[self.slot];
+        slot.start.store(0, Ordering::SeqCst);
         // SAFETY: the mapping made in `new`; the tensor over it is gone.
         unsafe { libc::munmap(self.base, self.mapped) };
-        let slot = &SLOTS[self.slot];
-        slot.start.store(0, Ordering::Release);
         slot.failed.store(false, Ordering::Release);
         slot.used.store(false, Ordering::Release);
     }
@@ -200,12 +207,15 @@ fn handler_page_size() -> Option<usize> {
         unsafe {
             let page = usize::try_from(libc::sysconf(libc::_SC_PAGESIZE)).ok()?;
             PAGE.store(page, Ordering::Release);
+            // The previous action is stored before ours can run.
+            if libc::sigaction(libc::SIGBUS, std::ptr::null(), PREVIOUS.as_ptr()) != 0 {
+                return None;
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_sigbus as *const () as usize;
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
             libc::sigemptyset(&mut action.sa_mask);
-            let previous = PREVIOUS.as_ptr();
-            (libc::sigaction(libc::SIGBUS, &action, previous) == 0).then_some(page)
+            (libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) == 0).then_some(page)
         }
     })
 }
@@ -228,18 +238,38 @@ impl PreviousAction {
 }
 
 /// A fault in a registered mapping gets a zero page and marks the mapping;
-/// any other goes to the previous disposition. Async-signal-safe: atomics
-/// and `mmap` only.
+/// any other SIGBUS goes to the previous disposition. Async-signal-safe:
+/// atomics, `mmap`, `sigaction` and `raise` only; `errno` is kept.
 extern "C" fn on_sigbus(
     signal: libc::c_int,
     info: *mut libc::siginfo_t,
     context: *mut libc::c_void,
 ) {
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let address = unsafe { (*info).si_addr() } as usize;
+    // SAFETY: this thread's errno, restored before returning.
+    let errno = unsafe { *libc::__errno_location() };
+    if !zero_lost_page(info) {
+        // SAFETY: called from the handler with the kernel's arguments.
+        unsafe { chain(signal, info, context) };
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Whether `info` is a memory access past the end of a registered mapping's
+/// file, now backed by a zero page (the mapping marked as failed).
+fn zero_lost_page(info: *mut libc::siginfo_t) -> bool {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; the
+    // address means something for its own BUS_ADRERR only (a SIGBUS sent by
+    // `kill` carries a pid there).
+    let address = unsafe {
+        if (*info).si_code != libc::BUS_ADRERR {
+            return false;
+        }
+        (*info).si_addr() as usize
+    };
     let page = PAGE.load(Ordering::Acquire);
     for slot in &SLOTS {
-        let start = slot.start.load(Ordering::Acquire);
+        let start = slot.start.load(Ordering::SeqCst);
         if start == 0 || address < start || address >= slot.end.load(Ordering::Acquire) {
             continue;
         }
@@ -256,10 +286,18 @@ extern "C" fn on_sigbus(
         };
         if zero != libc::MAP_FAILED {
             slot.failed.store(true, Ordering::Release);
-            return;
+            return true;
         }
     }
-    // SAFETY: the previous action, as `sigaction` stored it.
+    false
+}
+
+/// Hands a SIGBUS that is not ours to the disposition before ours.
+///
+/// # Safety
+/// Called from the SIGBUS handler, with the kernel's arguments.
+unsafe fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: the previous action, stored before ours was installed.
     unsafe {
         let previous = &*PREVIOUS.as_ptr();
         if previous.sa_flags & libc::SA_SIGINFO != 0
@@ -270,9 +308,12 @@ extern "C" fn on_sigbus(
                 std::mem::transmute(previous.sa_sigaction);
             handler(signal, info, context);
         } else {
-            // The default action (or the old plain handler) once the faulting
-            // access runs again.
+            // The previous disposition from now on: a faulting access runs
+            // again into it, a sent signal is raised again.
             libc::sigaction(libc::SIGBUS, previous, std::ptr::null_mut());
+            if (*info).si_code != libc::BUS_ADRERR {
+                libc::raise(libc::SIGBUS);
+            }
         }
     }
 }

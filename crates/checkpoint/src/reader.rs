@@ -387,7 +387,13 @@ impl Checkpoint {
     /// The tensor `name` in `kind` as a mapping of its bytes in the shard
     /// file (no copy), when it is stored in `kind` and can be mapped;
     /// `None` otherwise (read it with [`Checkpoint::read_as`]).
-    pub fn map_as(&self, name: &str, kind: tch::Kind) -> Result<Option<MappedTensor>> {
+    ///
+    /// # Safety
+    /// No tensor sharing the mapped tensor's data (a shallow clone, a view,
+    /// an op's result that is its input) may be used after the
+    /// [`MappedTensor`] is dropped: copy any that [`MappedTensor::contains`]
+    /// reports first.
+    pub unsafe fn map_as(&self, name: &str, kind: tch::Kind) -> Result<Option<MappedTensor>> {
         let entry = self.entry(name)?;
         if kind_from_dtype(entry.dtype) != Some(kind) {
             return Ok(None);

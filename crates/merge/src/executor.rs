@@ -310,7 +310,10 @@ impl MergeJob {
             .iter()
             .map(|input| {
                 let source = &self.sources[input.model];
-                let mut t = match source.map_as(&input.tensor, math)? {
+                // SAFETY: no tensor over the mapping leaves this function:
+                // an output sharing its data is copied below, before the
+                // mappings go (declared first, dropped last).
+                let mut t = match unsafe { source.map_as(&input.tensor, math) }? {
                     Some(m) => {
                         let t = m.tensor().shallow_clone();
                         mapped.push(m);
@@ -364,13 +367,14 @@ impl MergeJob {
             other => other,
         })?;
         let kind = kind_from_dtype(self.output_dtype(tensor)).expect("float dtype");
-        let out = out.to_device(Device::Cpu).to_kind(kind).contiguous();
+        let mut out = out.to_device(Device::Cpu).to_kind(kind).contiguous();
+        // An output that is an input (or a view of one) would outlive the mapping.
+        if mapped.iter().any(|m| m.contains(&out)) {
+            out = out.copy();
+        }
+        // After the last read of the mapped data (the copy included).
         for m in &mapped {
             m.check()?;
-        }
-        // An output that is an input (or a view of one) outlives the mapping.
-        if mapped.iter().any(|m| m.contains(&out)) {
-            return Ok(out.copy());
         }
         Ok(out)
     }
@@ -582,22 +586,32 @@ impl MergeJob {
             progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
             Ok(())
         };
+        // Set when the writer stops on an error: the workers start nothing more.
+        let stopped = std::sync::atomic::AtomicBool::new(false);
         let (computed, written) = std::thread::scope(|scope| {
-            let writing = scope.spawn(move || to_write.into_iter().try_for_each(write));
+            let writing = scope.spawn(|| {
+                let written = to_write.into_iter().try_for_each(write);
+                stopped.store(written.is_err(), std::sync::atomic::Ordering::Release);
+                written
+            });
             let computed = pool.install(|| {
                 tensors.into_iter().par_bridge().try_for_each_with(
                     handed,
                     |handed, tensor| -> Result<()> {
+                        // The writer's error is reported below.
+                        let not_written = || MergeError::Tensor {
+                            tensor: tensor.name.clone(),
+                            message: "not written: the writer stopped".into(),
+                        };
                         let mut permit = budget.acquire(self.tensor_memory(tensor));
+                        if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                            return Err(not_written());
+                        }
                         let merged = self.compute(tensor, options.seed, options.device)?;
                         permit.shrink((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
-                        // A closed channel: the writer stopped on its error, reported below.
                         handed
                             .send((tensor, merged, permit))
-                            .map_err(|_| MergeError::Tensor {
-                                tensor: tensor.name.clone(),
-                                message: "not written: the writer stopped".into(),
-                            })
+                            .map_err(|_| not_written())
                     },
                 )
             });

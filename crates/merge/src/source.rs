@@ -85,7 +85,10 @@ impl Source {
 
     /// The tensor `name` in `kind` mapped from its file, when it is stored
     /// that way and no adapter changes it; `None`: read it with `read_as`.
-    pub fn map_as(&self, name: &str, kind: Kind) -> Result<Option<MappedTensor>> {
+    ///
+    /// # Safety
+    /// As [`Checkpoint::map_as`]: nothing over the mapped data outlives it.
+    pub unsafe fn map_as(&self, name: &str, kind: Kind) -> Result<Option<MappedTensor>> {
         let entry = self.checkpoint.entry(name)?;
         if self
             .adapter
@@ -94,7 +97,8 @@ impl Source {
         {
             return Ok(None);
         }
-        Ok(self.checkpoint.map_as(name, kind)?)
+        // SAFETY: the caller's contract.
+        Ok(unsafe { self.checkpoint.map_as(name, kind) }?)
     }
 
     /// NaN and ±inf values in the tensor `name` as read (the adapter applied).
