@@ -310,6 +310,10 @@ impl MergeJob {
             .iter()
             .map(|input| {
                 let source = &self.sources[input.model];
+                // Readahead of the whole tensor: large reads from the disk,
+                // where a mapping's faults alone would read a window at a time.
+                let entry = source.checkpoint.entry(&input.tensor)?;
+                source.checkpoint.prefetch(entry);
                 // SAFETY: no tensor over the mapping leaves this function:
                 // an output sharing its data is copied below, before the
                 // mappings go (declared first, dropped last).
@@ -319,11 +323,7 @@ impl MergeJob {
                         mapped.push(m);
                         t
                     }
-                    None => {
-                        let entry = source.checkpoint.entry(&input.tensor)?;
-                        source.checkpoint.prefetch(entry);
-                        source.read_as(&input.tensor, math)?
-                    }
+                    None => source.read_as(&input.tensor, math)?,
                 };
                 if input.transform == InputTransform::Narrow {
                     for (dim, &size) in tensor.shape.iter().enumerate() {
