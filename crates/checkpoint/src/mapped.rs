@@ -76,7 +76,8 @@ impl MappedTensor {
     pub fn contains(&self, t: &tch::Tensor) -> bool {
         let at = t.data_ptr() as usize;
         let start = self.mapping.data() as usize;
-        (start..start + self.mapping.len).contains(&at)
+        let len = self.mapping.mapped - self.mapping.lead;
+        (start..start + len).contains(&at)
     }
 
     /// An error if the file lost some of the mapped bytes (truncated) while
@@ -102,7 +103,6 @@ struct Mapping {
     mapped: usize,
     /// Where the data starts after `base`.
     lead: usize,
-    len: usize,
     slot: usize,
 }
 
@@ -142,7 +142,6 @@ impl Mapping {
             base,
             mapped,
             lead,
-            len,
             slot,
         })
     }

@@ -1,8 +1,9 @@
 //! Runs a plan: read each output tensor's inputs, cast them to the math dtype,
 //! apply the method, cast to the output dtype and stream the result to the
 //! writer. Output tensors are independent, so they run in parallel on a rayon
-//! pool, and one more thread writes them as they come; libtorch's own threads are pinned to one so that every tensor is
-//! computed the same way whatever the thread count (bit-identical outputs).
+//! pool, and one more thread writes them as they come; libtorch's own threads
+//! are pinned to one so that every tensor is computed the same way whatever
+//! the thread count (bit-identical outputs).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -583,7 +584,7 @@ impl MergeJob {
                     .expect("no panics holding it")
                     .push(tensor.name.clone());
             }
-            progress((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
+            progress(byte_len(&merged));
             Ok(())
         };
         // Set when the writer stops on an error: the workers start nothing more.
@@ -608,7 +609,7 @@ impl MergeJob {
                             return Err(not_written());
                         }
                         let merged = self.compute(tensor, options.seed, options.device)?;
-                        permit.shrink((merged.numel() * merged.kind().elt_size_in_bytes()) as u64);
+                        permit.shrink(byte_len(&merged));
                         handed
                             .send((tensor, merged, permit))
                             .map_err(|_| not_written())
@@ -890,6 +891,11 @@ impl Permit<'_> {
             self.budget.freed.notify_all();
         }
     }
+}
+
+/// Bytes of a tensor's data.
+fn byte_len(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 /// A computed output on its way to the writer thread, with its share of the budget.
