@@ -1,5 +1,6 @@
 //! `amalgam merge`: run a mergekit-compatible recipe.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -88,7 +89,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     }
     if stages.is_single() {
         let recipe = stages.run_order.remove(0).recipe;
-        return run_stage(recipe, &args.output, &args, quiet);
+        return run_stage(recipe, &args.output, &args, args.force, quiet);
     }
     run_stages(stages, &args, quiet)
 }
@@ -110,7 +111,9 @@ pub(crate) fn method_of(recipe: &Recipe) -> Result<Method> {
 
 /// A multi-stage recipe: each stage into `--intermediate-dir`/NAME (or a
 /// scratch directory removed at the end), the final one into OUTPUT; stage
-/// names used as models are those outputs.
+/// names used as models are those outputs. An intermediate is replaced only
+/// if amalgam wrote it as a stage (its marker file), never an input or a
+/// directory someone else made, with or without `--force`.
 fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
     let final_stage = stages.final_stage();
     for stage in &stages.run_order {
@@ -121,6 +124,11 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             MergeJob::prepare(stage.recipe.clone(), method)?;
         }
     }
+    let names: Vec<Option<String>> = stages
+        .run_order
+        .iter()
+        .map(|s| s.name().map(str::to_owned))
+        .collect();
     let scratch = match (&args.intermediate_dir, args.dry_run) {
         (None, false) => Some(ScratchDir::create(&args.output)?),
         _ => None,
@@ -130,11 +138,6 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
         (None, Some(scratch)) => scratch.path().to_path_buf(),
         (None, None) => PathBuf::from("(scratch)"),
     };
-    let names: Vec<Option<String>> = stages
-        .run_order
-        .iter()
-        .map(|s| s.name().map(str::to_owned))
-        .collect();
     let outputs: Vec<PathBuf> = names
         .iter()
         .enumerate()
@@ -143,6 +146,9 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             _ => args.output.clone(),
         })
         .collect();
+    if !args.dry_run {
+        refuse_outputs_over_inputs(&stages, &names, &outputs)?;
+    }
     for (i, stage) in stages.run_order.into_iter().enumerate() {
         let label = names[i].as_deref().unwrap_or("(final)");
         let mut recipe = stage.recipe;
@@ -158,7 +164,7 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
         if args.dry_run {
             println!("stage {label} → {}", outputs[i].display());
             if stage.uses.is_empty() {
-                run_stage(recipe, &outputs[i], args, quiet)?;
+                run_stage(recipe, &outputs[i], args, args.force, quiet)?;
             } else {
                 let used: Vec<&str> = stage
                     .uses
@@ -173,26 +179,150 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             println!();
             continue;
         }
-        let kept = outputs[i].join("mergekit_config.yml");
-        if i != final_stage && std::fs::read_to_string(&kept).is_ok_and(|t| t == recipe.text) {
+        if i == final_stage {
             if !quiet {
-                println!(
-                    "stage {label}: reusing {} (its recipe is unchanged)",
-                    outputs[i].display()
-                );
+                println!("stage {label} → {}", outputs[i].display());
             }
+            run_stage(recipe, &outputs[i], args, args.force, quiet)?;
             continue;
         }
+        let out = &outputs[i];
+        let written_before = match stage_output(out)? {
+            StageOutput::Absent => false,
+            StageOutput::Ours { recipe: kept } if kept.as_deref() == Some(&recipe.text) => {
+                if !quiet {
+                    println!(
+                        "stage {label}: reusing {} (its recipe is unchanged)",
+                        out.display()
+                    );
+                }
+                continue;
+            }
+            StageOutput::Ours { .. } => true,
+            StageOutput::Foreign => {
+                return Err(anyhow::anyhow!(
+                    "stage `{label}`: {} exists and is not a stage output amalgam wrote; \
+                     refusing to replace it (with or without --force): name the stage \
+                     differently or choose another --intermediate-dir",
+                    out.display()
+                ))
+            }
+        };
         if !quiet {
-            println!("stage {label} → {}", outputs[i].display());
+            println!("stage {label} → {}", out.display());
         }
-        run_stage(recipe, &outputs[i], args, quiet)?;
+        run_stage(recipe, out, args, written_before, quiet)?;
+        mark_stage_output(out)?;
     }
     Ok(())
 }
 
+/// Marks a directory as a stage output amalgam wrote (so a later run may
+/// reuse or replace it); a file inside it, never read as part of the model.
+const STAGE_MARKER: &str = ".amalgam-stage";
+
+/// What is at an intermediate stage's output.
+enum StageOutput {
+    Absent,
+    /// A stage output amalgam wrote, with the recipe it was written from.
+    Ours {
+        recipe: Option<String>,
+    },
+    /// Anything else: an input, a user's directory, a file, a link.
+    Foreign,
+}
+
+fn stage_output(out: &Path) -> Result<StageOutput> {
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
+        return Ok(StageOutput::Absent);
+    };
+    let marked = meta.is_dir()
+        && std::fs::symlink_metadata(out.join(STAGE_MARKER)).is_ok_and(|m| m.is_file());
+    if !marked {
+        return Ok(StageOutput::Foreign);
+    }
+    let kept = out.join("mergekit_config.yml");
+    let recipe = match std::fs::symlink_metadata(&kept) {
+        Ok(_) => Some(crate::resources::read_recipe(&kept)?),
+        Err(_) => None,
+    };
+    Ok(StageOutput::Ours { recipe })
+}
+
+fn mark_stage_output(out: &Path) -> Result<()> {
+    let marker = out.join(STAGE_MARKER);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&marker)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"written by amalgam as a stage\n"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", marker.display()))
+}
+
+/// No stage output (the final one included) may be, hold or sit inside a
+/// model some stage reads: a later stage would replace what an earlier one
+/// reads.
+fn refuse_outputs_over_inputs(
+    stages: &Stages,
+    names: &[Option<String>],
+    outputs: &[PathBuf],
+) -> Result<()> {
+    let mut inputs = vec![];
+    for stage in &stages.run_order {
+        for model in stage.recipe.referenced_models() {
+            for part in model.path.split('+') {
+                if names.iter().any(|n| n.as_deref() == Some(part)) {
+                    continue;
+                }
+                if let Ok(dir) = amalgam_checkpoint::hub::locate(part) {
+                    if let Ok(dir) = std::fs::canonicalize(&dir) {
+                        inputs.push(dir);
+                    }
+                }
+            }
+        }
+    }
+    for out in outputs {
+        let absolute = absolute(out);
+        if let Some(input) = inputs
+            .iter()
+            .find(|i| absolute.starts_with(i) || i.starts_with(&absolute))
+        {
+            return Err(anyhow::anyhow!(
+                "{}: refusing to write a stage output over input {} (with or without --force)",
+                out.display(),
+                input.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `path` made absolute through its deepest existing ancestor, symlinks resolved.
+fn absolute(path: &Path) -> PathBuf {
+    let mut missing = vec![];
+    let mut existing = path.to_path_buf();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            return missing.into_iter().rev().fold(real, |p, name| p.join(name));
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name.to_owned());
+                existing = if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                };
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 /// One recipe into `out`.
-fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()> {
+fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let threads = crate::resources::threads(args.threads);
     let method = match method_of(&recipe)? {
@@ -219,7 +349,7 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()>
                 )?,
                 write: WriteOptions {
                     max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
-                    force: args.force,
+                    force,
                     inputs: vec![],
                     allow_nonfinite: args.allow_nonfinite,
                 },
@@ -249,7 +379,7 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, quiet: bool) -> Result<()>
         memory_budget,
         write: WriteOptions {
             max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
-            force: args.force,
+            force,
             inputs: job.input_dirs(),
             allow_nonfinite: args.allow_nonfinite,
         },

@@ -193,7 +193,14 @@ pub(crate) fn read_capped(file: File, path: &Path, limit: u64, what: &str) -> Re
     if bytes.len() as u64 > limit {
         return Err(Error::Input {
             path: path.into(),
-            message: format!("larger than {} MB, too large for {what}", limit / (1 << 20)),
+            message: format!(
+                "larger than {}, too large for {what}",
+                if limit >= 1 << 20 {
+                    format!("{} MB", limit >> 20)
+                } else {
+                    format!("{limit} bytes")
+                }
+            ),
         });
     }
     Ok(bytes)

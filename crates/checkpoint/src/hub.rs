@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::IoContext;
+use crate::files::read_regular;
 use crate::{Error, Result};
 
 /// A model reference as a recipe writes it, made a directory: an existing
@@ -36,7 +38,9 @@ pub struct HubId {
 impl HubId {
     pub fn parse(text: &str) -> Option<Self> {
         let (repo, revision) = match text.split_once('@') {
-            Some((repo, revision)) if !revision.is_empty() => (repo, Some(revision.to_owned())),
+            Some((repo, revision)) if is_revision_name(revision) => {
+                (repo, Some(revision.to_owned()))
+            }
             Some(_) => return None,
             None => (text, None),
         };
@@ -71,20 +75,68 @@ impl HubId {
             )));
         }
         // A branch or tag names a commit in refs/; a commit names itself.
-        let reference = entry.join("refs").join(revision);
-        let commit = match std::fs::read_to_string(&reference) {
-            Ok(text) => text.trim().to_owned(),
-            Err(_) => revision.to_owned(),
+        // Every file read resolves inside this entry, and is a small regular file.
+        let inside = |path: &Path| {
+            let real = std::fs::canonicalize(path).at(path)?;
+            let root = std::fs::canonicalize(&entry).at(&entry)?;
+            if !real.starts_with(&root) {
+                return Err(Error::Input {
+                    path: path.into(),
+                    message: format!(
+                        "resolves to {}, outside its cache entry {}; refusing it",
+                        real.display(),
+                        root.display()
+                    ),
+                });
+            }
+            Ok(real)
         };
-        let snapshot = entry.join("snapshots").join(&commit);
-        let plain = !commit.is_empty() && !commit.contains(['/', '\\']) && commit != "..";
-        if plain && snapshot.is_dir() {
-            return Ok(snapshot);
+        let reference = entry.join("refs").join(revision);
+        let commit =
+            if std::fs::symlink_metadata(&reference).is_ok() {
+                let bytes = read_regular(&inside(&reference)?, MAX_REF_BYTES, "a cache ref")
+                    .map_err(|e| match e {
+                        Error::Io { path, cause } => Error::Input {
+                            path,
+                            message: cause.to_string(),
+                        },
+                        other => other,
+                    })?;
+                String::from_utf8_lossy(&bytes).trim().to_owned()
+            } else {
+                revision.to_owned()
+            };
+        if !is_commit_hash(&commit) {
+            let message = if commit == revision {
+                format!(
+                    "is in the Hugging Face cache ({}) but not at revision `{revision}`",
+                    entry.display()
+                )
+            } else {
+                format!(
+                    "has a ref `{revision}` in the Hugging Face cache that holds {commit:?}, not \
+                     a commit hash"
+                )
+            };
+            return Err(not_cached(message));
         }
-        Err(not_cached(format!(
-            "is in the Hugging Face cache ({}) but not at revision `{revision}`",
-            entry.display()
-        )))
+        let snapshot = entry.join("snapshots").join(&commit);
+        match std::fs::symlink_metadata(&snapshot) {
+            Ok(meta) if meta.is_dir() => {
+                inside(&snapshot)?;
+                Ok(snapshot)
+            }
+            Ok(_) => Err(Error::Input {
+                path: snapshot,
+                message: "is not a directory of the cache entry (a symlink?); a snapshot is \
+                          the cache's own directory of links into its blobs"
+                    .into(),
+            }),
+            Err(_) => Err(not_cached(format!(
+                "is in the Hugging Face cache ({}) but not at revision `{revision}`",
+                entry.display()
+            ))),
+        }
     }
 
     /// The `hf` command that puts this model in the cache.
@@ -103,6 +155,29 @@ impl std::fmt::Display for HubId {
             None => f.write_str(&self.repo),
         }
     }
+}
+
+/// The most bytes of a `refs/` file (a commit hash and a newline).
+const MAX_REF_BYTES: u64 = 1024;
+
+/// A branch, tag or commit: `/`-separated names of letters, digits, `-`, `_`
+/// and `.`, none empty or starting with a dot (so never `..`, never a path
+/// out of `refs/`).
+fn is_revision_name(revision: &str) -> bool {
+    !revision.is_empty()
+        && revision.split('/').all(|part| {
+            !part.is_empty()
+                && !part.starts_with('.')
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// A git commit hash as the cache names snapshots: 40 (SHA-1) or 64
+/// (SHA-256) lowercase hex digits.
+fn is_commit_hash(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Where `huggingface_hub` keeps its cache: `HF_HUB_CACHE`, else the legacy
@@ -151,8 +226,74 @@ mod tests {
             "org/",
             "../x",
             "org/name@",
+            "org/m@../../../x",
+            "org/m@refs/../../x",
+            "org/m@/etc/passwd",
+            "org/m@.hidden",
+            "org/m@a//b",
         ] {
             assert_eq!(HubId::parse(not_an_id), None, "{not_an_id}");
+        }
+        assert!(HubId::parse("org/m@refs/pr/1").is_some());
+    }
+
+    /// A cache entry with `refs/main` holding `commit` and its snapshot.
+    fn entry(cache: &Path, commit: &str) -> PathBuf {
+        let entry = cache.join("models--org--m");
+        std::fs::create_dir_all(entry.join("refs")).unwrap();
+        std::fs::create_dir_all(entry.join("snapshots").join(commit)).unwrap();
+        std::fs::write(entry.join("refs/main"), commit).unwrap();
+        entry
+    }
+
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn cache_files_must_resolve_inside_their_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("hub");
+        let entry = entry(&cache, COMMIT);
+        let id = HubId::parse("org/m").unwrap();
+        assert_eq!(
+            id.resolve(&cache).unwrap(),
+            entry.join("snapshots").join(COMMIT)
+        );
+
+        // A snapshot that is a symlink out of the cache.
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let linked = "1111111111111111111111111111111111111111";
+        std::os::unix::fs::symlink(&outside, entry.join("snapshots").join(linked)).unwrap();
+        let err = HubId::parse(&format!("org/m@{linked}"))
+            .unwrap()
+            .resolve(&cache)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a directory of the cache entry"), "{err}");
+
+        // A ref that is a symlink out of the entry, one that holds a path,
+        // a FIFO, a huge file: each refused, none read whole or followed.
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, COMMIT).unwrap();
+        std::os::unix::fs::symlink(&secret, entry.join("refs/out")).unwrap();
+        std::fs::write(entry.join("refs/path"), "../../../../etc").unwrap();
+        let fifo = std::ffi::CString::new(entry.join("refs/fifo").to_str().unwrap()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let huge = std::fs::File::create(entry.join("refs/huge")).unwrap();
+        huge.set_len(3 << 30).unwrap();
+        for (revision, needle) in [
+            ("out", "outside its cache entry"),
+            ("path", "not a commit hash"),
+            ("fifo", "FIFO"),
+            ("huge", "too large"),
+        ] {
+            let err = HubId::parse(&format!("org/m@{revision}"))
+                .unwrap()
+                .resolve(&cache)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{revision}: {err}");
         }
     }
 }

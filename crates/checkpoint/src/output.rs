@@ -9,10 +9,10 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::IoContext;
@@ -102,9 +102,7 @@ impl OutputDir {
         // No interrupt cleanup runs while the output is being swapped in.
         let mut registry = interrupt::registry();
         let displaced = if self.force && std::fs::symlink_metadata(&self.out).is_ok() {
-            let old = sibling(&self.out, "old");
-            std::fs::rename(&self.out, &old).at(&self.out)?;
-            Some(old)
+            Some(Displaced::move_aside(&self.out)?)
         } else if self.found_empty_dir {
             // The empty directory checked at the start; rmdir fails if
             // anything appeared in it since.
@@ -128,7 +126,7 @@ impl OutputDir {
         };
         if let Err(e) = rename_noreplace(&self.staging, &self.out) {
             if let Some(old) = &displaced {
-                let _ = std::fs::rename(old, &self.out);
+                let _ = std::fs::rename(old.previous(), &self.out);
             }
             return Err(match e.kind() {
                 std::io::ErrorKind::AlreadyExists => self.changed_during_run(),
@@ -144,7 +142,7 @@ impl OutputDir {
         }
         drop(registry);
         if let Some(old) = displaced {
-            std::fs::remove_dir_all(&old).at(&old)?;
+            std::fs::remove_dir_all(&old.dir).at(&old.dir)?;
         }
         if let Some(parent) = self.out.parent() {
             File::open(parent).and_then(|d| d.sync_all()).at(parent)?;
@@ -273,8 +271,6 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// A hidden sibling of `out`, unique to this process and moment:
-/// `.NAME.amalgam-PURPOSE-PID-NANOS`.
 /// A directory for a run's intermediate results (the stages of a multi-stage
 /// recipe), beside its output when the output's parent exists, else in the
 /// system's temporary directory. Removed when dropped, when the run is
@@ -293,7 +289,11 @@ impl ScratchDir {
             Some(_) => sibling(out, STAGES),
             None => sibling(&std::env::temp_dir().join("amalgam"), STAGES),
         };
-        std::fs::create_dir(&path).at(&path)?;
+        // Private: in a shared temporary directory no one else may plant files in it.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .at(&path)?;
         let registration = interrupt::register(&path, Removal::Tree);
         Ok(Self { path, registration })
     }
@@ -313,6 +313,18 @@ impl Drop for ScratchDir {
 
 const STAGES: &str = "stages";
 
+/// Creates a new file in a directory this run made: never an existing one,
+/// never through a symlink planted at its name.
+pub(crate) fn create_file(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// A hidden sibling of `out`, unique to this process and moment:
+/// `.NAME.amalgam-PURPOSE-PID-NANOS`.
 pub(crate) fn sibling(out: &Path, purpose: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -333,9 +345,11 @@ fn sibling_prefix(out: &Path) -> String {
 }
 
 /// Removes staging (`tmp`) and scratch (`stages`) siblings of `out` left by
-/// processes that no longer run; an `old` sibling (the previous output, displaced by a `--force` run
-/// killed mid-commit) is put back if `out` is missing, else removed. Says what
-/// it did.
+/// processes that no longer run; the previous output a killed `--force` run
+/// moved aside (`old`) is put back if `out` is missing, else removed. Only
+/// what amalgam itself made is touched: a directory (never a symlink) owned
+/// by this user, and for `old` one holding amalgam's marker; anything else at
+/// those names is left where it is, with a warning. Says what it did.
 fn remove_stale_siblings(out: &Path) -> Result<()> {
     let parent = out.parent().expect("an absolute output has a parent");
     let prefix = sibling_prefix(out);
@@ -351,38 +365,106 @@ fn remove_stale_siblings(out: &Path) -> Result<()> {
         else {
             continue;
         };
-        if process_alive(pid) {
+        if !matches!(purpose, "tmp" | STAGES | "old") || process_alive(pid) {
             continue;
         }
         let path = entry.path();
+        let leave = |why: &str| {
+            tracing::warn!(
+                "left {} alone: named like a run's leftover, but {why}",
+                path.display()
+            )
+        };
+        if !is_own_directory(&path) {
+            leave("it is not a directory of this user's (a symlink or a planted file?)");
+            continue;
+        }
         match purpose {
-            "tmp" | STAGES => {
+            "old" => {
+                let Some(old) = Displaced::recognise(&path) else {
+                    leave("it lacks the marker amalgam writes when it moves an output aside");
+                    continue;
+                };
+                if std::fs::symlink_metadata(out).is_err() {
+                    std::fs::rename(old.previous(), out).at(&path)?;
+                    tracing::warn!(
+                        "restored {} from {}: a run with --force (process {pid}) was killed \
+                         while replacing it",
+                        out.display(),
+                        path.display()
+                    );
+                } else {
+                    tracing::warn!(
+                        "removed {}: the previous output, already replaced by process {pid}",
+                        path.display()
+                    );
+                }
+                std::fs::remove_dir_all(&path).at(&path)?;
+            }
+            _ => {
                 std::fs::remove_dir_all(&path).at(&path)?;
                 tracing::warn!(
                     "removed {}: an unfinished output left by process {pid}, which no longer runs",
                     path.display()
                 );
             }
-            "old" if std::fs::symlink_metadata(out).is_err() => {
-                std::fs::rename(&path, out).at(&path)?;
-                tracing::warn!(
-                    "restored {} from {}: a run with --force (process {pid}) was killed while \
-                     replacing it",
-                    out.display(),
-                    path.display()
-                );
-            }
-            "old" => {
-                std::fs::remove_dir_all(&path).at(&path)?;
-                tracing::warn!(
-                    "removed {}: the previous output, already replaced by process {pid}",
-                    path.display()
-                );
-            }
-            _ => {}
         }
     }
     Ok(())
+}
+
+/// A directory (not followed if a symlink) owned by this process's user.
+fn is_own_directory(path: &Path) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.uid() == uid)
+}
+
+/// The previous output moved aside by a `--force` commit: inside a private
+/// directory `.OUT.amalgam-old-PID-NANOS/` that holds a marker written
+/// before the move, so that a later run restores only what amalgam moved.
+struct Displaced {
+    dir: PathBuf,
+}
+
+const DISPLACED_MARKER: &str = "moved-aside-by-amalgam";
+const DISPLACED_ENTRY: &str = "previous";
+
+impl Displaced {
+    fn move_aside(out: &Path) -> Result<Self> {
+        let dir = sibling(out, "old");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .at(&dir)?;
+        let marker = dir.join(DISPLACED_MARKER);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&marker)
+            .and_then(|mut f| writeln!(f, "{}", out.display()).and_then(|()| f.sync_all()));
+        let moved = written
+            .at(&marker)
+            .and_then(|()| std::fs::rename(out, dir.join(DISPLACED_ENTRY)).at(out));
+        if let Err(e) = moved {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(Self { dir })
+    }
+
+    /// `dir` as [`Self::move_aside`] leaves it: the marker a regular file,
+    /// the previous output a directory (neither a symlink).
+    fn recognise(dir: &Path) -> Option<Self> {
+        let marker = std::fs::symlink_metadata(dir.join(DISPLACED_MARKER)).ok()?;
+        let previous = std::fs::symlink_metadata(dir.join(DISPLACED_ENTRY)).ok()?;
+        (marker.is_file() && previous.is_dir()).then(|| Self { dir: dir.into() })
+    }
+
+    fn previous(&self) -> PathBuf {
+        self.dir.join(DISPLACED_ENTRY)
+    }
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -392,7 +474,10 @@ fn process_alive(pid: i32) -> bool {
 }
 
 /// An exclusive `flock` on `.NAME.amalgam-lock` beside the output, held for
-/// the run; the file holds the owner's pid and is removed on release.
+/// the run; the file holds the owner's pid and is removed on release. The
+/// lock file is always one this run created (`O_CREAT|O_EXCL|O_NOFOLLOW`):
+/// nothing planted at its name (a symlink, a hard link to another file, a
+/// device) is ever opened for writing, truncated or followed.
 #[derive(Debug)]
 struct Lock {
     path: PathBuf,
@@ -403,46 +488,126 @@ impl Lock {
     fn acquire(out: &Path) -> Result<Self> {
         let path = out.with_file_name(format!("{}lock", sibling_prefix(out)));
         loop {
-            let mut file = std::fs::OpenOptions::new()
+            let created = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .at(&path)?;
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path);
+            let mut file = match created {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Self::clear_stale(out, &path)?;
+                    continue;
+                }
+                Err(e) => return Err(e).at(&path),
+            };
             // SAFETY: flock on an open descriptor.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let mut owner = String::new();
-                let _ = file.read_to_string(&mut owner);
-                let owner = owner.trim();
-                return Err(Error::Write {
-                    path: out.into(),
-                    message: format!(
-                        "another amalgam process{} is writing this output; wait for it to \
-                         finish or choose another output",
-                        if owner.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" (pid {owner})")
-                        }
-                    ),
-                });
+                // Another run opened the file we just created and locked it first.
+                return Err(Self::held(out, &path));
             }
-            // The holder before us may have removed the file after we opened
-            // it: then this lock guards nothing; take the one now at `path`.
-            let same = std::fs::metadata(&path)
-                .ok()
-                .zip(file.metadata().ok())
-                .is_some_and(|(a, b)| a.ino() == b.ino() && a.dev() == b.dev());
-            if !same {
+            // A run before us may have removed the name after we created it
+            // (it took our new file for a stale one): then this lock guards
+            // nothing; start again.
+            if !same_file(&path, &file) {
                 continue;
             }
-            file.set_len(0).at(&path)?;
-            file.rewind().at(&path)?;
             write!(file, "{}", std::process::id()).at(&path)?;
             return Ok(Self { path, file });
         }
     }
+
+    /// Something is at the lock's name: a live run's lock (an error naming
+    /// its pid), a lock a killed run left (removed, so the caller can create
+    /// its own), or anything else (refused, never touched).
+    fn clear_stale(out: &Path, path: &Path) -> Result<()> {
+        let planted = |what: &str| Error::Write {
+            path: out.into(),
+            message: format!(
+                "{} is {what}, not a lock file amalgam wrote; refusing to use or remove it \
+                 (remove it yourself if it is yours)",
+                path.display()
+            ),
+        };
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(file) => file,
+            // Removed in between: the caller tries to create it again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(planted("a symbolic link"))
+            }
+            Err(e) => return Err(e).at(path),
+        };
+        let meta = file.metadata().at(path)?;
+        if !meta.is_file() {
+            return Err(planted("not a regular file"));
+        }
+        // SAFETY: flock on an open descriptor (a shared lock needs no write access).
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Self::held(out, path));
+        }
+        // SAFETY: geteuid has no preconditions.
+        let ours = meta.uid() == unsafe { libc::geteuid() } && meta.nlink() == 1;
+        let pid: Option<i32> = read_small(file, 32).and_then(|t| t.trim().parse().ok());
+        // We hold its lock, so the run that wrote it is gone (a lock dies with
+        // its process); empty, its run died between creating and writing it.
+        let stale = ours && (pid.is_some_and(|p| p > 0) || meta.len() == 0);
+        if !stale {
+            return Err(planted(
+                "a file whose contents or owner are not a dead run's",
+            ));
+        }
+        // Only the name is removed, and only if it still names the file checked.
+        let again = std::fs::symlink_metadata(path).at(path)?;
+        if again.ino() == meta.ino() && again.dev() == meta.dev() {
+            std::fs::remove_file(path).at(path)?;
+            tracing::warn!(
+                "removed {}: the lock of process {}, which no longer runs",
+                path.display(),
+                pid.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    fn held(out: &Path, path: &Path) -> Error {
+        let owner = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .ok()
+            .and_then(|f| read_small(f, 32))
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        Error::Write {
+            path: out.into(),
+            message: format!(
+                "another amalgam process{} is writing this output; wait for it to finish or \
+                 choose another output",
+                owner.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// At most `limit` bytes of an opened file, as text.
+fn read_small(file: File, limit: u64) -> Option<String> {
+    let mut text = String::new();
+    file.take(limit).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Whether `path` (not followed) names the opened `file`.
+fn same_file(path: &Path, file: &File) -> bool {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .zip(file.metadata().ok())
+        .is_some_and(|(a, b)| a.ino() == b.ino() && a.dev() == b.dev())
 }
 
 impl Drop for Lock {

@@ -11,7 +11,7 @@ use crate::direct::DirectFile;
 use crate::error::IoContext;
 use crate::files::ModelDir;
 use crate::layout::{ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
-use crate::output::OutputDir;
+use crate::output::{create_file, OutputDir};
 use crate::reader::INDEX_FILE;
 use crate::{
     config_mismatch, count_nonfinite, dtype_from_kind, Error, ModelCard, ModelConfig, Result,
@@ -136,7 +136,7 @@ impl CheckpointWriter {
             // Pad with spaces so tensor data starts 8-byte aligned, as safetensors does.
             header.resize(header.len().next_multiple_of(8), b' ');
             let data_start = 8 + header.len() as u64;
-            let file = File::create(&path).at(&path)?;
+            let file = create_file(&path).at(&path)?;
             file.write_all_at(&(header.len() as u64).to_le_bytes(), 0)
                 .at(&path)?;
             file.write_all_at(&header, 8).at(&path)?;
@@ -324,7 +324,8 @@ impl CheckpointWriter {
                     }
                     _ => {
                         let (from, from_path) = files.open(name)?;
-                        copy_file(from, &from_path, &self.staging.join(name))?;
+                        let to = self.staging.join(name);
+                        copy_file(from, &from_path, create_file(&to).at(&to)?, &to)?;
                     }
                 }
             }
@@ -398,25 +399,73 @@ impl CheckpointWriter {
 
     fn write_file(&self, name: &str, contents: &[u8]) -> Result<()> {
         let path = self.staging.join(name);
-        let file = File::create(&path).at(&path)?;
+        let file = create_file(&path).at(&path)?;
         file.write_all_at(contents, 0).at(&path)?;
         file.sync_all().at(&path)
     }
 }
 
-/// Copies an opened file to `to` (synced); a read error names the source, a
+/// The most bytes of a companion file (tokenizer, chat template, generation
+/// config) copied into an output: the largest published `tokenizer.json` is
+/// tens of MB, a `tokenizer.model` a few MB; more is not a tokenizer.
+pub const MAX_COMPANION_BYTES: u64 = 512 << 20;
+
+/// Copies an opened file to `to` (synced), refusing one larger than
+/// [`MAX_COMPANION_BYTES`]; only its data is copied, holes stay holes (a
+/// sparse file is not written out densely). A read error names the source, a
 /// write error (a full disk, a file-size limit) the destination.
-fn copy_file(mut from: File, from_path: &Path, to: &Path) -> Result<()> {
-    let mut out = File::create(to).at(to)?;
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut from, &mut buffer).at(from_path)?;
-        if n == 0 {
-            break;
-        }
-        std::io::Write::write_all(&mut out, &buffer[..n]).at(to)?;
+fn copy_file(from: File, from_path: &Path, out: File, to: &Path) -> Result<()> {
+    let len = from.metadata().at(from_path)?.len();
+    if len > MAX_COMPANION_BYTES {
+        return Err(Error::Input {
+            path: from_path.into(),
+            message: format!(
+                "is {len} bytes, larger than the {} MB a file copied beside a model may be",
+                MAX_COMPANION_BYTES >> 20
+            ),
+        });
     }
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < len {
+        // The next byte of data at or after `offset`; ENXIO: only a hole is left.
+        let start = match seek(&from, offset, libc::SEEK_DATA) {
+            Ok(start) => start,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            // A filesystem without SEEK_DATA: everything is data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => offset,
+            Err(e) => return Err(e).at(from_path),
+        };
+        let end = seek(&from, start, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        let mut at = start;
+        while at < end {
+            let want = buffer.len().min((end - at) as usize);
+            let n = from.read_at(&mut buffer[..want], at).at(from_path)?;
+            if n == 0 {
+                return Err(Error::Input {
+                    path: from_path.into(),
+                    message: "ended while amalgam copied it (truncated or replaced?)".into(),
+                });
+            }
+            out.write_all_at(&buffer[..n], at).at(to)?;
+            at += n as u64;
+        }
+        offset = end;
+    }
+    out.set_len(len).at(to)?;
     out.sync_all().at(to)
+}
+
+/// `lseek(2)` with `whence` (SEEK_DATA / SEEK_HOLE), the offset it finds.
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor; our reads use pread, so the
+    // file position it moves is not relied on.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if at < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(at as u64)
 }
 
 #[cfg(test)]
@@ -469,12 +518,59 @@ mod tests {
         let source = tmp.path().join("tokenizer.json");
         std::fs::write(&source, vec![b'x'; 4096]).unwrap();
         let full = Path::new("/dev/full");
-        let err = copy_file(File::open(&source).unwrap(), &source, full)
+        let sink = std::fs::OpenOptions::new().write(true).open(full).unwrap();
+        let err = copy_file(File::open(&source).unwrap(), &source, sink, full)
             .unwrap_err()
             .to_string();
         assert!(
             err.starts_with("/dev/full:") && err.contains("No space left"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn companion_files_are_copied_sparse_and_capped() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("tokenizer.model");
+        let file = File::create(&source).unwrap();
+        file.write_all_at(b"head", 0).unwrap();
+        file.write_all_at(b"tail", (256 << 20) - 4).unwrap();
+        let to = tmp.path().join("copy");
+        copy_file(
+            File::open(&source).unwrap(),
+            &source,
+            File::create(&to).unwrap(),
+            &to,
+        )
+        .unwrap();
+        let copied = std::fs::read(&to).unwrap();
+        assert_eq!(copied.len(), 256 << 20);
+        assert_eq!(
+            (&copied[..4], &copied[copied.len() - 4..]),
+            (&b"head"[..], &b"tail"[..])
+        );
+        assert!(copied[4..copied.len() - 4].iter().all(|&b| b == 0));
+        let allocated = std::fs::metadata(&to).unwrap().blocks() * 512;
+        assert!(
+            allocated < 16 << 20,
+            "written densely: {allocated} bytes allocated"
+        );
+
+        file.set_len(MAX_COMPANION_BYTES + 1).unwrap();
+        let refused = tmp.path().join("refused");
+        let err = copy_file(
+            File::open(&source).unwrap(),
+            &source,
+            File::create(&refused).unwrap(),
+            &refused,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tokenizer.model") && err.contains("512 MB"),
+            "{err}"
+        );
+        assert_eq!(std::fs::metadata(&refused).unwrap().len(), 0);
     }
 }

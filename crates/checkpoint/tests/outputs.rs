@@ -137,8 +137,16 @@ fn leftovers_of_killed_runs_are_removed_by_the_next_run() {
 
     // A --force run killed between moving the old output aside and putting
     // the new one in place: the old output comes back.
+    // (The layout OutputDir::commit leaves: a private directory holding a
+    // marker, then the old output.)
     let old = tmp.path().join(format!(".out.amalgam-old-{dead}-3"));
-    std::fs::rename(&out, &old).unwrap();
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(
+        old.join("moved-aside-by-amalgam"),
+        out.display().to_string(),
+    )
+    .unwrap();
+    std::fs::rename(&out, old.join("previous")).unwrap();
     let err = writer(&out, &WriteOptions::default())
         .err()
         .unwrap()
@@ -165,4 +173,76 @@ fn force_replaces_and_removes_the_old_output() {
     finish(writer(&out, &force).unwrap()).unwrap();
     assert!(!out.join("old.txt").exists());
     assert_eq!(listing(tmp.path()), ["out"]);
+}
+
+#[test]
+fn a_symlink_planted_at_the_lock_is_never_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let lock = tmp.path().join(".out.amalgam-lock");
+    std::os::unix::fs::symlink(&victim, &lock).unwrap();
+    let err = writer(&out, &WriteOptions::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(std::fs::symlink_metadata(&lock).unwrap().is_symlink());
+    assert!(!out.exists());
+
+    // A hard link to another file, or a file that holds no pid, is not ours either.
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::hard_link(&victim, &lock).unwrap();
+    let err = writer(&out, &WriteOptions::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("not a lock file amalgam wrote"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::write(&lock, "not a pid").unwrap();
+    assert!(writer(&out, &WriteOptions::default()).is_err());
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "not a pid");
+}
+
+#[test]
+fn planted_old_siblings_are_never_restored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let dead = dead_pid();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    // A symlink, a regular file, and a directory without amalgam's marker,
+    // each named like an output a killed --force run moved aside.
+    let link = tmp.path().join(format!(".out.amalgam-old-{dead}-1"));
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    let file = tmp.path().join(format!(".out.amalgam-old-{dead}-2"));
+    std::fs::write(&file, "planted").unwrap();
+    let unmarked = tmp.path().join(format!(".out.amalgam-old-{dead}-3"));
+    std::fs::create_dir(&unmarked).unwrap();
+    std::fs::create_dir(unmarked.join("previous")).unwrap();
+    // A staging name that is a symlink is not removed through.
+    let staging_link = tmp.path().join(format!(".out.amalgam-tmp-{dead}-4"));
+    std::os::unix::fs::symlink(&elsewhere, &staging_link).unwrap();
+    std::fs::write(elsewhere.join("keep.txt"), "keep").unwrap();
+
+    finish(writer(&out, &WriteOptions::default()).unwrap()).unwrap();
+    assert!(
+        !std::fs::symlink_metadata(&out).unwrap().is_symlink(),
+        "the new output, not a restored link"
+    );
+    assert!(out.join("model.safetensors").is_file());
+    for planted in [&link, &file, &unmarked, &staging_link] {
+        assert!(
+            std::fs::symlink_metadata(planted).is_ok(),
+            "{} left alone",
+            planted.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("keep.txt")).unwrap(),
+        "keep"
+    );
 }

@@ -30,19 +30,40 @@ impl Stages {
     /// Parses every document of `text`. One document without a `name` is an
     /// ordinary recipe: one stage, using none.
     pub fn parse(text: &str, source_name: &str) -> Result<Self, RecipeError> {
+        let error = |at: Location, message: String| RecipeError {
+            source_name: source_name.into(),
+            at,
+            message,
+        };
+        let documents = documents(text);
+        if documents.is_empty() {
+            return Err(error(
+                Location { line: 1, column: 1 },
+                "no merge here: the recipe is empty (only comments, blank lines or `---` \
+                 separators); it needs at least `merge_method` and `models`"
+                    .into(),
+            ));
+        }
         let mut recipes = vec![];
-        for (first_line, document) in documents(text) {
+        for (first_line, document) in documents {
             // Earlier lines padded out, so positions are the file's.
             let padded = format!("{}{document}", "\n".repeat(first_line));
             let mut recipe = Recipe::parse(&padded, source_name)?;
             recipe.text = document.to_owned();
             recipes.push(recipe);
         }
-        let error = |at: Location, message: String| RecipeError {
-            source_name: source_name.into(),
-            at,
-            message,
-        };
+        for (name, at) in recipes.iter().filter_map(|r| r.name.as_ref()) {
+            if !is_stage_name(name) {
+                return Err(error(
+                    *at,
+                    format!(
+                        "stage name {name:?} is not a plain name: a stage's output is kept as \
+                         a directory of that name under the intermediate directory, so it may \
+                         not be empty, hold `/`, `\\` or NUL, or be `.` or `..`"
+                    ),
+                ));
+            }
+        }
         let names: Vec<Option<&str>> = recipes
             .iter()
             .map(|r| r.name.as_ref().map(|(n, _)| n.as_str()))
@@ -127,6 +148,16 @@ impl Stages {
     }
 }
 
+/// A stage name that is one directory entry: never a path out of the
+/// intermediate directory.
+fn is_stage_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && name.len() <= 255
+}
+
 /// The documents of a YAML stream, split at `---` lines: (index of the
 /// document's first line, its text). Documents holding only comments and
 /// blank lines (a leading `---`, a trailing one) are skipped.
@@ -209,5 +240,42 @@ mod tests {
         let unnamed = "merge_method: linear\nmodels:\n  - model: x\n---\n\
                        merge_method: linear\nmodels:\n  - model: y\n";
         assert!(err(unnamed).contains("only the final merge may be unnamed"));
+    }
+
+    #[test]
+    fn empty_recipes_are_errors() {
+        for empty in [
+            "",
+            "\n\n",
+            "# only a comment\n",
+            "---\n---\n",
+            "---\n# c\n---\n...\n",
+        ] {
+            let err = Stages::parse(empty, "e.yml").unwrap_err().to_string();
+            assert!(
+                err.starts_with("e.yml:1:1:") && err.contains("empty"),
+                "{empty:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn stage_names_are_names_not_paths() {
+        for bad in ["/tmp/x", "../x", "a/b", "..", ".", "a\\\\b", "\"\""] {
+            let text = format!(
+                "name: {bad}\nmerge_method: linear\nmodels:\n  - model: x\n---\n\
+                 merge_method: linear\nmodels:\n  - model: y\n"
+            );
+            let err = Stages::parse(&text, "m.yml").unwrap_err().to_string();
+            assert!(
+                err.starts_with("m.yml:1:7:") && err.contains("not a plain name"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(Stages::parse(
+            &format!("{STAGE_A}---\nmerge_method: linear\nmodels:\n  - model: a\n"),
+            "m.yml"
+        )
+        .is_ok());
     }
 }
