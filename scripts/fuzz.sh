@@ -20,7 +20,7 @@ scripts/setup.sh
 seconds="${1:-30}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(checkpoint config recipe slicing_table)
+[ ${#targets[@]} -gt 0 ] || targets=(checkpoint config recipe slicing_table small_formats)
 
 if [ ! -x .tools/bin/cargo-fuzz ]; then
     echo "fuzz: installing cargo-fuzz into .tools/" >&2
@@ -32,7 +32,7 @@ fuzz=(.tools/bin/cargo-fuzz fuzz)
 
 dict() {
     case "$1" in
-        checkpoint|config) echo fuzz/dicts/json.dict ;;
+        checkpoint|config|small_formats) echo fuzz/dicts/json.dict ;;
         recipe) echo fuzz/dicts/yaml.dict ;;
         slicing_table) echo fuzz/dicts/csv.dict ;;
     esac

@@ -64,4 +64,4 @@ $amalgam pareto \
   --series "Mix'n'Match, narrowing with depth=$out/against.json" \
   --series "Trained separately=$out/baselines.json" \
   --title "MatFormer submodels ($size zoo): parameters vs. held-out loss" \
-  --png "docs/matformer-pareto-$size.png"
+  --png "docs/matformer-pareto-$size.png" --force

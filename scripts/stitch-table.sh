@@ -37,17 +37,17 @@ $amalgam pareto --x flops \
   --series "anchors trained further: least squares=$out/long-anchors.json" \
   --series "anchors trained further: distilled 4x=$out/long-anchors-distilled.json" \
   --title "SN-Net family ($size zoo): FLOPs per token vs. held-out loss" \
-  --png "docs/stitch-pareto-$size.png"
+  --png "docs/stitch-pareto-$size.png" --force
 $amalgam pareto --x flops \
   --series "distilled 1000 steps=$out/zoo-distilled.json" \
   --series "distilled 4000 steps=$out/zoo-distilled-long.json" \
   --series "distilled 12000 steps=$out/zoo-distilled-longer.json" \
   --series "distilled 36000 steps=$out/zoo-distilled-longest.json" \
   --title "SN-Net family ($size zoo): route training for longer" \
-  --png "docs/stitch-pareto-$size-steps.png"
+  --png "docs/stitch-pareto-$size-steps.png" --force
 $amalgam pareto --x flops \
   --series "least squares=$out/deep.json" \
   --series "distilled 4000 steps=$out/deep-distilled.json" \
   --series "distilled 12000 steps=$out/deep-distilled-longer.json" \
   --title "SN-Net family of one depth ($size zoo, 8 blocks, 64 and 128 wide)" \
-  --png "docs/stitch-pareto-$size-deep.png"
+  --png "docs/stitch-pareto-$size-deep.png" --force

@@ -12,20 +12,20 @@ use amalgam_checkpoint::{hub, kind_from_dtype, parse_dtype, Checkpoint, Dtype};
 use amalgam_elastic::stitch::{Family, Network};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
-    check_vocabulary, corpus_windows, rolling_windows, score_windows, DomainScore, EvalOptions,
-    LanguageModel, Window,
+    check_vocabulary, corpus_windows, same_tokens, score_text, try_score_windows, DomainScore,
+    EvalOptions, LanguageModel, TextOptions, Window,
 };
-use amalgam_nn::text::{read_documents, TextTokenizer};
-use amalgam_nn::{Decoder, DecoderConfig};
+use amalgam_nn::text::{TextFile, TextTokenizer, CHUNKING};
+use amalgam_nn::{Decoder, DecoderConfig, NnError, PROCESS_BYTES};
 
-/// What one model is scored on under one label: a corpus domain or a text file.
-#[derive(Clone)]
+/// A corpus domain's windows, under its name.
 struct Scored {
     label: String,
     windows: Vec<Window>,
-    /// The text's UTF-8 bytes (for bits per byte).
-    bytes: Option<usize>,
 }
+
+/// The windows scored per corpus domain when --max-windows is not given.
+const CORPUS_WINDOWS: usize = 256;
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -45,7 +45,9 @@ pub struct Args {
     /// each model's own tokenizer and scored whole as lm-evaluation-harness's
     /// rolling log-likelihood scores a document: a plain file is one
     /// document, a `.jsonl` file one per line (the string at `--field`).
-    /// Reports loss, perplexity and bits per byte per file.
+    /// Reports loss, perplexity and bits per byte per file. Files are read,
+    /// tokenized and scored a stretch at a time, in memory independent of
+    /// their size (a `.jsonl` line is held whole).
     #[arg(long, num_args = 1.., conflicts_with_all = ["domains", "route"])]
     text: Vec<PathBuf>,
     /// The field of each `.jsonl` line that holds its document.
@@ -59,10 +61,11 @@ pub struct Args {
     /// Tokens per evaluation window (the model reads all but the last).
     #[arg(long, default_value_t = 129)]
     seq_len: usize,
-    /// At most this many windows per domain of the corpus (--text scores
-    /// every document whole).
-    #[arg(long, default_value_t = 256)]
-    max_windows: usize,
+    /// At most this many windows per domain of the corpus (default 256), or
+    /// per text file (default: all of it; the text after them is not read,
+    /// and bits per byte count the bytes scored).
+    #[arg(long)]
+    max_windows: Option<usize>,
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// With a stitched family: only these routes (default: every network).
@@ -103,6 +106,17 @@ pub fn parse_domains(names: &[String]) -> Result<Vec<Domain>> {
         .collect()
 }
 
+/// Refuses a `--seq-len` longer than a domain's held-out text: no window
+/// would be scored (a loss of 0 over nothing). `eval` and `tune` both ask.
+pub(crate) fn check_windows(seq_len: usize, domain: &str, windows: &[Window]) -> Result<()> {
+    if windows.is_empty() {
+        return Err(anyhow!(
+            "--seq-len {seq_len} is longer than the {domain} held-out text"
+        ));
+    }
+    Ok(())
+}
+
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let domains = if args.domains.is_empty() {
         Domain::GENERAL.to_vec()
@@ -120,10 +134,13 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.seq_len < 2 {
         return Err(anyhow!("--seq-len must be at least 2"));
     }
-    if args.max_windows == 0 {
+    if args.max_windows == Some(0) {
         return Err(anyhow!(
             "--max-windows must be at least 1 (it is how many windows each domain scores)"
         ));
+    }
+    if args.stride == 0 {
+        return Err(anyhow!("--stride must be at least 1"));
     }
     let device = crate::device::parse(&args.device)?;
     let dtype = parse_dtype(&args.dtype)
@@ -136,93 +153,69 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         })?;
     let options = EvalOptions {
         seq_len: args.seq_len,
-        max_windows: args.max_windows,
+        max_windows: args.max_windows.unwrap_or(CORPUS_WINDOWS),
         batch: args.batch.max(1),
     };
-    // What is scored: the corpus's held-out domains, or the text files (their
-    // tokens depend on each model's tokenizer, so they are made per model).
-    let corpus: Vec<Scored> = domains
-        .iter()
-        .map(|d| Scored {
-            label: d.name().to_owned(),
-            windows: corpus_windows(&d.tokens(split), &options),
-            bytes: None,
-        })
-        .collect();
+    let text_options = TextOptions {
+        seq_len: args.seq_len,
+        stride: args.stride,
+        batch: options.batch,
+        max_windows: args.max_windows,
+        chunking: CHUNKING,
+    };
+    // What is scored: the corpus's held-out domains, or the text files —
+    // checked whole here, read again (a stretch at a time) for each model,
+    // as their tokens depend on its tokenizer.
     let texts = args
         .text
         .iter()
         .map(|path| {
-            let documents = read_documents(path, &args.field)?;
-            Ok((path.display().to_string(), documents))
+            let label = path.display().to_string();
+            let file = TextFile::scan(path, &args.field)?;
+            if file.document_bytes == 0 {
+                return Err(anyhow!("{label}: no text to score"));
+            }
+            Ok((label, file))
         })
         .collect::<Result<Vec<_>>>()?;
-    if args.stride == 0 {
-        return Err(anyhow!("--stride must be at least 1"));
+    let corpus: Vec<Scored> = match texts.is_empty() {
+        true => domains
+            .iter()
+            .map(|d| Scored {
+                label: d.name().to_owned(),
+                windows: corpus_windows(&d.tokens(split), &options),
+            })
+            .collect(),
+        false => Vec::new(),
+    };
+    for scored in &corpus {
+        check_windows(args.seq_len, &scored.label, &scored.windows)?;
     }
-    let streams_for = |dir: &Path, vocab: usize| -> Result<Vec<Scored>> {
-        if texts.is_empty() {
-            return Ok(corpus.clone());
-        }
-        let tokenizer = TextTokenizer::load(dir)?;
-        let prefix = tokenizer.prefix_token().ok_or_else(|| {
-            anyhow!(
-                "{}: its tokenizer names no BOS or EOS token to start a document from",
-                dir.display()
-            )
-        })?;
+    // Reading, tokenizing and holding windows of the largest text file.
+    let text_bytes = |reference: bool| {
         texts
             .iter()
-            .map(|(label, documents)| {
-                let mut windows = Vec::new();
-                for document in documents {
-                    let tokens = tokenizer.encode(document, false)?;
-                    if let Some(id) = tokens.iter().find(|&&id| id < 0 || id as usize >= vocab) {
-                        return Err(anyhow!(
-                            "{}: its tokenizer gives id {id}, outside the model's \
-                             {vocab}-token vocabulary",
-                            dir.display()
-                        ));
-                    }
-                    windows.extend(rolling_windows(
-                        &tokens,
-                        prefix,
-                        args.seq_len - 1,
-                        args.stride,
-                    ));
-                }
-                if windows.is_empty() {
-                    return Err(anyhow!("{label}: no text to score"));
-                }
-                let bytes = documents.iter().map(String::len).sum();
-                Ok(Scored {
-                    label: label.clone(),
-                    windows,
-                    bytes: Some(bytes),
-                })
-            })
-            .collect()
+            .map(|(_, file)| text_options.memory_bytes(file, reference))
+            .max()
+            .unwrap_or(0)
     };
-    if texts.is_empty() {
-        if let Some(scored) = corpus.iter().find(|s| s.windows.is_empty()) {
-            return Err(anyhow!(
-                "--seq-len {} is longer than the {} held-out text",
-                args.seq_len,
-                scored.label,
-            ));
-        }
-    }
     // Windows are scored `batch` at a time.
     let batch = options.batch;
     let kind = kind_from_dtype(dtype).expect("a float dtype");
+    // What the reference holds while each model is scored beside it.
+    let resident = std::cell::Cell::new(0u64);
     let load = |path: &PathBuf| -> Result<(Decoder, PathBuf)> {
         let path = &hub::locate(&path.to_string_lossy())?;
         let checkpoint = Checkpoint::open(path)?;
         let config =
             DecoderConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;
+        let model_bytes = (config.weight_bytes() / 32 * dtype.bitsize() as u64)
+            .saturating_add(config.forward_bytes(batch, args.seq_len));
         crate::resources::check_memory(
-            (config.weight_bytes() / 32 * dtype.bitsize() as u64)
-                .saturating_add(config.forward_bytes(batch, args.seq_len)),
+            model_bytes
+                .saturating_add(resident.get())
+                .saturating_add(text_bytes(args.reference.is_some()))
+                .saturating_add(PROCESS_BYTES),
             args.max_memory.as_deref(),
             "--max-memory",
             &format!(
@@ -236,35 +229,56 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         if texts.is_empty() {
             check_vocabulary(&model).with_context(|| path.display().to_string())?;
         }
+        if resident.get() == 0 && args.reference.is_some() {
+            resident.set(model_bytes); // the first model loaded is the reference
+        }
         Ok((model, path.clone()))
     };
+    // A model's tokenizer (for text), from the directory `dir`.
+    let tokenizer_of = |dir: &Path| -> Result<Option<TextTokenizer>> {
+        if texts.is_empty() {
+            return Ok(None);
+        }
+        let tokenizer = TextTokenizer::load(dir)?;
+        if tokenizer.prefix_token().is_none() {
+            return Err(anyhow!(
+                "{}: its tokenizer names no BOS or EOS token to start a document from",
+                dir.display()
+            ));
+        }
+        Ok(Some(tokenizer))
+    };
     let reference = args.reference.as_ref().map(load).transpose()?;
-    let reference_streams = match &reference {
-        Some((model, dir)) => Some(streams_for(dir, model.config.vocab_size)?),
+    let reference = match reference {
+        Some((model, dir)) => {
+            let tokenizer = tokenizer_of(&dir)?;
+            Some((model, tokenizer))
+        }
         None => None,
     };
-    let reference = reference.map(|(model, _)| model);
     let mut results: Vec<Evaluated> = vec![];
     let mut score = |name: String,
                      model: &dyn LanguageModel,
-                     streams: Vec<Scored>,
-                     parameters: usize,
+                     tokenizer: Option<&TextTokenizer>,
+                     (dir, parameters): (&Path, usize),
                      stitched: Option<(u64, &'static str)>|
      -> Result<()> {
-        if let Some(theirs) = &reference_streams {
-            if theirs
-                .iter()
-                .map(|s| &s.windows)
-                .ne(streams.iter().map(|s| &s.windows))
-            {
-                return Err(anyhow!(
-                    "{name}: its tokenizer splits the text differently from the reference's; \
-                     --reference compares models that share a tokenizer"
-                ));
-            }
-        }
-        if let Some(reference) = &reference {
+        let differ = || {
+            anyhow!(
+                "{name}: its tokenizer splits the text differently from the reference's; \
+                 --reference compares models that share a tokenizer"
+            )
+        };
+        if let Some((reference, theirs)) = &reference {
             if reference.config.vocab_size != model.vocab_size() {
+                // Text split differently is the more telling difference.
+                if let (Some(ours), Some(theirs)) = (tokenizer, theirs) {
+                    for (_, file) in &texts {
+                        if !same_tokens(ours, theirs, file, CHUNKING)? {
+                            return Err(differ());
+                        }
+                    }
+                }
                 return Err(anyhow!(
                     "{name}: vocabulary of {} tokens, the reference has {}",
                     model.vocab_size(),
@@ -272,23 +286,56 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 ));
             }
         }
-        let reference = reference.as_ref().map(|r| r as &dyn LanguageModel);
-        let total: usize = streams.iter().map(|s| s.windows.len()).sum();
-        let bar = crate::progress::steps(total as u64, &name, quiet);
-        let scores = streams
-            .iter()
-            .map(|s| {
-                let mut score =
-                    score_windows(model, reference, &s.label, &s.windows, batch, &mut |n| {
-                        bar.inc(n as u64)
-                    });
-                score.bits_per_byte = s.bytes.map(|bytes| {
-                    score.loss * score.tokens as f64 / (bytes as f64 * std::f64::consts::LN_2)
+        let scores = match tokenizer {
+            None => {
+                let reference = reference.as_ref().map(|(r, _)| r as &dyn LanguageModel);
+                let total: usize = corpus.iter().map(|s| s.windows.len()).sum();
+                let bar = crate::progress::steps(total as u64, &name, quiet);
+                let scores = corpus
+                    .iter()
+                    .map(|s| {
+                        try_score_windows(model, reference, &s.label, &s.windows, batch, &mut |n| {
+                            bar.inc(n as u64)
+                        })
+                        .with_context(|| format!("{name}: scoring {}", s.label))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                bar.finish_and_clear();
+                scores
+            }
+            Some(tokenizer) => {
+                let reference = reference.as_ref().map(|(r, t)| {
+                    (
+                        r as &dyn LanguageModel,
+                        t.as_ref().expect("a text reference has a tokenizer"),
+                    )
                 });
-                score
-            })
-            .collect();
-        bar.finish_and_clear();
+                let total = texts.iter().map(|(_, f)| f.file_bytes).sum();
+                let bar = crate::progress::bytes(total, &name, quiet);
+                let mut done = 0;
+                let mut scores = Vec::new();
+                for (label, file) in &texts {
+                    let score = score_text(
+                        model,
+                        tokenizer,
+                        reference,
+                        file,
+                        label,
+                        &text_options,
+                        &mut |read| bar.set_position(done + read),
+                    )
+                    .map_err(|e| match e {
+                        NnError::TokenizersDiffer => differ(),
+                        NnError::OutsideVocabulary { .. } => anyhow!("{}: {e}", dir.display()),
+                        e => anyhow!(e).context(format!("{name}: scoring {label}")),
+                    })?;
+                    done += file.file_bytes;
+                    scores.push(score);
+                }
+                bar.finish_and_clear();
+                scores
+            }
+        };
         results.push(Evaluated {
             model: name,
             parameters,
@@ -304,7 +351,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             if texts.is_empty() {
                 check_vocabulary(&family.anchors[0]).with_context(|| path.display().to_string())?;
             }
-            let streams = streams_for(&family.dirs[0], family.anchors[0].config.vocab_size)?;
+            let tokenizer = tokenizer_of(&family.dirs[0])?;
             let names: Vec<&str> = if args.route.is_empty() {
                 family.members.iter().map(|m| m.name.as_str()).collect()
             } else {
@@ -326,8 +373,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 score(
                     format!("{}#{name}", path.display()),
                     &family.scorer(member),
-                    streams.clone(),
-                    member.parameters as usize,
+                    tokenizer.as_ref(),
+                    (&family.dirs[0], member.parameters as usize),
                     Some((
                         member.flops_per_token,
                         match member.network {
@@ -346,15 +393,16 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             ));
         }
         let (model, dir) = load(path)?;
-        let streams = streams_for(&dir, model.config.vocab_size)?;
+        let tokenizer = tokenizer_of(&dir)?;
         score(
             path.display().to_string(),
             &model,
-            streams,
-            model.config.parameter_count(),
+            tokenizer.as_ref(),
+            (&dir, model.config.parameter_count()),
             None,
         )?;
     }
+    let reference = reference.map(|(model, _)| model);
     if args.json {
         let value: Vec<serde_json::Value> = results
             .iter()

@@ -71,6 +71,11 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Before any thread or tensor: a limit too small to run in is an error, not an abort.
+    if let Err(error) = resources::check_address_space() {
+        eprintln!("error: {error:#}");
+        return ExitCode::FAILURE;
+    }
     // Before any thread starts: interrupted runs remove their unfinished outputs.
     amalgam_checkpoint::interrupt::install();
     let cli = Cli::parse();

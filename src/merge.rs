@@ -356,7 +356,9 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) 
                 dry_run: args.dry_run,
             };
             let said = method.run(&recipe, out, &options, &crate::progress::Steps::new(quiet))?;
-            if args.dry_run || !quiet {
+            if args.dry_run && args.json {
+                println!("{}", serde_json::to_string_pretty(&said.json)?);
+            } else if args.dry_run || !quiet {
                 println!("{said}");
             }
             return Ok(());
@@ -435,15 +437,17 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) 
     Ok(())
 }
 
-/// `I/N` (1 ≤ I ≤ N).
+/// `I/N` (1 ≤ I ≤ N ≤ `parts::MAX_PARTS`), refused before anything is
+/// planned or allocated for N parts.
 fn parse_part(text: &str) -> Result<(usize, usize)> {
     let parsed = text
         .split_once('/')
         .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
     match parsed {
-        Some((i, n)) if (1..=n).contains(&i) => Ok((i, n)),
+        Some((i, n)) if amalgam_checkpoint::parts::check_numbers(i, n).is_ok() => Ok((i, n)),
         _ => Err(anyhow::anyhow!(
-            "--part {text:?}: expected I/N with 1 ≤ I ≤ N, e.g. --part 1/4"
+            "--part {text:?}: expected I/N with 1 ≤ I ≤ N ≤ {}, e.g. --part 1/4",
+            amalgam_checkpoint::parts::MAX_PARTS
         )),
     }
 }

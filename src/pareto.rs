@@ -1,11 +1,13 @@
 //! `amalgam pareto`: size against quality for groups of evaluated models — a
 //! Markdown table with the Pareto front marked, and a PNG plot.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use amalgam_checkpoint::{read_regular, OutputFile, MAX_JSON_BYTES};
+use amalgam_nn::scores::{parse_scores, DomainLoss};
+use anyhow::{anyhow, bail, Context, Result};
 use plotters::prelude::*;
-use serde::Deserialize;
 
 /// Tabulate and plot parameters against mean held-out loss for series of
 /// models evaluated by `amalgam eval --json` (optionally with --reference).
@@ -18,9 +20,13 @@ pub struct Args {
     /// LABEL=FILE: a series of models (the JSON `amalgam eval --json` prints).
     #[arg(long = "series", required = true, value_name = "LABEL=FILE")]
     series: Vec<String>,
-    /// Write the plot here.
+    /// Write the plot here, a PNG (must not exist, unless --force).
     #[arg(long)]
     png: Option<PathBuf>,
+    /// Replace an existing --png file (a symlink there is replaced as a link,
+    /// never written through).
+    #[arg(long)]
+    force: bool,
     /// The size axis: parameters, or FLOPs per token (stitched families).
     #[arg(long, value_enum, default_value = "parameters")]
     x: Size,
@@ -35,23 +41,12 @@ enum Size {
     Flops,
 }
 
-#[derive(Deserialize)]
-struct Evaluated {
-    model: String,
-    parameters: u64,
-    flops_per_token: Option<u64>,
-    /// A sub-series within the file (a stitched family's anchors or routes).
-    group: Option<String>,
-    domains: Vec<Score>,
-}
+/// The most bytes of a series file read (`eval --json` of a thousand models
+/// is about a megabyte).
+const MAX_SERIES_BYTES: u64 = MAX_JSON_BYTES;
 
-#[derive(Deserialize)]
-struct Score {
-    domain: String,
-    loss: f64,
-    agreement: Option<f64>,
-    kl: Option<f64>,
-}
+/// The plot's size in pixels.
+const PLOT_SIZE: (u32, u32) = (960, 640);
 
 /// One model in the table and the plot.
 struct Point {
@@ -71,22 +66,42 @@ struct Point {
 pub fn run(args: Args) -> Result<()> {
     let mut labels: Vec<String> = vec![];
     let mut points = vec![];
+    let mut inputs = vec![];
+    // The first model read, its file and domains: every other is scored on the same.
+    let mut first: Option<(String, String, Vec<String>)> = None;
     for spec in &args.series {
         let (label, file) = spec
             .split_once('=')
             .ok_or_else(|| anyhow!("--series {spec:?}: expected LABEL=FILE"))?;
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading series {file}"))?;
-        let models: Vec<Evaluated> = serde_json::from_str(&text)
-            .with_context(|| format!("{file}: not the JSON `amalgam eval --json` prints"))?;
+        let bytes = read_regular(Path::new(file), MAX_SERIES_BYTES, "a series")
+            .map_err(|e| anyhow!("reading series: {e}"))?;
+        let models = parse_scores(&bytes).map_err(|e| anyhow!("{file}: {e}"))?;
+        inputs.push(PathBuf::from(file));
         for m in models {
-            if m.domains.is_empty() {
-                return Err(anyhow!("{file}: {} has no scores", m.model));
+            let domains: Vec<String> = m.domains.iter().map(|s| s.domain.clone()).collect();
+            match &first {
+                None => first = Some((file.to_owned(), m.model.clone(), domains)),
+                Some((first_file, first_model, first_domains)) if *first_domains != domains => {
+                    bail!(
+                        "{file}: {} is scored on {domains:?}, but {first_model} (in {first_file}) \
+                         on {first_domains:?}: the table compares models on the same domains, in \
+                         the same order",
+                        m.model
+                    );
+                }
+                Some(_) => {}
             }
             let n = m.domains.len() as f64;
-            let mean = |f: &dyn Fn(&Score) -> Option<f64>| -> Option<f64> {
+            let mean = |f: &dyn Fn(&DomainLoss) -> Option<f64>| -> Option<f64> {
                 m.domains.iter().map(f).sum::<Option<f64>>().map(|s| s / n)
             };
+            let loss = mean(&|s| Some(s.loss)).unwrap_or_default();
+            if !loss.is_finite() {
+                bail!(
+                    "{file}: {}: the mean of its losses is not a finite number",
+                    m.model
+                );
+            }
             let label = match &m.group {
                 Some(group) => format!("{label}: {group}"),
                 None => label.to_owned(),
@@ -112,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
                 parameters: m.parameters,
                 flops_per_token: m.flops_per_token,
                 size,
-                loss: mean(&|s| Some(s.loss)).unwrap_or_default(),
+                loss,
                 agreement: mean(&|s| s.agreement),
                 kl: mean(&|s| s.kl),
                 losses: m
@@ -124,33 +139,62 @@ pub fn run(args: Args) -> Result<()> {
             });
         }
     }
+    // Checked before anything is printed or drawn.
+    let png = match &args.png {
+        Some(path) => Some((path, OutputFile::create(path, args.force, &inputs)?)),
+        None => None,
+    };
     mark_front(&mut points);
-    print_table(&labels, &points);
-    if let Some(png) = &args.png {
-        plot(png, args.x, &args.title, &labels, &points)
-            .map_err(|e| anyhow!("{}: cannot draw the plot: {e}", png.display()))?;
+    print_table(&labels, &points)?;
+    if let Some((path, mut file)) = png {
+        let bytes = plot(args.x, &args.title, &labels, &points)
+            .map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
+        file.write_all(&bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+        file.commit()?;
     }
     Ok(())
 }
 
 /// A point is on the front when no other point is at most as large (by the
-/// chosen size) and strictly better.
+/// chosen size) and strictly better. One sort and one sweep: a point is
+/// dominated by a smaller one with a loss at most its own, or by one of the
+/// same size with a lower loss.
 fn mark_front(points: &mut [Point]) {
-    let dominated: Vec<bool> = points
-        .iter()
-        .map(|p| {
-            points.iter().any(|q| {
-                q.size <= p.size && q.loss <= p.loss && (q.size < p.size || q.loss < p.loss)
-            })
-        })
-        .collect();
-    for (p, d) in points.iter_mut().zip(dominated) {
-        p.on_front = !d;
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    order.sort_by(|&a, &b| {
+        (points[a].size.cmp(&points[b].size)).then(points[a].loss.total_cmp(&points[b].loss))
+    });
+    // The lowest loss among the points smaller than the current size.
+    let mut best_smaller = f64::INFINITY;
+    let mut start = 0;
+    while start < order.len() {
+        let size = points[order[start]].size;
+        let end = start
+            + order[start..]
+                .iter()
+                .take_while(|&&i| points[i].size == size)
+                .count();
+        let group_best = points[order[start]].loss;
+        for &i in &order[start..end] {
+            let loss = points[i].loss;
+            points[i].on_front = !(best_smaller <= loss || group_best < loss);
+        }
+        best_smaller = best_smaller.min(group_best);
+        start = end;
     }
 }
 
-fn print_table(labels: &[String], points: &[Point]) {
-    let domains: Vec<&str> = points[0].losses.iter().map(|(d, _)| d.as_str()).collect();
+/// Text as one Markdown table cell: no column breaks, no line breaks.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+fn print_table(labels: &[String], points: &[Point]) -> Result<()> {
+    let Some(first) = points.first() else {
+        bail!("no models to tabulate");
+    };
+    let domains: Vec<&str> = first.losses.iter().map(|(d, _)| d.as_str()).collect();
     let compared = points.iter().any(|p| p.agreement.is_some());
     let flops = points.iter().any(|p| p.flops_per_token.is_some());
     let mut header = String::from("| series | model | parameters |");
@@ -158,7 +202,7 @@ fn print_table(labels: &[String], points: &[Point]) {
         header += " FLOPs/token |";
     }
     for d in &domains {
-        header += &format!(" {d} |");
+        header += &format!(" {} |", cell(d));
     }
     header += " mean loss |";
     if compared {
@@ -174,7 +218,12 @@ fn print_table(labels: &[String], points: &[Point]) {
     let mut order: Vec<&Point> = points.iter().collect();
     order.sort_by_key(|p| (p.series, p.size));
     for p in order {
-        let mut row = format!("| {} | {} | {} |", labels[p.series], p.name, p.parameters);
+        let mut row = format!(
+            "| {} | {} | {} |",
+            cell(&labels[p.series]),
+            cell(&p.name),
+            p.parameters
+        );
         if flops {
             row += &format!(
                 " {} |",
@@ -191,6 +240,7 @@ fn print_table(labels: &[String], points: &[Point]) {
         }
         println!("{row} {} |", if p.on_front { "●" } else { "" });
     }
+    Ok(())
 }
 
 const COLORS: [RGBColor; 10] = [
@@ -206,8 +256,29 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
+/// The plot, encoded as a PNG.
 fn plot(
-    png: &Path,
+    x: Size,
+    title: &str,
+    labels: &[String],
+    points: &[Point],
+) -> std::result::Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let (width, height) = PLOT_SIZE;
+    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    draw(&mut pixels, x, title, labels, points)?;
+    let mut png = vec![];
+    let mut encoder = png::Encoder::new(&mut png, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&pixels)?;
+    writer.finish()?;
+    Ok(png)
+}
+
+/// Draws the plot into `pixels` (RGB, [`PLOT_SIZE`]).
+fn draw(
+    pixels: &mut [u8],
     x: Size,
     title: &str,
     labels: &[String],
@@ -215,10 +286,10 @@ fn plot(
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
         .map_err(|_| "the embedded font does not load")?;
-    let root = BitMapBackend::new(png, (960, 640)).into_drawing_area();
+    let (x_min, x_max) = bounds(points.iter().map(|p| p.size as f64))?;
+    let (y_min, y_max) = bounds(points.iter().map(|p| p.loss))?;
+    let root = BitMapBackend::with_buffer(pixels, PLOT_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let (x_min, x_max) = bounds(points.iter().map(|p| p.size as f64));
-    let (y_min, y_max) = bounds(points.iter().map(|p| p.loss));
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
         .margin(16)
@@ -271,13 +342,24 @@ fn plot(
     Ok(())
 }
 
-/// The range of `values` with a 5% margin on each side.
-fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
+/// The largest magnitude an axis reaches: the plotting library's tick
+/// search does not end on ranges near the largest `f64`.
+const PLOT_LIMIT: f64 = 1e300;
+
+/// The range of `values` with a 5% margin on each side; an error where it
+/// goes beyond ±[`PLOT_LIMIT`].
+fn bounds(values: impl Iterator<Item = f64>) -> std::result::Result<(f64, f64), String> {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
     let margin = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-9);
-    (lo - margin, hi + margin)
+    let (lo, hi) = (lo - margin, hi + margin);
+    if !(lo.abs() <= PLOT_LIMIT && hi.abs() <= PLOT_LIMIT) {
+        return Err(format!(
+            "values from {lo:e} to {hi:e} are too large to plot (the axes reach ±{PLOT_LIMIT:e})"
+        ));
+    }
+    Ok((lo, hi))
 }
 
 #[cfg(test)]
@@ -312,5 +394,63 @@ mod tests {
         mark_front(&mut points);
         let front: Vec<bool> = points.iter().map(|p| p.on_front).collect();
         assert_eq!(front, [true, true, false, false, true, true]);
+    }
+
+    /// The definition, pair by pair (quadratic: the sweep must agree with it).
+    fn front_by_definition(points: &[Point]) -> Vec<bool> {
+        points
+            .iter()
+            .map(|p| {
+                !points.iter().any(|q| {
+                    q.size <= p.size && q.loss <= p.loss && (q.size < p.size || q.loss < p.loss)
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_sweep_agrees_with_the_definition() {
+        let mut state = 7u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        for _ in 0..200 {
+            let len = 1 + next(30) as usize;
+            let mut points: Vec<Point> = (0..len)
+                .map(|_| point(next(8), next(6) as f64 / 2.0))
+                .collect();
+            let expected = front_by_definition(&points);
+            mark_front(&mut points);
+            let front: Vec<bool> = points.iter().map(|p| p.on_front).collect();
+            assert_eq!(front, expected);
+        }
+    }
+
+    #[test]
+    fn many_points_are_marked_quickly() {
+        // A large series file: the pairwise check would take hours.
+        let mut points: Vec<Point> = (0..200_000u64)
+            .map(|i| point(i % 1000, (i % 977) as f64))
+            .collect();
+        let started = std::time::Instant::now();
+        mark_front(&mut points);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(points.iter().any(|p| p.on_front));
+    }
+
+    #[test]
+    fn bounds_too_large_to_plot_are_an_error() {
+        assert!(bounds([1.0, 2.0].into_iter()).is_ok());
+        assert!(bounds([f64::MAX, 0.0].into_iter()).is_err());
+        assert!(bounds([1.7e308, 1.0].into_iter()).is_err());
+        assert!(bounds([-f64::MAX, f64::MAX].into_iter()).is_err());
+    }
+
+    #[test]
+    fn cells_hold_no_column_or_line_breaks() {
+        assert_eq!(cell("a|b\nc"), "a\\|b c");
     }
 }

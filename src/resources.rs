@@ -17,6 +17,38 @@ pub fn read_recipe(path: &std::path::Path) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8 text: {e}", path.display()))
 }
 
+/// The least address space (`ulimit -v`) amalgam starts in. libtorch alone
+/// reserves about 450 MB when it loads (below ~440 MB its own start-up
+/// aborts with `std::bad_alloc` before any of amalgam's code runs, which
+/// nothing in the process can catch); just above, thread stacks and the
+/// first tensors fail in ways that abort. Under this floor amalgam stops at
+/// once with an error instead.
+const MIN_ADDRESS_SPACE: u64 = 1 << 30;
+
+/// Refuses to start under an address-space limit too small to run in.
+pub fn check_address_space() -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return Ok(());
+    }
+    let cur: u64 = limit.rlim_cur;
+    if cur < MIN_ADDRESS_SPACE {
+        return Err(anyhow!(
+            "the address space is limited to {} MB (ulimit -v); amalgam needs at least {} MB \
+             (libtorch alone maps about 450 MB): raise the limit",
+            cur >> 20,
+            MIN_ADDRESS_SPACE >> 20
+        ));
+    }
+    Ok(())
+}
+
 /// `MemAvailable` from /proc/meminfo, in bytes.
 pub fn available_memory() -> Option<u64> {
     amalgam_checkpoint::memory::available()

@@ -184,15 +184,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         print_plan(&recipe, &dirs, &configs, &dtypes, &plan, training);
         return Ok(());
     }
-    let output = std::path::absolute(&args.output)?;
-    for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
-        if std::path::absolute(dir)?.starts_with(&output) {
-            return Err(anyhow!(
-                "{}:{at}: refusing to write the family over its anchor `{path}`",
-                recipe.source_name
-            ));
-        }
-    }
+    // Before the long work: never over, into or around an anchor.
+    amalgam_checkpoint::check_output(&args.output, args.force, &dirs)?;
     let text_source = |seed: u64| {
         let longest = recipe
             .train

@@ -17,7 +17,7 @@ use amalgam_nn::data::Split;
 use amalgam_nn::eval::{check_vocabulary, corpus_windows, score_windows, EvalOptions, Window};
 use amalgam_nn::{Decoder, DecoderConfig};
 use amalgam_recipe::{SearchSpace, Stages, TuneParam};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rand_tpe::{RngExt, SeedableRng};
 use tch::{Device, Tensor};
 
@@ -87,6 +87,46 @@ fn round(value: f64, low: f64, high: f64) -> f64 {
     ((value * 1e4).round() / 1e4).clamp(low, high)
 }
 
+/// The middle of `[low, high]`, also where `low + high` overflows.
+fn midpoint(low: f64, high: f64) -> f64 {
+    let mid = (low + high) / 2.0;
+    if mid.is_finite() {
+        mid
+    } else {
+        low + (high - low) / 2.0
+    }
+}
+
+/// The estimator's range for a marker: `[low, high]` with `high` inside (a
+/// TPE range excludes its end, and a default, a draw or a rounding may land
+/// on `high`). An error naming the marker where the range's width is not a
+/// finite number (the estimators and the uniform draws need it).
+fn search_range(p: &TuneParam, source: &str) -> Result<tpe::range::Range> {
+    tpe::range(p.low, next_up(p.high)).map_err(|e| {
+        anyhow!(
+            "{source}:{}: `tune: [{}, {}]` at {}: {e}: the range is too wide (its width, high \
+             minus low, must be a finite number)",
+            p.at,
+            p.low,
+            p.high,
+            p.label
+        )
+    })
+}
+
+/// The least `f64` above `x` (`f64::next_up`, stable only since Rust 1.86).
+fn next_up(x: f64) -> f64 {
+    if x.is_nan() || x == f64::INFINITY {
+        x
+    } else if x == 0.0 {
+        f64::from_bits(1)
+    } else if x > 0.0 {
+        f64::from_bits(x.to_bits() + 1)
+    } else {
+        f64::from_bits(x.to_bits() - 1)
+    }
+}
+
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let text = crate::resources::read_recipe(&args.recipe)?;
     let source = args.recipe.display().to_string();
@@ -94,6 +134,11 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if space.params.is_empty() {
         bail!("{source}: no `{{tune: [low, high]}}` marker: nothing to tune");
     }
+    let ranges = space
+        .params
+        .iter()
+        .map(|p| search_range(p, &source))
+        .collect::<Result<Vec<_>>>()?;
     if args.trials == 0 {
         bail!("--trials must be at least 1");
     }
@@ -114,23 +159,22 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .iter()
         .map(|d| corpus_windows(&d.tokens(Split::Validation), &options))
         .collect();
+    for (domain, windows) in domains.iter().zip(&windows) {
+        crate::eval::check_windows(args.seq_len, domain.name(), windows)?;
+    }
     let first: Vec<f64> = space
         .params
         .iter()
-        .map(|p| p.default.unwrap_or((p.low + p.high) / 2.0))
+        .map(|p| p.default.unwrap_or_else(|| midpoint(p.low, p.high)))
         .collect();
     // The recipe and its models are checked before the output is created.
     let job = prepare(&space.instantiate(&first), &source)?;
     let out = OutputDir::create(&args.output, args.force, &job.input_dirs())?;
     drop(job);
 
-    let mut optimisers: Vec<tpe::TpeOptimizer> = space
-        .params
-        .iter()
-        .map(|p| {
-            let range = tpe::range(p.low, p.high).expect("checked low < high");
-            tpe::TpeOptimizer::new(tpe::parzen_estimator(), range)
-        })
+    let mut optimisers: Vec<tpe::TpeOptimizer> = ranges
+        .into_iter()
+        .map(|range| tpe::TpeOptimizer::new(tpe::parzen_estimator(), range))
         .collect();
     let mut rng = rand_tpe::rngs::StdRng::seed_from_u64(args.seed);
     let bar = crate::progress::steps(args.trials as u64, "tune", quiet);
@@ -295,4 +339,45 @@ fn trials_table(space: &SearchSpace, domains: &[&str], trials: &[Trial], best: u
         table.push('\n');
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_up_is_the_next_float() {
+        for x in [0.0, -0.0, 1.0, -1.0, 1.5, 1e-300, -1e300, f64::MIN_POSITIVE] {
+            let up = next_up(x);
+            assert!(up > x, "{x}");
+            assert!((x..up).contains(&x) && !(x..up).contains(&up));
+        }
+        assert_eq!(next_up(f64::MAX), f64::INFINITY);
+    }
+
+    #[test]
+    fn a_range_includes_its_high_end() {
+        let space = SearchSpace::parse("w: {tune: [0, 1], default: 1}\n", "r.yml").unwrap();
+        let range = search_range(&space.params[0], "r.yml").unwrap();
+        let mut optimiser = tpe::TpeOptimizer::new(tpe::parzen_estimator(), range);
+        optimiser.tell(1.0, 0.5).unwrap();
+        optimiser.tell(0.0, 0.5).unwrap();
+    }
+
+    #[test]
+    fn a_range_too_wide_is_an_error_naming_the_marker() {
+        for marker in ["[-1e308, 1e308]", "[0, 1.7976931348623157e308]"] {
+            let text = format!("a: 1\nw: {{tune: {marker}}}\n");
+            let space = SearchSpace::parse(&text, "r.yml").unwrap();
+            let error = search_range(&space.params[0], "r.yml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("r.yml:2:") && error.contains("too wide"),
+                "{error}"
+            );
+        }
+        let mid = midpoint(1e308, 1.7e308);
+        assert!(mid.is_finite() && (1e308..1.7e308).contains(&mid), "{mid}");
+    }
 }

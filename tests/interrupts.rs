@@ -65,7 +65,8 @@ fn sigint_and_sigterm_remove_the_unfinished_output() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("family");
         let child = start_long_synth(&root);
-        wait_for_staging(&root);
+        // The family is staged beside its directory, the models inside that.
+        wait_for_staging(tmp.path());
         // SAFETY: signalling our own child.
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
         let (status, stderr) = stderr_of(child);
@@ -73,7 +74,7 @@ fn sigint_and_sigterm_remove_the_unfinished_output() {
         assert!(
             stderr.contains(&format!(
                 "interrupted ({name}): removed the unfinished output"
-            )) && stderr.contains(".base.amalgam-tmp-"),
+            )) && stderr.contains(".family.amalgam-tmp-"),
             "{stderr}"
         );
         assert!(
@@ -89,15 +90,15 @@ fn the_next_run_removes_what_a_killed_run_left() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("family");
     let child = start_long_synth(&root);
-    wait_for_staging(&root);
+    wait_for_staging(tmp.path());
     let pid = child.id();
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
     let (status, _) = stderr_of(child);
     assert_eq!(status.signal(), Some(libc::SIGKILL));
-    let left = listing(&root);
+    let left = listing(tmp.path());
     assert!(
-        left.iter().any(|n| n.starts_with(".base.amalgam-tmp-")),
+        left.iter().any(|n| n.starts_with(".family.amalgam-tmp-")),
         "kill -9 leaves its staging: {left:?}"
     );
 
@@ -114,6 +115,7 @@ fn the_next_run_removes_what_a_killed_run_left() {
         "the rerun says what it removed: {stderr}"
     );
     assert_eq!(listing(&root), ["base"]);
+    assert_eq!(listing(tmp.path()), ["family"]);
 }
 
 #[test]

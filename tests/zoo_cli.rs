@@ -178,6 +178,29 @@ fn stitch_the_anchors(micro: &Path, tmp: &Path) {
         tmp.join("x").as_os_str(),
     ]);
     assert!(message.contains("is an anchor"), "{message}");
+    // A family is never written over, into or around an anchor it reads:
+    // an export into its own family, a family inside an anchor.
+    let before = listing(&family);
+    let message = fails([
+        "stitch".as_ref(),
+        "--export".as_ref(),
+        "1:1-0:1".as_ref(),
+        family.as_os_str(),
+        family.as_os_str(),
+        "--force".as_ref(),
+    ]);
+    assert!(
+        message.contains("refusing to write over input"),
+        "{message}"
+    );
+    assert_eq!(listing(&family), before, "the family is untouched");
+    let inside = micro.join("base").join("family");
+    let message = fails(["stitch".as_ref(), recipe.as_os_str(), inside.as_os_str()]);
+    assert!(
+        message.contains("refusing to write over input"),
+        "{message}"
+    );
+    assert!(!inside.exists(), "nothing left inside the anchor");
     // The shipped example recipes are valid stitching recipes.
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/stitch");
     for entry in std::fs::read_dir(examples).unwrap() {

@@ -2,7 +2,9 @@
 //! method in the registry, models of two to five layers, tied or not), PLeaS
 //! parameters, extraction recipes resolved and planned against a tiny model,
 //! stitching recipes parsed, tune markers found and replaced (the result
-//! must be valid YAML without markers). A plan that resolves must be whole.
+//! must be valid YAML without markers), multi-stage documents split and
+//! ordered (every stage once, each after the stages it uses). A plan that
+//! resolves must be whole.
 #![no_main]
 
 mod common;
@@ -15,7 +17,7 @@ use amalgam_checkpoint::{Checkpoint, Dtype};
 use amalgam_elastic::matformer::{self, Extraction, ModelLayout};
 use amalgam_merge::registry;
 use amalgam_recipe::{
-    ExtractRecipe, InventoryTensor, ModelInventory, Plan, PleasRecipe, Recipe, SearchSpace,
+    ExtractRecipe, InventoryTensor, ModelInventory, Plan, PleasRecipe, Recipe, SearchSpace, Stages,
     StitchRecipe,
 };
 use libfuzzer_sys::fuzz_target;
@@ -89,6 +91,22 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = StitchRecipe::parse(text, "fuzz.yml");
+    if let Ok(stages) = Stages::parse(text, "fuzz.yml") {
+        assert!(!stages.run_order.is_empty(), "an empty recipe is an error");
+        assert!(stages.final_stage() < stages.run_order.len());
+        for (i, stage) in stages.run_order.iter().enumerate() {
+            assert!(
+                stage.uses.iter().all(|&j| j < i),
+                "stage {i} runs after its inputs"
+            );
+            if let Some(name) = stage.name() {
+                assert!(
+                    !name.contains('/') && name != ".." && name != ".",
+                    "{name:?}"
+                );
+            }
+        }
+    }
     if let Ok(space) = SearchSpace::parse(text, "fuzz.yml") {
         let values: Vec<f64> = space.params.iter().map(|p| p.low).collect();
         let replaced = space.instantiate(&values);

@@ -81,7 +81,12 @@ fn cached_sha256_in(path: &Path, entry: Option<PathBuf>) -> std::io::Result<Stri
         meta.ctime_nsec(),
         meta.ino()
     );
-    if let Some(text) = entry.as_ref().and_then(|e| std::fs::read_to_string(e).ok()) {
+    // A cache entry is a small regular file (never a FIFO that blocks).
+    let cached = entry
+        .as_ref()
+        .and_then(|e| crate::read_regular(e, 4096, "a hash cache entry").ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    if let Some(text) = cached {
         if let Some((cached_key, digest)) = text.trim_end().rsplit_once(' ') {
             if cached_key == key && digest.len() == 64 {
                 return Ok(digest.to_owned());
@@ -96,8 +101,18 @@ fn cached_sha256_in(path: &Path, entry: Option<PathBuf>) -> std::io::Result<Stri
     let digest = hex(&hasher.finalize());
     if let Some(entry) = entry {
         // Best effort: a cache that cannot be written only costs time.
-        let _ = std::fs::create_dir_all(entry.parent().expect("a cache entry has a parent"))
-            .and_then(|()| std::fs::write(&entry, format!("{key} {digest}\n")));
+        // Written beside and renamed over: never through a link at its name.
+        let parent = entry.parent().expect("a cache entry has a parent");
+        let temporary = crate::output::sibling(&entry, "tmp");
+        let _ = std::fs::create_dir_all(parent)
+            .and_then(|()| crate::output::create_file(&temporary))
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, format!("{key} {digest}\n").as_bytes())
+            })
+            .and_then(|()| std::fs::rename(&temporary, &entry))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&temporary);
+            });
     }
     Ok(digest)
 }
@@ -222,6 +237,32 @@ mod tests {
             .unwrap();
         let second = cached_sha256_in(&file, Some(entry)).unwrap();
         assert_eq!(second, hex(&Sha256::digest(b"other contents")));
+    }
+
+    #[test]
+    fn cache_entries_are_never_followed_or_blocked_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("w");
+        std::fs::write(&file, b"contents").unwrap();
+        let digest = hex(&Sha256::digest(b"contents"));
+        // A link planted at the entry's name: replaced, its target untouched.
+        let (victim, entry) = (tmp.path().join("victim"), tmp.path().join("entry"));
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &entry).unwrap();
+        assert_eq!(
+            cached_sha256_in(&file, Some(entry.clone())).unwrap(),
+            digest
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::read_to_string(&entry)
+            .unwrap()
+            .ends_with(&format!(" {digest}\n")));
+        // A FIFO at the entry's name is not read (the digest is computed).
+        let fifo_entry = tmp.path().join("fifo");
+        let path = std::ffi::CString::new(fifo_entry.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        assert_eq!(cached_sha256_in(&file, Some(fifo_entry)).unwrap(), digest);
     }
 
     #[test]

@@ -25,6 +25,69 @@ const SIZE_FIELDS: &[&str] = &[
     "max_position_embeddings",
 ];
 
+/// Fields transformers reads as positive real numbers wherever a family has
+/// them: a norm's epsilon (negative: NaN from the first token), RoPE's base.
+const POSITIVE_NUMBER_FIELDS: &[&str] = &[
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "rope_theta",
+    "rotary_emb_base",
+    "rope_local_base_freq",
+];
+
+/// Fractions of each head RoPE rotates, in (0, 1].
+const FRACTION_FIELDS: &[&str] = &["partial_rotary_factor", "rotary_pct"];
+
+/// RoPE settings: legacy `rope_scaling`, transformers 5's `rope_parameters`.
+const ROPE_FIELDS: &[&str] = &["rope_scaling", "rope_parameters"];
+
+/// The RoPE types transformers builds (`ROPE_INIT_FUNCTIONS` and
+/// `default`), with the legacy names its configs still convert: Phi-3's
+/// `su` (longrope), the vision-language families' `mrope` (default).
+const ROPE_TYPES: &[&str] = &[
+    "default",
+    "linear",
+    "dynamic",
+    "yarn",
+    "longrope",
+    "llama3",
+    "proportional",
+    "su",
+    "mrope",
+];
+
+/// The keys each RoPE type cannot do without (transformers refuses the
+/// config without them).
+const ROPE_REQUIRED: &[(&str, &[&str])] = &[
+    ("linear", &["factor"]),
+    ("dynamic", &["factor"]),
+    ("yarn", &["factor"]),
+    (
+        "llama3",
+        &[
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ],
+    ),
+    ("longrope", &["short_factor", "long_factor"]),
+    ("su", &["short_factor", "long_factor"]),
+];
+
+/// Numbers in a RoPE entry that must be positive where present.
+const ROPE_POSITIVE: &[&str] = &[
+    "rope_theta",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+];
+
 /// A model's `config.json`: kept whole (key order preserved) so it can be
 /// written back with only the fields amalgam changes, plus typed accessors for
 /// the fields amalgam reads.
@@ -72,10 +135,13 @@ impl ModelConfig {
     /// for `intermediate_size`, a list of them): `-1`, `"4"`, `4.5` or `0`
     /// describe no model, and would be copied into outputs.
     pub fn invalid_size(&self) -> Option<String> {
+        self.invalid_size_field().map(|(_, message)| message)
+    }
+
+    /// [`Self::invalid_size`] with the key (`text_config.KEY` inside a text config).
+    pub fn invalid_size_field(&self) -> Option<(String, String)> {
         let count = |v: &Value| v.as_u64().is_some_and(|n| n > 0);
-        let scopes = std::iter::once(&self.fields)
-            .chain(self.fields.get("text_config").and_then(Value::as_object));
-        for fields in scopes {
+        for (scope, fields) in self.scopes() {
             for key in SIZE_FIELDS {
                 let valid = match fields.get(*key) {
                     None | Some(Value::Null) => true,
@@ -85,10 +151,70 @@ impl ModelConfig {
                     Some(value) => count(value),
                 };
                 if !valid {
-                    return Some(format!(
-                        "`{key}` must be a positive integer, got {}",
-                        fields[*key]
+                    return Some((
+                        format!("{scope}{key}"),
+                        format!("`{key}` must be a positive integer, got {}", fields[*key]),
                     ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The top-level fields and a `text_config`'s, each with the prefix its
+    /// keys are named with in messages.
+    fn scopes(&self) -> impl Iterator<Item = (&'static str, &Map<String, Value>)> {
+        std::iter::once(("", &self.fields)).chain(
+            self.fields
+                .get("text_config")
+                .and_then(Value::as_object)
+                .map(|text| ("text_config.", text)),
+        )
+    }
+
+    /// The first field (here or in a `text_config`) a loader rejects or
+    /// computes NaN from: an epsilon or RoPE base that is not a positive
+    /// number (`-1e-5`, `"1e-5"`), a rotary fraction outside (0, 1], a
+    /// `rope_scaling`/`rope_parameters` that is not an object, names no
+    /// known type, lacks what its type needs or holds a non-positive
+    /// factor; a `text_config` that is not an object. Its key, and what is wrong.
+    pub fn invalid_value(&self) -> Option<(String, String)> {
+        if let Some(text) = self.fields.get("text_config") {
+            if !text.is_object() && !text.is_null() {
+                return Some((
+                    "text_config".into(),
+                    format!("`text_config` must be an object, got {text}"),
+                ));
+            }
+        }
+        for (scope, fields) in self.scopes() {
+            for key in POSITIVE_NUMBER_FIELDS {
+                if let Some(value) = fields.get(*key).filter(|v| !v.is_null()) {
+                    if !positive(value) {
+                        return Some((
+                            format!("{scope}{key}"),
+                            format!("`{scope}{key}` must be a positive number, got {value}"),
+                        ));
+                    }
+                }
+            }
+            for key in FRACTION_FIELDS {
+                if let Some(value) = fields.get(*key).filter(|v| !v.is_null()) {
+                    if !fraction(value) {
+                        return Some((
+                            format!("{scope}{key}"),
+                            format!("`{scope}{key}` must be a number in (0, 1], got {value}"),
+                        ));
+                    }
+                }
+            }
+            for key in ROPE_FIELDS {
+                let Some(value) = fields.get(*key).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                let name = format!("{scope}{key}");
+                if let Some(problem) = rope_problem(value) {
+                    return Some((name.clone(), format!("`{name}` {problem}")));
                 }
             }
         }
@@ -186,6 +312,86 @@ impl ModelConfig {
         text.push('\n');
         text
     }
+}
+
+fn positive(value: &Value) -> bool {
+    value.as_f64().is_some_and(|x| x.is_finite() && x > 0.0)
+}
+
+fn fraction(value: &Value) -> bool {
+    value.as_f64().is_some_and(|x| x > 0.0 && x <= 1.0)
+}
+
+/// What is wrong with a `rope_scaling` or `rope_parameters` value, if
+/// anything: an object, flat or (`rope_parameters`) one entry per layer type.
+fn rope_problem(value: &Value) -> Option<String> {
+    let Value::Object(entry) = value else {
+        return Some(format!("must be an object, got {value}"));
+    };
+    if entry.values().any(Value::is_object) {
+        // Nested by layer type: `{"full_attention": {...}, "sliding_attention": {...}}`.
+        return entry.iter().find_map(|(layer_type, nested)| match nested {
+            Value::Object(_) => {
+                rope_entry_problem(nested).map(|problem| format!("`{layer_type}`: {problem}"))
+            }
+            other => Some(format!(
+                "mixes per-layer-type entries with `{layer_type}`: {other}"
+            )),
+        });
+    }
+    rope_entry_problem(value)
+}
+
+fn rope_entry_problem(value: &Value) -> Option<String> {
+    let entry = value.as_object()?;
+    let kind =
+        match entry.get("rope_type").or_else(|| entry.get("type")) {
+            None | Some(Value::Null) if entry.contains_key("factor") => return Some(
+                "has a `factor` but names no `rope_type` (transformers would ignore it, or fail)"
+                    .into(),
+            ),
+            None | Some(Value::Null) => "default",
+            Some(Value::String(kind)) if ROPE_TYPES.contains(&kind.as_str()) => kind,
+            Some(other) => {
+                return Some(format!(
+                    "names RoPE type {other}, which transformers does not build (one of {})",
+                    ROPE_TYPES.join(", ")
+                ))
+            }
+        };
+    let required = ROPE_REQUIRED
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or(&[][..], |(_, keys)| *keys);
+    if let Some(key) = required.iter().find(|k| !entry.contains_key(**k)) {
+        return Some(format!("of type `{kind}` needs `{key}`"));
+    }
+    for key in ROPE_POSITIVE {
+        if let Some(v) = entry.get(*key).filter(|v| !v.is_null()) {
+            if !positive(v) {
+                return Some(format!("`{key}` must be a positive number, got {v}"));
+            }
+        }
+    }
+    if let Some(v) = entry.get("partial_rotary_factor").filter(|v| !v.is_null()) {
+        if !fraction(v) {
+            return Some(format!(
+                "`partial_rotary_factor` must be a number in (0, 1], got {v}"
+            ));
+        }
+    }
+    for key in ["short_factor", "long_factor"] {
+        match entry.get(key) {
+            None => {}
+            Some(Value::Array(items)) if !items.is_empty() && items.iter().all(positive) => {}
+            Some(v) => {
+                return Some(format!(
+                    "`{key}` must be a list of positive numbers, got {v}"
+                ))
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -6,15 +6,22 @@
 //! A description says which tensors come before the repeated layers (the
 //! embedding side) and after them (final norm, head), which are indexed by
 //! the vocabulary, whether the head is tied to the embedding when the config
-//! does not say, and the config key of the layer count. Checkpoints of a
-//! family without a description fall back to the Llama-style reading of
-//! tensor names in [`crate::arch`].
+//! does not say, the config key of the layer count, and (`shapes`) which
+//! config keys size its attention and where those tensors are, so that the
+//! output check can compare the two. Checkpoints of a family without a
+//! description fall back to the Llama-style reading of tensor names in
+//! [`crate::arch`].
+//!
+//! `families/model_types.txt` lists every `model_type` transformers knows:
+//! an output must name one of them (or a described family).
 
+use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
 
 use crate::arch::{classify, Role};
+use crate::decoder::{Flag, Projections, QkNorm};
 use crate::ModelConfig;
 
 /// One family's description (see the module documentation).
@@ -39,10 +46,116 @@ pub struct Family {
     /// `amalgam-nn` runs.
     #[serde(default)]
     pub decoder: Option<crate::decoder::DecoderLayout>,
+    /// What the output check compares between `config.json` and the tensors.
+    pub shapes: Shapes,
+}
+
+/// How a family's `config.json` sizes its attention, and where the output
+/// check finds the tensors those sizes describe.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shapes {
+    /// The config key of the model width (GPT-2: `n_embd`).
+    #[serde(default = "hidden_size")]
+    pub hidden: String,
+    /// The config key of the number of query heads (GPT-2: `n_head`).
+    #[serde(default = "num_attention_heads")]
+    pub heads: String,
+    /// Key/value heads: the config key and transformers' value when it is
+    /// absent (no default: as many as query heads). `None`: the family has
+    /// no such key (transformers ignores one): as many as query heads.
+    #[serde(default)]
+    pub kv_heads: Option<SizeKey>,
+    /// The head size: the config key and transformers' value when it is
+    /// absent (no default: hidden / heads). `None`: the family always
+    /// derives it as hidden / heads (transformers ignores a `head_dim` key).
+    #[serde(default)]
+    pub head_dim: Option<SizeKey>,
+    /// The attention tensors, for families without a `decoder` section
+    /// (which says where they are).
+    #[serde(default)]
+    pub attention: Option<AttentionTensors>,
+}
+
+/// A size's config key and the value transformers uses when it is absent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeKey {
+    pub key: String,
+    #[serde(default)]
+    pub default: Option<usize>,
+}
+
+/// A block's attention tensors as the output check reads them (names
+/// relative to `layers`, without `.weight`/`.bias`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionTensors {
+    /// The block prefix, e.g. `transformer.h.{i}`.
+    pub layers: String,
+    pub qkv: Projections,
+    /// Weights stored `[in, out]` (GPT-2's Conv1D) rather than `[out, in]`.
+    #[serde(default)]
+    pub transposed: bool,
+    pub output: String,
+    #[serde(default)]
+    pub qkv_bias: Flag,
+    #[serde(default)]
+    pub output_bias: Flag,
+    #[serde(default)]
+    pub qk_norm: Option<QkNorm>,
+}
+
+impl AttentionTensors {
+    /// The stored name of `part` of block `layer` (`part` relative, no suffix).
+    pub fn layer_tensor(&self, layer: usize, part: &str) -> String {
+        format!("{}.{part}", self.layers.replace("{i}", &layer.to_string()))
+    }
+}
+
+impl Family {
+    /// The attention tensors the output check compares with the config:
+    /// from `shapes`, else from the decoder description.
+    pub fn attention_tensors(&self) -> Option<AttentionTensors> {
+        if let Some(attention) = &self.shapes.attention {
+            return Some(attention.clone());
+        }
+        let decoder = self.decoder.as_ref()?;
+        Some(AttentionTensors {
+            layers: decoder.layers.clone(),
+            qkv: decoder.attention.qkv.clone(),
+            transposed: false,
+            output: decoder.attention.output.clone(),
+            qkv_bias: decoder.attention.qkv_bias.clone(),
+            output_bias: decoder.attention.output_bias.clone(),
+            qk_norm: decoder.attention.qk_norm.clone(),
+        })
+    }
 }
 
 fn num_hidden_layers() -> String {
     "num_hidden_layers".into()
+}
+
+fn hidden_size() -> String {
+    "hidden_size".into()
+}
+
+fn num_attention_heads() -> String {
+    "num_attention_heads".into()
+}
+
+/// Whether transformers knows `model_type` (or amalgam describes it).
+pub fn known_model_type(model_type: &str) -> bool {
+    static KNOWN: OnceLock<HashSet<&'static str>> = OnceLock::new();
+    let known = KNOWN.get_or_init(|| {
+        include_str!("../families/model_types.txt")
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .collect()
+    });
+    known.contains(model_type) || by_model_type(model_type).is_some()
 }
 
 /// Every description, parsed once.
@@ -199,7 +312,19 @@ mod tests {
                     f.model_type
                 );
             }
+            // The attention tensors are described once: by the decoder, or
+            // in `shapes` for families amalgam does not run.
+            assert_ne!(
+                f.decoder.is_some(),
+                f.shapes.attention.is_some(),
+                "{}",
+                f.model_type
+            );
+            assert!(f.attention_tensors().is_some(), "{}", f.model_type);
+            assert!(known_model_type(&f.model_type), "{}", f.model_type);
         }
+        assert!(known_model_type("t5") && known_model_type("gemma3n"));
+        assert!(!known_model_type("nonsense") && !known_model_type(""));
     }
 
     #[test]

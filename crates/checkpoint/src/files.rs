@@ -110,6 +110,7 @@ impl ModelDir {
             return Ok(None);
         }
         let text = self.read(TOKENIZER_JSON, MAX_TOKENIZER_BYTES, "a tokenizer.json")?;
+        check_added_tokens(&text, &self.dir.join(TOKENIZER_JSON))?;
         let tokenizer = tokenizers::Tokenizer::from_bytes(&text).map_err(|e| Error::Input {
             path: self.dir.join(TOKENIZER_JSON),
             message: format!("not a tokenizer the `tokenizers` library reads: {e}"),
@@ -129,6 +130,56 @@ impl ModelDir {
 }
 
 const TOKENIZER_JSON: &str = "tokenizer.json";
+
+/// The longest added token (in bytes) a tokenizer may carry. The `tokenizers`
+/// library builds its added-token matcher in time quadratic in a token's
+/// length when the token repeats itself (one 16 KB token took seconds, 256 KB
+/// more than five minutes), on every load and every token added; real added
+/// tokens (special and chat markers, whitespace runs) are tens of bytes. With
+/// every added token at most this long, loading costs at most a constant
+/// times the tokens' total length.
+pub const MAX_ADDED_TOKEN_BYTES: usize = 1024;
+
+/// Refuses a `tokenizer.json` (at `path`, for the message) with an added
+/// token longer than [`MAX_ADDED_TOKEN_BYTES`], before the `tokenizers`
+/// library reads it. Text that is not such a file is left to that library.
+fn check_added_tokens(text: &[u8], path: &Path) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        added_tokens: Vec<Added>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Added {
+        #[serde(default)]
+        id: Option<u64>,
+        #[serde(default)]
+        content: String,
+    }
+    let Ok(head) = serde_json::from_slice::<Head>(text) else {
+        return Ok(());
+    };
+    match head
+        .added_tokens
+        .iter()
+        .find(|t| t.content.len() > MAX_ADDED_TOKEN_BYTES)
+    {
+        Some(token) => Err(Error::Input {
+            path: path.into(),
+            message: format!(
+                "added token {} is {} bytes long; amalgam reads added tokens of at most \
+                 {MAX_ADDED_TOKEN_BYTES} bytes (the tokenizers library's matcher takes time \
+                 quadratic in a token's length)",
+                token
+                    .id
+                    .map_or_else(|| "(without an id)".into(), |id| format!("id {id}")),
+                token.content.len()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The most bytes of a `tokenizer.json` read (the largest published ones are
 /// tens of MB).
 const MAX_TOKENIZER_BYTES: u64 = 512 << 20;

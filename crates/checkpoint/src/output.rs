@@ -42,14 +42,7 @@ impl OutputDir {
     /// empty directory, or anything with `force`), then creates what is
     /// needed: missing parents, the lock, the staging directory.
     pub fn create(out: &Path, force: bool, inputs: &[PathBuf]) -> Result<Self> {
-        let (out, missing) = resolve_output(out)?;
-        for input in inputs {
-            let input = std::fs::canonicalize(input).at(input)?;
-            if out.starts_with(&input) || input.starts_with(&out) {
-                return Err(Error::OutputOverlapsInput { output: out, input });
-            }
-        }
-        check_replaceable(&out, force)?;
+        let (out, missing) = checked_output(out, force, inputs)?;
 
         let mut dir = Self {
             staging: sibling(&out, "tmp"),
@@ -178,6 +171,27 @@ impl Drop for OutputDir {
     }
 }
 
+/// The checks [`OutputDir::create`] makes before it creates anything, for a
+/// command to make before its long work: `out` is not inside, nor holds, nor
+/// is any of `inputs`, and is absent, an empty directory, or (with `force`)
+/// a directory.
+pub fn check_output(out: &Path, force: bool, inputs: &[PathBuf]) -> Result<()> {
+    checked_output(out, force, inputs).map(drop)
+}
+
+/// [`check_output`], returning what [`resolve_output`] does.
+fn checked_output(out: &Path, force: bool, inputs: &[PathBuf]) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let (out, missing) = resolve_output(out)?;
+    for input in inputs {
+        let input = std::fs::canonicalize(input).at(input)?;
+        if out.starts_with(&input) || input.starts_with(&out) {
+            return Err(Error::OutputOverlapsInput { output: out, input });
+        }
+    }
+    check_replaceable(&out, force)?;
+    Ok((out, missing))
+}
+
 /// `out` made absolute through its deepest existing ancestor, without
 /// creating anything, and the missing parent directories, outermost first.
 fn resolve_output(out: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
@@ -240,11 +254,14 @@ fn check_replaceable(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+/// `rename(2)` that fails with `AlreadyExists` instead of
+/// replacing `to`. Where the filesystem has no `RENAME_NOREPLACE`, a hard
+/// link (which never replaces either) and an unlink; where it has no hard
+/// links, a check and a rename.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
     let (from_c, to_c) = (c(from)?, c(to)?);
-    // SAFETY: two valid NUL-terminated paths, relative to nothing (absolute).
+    // SAFETY: two valid NUL-terminated absolute paths.
     let rc = unsafe {
         libc::renameat2(
             libc::AT_FDCWD,
@@ -258,16 +275,21 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     let error = std::io::Error::last_os_error();
-    match error.raw_os_error() {
-        // A filesystem without RENAME_NOREPLACE: check, then rename, under
-        // the output's lock (exact against other amalgam runs).
-        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP) => {
+    if !matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP)
+    ) {
+        return Err(error);
+    }
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        Err(_) => {
             if std::fs::symlink_metadata(to).is_ok() {
                 return Err(std::io::ErrorKind::AlreadyExists.into());
             }
             std::fs::rename(from, to)
         }
-        _ => Err(error),
     }
 }
 
@@ -467,7 +489,7 @@ impl Displaced {
     }
 }
 
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)

@@ -312,7 +312,12 @@ impl CheckpointWriter {
         self.write_file("config.json", config.to_json_pretty().as_bytes())?;
         if let Some(source) = finish.tokenizer_source {
             let files = ModelDir::new(source)?;
-            for name in TOKENIZER_FILES.iter().filter(|n| files.has(n)) {
+            // Files the caller writes itself (a union vocabulary's tokenizer) are not copied.
+            let written_later = |name: &str| finish.extra_files.iter().any(|(n, _)| *n == name);
+            for name in TOKENIZER_FILES
+                .iter()
+                .filter(|n| files.has(n) && !written_later(n))
+            {
                 let replaced = finish.chat_template.is_some();
                 match *name {
                     CHAT_TEMPLATE_JINJA | CHAT_TEMPLATE_JSON if replaced => {}

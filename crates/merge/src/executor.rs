@@ -37,9 +37,6 @@ pub struct ExecOptions {
     pub write: WriteOptions,
 }
 
-/// `part.json`'s `format`.
-const PART_FORMAT: &str = "amalgam-merge-part";
-
 /// Resident memory of the process before any tensor: libtorch, the maps' page tables, buffers.
 const BASELINE_RSS: u64 = 200_000_000;
 
@@ -390,13 +387,15 @@ impl MergeJob {
         let config = self.output_config()?;
         let writer = CheckpointWriter::create(out, self.output_specs(), &options.write)?;
         let all: Vec<&PlannedTensor> = self.plan.tensors.iter().collect();
-        self.compute_into(&writer, all, options, progress)?;
+        self.compute_into(&writer, all, options, progress, None)?;
         self.finish_output(writer, &config, out, options.seed)
     }
 
     /// Which of `count` parts computes each planned tensor (0-based, in plan
     /// order): largest first, each to the part with the fewest bytes so far
-    /// (ties: the lowest), so the parts are balanced by bytes written.
+    /// (ties: the lowest), so the parts are balanced by bytes written. Only
+    /// the first parts, as many as there are tensors, can get any, so that
+    /// is all it keeps track of, whatever `count` is.
     pub fn part_assignment(&self, count: usize) -> Vec<usize> {
         let specs = self.output_specs();
         let mut order: Vec<usize> = (0..specs.len()).collect();
@@ -404,11 +403,15 @@ impl MergeJob {
             (std::cmp::Reverse(specs[a].byte_len()), &specs[a].name)
                 .cmp(&(std::cmp::Reverse(specs[b].byte_len()), &specs[b].name))
         });
-        let mut load = vec![0u64; count.max(1)];
+        // The least loaded part, lowest first among equals: (load, part).
+        let mut load: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> = (0..count
+            .clamp(1, specs.len().max(1)))
+            .map(|p| std::cmp::Reverse((0, p)))
+            .collect();
         let mut assignment = vec![0; specs.len()];
         for t in order {
-            let part = (0..load.len()).min_by_key(|&p| (load[p], p)).unwrap_or(0);
-            load[part] += specs[t].byte_len();
+            let std::cmp::Reverse((bytes, part)) = load.pop().expect("at least one part");
+            load.push(std::cmp::Reverse((bytes + specs[t].byte_len(), part)));
             assignment[t] = part;
         }
         assignment
@@ -422,9 +425,11 @@ impl MergeJob {
             .collect()
     }
 
-    /// Computes part `part` (1-based) of `count` into `OUT.parts/part-I-of-N/`
-    /// (see [`amalgam_checkpoint::parts`]); [`MergeJob::join`] makes the
-    /// output once every part is written.
+    /// Computes part `part` (1-based) of `count` (at most
+    /// [`parts::MAX_PARTS`]) into `OUT.parts/part-I-of-N/` (see
+    /// [`amalgam_checkpoint::parts`]), its manifest holding the digest of
+    /// every tensor's bytes; [`MergeJob::join`] makes the output once every
+    /// part is written.
     pub fn execute_part(
         &self,
         out: &Path,
@@ -433,11 +438,8 @@ impl MergeJob {
         options: &ExecOptions,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<MergeSummary> {
-        if part == 0 || part > count {
-            return Err(MergeError::Part(format!(
-                "--part {part}/{count}: parts are numbered 1 to {count}"
-            )));
-        }
+        parts::check_numbers(part, count)
+            .map_err(|message| MergeError::Part(format!("--part {part}/{count}: {message}")))?;
         self.output_config()?;
         let indices = self.part_tensors(part, count);
         let all_specs = self.output_specs();
@@ -449,24 +451,33 @@ impl MergeJob {
             ..options.write.clone()
         };
         let dir = parts::part_dir(out, part, count);
-        let writer = CheckpointWriter::create(&dir, specs, &write)?;
-        let tensors: Vec<String> = mine.iter().map(|t| t.name.clone()).collect();
-        let accepted = self.compute_into(&writer, mine, options, progress)?;
-        let manifest = serde_json::json!({
-            "format": PART_FORMAT,
-            "version": 1,
-            "part": part,
-            "count": count,
-            "seed": options.seed,
-            "recipe": self.recipe.text,
-            "tensors": tensors,
-            "accepted_nonfinite": accepted,
-        });
-        let out =
-            writer.finish_part(&serde_json::to_vec_pretty(&manifest).expect("JSON serialises"))?;
+        let writer = CheckpointWriter::create(&dir, specs.clone(), &write)?;
+        let digests = Mutex::new(std::collections::HashMap::new());
+        let accepted = self.compute_into(&writer, mine, options, progress, Some(&digests))?;
+        let mut digests = digests.into_inner().expect("no panics holding it");
+        let tensors = specs
+            .into_iter()
+            .map(|spec| {
+                let digest = digests
+                    .remove(&spec.name)
+                    .expect("every computed tensor is digested");
+                (spec, digest)
+            })
+            .collect::<Vec<_>>();
+        let count_tensors = tensors.len();
+        let manifest = parts::PartManifest::new(
+            part,
+            count,
+            options.seed,
+            &self.recipe.text,
+            options.write.allow_nonfinite,
+            tensors,
+            accepted,
+        );
+        let out = writer.finish_part(&manifest.to_json())?;
         Ok(MergeSummary {
             out,
-            tensors: tensors.len(),
+            tensors: count_tensors,
             bytes_read: self.bytes_to_read(),
             bytes_written,
         })
@@ -474,7 +485,13 @@ impl MergeJob {
 
     /// Writes `out` from the parts [`MergeJob::execute_part`] wrote (all of
     /// them, of this recipe, one seed), byte for byte the checkpoint one
-    /// process would have written; removes the parts when done.
+    /// process would have written; removes the parts when done. Every
+    /// manifest is checked before anything is written (its checksum, this
+    /// recipe, one seed, the tensors the plan gives its part, and
+    /// `--allow-nonfinite` here if the part needed it), every tensor's bytes
+    /// against its manifest's digest as they are copied, and their NaN or
+    /// ±inf values as a single process checks them; a join that fails
+    /// leaves no output and the parts as they were.
     pub fn join(&self, out: &Path, options: &ExecOptions) -> Result<MergeSummary> {
         let config = self.output_config()?;
         let found = parts::find_parts(out)?;
@@ -483,69 +500,130 @@ impl MergeJob {
         let Some(&(_, count, _)) = found.first() else {
             return Err(bad("no parts (write them with --part I/N)".into()));
         };
-        let numbers: Vec<(usize, usize)> = found.iter().map(|&(p, n, _)| (p, n)).collect();
-        let expected: Vec<(usize, usize)> = (1..=count).map(|p| (p, count)).collect();
-        if numbers != expected {
-            let missing: Vec<String> = expected
-                .iter()
-                .filter(|e| !numbers.contains(e))
-                .map(|(p, n)| format!("part-{p}-of-{n}"))
+        // Names are checked (1 ≤ I ≤ N ≤ MAX_PARTS, no duplicates): one N and
+        // N of them make the whole.
+        if found.len() != count || found.iter().any(|&(_, n, _)| n != count) {
+            let numbers: Vec<(usize, usize)> = found.iter().map(|&(p, n, _)| (p, n)).collect();
+            let mut missing: Vec<String> = (1..=count)
+                .filter(|&p| !numbers.contains(&(p, count)))
+                .map(|p| format!("part-{p}-of-{count}"))
                 .collect();
-            return Err(bad(format!(
-                "the parts do not make one whole: found {:?}, missing {}",
-                numbers,
-                missing.join(", ")
-            )));
+            if missing.len() > 8 {
+                let more = missing.len() - 8;
+                missing.truncate(8);
+                missing.push(format!("and {more} more"));
+            }
+            let mut shown: Vec<String> = numbers.iter().map(|(p, n)| format!("{p}/{n}")).collect();
+            if shown.len() > 8 {
+                let more = shown.len() - 8;
+                shown.truncate(8);
+                shown.push(format!("and {more} more"));
+            }
+            return Err(bad(if missing.is_empty() {
+                format!(
+                    "the parts do not make one whole: found {}, parts of splits into different \
+                     numbers of parts",
+                    shown.join(", ")
+                )
+            } else {
+                format!(
+                    "the parts do not make one whole: found {}, missing {}",
+                    shown.join(", "),
+                    missing.join(", ")
+                )
+            }));
         }
+        let all_specs = self.output_specs();
+        // Each part's planned tensors, assigned once (not once per part).
+        let mut planned_of: Vec<Vec<&TensorSpec>> = vec![vec![]; count];
+        for (i, part) in self.part_assignment(count).into_iter().enumerate() {
+            planned_of[part].push(&all_specs[i]);
+        }
+        let by_name: std::collections::HashMap<&str, &PlannedTensor> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let planned = |name: &str| {
+            by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| MergeError::Part(format!("tensor {name} is not in the plan")))
+        };
         let mut seed = None;
         let mut manifests = vec![];
         for (part, _, dir) in &found {
             let manifest = parts::read_manifest(dir)?;
-            let at = |message: &str| bad(format!("part {part}: {message}"));
-            if manifest["format"] != PART_FORMAT || manifest["recipe"] != self.recipe.text.as_str()
-            {
-                return Err(at("written for another recipe (or not a part)"));
+            let at = |message: &str| {
+                MergeError::Part(format!("{}: part {part}: {message}", dir.display()))
+            };
+            if (manifest.part, manifest.count) != (*part, count) {
+                return Err(at(&format!(
+                    "its manifest is part {} of {}",
+                    manifest.part, manifest.count
+                )));
             }
-            let part_seed = manifest["seed"].as_u64().ok_or_else(|| at("no seed"))?;
-            if *seed.get_or_insert(part_seed) != part_seed {
+            if manifest.recipe != self.recipe.text {
+                return Err(at("written for another recipe"));
+            }
+            if *seed.get_or_insert(manifest.seed) != manifest.seed {
                 return Err(at("written with another --seed than part 1"));
             }
-            let mut planned: Vec<&str> = self
-                .part_tensors(*part, count)
-                .into_iter()
-                .map(|i| self.plan.tensors[i].name.as_str())
-                .collect();
-            let mut listed: Vec<&str> = manifest["tensors"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
-                .unwrap_or_default();
-            planned.sort();
-            listed.sort();
-            if planned != listed {
+            let mut mine = std::mem::take(&mut planned_of[part - 1]);
+            let mut listed = manifest.specs();
+            mine.sort_by(|a, b| a.name.cmp(&b.name));
+            listed.sort_by(|a, b| a.name.cmp(&b.name));
+            if !mine.iter().copied().eq(listed.iter()) {
                 return Err(at("holds other tensors than this plan gives it"));
+            }
+            if manifest.allow_nonfinite && !options.write.allow_nonfinite {
+                for name in &manifest.accepted_nonfinite {
+                    if self.inputs_nonfinite(planned(name)?)? == 0 {
+                        return Err(at(&format!(
+                            "computed with --allow-nonfinite, it holds NaN or infinite values \
+                             in tensor {name} made from finite inputs; join with \
+                             --allow-nonfinite to write them"
+                        )));
+                    }
+                }
             }
             manifests.push(manifest);
         }
-        let writer = CheckpointWriter::create(out, self.output_specs(), &options.write)?;
-        for ((_, _, dir), manifest) in found.iter().zip(&manifests) {
-            for name in manifest["accepted_nonfinite"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|n| n.as_str())
-            {
-                writer.accept_nonfinite(name)?;
-            }
-            // A part may hold nothing (more parts than tensors).
-            if manifest["tensors"]
-                .as_array()
-                .is_some_and(|t| !t.is_empty())
-            {
-                parts::copy_part(dir, &writer)?;
+        let writer = CheckpointWriter::create(out, all_specs, &options.write)?;
+        for ((part, _, dir), manifest) in found.iter().zip(&manifests) {
+            let vouched: std::collections::HashSet<&str> = manifest
+                .accepted_nonfinite
+                .iter()
+                .map(String::as_str)
+                .collect();
+            for copied in parts::copy_part(dir, manifest, &writer)? {
+                if copied.nonfinite == 0 {
+                    continue;
+                }
+                if !vouched.contains(copied.name.as_str()) {
+                    return Err(MergeError::Part(format!(
+                        "{}: part {part}: tensor {} holds {} NaN or infinite values its \
+                         manifest does not vouch for",
+                        dir.display(),
+                        copied.name,
+                        copied.nonfinite
+                    )));
+                }
+                // As a single process would: from non-finite inputs, or allowed here.
+                let tensor = planned(&copied.name)?;
+                self.check_nonfinite(tensor, copied.nonfinite, options.write.allow_nonfinite)?;
+                writer.accept_nonfinite(&copied.name)?;
             }
         }
         let summary = self.finish_output(writer, &config, out, seed.unwrap_or(0))?;
-        std::fs::remove_dir_all(&parts_dir).map_err(|e| bad(format!("cannot remove: {e}")))?;
+        // The output is complete and in place: a part left behind is only disk space.
+        if let Err(e) = std::fs::remove_dir_all(&parts_dir) {
+            tracing::warn!(
+                "{}: the join is done, but the parts could not be removed: {e}",
+                parts_dir.display()
+            );
+        }
         Ok(summary)
     }
 
@@ -558,6 +636,7 @@ impl MergeJob {
         mut tensors: Vec<&PlannedTensor>,
         options: &ExecOptions,
         progress: &(dyn Fn(u64) + Sync),
+        digests: Option<&Digests>,
     ) -> Result<Vec<String>> {
         tch::set_num_threads(1);
         let pool = rayon::ThreadPoolBuilder::new()
@@ -608,7 +687,16 @@ impl MergeJob {
                         if stopped.load(std::sync::atomic::Ordering::Acquire) {
                             return Err(not_written());
                         }
-                        let merged = self.compute(tensor, options.seed, options.device)?;
+                        let mut merged = self.compute(tensor, options.seed, options.device)?;
+                        if let Some(digests) = digests {
+                            // On the CPU here, so the writer does not move it again.
+                            merged = merged.to_device(Device::Cpu);
+                            let digest = parts::tensor_digest(&merged);
+                            digests
+                                .lock()
+                                .expect("no panics holding it")
+                                .insert(tensor.name.clone(), digest);
+                        }
                         permit.shrink(byte_len(&merged));
                         handed
                             .send((tensor, merged, permit))
@@ -693,10 +781,7 @@ impl MergeJob {
     /// merge made them from finite inputs, which is an error naming the
     /// tensor and the recipe lines of the parameters that shaped it.
     fn check_nonfinite(&self, tensor: &PlannedTensor, nonfinite: u64, allow: bool) -> Result<()> {
-        let mut inputs_nonfinite = 0;
-        for input in &tensor.inputs {
-            inputs_nonfinite += self.sources[input.model].count_nonfinite(&input.tensor)?;
-        }
+        let inputs_nonfinite = self.inputs_nonfinite(tensor)?;
         if inputs_nonfinite > 0 || allow {
             tracing::warn!(
                 "tensor {}: {nonfinite} NaN or infinite values written ({})",
@@ -718,6 +803,15 @@ impl MergeJob {
                 self.parameter_lines(tensor)
             ),
         })
+    }
+
+    /// NaN or ±inf values among a planned tensor's inputs.
+    fn inputs_nonfinite(&self, tensor: &PlannedTensor) -> Result<u64> {
+        let mut count = 0;
+        for input in &tensor.inputs {
+            count += self.sources[input.model].count_nonfinite(&input.tensor)?;
+        }
+        Ok(count)
     }
 
     /// ` (parameters: `density: 0.9` for model `m` at r.yml:6:20, …)`: the
@@ -900,6 +994,9 @@ fn byte_len(t: &Tensor) -> u64 {
 
 /// A computed output on its way to the writer thread, with its share of the budget.
 type Computed<'p, 'b> = (&'p PlannedTensor, Tensor, Permit<'b>);
+
+/// The digest of each tensor's bytes as computed, by name (for a part's manifest).
+type Digests = Mutex<std::collections::HashMap<String, parts::Digest>>;
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {

@@ -27,4 +27,4 @@ pub mod stream;
 pub mod vocabulary;
 
 pub use error::{MergeError, Result};
-pub use method::{MergeContext, MergeMethod, Progress, RunOptions, WholeModelMethod};
+pub use method::{MergeContext, MergeMethod, Progress, RunOptions, RunReport, WholeModelMethod};

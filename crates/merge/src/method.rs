@@ -100,6 +100,20 @@ pub trait Progress: Sync {
     fn finish(&self);
 }
 
+/// What a whole-model run tells the user: a paragraph, and the same facts as
+/// a JSON object (what `merge --dry-run --json` prints).
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+impl std::fmt::Display for RunReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 /// A method that needs whole models at once rather than one tensor at a
 /// time (PLeaS): it reads its models, computes and writes the output itself.
 pub trait WholeModelMethod: Sync + Send {
@@ -114,5 +128,5 @@ pub trait WholeModelMethod: Sync + Send {
         out: &std::path::Path,
         options: &RunOptions,
         progress: &dyn Progress,
-    ) -> Result<String>;
+    ) -> Result<RunReport>;
 }

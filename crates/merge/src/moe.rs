@@ -17,7 +17,7 @@ use amalgam_checkpoint::{
     TensorSpec, WriteOptions, TOKENIZER_CONFIG,
 };
 use amalgam_nn::Decoder;
-use amalgam_recipe::{Expert, GateMode, ModelRef, MoeRecipe};
+use amalgam_recipe::{Expert, GateMode, Location, ModelRef, MoeRecipe};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -26,6 +26,14 @@ use tch::{Device, Kind, Tensor};
 
 use crate::source::Source;
 use crate::{MergeError, Progress, Result};
+
+/// The most tokens of one prompt `gate_mode: hidden` runs through the base.
+/// A forward pass costs time quadratic in its length (attention), and a
+/// multi-megabyte prompt ran for minutes in gigabytes; routing prompts are a
+/// line to a paragraph. Longer ones are refused at their line. (The config
+/// also bounds each prompt's text and each expert's prompt count: see
+/// [`amalgam_recipe::MAX_PROMPT_BYTES`] and [`amalgam_recipe::MAX_PROMPTS`].)
+pub const MAX_HIDDEN_PROMPT_TOKENS: usize = 4096;
 
 /// A dense MLP's projections, and their Mixtral names.
 const PROJECTIONS: [(&str, &str); 3] =
@@ -276,12 +284,59 @@ impl<'r> Moe<'r> {
             self.at_base("the base has no tokenizer.json, which prompt-based gates need".into())
         })?;
         let bos = self.bos_token()?;
-        let encode = |prompt: &str| -> Result<Vec<i64>> {
-            let encoding = tokenizer
-                .encode(format!("{bos}{prompt}"), false)
-                .map_err(|e| self.at_base(format!("cannot tokenize the prompt {prompt:?}: {e}")))?;
-            Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+        // Every prompt's ids, checked before any forward pass: the work is
+        // bounded by the prompt count times MAX_HIDDEN_PROMPT_TOKENS.
+        let runs_base = self.recipe.gate_mode == GateMode::Hidden;
+        let encode = |prompts: &[String], places: &[Location], expert: &Expert| {
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, prompt)| {
+                    let at = places.get(i).copied().unwrap_or(expert.at);
+                    let encoding =
+                        tokenizer
+                            .encode(format!("{bos}{prompt}"), false)
+                            .map_err(|e| {
+                                MergeError::Recipe(
+                                    self.recipe
+                                        .error(at, format!("cannot tokenize this prompt: {e}")),
+                                )
+                            })?;
+                    let ids: Vec<i64> =
+                        encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+                    if ids.is_empty() {
+                        return Err(MergeError::Recipe(self.recipe.error(
+                            at,
+                            "this prompt has no tokens (an empty prompt, and the base has no \
+                             BOS token): give it some text",
+                        )));
+                    }
+                    if runs_base && ids.len() > MAX_HIDDEN_PROMPT_TOKENS {
+                        return Err(MergeError::Recipe(self.recipe.error(
+                            at,
+                            format!(
+                                "this prompt is {} tokens with the base's tokenizer; \
+                                 `gate_mode: hidden` runs prompts of at most \
+                                 {MAX_HIDDEN_PROMPT_TOKENS} tokens through the base (the cost \
+                                 of a forward pass grows with the square of its length): \
+                                 shorten it, or use gate_mode: cheap_embed",
+                                ids.len()
+                            ),
+                        )));
+                    }
+                    Ok(ids)
+                })
+                .collect::<Result<Vec<Vec<i64>>>>()
         };
+        let encoded = rows
+            .iter()
+            .map(|e| {
+                Ok((
+                    encode(&e.positive_prompts, &e.positive_at, e)?,
+                    encode(&e.negative_prompts, &e.negative_at, e)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let forward = match self.recipe.gate_mode {
             GateMode::Hidden => {
                 if self.base.adapter.is_some() {
@@ -303,15 +358,14 @@ impl<'r> Moe<'r> {
             Some(_) => None,
         };
         // One prompt set's vectors `[layers, hidden]`.
-        let vectors = |prompts: &[String]| -> Result<Tensor> {
+        let vectors = |prompts: &[Vec<i64>]| -> Result<Tensor> {
             match (&forward, &embedding) {
                 (Some(model), _) => {
                     let mut sum = Tensor::zeros([layers, hidden], (Kind::Float, Device::Cpu));
-                    for prompt in prompts {
-                        let ids = encode(prompt)?;
+                    for ids in prompts {
                         let last = ids.len() as i64 - 1;
                         let (_, taps) = tch::no_grad(|| {
-                            model.forward_taps(&Tensor::from_slice(&ids).unsqueeze(0))
+                            model.forward_taps(&Tensor::from_slice(ids).unsqueeze(0))
                         });
                         let states: Vec<Tensor> = taps.residual[..self.layers]
                             .iter()
@@ -323,10 +377,9 @@ impl<'r> Moe<'r> {
                 }
                 (None, Some(embedding)) => {
                     let mut sum = Tensor::zeros([hidden], (Kind::Float, Device::Cpu));
-                    for prompt in prompts {
-                        let ids = encode(prompt)?;
+                    for ids in prompts {
                         sum += embedding
-                            .index_select(0, &Tensor::from_slice(&ids))
+                            .index_select(0, &Tensor::from_slice(ids))
                             .sum_dim_intlist(0, false, Kind::Float);
                     }
                     let unit = &sum / sum.norm().clamp_min(1e-8);
@@ -339,10 +392,10 @@ impl<'r> Moe<'r> {
             }
         };
         let mut gates = vec![];
-        for expert in rows {
-            let mut v = vectors(&expert.positive_prompts)?;
-            if !expert.negative_prompts.is_empty() {
-                v -= vectors(&expert.negative_prompts)?;
+        for (positive, negative) in &encoded {
+            let mut v = vectors(positive)?;
+            if !negative.is_empty() {
+                v -= vectors(negative)?;
             }
             let norm = v.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-8);
             gates.push(v / norm);

@@ -101,18 +101,22 @@ impl Source {
         Ok(unsafe { self.checkpoint.map_as(name, kind) }?)
     }
 
-    /// NaN and ±inf values in the tensor `name` as read (the adapter applied).
+    /// NaN and ±inf values in what the tensor `name` is read from: the
+    /// stored tensor and, with an adapter, the adapter's tensors for it (the
+    /// adapted weight is computed, like a merge's output).
     pub fn count_nonfinite(&self, name: &str) -> Result<u64> {
         let entry = self.checkpoint.entry(name)?;
-        match &self.adapter {
-            Some(adapter) if adapter.touches(&entry.name) => {
-                let t = self.read_as(name, Kind::Float)?;
-                Ok((t.numel() as i64 - t.isfinite().sum(Kind::Int64).int64_value(&[])) as u64)
-            }
-            _ => Ok(amalgam_checkpoint::count_nonfinite(
+        let stored = || {
+            Ok(amalgam_checkpoint::count_nonfinite(
                 entry.dtype,
                 &self.checkpoint.read_bytes(entry)?,
-            )),
+            ))
+        };
+        match &self.adapter {
+            Some(adapter) if adapter.touches(&entry.name) => {
+                adapter.nonfinite_inputs(&entry.name, stored)
+            }
+            _ => stored(),
         }
     }
 

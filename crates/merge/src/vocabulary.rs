@@ -9,9 +9,17 @@
 //! for the token, else the only model that has it, else the base, else the
 //! mean of the models that have it, else zeros. `pad_to_multiple_of` rows are
 //! each model's mean row.
+//!
+//! Adding a token to a `tokenizers` tokenizer rebuilds its added-token
+//! matcher in time quadratic in the token's length, so every token added here
+//! (another model's plain token in a union, a recipe's `tokens:`) is at most
+//! [`MAX_ADDED_TOKEN_BYTES`] long, like the added tokens a tokenizer is read
+//! with: the work stays linear in the tokens' total length.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 
+use amalgam_checkpoint::MAX_ADDED_TOKEN_BYTES;
 use amalgam_recipe::{
     Plan, PlannedTensor, Recipe, TokenRef, TokenSource, TokenizerSource, TokenizerSpec,
     VocabularyAlignment,
@@ -87,9 +95,33 @@ pub fn plan(
     let (mut written, mut edited) = match &spec.source {
         TokenizerSource::Base => (tokenizers[plan.layout_model].clone(), false),
         TokenizerSource::Model(m) => (tokenizers[model_index(m)?].clone(), false),
-        TokenizerSource::Union => (union(plan.layout_model, &tokenizers, &vocabularies)?, true),
+        TokenizerSource::Union => {
+            let files: Vec<PathBuf> = sources
+                .iter()
+                .map(|s| s.dir().join("tokenizer.json"))
+                .collect();
+            let union = union(plan.layout_model, &tokenizers, &vocabularies, &files)?;
+            (union, true)
+        }
     };
     let present = written.get_vocab(true);
+    let added_and_too_long =
+        |token: &String| token.len() > MAX_ADDED_TOKEN_BYTES && !present.contains_key(token);
+    if let Some(rule) = spec
+        .tokens
+        .iter()
+        .find(|rule| added_and_too_long(&rule.token))
+    {
+        return Err(MergeError::Recipe(recipe.error(
+            rule.at,
+            format!(
+                "this token is {} bytes long; amalgam adds tokens of at most \
+                 {MAX_ADDED_TOKEN_BYTES} bytes (the tokenizers library's matcher takes time \
+                 quadratic in a token's length)",
+                rule.token.len()
+            ),
+        )));
+    }
     let missing: Vec<AddedToken> = spec
         .tokens
         .iter()
@@ -209,11 +241,14 @@ pub fn plan(
 }
 
 /// The base's tokenizer with the others' tokens added: first their plain
-/// tokens the base lacks, then every model's added tokens (special ones stay special).
+/// tokens the base lacks, then every model's added tokens (special ones stay
+/// special). A plain token longer than [`MAX_ADDED_TOKEN_BYTES`] is refused,
+/// naming its model's tokenizer file (`files[m]`) and id.
 fn union(
     base: usize,
     tokenizers: &[Tokenizer],
     vocabularies: &[HashMap<String, u32>],
+    files: &[PathBuf],
 ) -> Result<Tokenizer> {
     let mut out = tokenizers[base].clone();
     let base_vocabulary = out.get_vocab(true);
@@ -235,6 +270,17 @@ fn union(
         for (token, id) in own {
             if decoder.contains_key(&id) || base_vocabulary.contains_key(token) {
                 continue;
+            }
+            if token.len() > MAX_ADDED_TOKEN_BYTES {
+                return Err(MergeError::Checkpoint(amalgam_checkpoint::Error::Input {
+                    path: files[m].clone(),
+                    message: format!(
+                        "`tokenizer_source: union` would add its token id {id}, {} bytes long; \
+                         amalgam adds tokens of at most {MAX_ADDED_TOKEN_BYTES} bytes (the \
+                         tokenizers library's matcher takes time quadratic in a token's length)",
+                        token.len()
+                    ),
+                }));
             }
             if seen.insert(token.clone()) {
                 plain.push(token.clone());

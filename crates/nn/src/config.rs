@@ -182,6 +182,9 @@ pub struct BlockNames {
     pub mlp_output: String,
 }
 
+/// The most layers a config may claim.
+const MAX_LAYERS: usize = 1 << 16;
+
 /// A decoder's shape and family. `intermediate_sizes` holds one FFN width per
 /// layer: config.json's `intermediate_size` is an integer for a uniform model
 /// (what `transformers` loads) or a list for a nested one (ours only).
@@ -283,6 +286,14 @@ impl DecoderConfig {
             ))
         })?;
         let layers = int("num_hidden_layers")?;
+        // Checked before anything is made per layer (a claimed 10¹² layers
+        // would be an allocation the process cannot survive).
+        if layers > MAX_LAYERS {
+            return Err(fail(format!(
+                "`num_hidden_layers` is {layers}, more than amalgam runs (at most {MAX_LAYERS}; \
+                 the deepest published models have about 130)"
+            )));
+        }
         let intermediate_sizes = match config.get("intermediate_size") {
             Some(Value::Array(widths)) => widths
                 .iter()

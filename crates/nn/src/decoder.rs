@@ -285,6 +285,30 @@ impl Decoder {
         kind: Kind,
         part: &Part,
     ) -> Self {
+        Self::try_build(config, device, seed, kind, part)
+            .unwrap_or_else(|e| panic!("allocating a model's variables: {e}"))
+    }
+
+    /// [`Decoder::build`], libtorch's failure to allocate a variable (a
+    /// model larger than the memory) an error.
+    fn try_build(
+        config: DecoderConfig,
+        device: Device,
+        seed: Option<u64>,
+        kind: Kind,
+        part: &Part,
+    ) -> Result<Self> {
+        Self::build_variables(config, device, seed, kind, part)
+            .map_err(|e| e.brief("cannot allocate the model's weights"))
+    }
+
+    fn build_variables(
+        config: DecoderConfig,
+        device: Device,
+        seed: Option<u64>,
+        kind: Kind,
+        part: &Part,
+    ) -> Result<Self> {
         let mut vs = nn::VarStore::new(device);
         // Variables are made in `kind` (never an F32 copy of a half model).
         vs.set_kind(kind);
@@ -302,16 +326,16 @@ impl Decoder {
                 }
                 let var = match (p.kind, seed) {
                     (ParamKind::Norm, _) if !unit_offset => {
-                        path.var(leaf, &p.shape, nn::Init::Const(1.0))
+                        path.f_var(leaf, &p.shape, nn::Init::Const(1.0))
                     }
                     (ParamKind::Weight, Some(seed)) => {
-                        path.var_copy(leaf, &normal(&p.name, &p.shape, seed).to_device(device))
+                        path.f_var_copy(leaf, &normal(&p.name, &p.shape, seed).f_to_device(device)?)
                     }
-                    _ => path.zeros(leaf, &p.shape),
+                    _ => path.f_zeros(leaf, &p.shape),
                 };
-                (p.name, var)
+                Ok((p.name, var?))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut take = |stem: &str, suffix: &str| vars.remove(&format!("{stem}.{suffix}"));
         let empty = || Tensor::zeros([0], (kind, device));
         let mut linear = |stem: &String| Linear {
@@ -344,7 +368,7 @@ impl Decoder {
             .collect();
         let final_norm = linear(&layout.final_norm);
         let head = (!config.tie_word_embeddings).then(|| linear(&layout.head[0]).weight);
-        Decoder {
+        Ok(Decoder {
             config,
             vs,
             embed,
@@ -355,7 +379,7 @@ impl Decoder {
                 bias: final_norm.bias,
             },
             head,
-        }
+        })
     }
 
     /// Loads a Hugging Face checkpoint of any supported family (any float
@@ -437,14 +461,14 @@ impl Decoder {
                 )));
             }
         }
-        let model = Decoder::build(config, device, None, kind, part);
+        let model = Decoder::try_build(config, device, None, kind, part)?;
         let variables = model.vs.variables();
         for (name, stored) in sources {
             let Some(variable) = variables.get(&name) else {
                 continue; // outside the part
             };
             let tensor = checkpoint.read_as(&stored, kind)?;
-            tch::no_grad(|| variable.shallow_clone().copy_(&tensor));
+            tch::no_grad(|| variable.shallow_clone().f_copy_(&tensor))?;
         }
         Ok(model)
     }
@@ -457,7 +481,7 @@ impl Decoder {
         device: Device,
     ) -> Result<Self> {
         let part = Part::whole(config.num_hidden_layers());
-        let model = Decoder::build(config, device, None, Kind::Float, &part);
+        let model = Decoder::try_build(config, device, None, Kind::Float, &part)?;
         for (name, var) in model.vs.variables() {
             let tensor = tensors
                 .get(&name)

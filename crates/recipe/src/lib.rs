@@ -23,7 +23,7 @@ mod yaml;
 pub use chat_template::ChatTemplate;
 pub use error::{Location, RecipeError};
 pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
-pub use moe::{Expert, GateMode, MoeRecipe};
+pub use moe::{Expert, GateMode, MoeRecipe, MAX_PROMPTS, MAX_PROMPT_BYTES};
 pub use params::{Conditional, Scalar, Setting};
 pub use plan::{
     BasePolicy, InputTransform, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope,

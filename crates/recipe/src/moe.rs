@@ -38,11 +38,25 @@ impl GateMode {
     }
 }
 
+/// The longest prompt accepted, in bytes of text. Prompts route by a few
+/// words to a paragraph (mergekit-moe's examples are one line); a bound keeps
+/// tokenizing them cheap whatever the config holds.
+pub const MAX_PROMPT_BYTES: usize = 64 << 10;
+
+/// The most prompts in one expert's `positive_prompts` (or
+/// `negative_prompts`): each costs one forward pass of the base with
+/// `gate_mode: hidden`, so the count bounds the work with the length.
+pub const MAX_PROMPTS: usize = 256;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Expert {
     pub model: ModelRef,
     pub positive_prompts: Vec<String>,
     pub negative_prompts: Vec<String>,
+    /// Where each of `positive_prompts` is written.
+    pub positive_at: Vec<Location>,
+    /// Where each of `negative_prompts` is written.
+    pub negative_at: Vec<Location>,
     /// Standard deviation of noise added to the expert's weights.
     pub noise_scale: Option<f64>,
     /// Factor on the expert's down projection (its residual write).
@@ -238,6 +252,8 @@ fn expert(reader: &Reader<'_>, node: &Node<'_>) -> Result<Expert, RecipeError> {
         },
         positive_prompts: vec![],
         negative_prompts: vec![],
+        positive_at: vec![],
+        negative_at: vec![],
         noise_scale: None,
         residual_scale: None,
         at: location(node),
@@ -246,15 +262,41 @@ fn expert(reader: &Reader<'_>, node: &Node<'_>) -> Result<Expert, RecipeError> {
         match key.as_str() {
             "source_model" => model = Some(model_ref(reader, value)?),
             "positive_prompts" | "negative_prompts" => {
-                let prompts = reader
-                    .sequence(value, &key)?
-                    .iter()
-                    .map(|p| reader.string(p, "a prompt"))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let items = reader.sequence(value, &key)?;
+                if items.len() > MAX_PROMPTS {
+                    return Err(reader.error(
+                        location(value),
+                        format!(
+                            "{} {key}: amalgam takes at most {MAX_PROMPTS} prompts per expert \
+                             (each runs the base once; the gate is their mean)",
+                            items.len()
+                        ),
+                    ));
+                }
+                let mut prompts = vec![];
+                let mut places = vec![];
+                for item in items {
+                    let prompt = reader.string(item, "a prompt")?;
+                    if prompt.len() > MAX_PROMPT_BYTES {
+                        return Err(reader.error(
+                            location(item),
+                            format!(
+                                "this prompt is {} bytes; amalgam takes prompts of at most \
+                                 {MAX_PROMPT_BYTES} bytes (a prompt routes by its topic: a \
+                                 line to a paragraph is enough)",
+                                prompt.len()
+                            ),
+                        ));
+                    }
+                    prompts.push(prompt);
+                    places.push(location(item));
+                }
                 if key == "positive_prompts" {
                     expert.positive_prompts = prompts;
+                    expert.positive_at = places;
                 } else {
                     expert.negative_prompts = prompts;
+                    expert.negative_at = places;
                 }
             }
             "noise_scale" | "residual_scale" => {
@@ -331,5 +373,45 @@ mod tests {
         let same = TWO.replace("source_model: y", "source_model: x");
         assert!(err(&same).contains("--allow-identical-experts"));
         assert!(MoeRecipe::parse(&same, "m.yml", true).is_ok());
+    }
+
+    /// A prompt of megabytes (3 MB took minutes and gigabytes through the
+    /// base) and a list of thousands are refused at their line, with the limit.
+    #[test]
+    fn prompts_are_bounded_in_length_and_count() {
+        let long = "x".repeat(MAX_PROMPT_BYTES + 1);
+        let text = TWO.replace("[prose]", &format!("[prose, {long}]"));
+        let message = err(&text);
+        assert!(
+            message.starts_with("m.yml:6:31:")
+                && message.contains(&format!("{} bytes", MAX_PROMPT_BYTES + 1))
+                && message.contains(&format!("at most {MAX_PROMPT_BYTES} bytes")),
+            "{}",
+            &message[..200.min(message.len())]
+        );
+        let at_limit = TWO.replace("[prose]", &format!("[{}]", "x".repeat(MAX_PROMPT_BYTES)));
+        let recipe = MoeRecipe::parse(&at_limit, "m.yml", false).unwrap();
+        assert_eq!(
+            recipe.experts[1].positive_prompts[0].len(),
+            MAX_PROMPT_BYTES
+        );
+        let many = vec!["p"; MAX_PROMPTS + 1].join(", ");
+        let text = TWO.replace("[code]", &format!("[{many}]"));
+        let message = err(&text);
+        assert!(
+            message.starts_with("m.yml:4:23:")
+                && message.contains(&format!("at most {MAX_PROMPTS} prompts")),
+            "{message}"
+        );
+        let enough = vec!["p"; MAX_PROMPTS].join(", ");
+        let recipe = MoeRecipe::parse(
+            &TWO.replace("[code]", &format!("[{enough}]")),
+            "m.yml",
+            false,
+        )
+        .unwrap();
+        assert_eq!(recipe.experts[0].positive_prompts.len(), MAX_PROMPTS);
+        assert_eq!(recipe.experts[0].positive_at.len(), MAX_PROMPTS);
+        assert_eq!(recipe.experts[1].positive_at[0].line, 6);
     }
 }

@@ -681,6 +681,27 @@ impl Planner<'_> {
             (Some((value, at)), _) => (value, Some(at)),
             (None, Some(default)) => (default.clone(), None),
             (None, None) => {
+                // Given but without a value here (an empty list, or no filter
+                // that matches): the error points at that `name:` line.
+                if let Some((setting, at)) = levels
+                    .iter()
+                    .flatten()
+                    .find_map(|params| params.get(spec.name))
+                {
+                    let why = match setting {
+                        Setting::Gradient(values) if values.is_empty() => "is an empty list",
+                        Setting::Conditional(entries) if entries.is_empty() => "is an empty list",
+                        _ => "gives no value (no entry's filter matches it, or its value is an empty list)",
+                    };
+                    return Err(self.recipe.error(
+                        at,
+                        format!(
+                            "parameter `{}`{whose} {why} for tensor `{tensor}`, and `{}` \
+                             requires it: give a value (a number, or a list of at least one)",
+                            spec.name, self.method.name
+                        ),
+                    ));
+                }
                 let at = model
                     .map(|m| self.locations[m])
                     .unwrap_or(self.recipe.merge_method_at);

@@ -149,29 +149,42 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The allowed word closest to `word` by edit distance, if it is close enough.
+/// The allowed word closest to `word` by edit distance (a swap of two
+/// neighbouring letters counts as one edit, so `modles` is one edit from
+/// `models`), if it is close enough. Ties go to the word whose length is
+/// nearest `word`'s (a swap keeps the length: `models` over `modules`), then
+/// to the earlier one in `allowed`.
 pub(crate) fn suggest<'s>(word: &str, allowed: &[&'s str]) -> Option<&'s str> {
+    let length = word.chars().count();
     allowed
         .iter()
         .map(|a| (edit_distance(word, a), *a))
         .filter(|(d, a)| *d <= 2.max(a.len() / 3))
-        .min_by_key(|(d, _)| *d)
+        .min_by_key(|(d, a)| (*d, a.chars().count().abs_diff(length)))
         .map(|(_, a)| a)
 }
 
+/// Edit distance with insertions, deletions, substitutions and swaps of two
+/// neighbouring characters (the optimal string alignment distance).
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut previous = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous + usize::from(ca != *cb);
-            previous = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // Rows i − 2, i − 1 and i of the table over prefixes of `a` and `b`.
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut row: Vec<usize> = vec![0; b.len() + 1];
+    for i in 1..=a.len() {
+        row[0] = i;
+        for j in 1..=b.len() {
+            let substitution = previous[j - 1] + usize::from(a[i - 1] != b[j - 1]);
+            row[j] = substitution.min(previous[j] + 1).min(row[j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                row[j] = row[j].min(before[j - 2] + 1);
+            }
         }
+        std::mem::swap(&mut before, &mut previous);
+        std::mem::swap(&mut previous, &mut row);
     }
-    row[b.len()]
+    previous[b.len()]
 }
 
 #[cfg(test)]
@@ -185,5 +198,27 @@ mod tests {
         assert_eq!(suggest("model", &keys), Some("models"));
         assert_eq!(suggest("zzzzzz", &keys), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn a_swap_of_two_letters_is_one_edit_and_suggests_the_swapped_key() {
+        assert_eq!(edit_distance("modles", "models"), 1);
+        assert_eq!(edit_distance("modles", "modules"), 1);
+        assert_eq!(edit_distance("ab", "ba"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("abc", ""), 3);
+        // `modules` is in the recipe's keys before `models` here: the tie
+        // goes to the key of the typo's length.
+        let keys = ["merge_method", "modules", "models", "slices"];
+        assert_eq!(suggest("modles", &keys), Some("models"));
+        assert_eq!(suggest("moduels", &keys), Some("modules"));
+        assert_eq!(suggest("merge_mehtod", &keys), Some("merge_method"));
+        let typo = crate::Recipe::parse("merge_method: linear\nmodles:\n  - model: a\n", "r.yml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            typo,
+            "r.yml:2:1: unknown key `modles` in the recipe (did you mean `models`?)"
+        );
     }
 }

@@ -155,6 +155,17 @@ pub fn resolve(
                 Budget::Parameters(n) => n,
                 Budget::Fraction(f) => (checkpoint.parameter_count() as f64 * f).floor() as u64,
             };
+            if kept.len() > mixnmatch::MAX_LAYERS {
+                return Err(at_error(
+                    *at,
+                    format!(
+                        "a budget search over {} kept layers: amalgam searches at most {} \
+                         (give `ffn_widths` instead)",
+                        kept.len(),
+                        mixnmatch::MAX_LAYERS
+                    ),
+                ));
+            }
             let cost = CostModel::new(checkpoint, layout, &kept);
             let widths_of = |choice: &[usize]| -> Vec<usize> {
                 choice
@@ -163,11 +174,22 @@ pub fn resolve(
                     .map(|(&g, &f)| nested_width(f, GRANULARITIES[g].1))
                     .collect()
             };
-            let parameters = |choice: &[usize]| cost.parameters(&widths_of(choice));
-            match mixnmatch::choose(kept.len(), GRANULARITIES.len(), limit, &parameters) {
+            // Each layer's parameters at each granularity (non-decreasing:
+            // nested widths grow with the fraction).
+            let costs: Vec<Vec<u64>> = (0..kept.len())
+                .map(|i| {
+                    GRANULARITIES
+                        .iter()
+                        .map(|&(_, fraction)| {
+                            cost.per_unit[i].saturating_mul(nested_width(full[i], fraction) as u64)
+                        })
+                        .collect()
+                })
+                .collect();
+            match mixnmatch::choose(cost.fixed, &costs, limit) {
                 Some(choice) => widths_of(&choice),
                 None => {
-                    let smallest = parameters(&vec![0; kept.len()]);
+                    let smallest = cost.parameters(&widths_of(&vec![0; kept.len()]));
                     return Err(at_error(
                         *at,
                         format!(

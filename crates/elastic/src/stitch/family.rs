@@ -480,7 +480,16 @@ pub fn save_family(
             }
         }
     }
-    let staged = OutputDir::create(out, force, &[])?;
+    // The anchors' checkpoints are inputs: the family is never written over,
+    // into or around one (an export into its own family's directory included).
+    let inputs: Vec<std::path::PathBuf> = anchors
+        .iter()
+        .map(|a| match a {
+            AnchorOut::Checkpoint(from) => from.to_path_buf(),
+            AnchorOut::Model { files_from, .. } => files_from.to_path_buf(),
+        })
+        .collect();
+    let staged = OutputDir::create(out, force, &inputs)?;
     let dir = staged.staging();
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (a, anchor) in anchors.iter().enumerate() {

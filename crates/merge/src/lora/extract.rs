@@ -24,11 +24,13 @@ pub const RANDOMIZED_ABOVE: i64 = 1024;
 /// What to extract.
 #[derive(Debug, Clone)]
 pub struct ExtractOptions {
+    /// The largest rank of a factored module (each keeps at least 1).
     pub rank: usize,
     /// Factor the input embedding (transposed, `lora_embedding_A/B`) and the
     /// head instead of saving them whole.
     pub embed_lora: bool,
-    /// Singular values at or below this are dropped (0: keep up to `rank`).
+    /// Singular values at or below this are dropped, the largest always
+    /// kept (0: keep up to `rank`).
     pub sv_epsilon: f64,
     /// Module names (last component, e.g. `lm_head`) saved whole.
     pub modules_to_save: Vec<String>,
@@ -157,14 +159,28 @@ pub fn extract(
                 format!("a {}-D weight cannot be factored", entry.shape.len()),
             ));
         }
+        if entry.shape.contains(&0) {
+            return Err(fail(
+                name,
+                format!("an empty weight ({:?}) cannot be factored", entry.shape),
+            ));
+        }
         // Input embeddings are stored (vocabulary, hidden): peft factors the transpose.
         let transpose = embedding;
-        let delta = if transpose { delta.tr() } else { delta };
+        let delta = if transpose {
+            delta.f_tr().map_err(torch(name))?
+        } else {
+            delta
+        };
         let (a, b, randomized) = factor(&delta, options, name).map_err(torch(name))?;
         let rank = a.size()[0] as usize;
-        let rebuilt = b.matmul(&a);
-        let norm = delta.norm().double_value(&[]);
-        let error = (&delta - &rebuilt).norm().double_value(&[]);
+        let norm_of = |t: &Tensor| t.f_norm().and_then(|n| n.f_double_value(&[]));
+        let norm = norm_of(&delta).map_err(torch(name))?;
+        let error = b
+            .f_matmul(&a)
+            .and_then(|rebuilt| delta.f_sub(&rebuilt))
+            .and_then(|residual| norm_of(&residual))
+            .map_err(torch(name))?;
         let relative_error = if norm > 0.0 { error / norm } else { 0.0 };
         let (a, b) = (
             a.f_to_kind(stored).map_err(torch(name))?,
@@ -189,7 +205,7 @@ pub fn extract(
         });
         progress(name);
     }
-    let r = ranks.values().copied().max().unwrap_or(options.rank);
+    let r = ranks.values().copied().max().unwrap_or(options.rank.max(1));
     let lower: serde_json::Map<String, serde_json::Value> = ranks
         .iter()
         .filter(|&(_, &k)| k != r)
@@ -236,8 +252,9 @@ pub fn extract(
     })
 }
 
-/// (A, B, randomized) with B·A ≈ `delta`, A = √S·Vᵀ and B = U·√S truncated
-/// to the rank and `sv_epsilon`.
+/// (A, B, randomized) with B·A ≈ `delta` (2-D, not empty), A = √S·Vᵀ and
+/// B = U·√S truncated to the rank and `sv_epsilon`, keeping at least one
+/// singular value (peft refuses rank 0; an unchanged module's is zero).
 fn factor(
     delta: &Tensor,
     options: &ExtractOptions,
@@ -245,7 +262,11 @@ fn factor(
 ) -> std::result::Result<(Tensor, Tensor, bool), tch::TchError> {
     let (m, n) = (delta.size()[0], delta.size()[1]);
     let smaller = m.min(n);
-    let want = (options.rank as i64).min(smaller);
+    // A rank beyond i64 (`--rank` is a usize) is the full rank.
+    let want = i64::try_from(options.rank)
+        .unwrap_or(i64::MAX)
+        .min(smaller)
+        .max(1);
     let randomized = smaller > RANDOMIZED_ABOVE && want * 4 < smaller;
     let (u, s, vh) = if randomized {
         randomized_svd(delta, want, options.seed, name)?
@@ -254,12 +275,15 @@ fn factor(
     };
     let mut rank = want.min(s.size()[0]);
     if options.sv_epsilon > 0.0 {
-        let above = s.gt(options.sv_epsilon).sum(Kind::Int64).int64_value(&[]);
-        rank = rank.min(above);
+        let above = s
+            .f_gt(options.sv_epsilon)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        rank = rank.min(above.max(1));
     }
-    let root = s.narrow(0, 0, rank).sqrt();
-    let a = root.unsqueeze(1) * vh.narrow(0, 0, rank);
-    let b = u.narrow(1, 0, rank) * root.unsqueeze(0);
+    let root = s.f_narrow(0, 0, rank)?.f_sqrt()?;
+    let a = root.f_unsqueeze(1)?.f_mul(&vh.f_narrow(0, 0, rank)?)?;
+    let b = u.f_narrow(1, 0, rank)?.f_mul(&root.f_unsqueeze(0)?)?;
     Ok((a, b, randomized))
 }
 
@@ -284,20 +308,20 @@ fn randomized_svd(
     let omega = seeded_normal(
         &[n, columns],
         amalgam_checkpoint::stream_seed(seed, name, 0),
-    );
+    )?;
     let orthonormal = |t: Tensor| Tensor::f_linalg_qr(&t, "reduced").map(|(q, _)| q);
     let mut q = orthonormal(x.f_matmul(&omega)?)?;
     for _ in 0..2 {
-        let z = orthonormal(x.tr().f_matmul(&q)?)?;
+        let z = orthonormal(x.f_tr()?.f_matmul(&q)?)?;
         q = orthonormal(x.f_matmul(&z)?)?;
     }
-    let small = q.tr().f_matmul(x)?;
+    let small = q.f_tr()?.f_matmul(x)?;
     let (u_small, s, vh) = svd(&small)?;
     Ok((q.f_matmul(&u_small)?, s, vh))
 }
 
 /// Standard normal entries from a seeded stream (independent of libtorch's global generator).
-fn seeded_normal(shape: &[i64], seed: u64) -> Tensor {
+fn seeded_normal(shape: &[i64], seed: u64) -> std::result::Result<Tensor, tch::TchError> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
@@ -305,7 +329,7 @@ fn seeded_normal(shape: &[i64], seed: u64) -> Tensor {
     let values: Vec<f32> = (0..count)
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
-    Tensor::from_slice(&values).reshape(shape)
+    Tensor::from_slice(&values).f_reshape(shape)
 }
 
 #[cfg(test)]
@@ -326,9 +350,9 @@ mod tests {
     /// change as the exact SVD does, and is seeded.
     #[test]
     fn randomized_svd_recovers_low_rank_changes() {
-        let left = seeded_normal(&[1300, 6], 1);
-        let right = seeded_normal(&[6, 1100], 2);
-        let noise = seeded_normal(&[1300, 1100], 4) * 1e-4;
+        let left = seeded_normal(&[1300, 6], 1).unwrap();
+        let right = seeded_normal(&[6, 1100], 2).unwrap();
+        let noise = seeded_normal(&[1300, 1100], 4).unwrap() * 1e-4;
         let delta = left.matmul(&right) + noise;
         let (a, b, randomized) = factor(&delta, &options(16), "m").unwrap();
         assert!(randomized);

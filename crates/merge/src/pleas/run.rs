@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use super::statistics::Metric;
 use super::{Matching, Plan, Widen};
 use crate::source::Source;
-use crate::{MergeError, Progress, Result, RunOptions, WholeModelMethod};
+use crate::{MergeError, Progress, Result, RunOptions, RunReport, WholeModelMethod};
 
 /// PLeaS in the whole-model registry.
 pub struct Pleas;
@@ -31,7 +31,7 @@ impl WholeModelMethod for Pleas {
         out: &Path,
         options: &RunOptions,
         progress: &dyn Progress,
-    ) -> Result<String> {
+    ) -> Result<RunReport> {
         run(recipe, out, options, progress)
     }
 }
@@ -61,7 +61,7 @@ fn run(
     out: &Path,
     options: &RunOptions,
     progress: &dyn Progress,
-) -> Result<String> {
+) -> Result<RunReport> {
     let started = Instant::now();
     let pleas = PleasRecipe::from_recipe(recipe)?;
     let checkpoints = pleas
@@ -238,7 +238,44 @@ fn run(
         gb(peak - memory.peak()),
     );
     if options.dry_run {
-        return Ok(summary);
+        let json = serde_json::json!({
+            "method": "pleas",
+            "models": [&pleas.models[0].path, &pleas.models[1].path],
+            "layers": plan.shape.ffn.len(),
+            "hidden": plan.shape.hidden,
+            "ffn": plan.shape.ffn,
+            "matching": format!("{:?}", settings.matching),
+            "budget": settings.budget,
+            "merged": {
+                "hidden": plan.hidden(),
+                "separate_residual": plan.allocation.residual,
+                "kv_heads": plan.kv_heads(),
+                "separate_kv_groups": plan.allocation.kv_groups,
+                "ffn": plan.ffn(),
+                "parameters": plan.parameters(),
+                "input_parameters": plan.input_parameters,
+            },
+            "passes": if plan.needs_residual_pass(settings.matching) { 2 } else { 1 },
+            "calibration": {
+                "source": pleas.calibration,
+                "batches": batches.len(),
+                "batch": batch,
+                "seq_len": pleas.seq_len,
+            },
+            "peak_memory_estimate": peak,
+            "memory": {
+                "residual_pass": memory.residual_pass,
+                "layers": memory.layers,
+                "ends": memory.ends,
+                "weight_matching": memory.weight_matching,
+                "process_and_forward": peak - memory.peak(),
+            },
+            "threads": threads,
+        });
+        return Ok(RunReport {
+            text: summary,
+            json,
+        });
     }
     tracing::info!("{summary}");
     let source = |i: usize| {
@@ -295,15 +332,25 @@ fn run(
         extra_files: &[],
     };
     let out = writer.finish(&card, &files)?;
-    Ok(format!(
-        "merged 2 models with pleas into {}: {} parameters ({ratio:.3}×), hidden size {}, \
-         FFN widths {:?}; {phases}, total {:.1} s",
-        out.display(),
-        plan.parameters(),
-        plan.hidden(),
-        plan.ffn(),
-        started.elapsed().as_secs_f64()
-    ))
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(RunReport {
+        text: format!(
+            "merged 2 models with pleas into {}: {} parameters ({ratio:.3}×), hidden size {}, \
+             FFN widths {:?}; {phases}, total {seconds:.1} s",
+            out.display(),
+            plan.parameters(),
+            plan.hidden(),
+            plan.ffn(),
+        ),
+        json: serde_json::json!({
+            "method": "pleas",
+            "out": out,
+            "parameters": plan.parameters(),
+            "hidden": plan.hidden(),
+            "ffn": plan.ffn(),
+            "seconds": seconds,
+        }),
+    })
 }
 
 /// Per-layer widths, `N × W` when every layer has the same.

@@ -170,6 +170,53 @@ fn missing_weight_names_the_model_line() {
     assert_eq!(err, "r.yml:10:12: missing parameter `weight` for model `b` (tensor `model.embed_tokens.weight`), required by `ties`");
 }
 
+/// A required parameter given without a value (`t: []`) is reported at its
+/// own line, not at `merge_method:` as missing.
+#[test]
+fn a_required_parameter_without_a_value_points_at_its_line() {
+    let slerp = MethodSpec {
+        name: "slerp",
+        base: BasePolicy::Required,
+        params: vec![ParamSpec {
+            name: "t",
+            kind: ParamKind::Number,
+            scope: ParamScope::Shared,
+            default: None,
+            check: None,
+            warn: None,
+        }],
+        min_models: 1,
+        max_models: Some(1),
+    };
+    let models = "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n";
+    let two = [llama(2, 32), llama(2, 32)];
+    let err = plan(&format!("{models}parameters:\n  t: []\n"), &slerp, &two).unwrap_err();
+    assert_eq!(
+        err,
+        "r.yml:7:3: parameter `t` is an empty list for tensor `model.embed_tokens.weight`, and \
+         `slerp` requires it: give a value (a number, or a list of at least one)"
+    );
+    let filtered = format!("{models}parameters:\n  t:\n    - filter: mlp\n      value: 0.5\n");
+    let err = plan(&filtered, &slerp, &two).unwrap_err();
+    assert!(
+        err.starts_with("r.yml:7:3: parameter `t` gives no value (no entry's filter matches it"),
+        "{err}"
+    );
+    let err = plan(&format!("{models}parameters:\n  t: 0.5\n"), &slerp, &two);
+    assert!(err.is_ok(), "{err:?}");
+    let per_model = TIES.replace("      weight: 1\n", "      weight: []\n");
+    let err = plan(
+        &per_model,
+        &ties(),
+        &[llama(2, 32), llama(2, 32), llama(2, 32)],
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with("r.yml:12:7: parameter `weight` for model `b` is an empty list"),
+        "{err}"
+    );
+}
+
 #[test]
 fn density_outside_range_points_at_the_setting() {
     let text = TIES.replace("density: 0.9", "density: 1.5");
