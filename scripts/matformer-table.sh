@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's MatFormer table and plot (docs/matformer-pareto-SIZE.png): builds
+# The book's MatFormer results (docs/src/results/matformer.md): prints the table
+# and draws the plot (docs/src/images/matformer-pareto-SIZE.png). Builds
 # (or reuses) the zoo's matformer set, extracts S/M/L/XL and every Mix'n'Match
 # choice the budget rule admits (granularities that never narrow with depth and
 # rise one step at most between layers), plus the same choices reversed
@@ -57,11 +58,11 @@ evaluate uniform.json "${uniform[@]}" --reference "$zoo/matformer"
 evaluate rule.json "${rule[@]}" --reference "$zoo/matformer"
 evaluate against.json "${against[@]}" --reference "$zoo/matformer"
 evaluate baselines.json "$zoo/baseline-s" "$zoo/baseline-m" "$zoo/baseline-l" "$zoo/base"
-mkdir -p docs
+mkdir -p docs/src/images
 $amalgam pareto \
   --series "MatFormer S/M/L/XL=$out/uniform.json" \
   --series "Mix'n'Match, widening with depth=$out/rule.json" \
   --series "Mix'n'Match, narrowing with depth=$out/against.json" \
   --series "Trained separately=$out/baselines.json" \
   --title "MatFormer submodels ($size zoo): parameters vs. held-out loss" \
-  --png "docs/matformer-pareto-$size.png" --force
+  --png "docs/src/images/matformer-pareto-$size.png" --force

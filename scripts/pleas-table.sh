@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's PLeaS tables: builds (or reuses) the zoo and merges two pairs
+# The book's PLeaS tables (docs/src/results/pleas.md), printed: builds (or
+# reuses) the zoo and merges two pairs
 # that share no base — `base` + `init-b` (same data, different
 # initialisations) and `expert-prose` + `init-b-code` (experts from different
 # bases on different domains) — by naive averaging, permute-then-average,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's stitching tables and plots: builds (or reuses) the zoo's
+# The book's stitching results (docs/src/results/stitching.md): tables and plots
+# (docs/src/images/). Builds (or reuses) the zoo's
 # stitching set, then joins three anchor pairs and evaluates every network of
 # each family:
 # - anchor-small and base, and the same two trained further (all in
-#   docs/stitch-pareto-SIZE.png): least squares only (recipes/stitch/zoo.yml),
+#   docs/src/images/stitch-pareto-SIZE.png): least squares only (recipes/stitch/zoo.yml),
 #   trained (zoo-trained.yml), trained with distillation from base
 #   (zoo-distilled.yml), both for four times the steps (zoo-trained-long.yml,
 #   zoo-distilled-long.yml), distilled for four times the steps with the
@@ -11,15 +12,15 @@
 #   and as zoo-distilled-long.yml (long-anchors*.yml);
 # - the same pair distilled for 12 and 36 times the steps
 #   (zoo-distilled-longer.yml, zoo-distilled-longest.yml: whether route
-#   training converges; docs/stitch-pareto-SIZE-steps.png);
+#   training converges; docs/src/images/stitch-pareto-SIZE-steps.png);
 # - the deep pair of one depth at two widths (deep*.yml), least squares, as
 #   zoo-distilled-long.yml and as zoo-distilled-longer.yml
-#   (docs/stitch-pareto-SIZE-deep.png).
+#   (docs/src/images/stitch-pareto-SIZE-deep.png).
 # Usage: scripts/stitch-table.sh [small|micro]
 source "$(dirname "${BASH_SOURCE[0]}")/table-env.sh"
 $amalgam zoo build --size "$size" --set stitching --dir work/zoo
 out=work/stitch/$size
-mkdir -p "$out" docs
+mkdir -p "$out" docs/src/images
 for recipe in zoo zoo-trained zoo-distilled zoo-trained-long zoo-distilled-long \
   zoo-distilled-longer zoo-distilled-longest zoo-frozen long-anchors long-anchors-distilled \
   deep deep-distilled deep-distilled-longer; do
@@ -37,17 +38,17 @@ $amalgam pareto --x flops \
   --series "anchors trained further: least squares=$out/long-anchors.json" \
   --series "anchors trained further: distilled 4x=$out/long-anchors-distilled.json" \
   --title "SN-Net family ($size zoo): FLOPs per token vs. held-out loss" \
-  --png "docs/stitch-pareto-$size.png" --force
+  --png "docs/src/images/stitch-pareto-$size.png" --force
 $amalgam pareto --x flops \
   --series "distilled 1000 steps=$out/zoo-distilled.json" \
   --series "distilled 4000 steps=$out/zoo-distilled-long.json" \
   --series "distilled 12000 steps=$out/zoo-distilled-longer.json" \
   --series "distilled 36000 steps=$out/zoo-distilled-longest.json" \
   --title "SN-Net family ($size zoo): route training for longer" \
-  --png "docs/stitch-pareto-$size-steps.png" --force
+  --png "docs/src/images/stitch-pareto-$size-steps.png" --force
 $amalgam pareto --x flops \
   --series "least squares=$out/deep.json" \
   --series "distilled 4000 steps=$out/deep-distilled.json" \
   --series "distilled 12000 steps=$out/deep-distilled-longer.json" \
   --title "SN-Net family of one depth ($size zoo, 8 blocks, 64 and 128 wide)" \
-  --png "docs/stitch-pareto-$size-deep.png" --force
+  --png "docs/src/images/stitch-pareto-$size-deep.png" --force

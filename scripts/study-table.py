@@ -1,5 +1,6 @@
-"""Formats scripts/study-table.sh's evaluation (OUT/eval.json) as the README's
-merging-study tables (Markdown on stdout).
+"""Formats scripts/study-table.sh's evaluation (OUT/eval.json) as the book's
+merging-study tables (Markdown on stdout; the script writes them to
+docs/src/results/study-SIZE.md).
 
     python scripts/study-table.py work/study/small
 

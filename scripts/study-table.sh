@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The README's merging study (docs/study-SIZE.md): builds (or reuses) the zoo's
+# The book's merging study: every table, written to docs/src/results/study-SIZE.md
+# (the small zoo's page is linked from docs/src/results/merging-study.md). Builds
+# (or reuses) the zoo's
 # study set, merges the first 2, 3 and 4 study experts of `base`, of the
 # shorter-trained `base-short` and of the longer-trained `base-long` with linear,
 # task arithmetic, TIES and DARE-TIES —
@@ -62,7 +64,7 @@ $amalgam eval "${models[@]}" --domains german,c,spanish,perl,italian,cpp \
   --seq-len "$window" --json -q > "$out/eval.json"
 # How strong each base is where they trained: the general domains.
 $amalgam eval "$zoo/base" "$zoo/base-short" "$zoo/base-long" --seq-len "$window" --json -q > "$out/eval-general.json"
-mkdir -p docs
-.venv/bin/python scripts/study-table.py "$out" > "docs/study-$size.md"
-cat "docs/study-$size.md"
+mkdir -p docs/src/results
+.venv/bin/python scripts/study-table.py "$out" > "docs/src/results/study-$size.md"
+cat "docs/src/results/study-$size.md"
 echo "study-table: $(( $(date +%s) - started )) s (zoo included)" >&2

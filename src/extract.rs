@@ -10,7 +10,7 @@ use anyhow::{anyhow, Result};
 
 /// Extract a nested submodel: per-layer FFN widths (the first m hidden units)
 /// and skipped layers, from an extraction recipe (`kind: extract`, see the
-/// README) or from a row of a slicing table in Google's format.
+/// book's MatFormer guide) or from a row of a slicing table in Google's format.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     amalgam extract recipes/extract/matformer-m.yml work/matformer-m\n  \

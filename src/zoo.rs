@@ -17,7 +17,7 @@ pub struct Args {
 enum ZooCommand {
     /// Train every zoo model that is missing or out of date.
     Build {
-        /// micro (seconds, for CI) or small (minutes, the README's numbers).
+        /// micro (seconds, for CI) or small (minutes, the book's results).
         #[arg(long, default_value = "small")]
         size: String,
         /// Where the zoo lives; each size gets its own subdirectory.

@@ -1,5 +1,5 @@
 //! Helpers shared by the end-to-end tests: run the binary, ask the Python oracles.
-#![allow(dead_code)] // each test binary uses its own subset
+#![allow(dead_code)] // each tier uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -42,8 +42,27 @@ where
     String::from_utf8(out.stderr).unwrap()
 }
 
-/// `amalgam zoo build --size micro [--set SET] --dir DIR`: the members' names.
-pub fn build_micro_zoo(dir: &Path, set: Option<&str>) -> Vec<String> {
+/// The micro zoo this run's tests share: `amalgam zoo build --size micro
+/// [--set SET]` into one directory, so members several sets hold (`base`
+/// above all) are trained once per run. Builds are serialised (a set already
+/// built is only checked); the directory is emptied at the first use in each
+/// run. The `micro` directory and the set's member names.
+pub fn micro_zoo(set: Option<&str>) -> (PathBuf, Vec<String>) {
+    static ZOO: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    assert!(
+        crate::ORACLE_TIER,
+        "the everyday tier trains no zoo: move this test to tests/oracle/"
+    );
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("micro-zoo");
+    // A test that failed while building leaves the lock poisoned; the zoo's own
+    // records decide what is reusable, so carry on.
+    let mut started = ZOO.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !*started {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        *started = true;
+    }
     let mut args: Vec<&std::ffi::OsStr> = ["zoo", "build", "--size", "micro"]
         .map(std::ffi::OsStr::new)
         .to_vec();
@@ -51,10 +70,11 @@ pub fn build_micro_zoo(dir: &Path, set: Option<&str>) -> Vec<String> {
         args.extend(["--set", set].map(std::ffi::OsStr::new));
     }
     args.extend(["--dir".as_ref(), dir.as_os_str()]);
-    ok(args)
+    let members = ok(args)
         .lines()
         .map(|l| l.split('\t').next().unwrap().to_owned())
-        .collect()
+        .collect();
+    (dir.join("micro"), members)
 }
 
 pub fn synth(out: &Path, extra: &[&str]) {
@@ -74,6 +94,10 @@ pub fn inspect_json(dir: &Path, hashes: bool) -> Value {
 
 /// The project venv's Python (scripts/setup.sh makes it).
 pub fn python() -> PathBuf {
+    assert!(
+        crate::ORACLE_TIER,
+        "the everyday tier runs no Python: move this test to tests/oracle/"
+    );
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     assert!(
         python.exists(),
@@ -310,3 +334,101 @@ pub fn model_with_tokenizer(
     );
     model
 }
+
+/// `amalgam merge RECIPE OUT EXTRA…` (no -q: warnings are part of what is tested).
+pub fn merge_run(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .args(["merge".as_ref(), recipe.as_os_str(), out.as_os_str()])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Writes `text` to `dir/NAME`; its path.
+pub fn write_recipe(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Exit 1 (an error, not a panic or an abort), every needle in stderr; the stderr.
+pub fn refused(result: &Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "missing {needle:?} in: {stderr}");
+    }
+    stderr
+}
+
+/// [`refused`], and nothing written at `out`.
+pub fn refused_unwritten(result: &Output, out: &Path, needles: &[&str]) {
+    refused(result, needles);
+    assert!(!out.exists(), "nothing written");
+}
+
+/// Success; the stderr (warnings included).
+pub fn succeeded(result: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert!(result.status.success(), "{stderr}");
+    stderr
+}
+
+/// A tiny family (base + 2 fine-tunes, single files) under `dir/m`.
+pub fn synth_family(dir: &Path) -> PathBuf {
+    synth(&dir.join("m"), &["--finetunes", "2"]);
+    dir.join("m")
+}
+
+/// The example models the recipes in recipes/ refer to, under `dir/work/example`.
+pub fn example_models(dir: &Path) {
+    synth(
+        &dir.join("work/example"),
+        &["--finetunes", "2", "--seed", "0"],
+    );
+}
+
+/// The recipes shipped in recipes/ (top level).
+pub fn shipped_recipes() -> Vec<PathBuf> {
+    let mut recipes: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+            .collect();
+    recipes.sort();
+    recipes
+}
+
+/// Runs `amalgam merge ARGS…` in `dir` (recipes use paths relative to the
+/// working directory) and expects success.
+pub fn merge_in(dir: &Path, args: &[&std::ffi::OsStr]) {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["merge".as_ref()];
+    all.extend_from_slice(args);
+    let result = amalgam_in(dir, &all);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+/// `amalgam ARGS… -q` run in `dir`.
+pub fn amalgam_in(dir: &Path, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .current_dir(dir)
+        .args(args)
+        .arg("-q")
+        .output()
+        .unwrap()
+}
+
+/// A DARE-TIES recipe over [`example_models`].
+pub const DARE_RECIPE: &str = "merge_method: dare_ties
+base_model: work/example/base
+models:
+  - model: work/example/finetune-1
+    parameters: {weight: 0.5, density: 0.3}
+  - model: work/example/finetune-2
+    parameters: {weight: 0.5, density: 0.6}
+";

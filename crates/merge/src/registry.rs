@@ -5,7 +5,7 @@
 use crate::methods::*;
 use crate::{MergeMethod, WholeModelMethod};
 
-/// All methods, in the order the README lists them.
+/// All methods, in the order the book's method reference lists them.
 pub static METHODS: &[&dyn MergeMethod] = &[
     &linear::Linear,
     &task_arithmetic::TASK_ARITHMETIC,

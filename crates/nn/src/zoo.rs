@@ -96,7 +96,7 @@ fn schedule(steps: usize, batch: usize, seq_len: usize, lr: f64) -> TrainOptions
 }
 
 impl ZooSize {
-    /// `micro` (seconds; for CI) or `small` (minutes; the README's numbers).
+    /// `micro` (seconds; for CI) or `small` (minutes; the book's results).
     pub fn named(name: &str) -> Option<ZooSize> {
         match name {
             "micro" => Some(ZooSize {

@@ -5,6 +5,9 @@
 //! document is cut into pieces and encodings; what it holds does not grow with
 //! the document; [`TextFile`] hands on a file's documents in bounded pieces.
 
+/// Whether this binary may call the Python oracles (no: everyday tier).
+const ORACLE_TIER: bool = false;
+
 mod common;
 
 use std::path::{Path, PathBuf};

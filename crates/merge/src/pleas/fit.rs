@@ -11,7 +11,7 @@
 //! fitted to the model's layer with the norm folded in (`W·diag(γ)`, and
 //! `b + W·β` for LayerNorm's shift); the merged norm then only normalises.
 //! (Normalising the combined stream instead, as the merged model literally
-//! does, was measured: worse at 1×, a little better at 2× — README.)
+//! does, was measured: worse at 1×, a little better at 2× — the book's PLeaS results.)
 //! Norms after a layer (Gemma 2/3's and OLMo 2's post-norms) and q/k norms
 //! are not folded: the layer is fitted to each model's pre-norm output and
 //! the merged norm is the aligned average of the two.

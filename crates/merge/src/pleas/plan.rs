@@ -238,7 +238,7 @@ pub struct Allocation {
 
 /// The allocation rule, for a `target` stored parameter count. Attention
 /// first: as many KV groups per layer as fit are kept separate (merged heads
-/// are what an average of two unrelated models loses most — see the README).
+/// are what an average of two unrelated models loses most — see the book's PLeaS results).
 /// Then the residual stream and every FFN keep the same fraction `r` of
 /// their units separate, `r` the largest in [0, 1] that fits (the residual
 /// stream's width rounded to a multiple of the head count, as transformers

@@ -12,6 +12,10 @@ pub fn root() -> PathBuf {
 /// Runs `script` (a path under the repository root) with the venv's Python,
 /// which must succeed; the JSON it prints.
 pub fn python_json<S: AsRef<OsStr>>(script: &str, args: &[S]) -> serde_json::Value {
+    assert!(
+        crate::ORACLE_TIER,
+        "the everyday tier runs no Python: move this test to tests/oracle/"
+    );
     let out = Command::new(root().join(".venv/bin/python"))
         .arg(root().join(script))
         .args(args)
