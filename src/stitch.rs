@@ -140,9 +140,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         pair,
         [kinds[0], kinds[1]],
         routes,
-        recipe.samples,
-        recipe.seq_len,
-        recipe.batch,
+        recipe.calibration.samples,
+        recipe.calibration.seq_len,
+        recipe.calibration.batch,
     );
     // Training holds both anchors whole (F32; with gradients and Adam's two
     // moments when they train), every block's activations of a batch and
@@ -191,19 +191,29 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             .train
             .as_ref()
             .map_or(0, |t| t.seq_len)
-            .max(recipe.seq_len);
+            .max(recipe.calibration.seq_len);
         let models: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
         TokenSource::open(
-            &recipe.source,
-            &recipe.field,
+            &recipe.calibration.source,
+            &recipe.calibration.field,
             configs[0].vocab_size,
             &models,
             longest,
             seed,
         )
-        .map_err(|e| anyhow!("{}:{}: {e}", recipe.source_name, recipe.source_at))
+        .map_err(|e| {
+            anyhow!(
+                "{}:{}: {e}",
+                recipe.source_name,
+                recipe.calibration.source_at
+            )
+        })
     };
-    let batches = text_source(recipe.seed)?.batches(recipe.samples, recipe.batch, recipe.seq_len);
+    let batches = text_source(recipe.calibration.seed)?.batches(
+        recipe.calibration.samples,
+        recipe.calibration.batch,
+        recipe.calibration.seq_len,
+    );
     let sources: Vec<Box<Source<'_>>> = dirs
         .iter()
         .zip(&kinds)
@@ -332,7 +342,11 @@ fn print_plan(
     println!(
         "calibration: {} × {} tokens from `{}`, {} per forward pass; ridge {} (relative to \
          the mean diagonal of XᵀX)",
-        recipe.samples, recipe.seq_len, recipe.source, recipe.batch, recipe.ridge
+        recipe.calibration.samples,
+        recipe.calibration.seq_len,
+        recipe.calibration.source,
+        recipe.calibration.batch,
+        recipe.ridge
     );
     println!(
         "streams kept: anchor-{}'s at {} block boundaries ({:.2} GB); anchor-{} walked block \

@@ -49,10 +49,7 @@ where
 /// run. The `micro` directory and the set's member names.
 pub fn micro_zoo(set: Option<&str>) -> (PathBuf, Vec<String>) {
     static ZOO: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    assert!(
-        crate::ORACLE_TIER,
-        "the everyday tier trains no zoo: move this test to tests/oracle/"
-    );
+    oracle_tier_only("trains no zoo");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("micro-zoo");
     // A test that failed while building leaves the lock poisoned; the zoo's own
     // records decide what is reusable, so carry on.
@@ -94,10 +91,7 @@ pub fn inspect_json(dir: &Path, hashes: bool) -> Value {
 
 /// The project venv's Python (scripts/setup.sh makes it).
 pub fn python() -> PathBuf {
-    assert!(
-        crate::ORACLE_TIER,
-        "the everyday tier runs no Python: move this test to tests/oracle/"
-    );
+    oracle_tier_only("runs no Python");
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     assert!(
         python.exists(),
@@ -432,3 +426,10 @@ models:
   - model: work/example/finetune-2
     parameters: {weight: 0.5, density: 0.6}
 ";
+
+/// Stops a test that would do what only the oracle tier does (`what`).
+fn oracle_tier_only(what: &str) {
+    if !crate::ORACLE_TIER {
+        panic!("the everyday tier {what}: move this test to tests/oracle/");
+    }
+}

@@ -6,6 +6,7 @@
 //! tensors, no I/O — the caller describes its models as [`ModelInventory`]s
 //! and the merge method as a [`MethodSpec`].
 
+mod calibration;
 mod chat_template;
 mod error;
 mod extract;
@@ -20,6 +21,7 @@ mod tokenizer;
 mod tune;
 mod yaml;
 
+pub use calibration::{Calibration, CalibrationBlock};
 pub use chat_template::ChatTemplate;
 pub use error::{Location, RecipeError};
 pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};

@@ -2,7 +2,8 @@
 //! merged by permutation alignment and least squares, with the method's own
 //! `parameters` (all optional).
 
-use crate::{Location, ModelRef, Recipe, RecipeError, Scalar, Setting};
+use crate::calibration::check_count;
+use crate::{Calibration, ModelRef, Recipe, RecipeError, Scalar, Setting};
 
 const PARAMETERS: &[&str] = &[
     "matching",
@@ -41,15 +42,10 @@ pub struct PleasRecipe {
     pub metric: String,
     /// Parameters as a multiple of one model's, 1 to 2.
     pub budget: f64,
-    /// `mixture`, a corpus domain, or `random` token sequences; the caller
-    /// resolves the name (and reports errors at `calibration_at`).
-    pub calibration: String,
-    pub calibration_at: Location,
-    /// The field of each line of a `.jsonl` calibration file that holds its text.
-    pub calibration_field: String,
-    pub samples: usize,
-    pub seq_len: usize,
-    pub batch: usize,
+    /// The recipe's `calibration:` block; the older spelling, `calibration`
+    /// (the source), `calibration_field`, `samples`, `seq_len` and `batch`
+    /// among the parameters, is read too.
+    pub calibration: Calibration,
     pub ridge: f64,
     /// `float32` or `float64` normal equations.
     pub precision: String,
@@ -57,6 +53,7 @@ pub struct PleasRecipe {
     /// `all` (the residual stream and every FFN) or `ffn`: which groups a
     /// budget above 1 widens.
     pub widen: String,
+    /// Weight matching's seed (and the calibration's, unless the block sets it).
     pub seed: u64,
 }
 
@@ -97,20 +94,36 @@ impl PleasRecipe {
             matching: PleasMatching::Activation,
             metric: "correlation".into(),
             budget: 1.0,
-            calibration: "mixture".into(),
-            calibration_at: at,
-            calibration_field: "text".into(),
-            samples: 64,
-            seq_len: 128,
-            batch: 16,
+            calibration: Calibration::defaults(64, 128, 16, at),
             ridge: 1e-4,
             precision: "float64".into(),
             least_squares: true,
             widen: "all".into(),
             seed: 0,
         };
+        let block = recipe.calibration.as_ref().map(|(block, _)| block);
+        if let Some(block) = block {
+            out.calibration = block.over(out.calibration);
+        }
         for (name, setting, at) in &recipe.parameters.0 {
             let at = *at;
+            let in_block = match name.as_str() {
+                "calibration" => "source",
+                "calibration_field" => "field",
+                "samples" | "seq_len" | "batch" => name,
+                _ => "",
+            };
+            if let Some((block, block_at)) = &recipe.calibration {
+                if !in_block.is_empty() && block.sets(in_block) {
+                    return Err(recipe.error(
+                        at,
+                        format!(
+                            "the `calibration:` block (line {}) also sets `{in_block}`: give it once",
+                            block_at.line
+                        ),
+                    ));
+                }
+            }
             let Setting::Scalar(value) = setting else {
                 return Err(
                     recipe.error(at, format!("`{name}` takes one value for the whole model"))
@@ -137,18 +150,20 @@ impl PleasRecipe {
                 "budget" => out.budget = number(1.0, 2.0)?,
                 "calibration" => match value {
                     Scalar::Text(t) => {
-                        out.calibration = t.clone();
-                        out.calibration_at = at;
+                        out.calibration.source = t.clone();
+                        out.calibration.source_at = at;
                     }
                     _ => return Err(recipe.error(at, "`calibration` names the calibration data")),
                 },
                 "calibration_field" => match value {
-                    Scalar::Text(t) => out.calibration_field = t.clone(),
+                    Scalar::Text(t) => out.calibration.field = t.clone(),
                     _ => return Err(recipe.error(at, "`calibration_field` names a JSON field")),
                 },
-                "samples" => out.samples = count(1.0)?,
-                "seq_len" => out.seq_len = count(2.0)?,
-                "batch" => out.batch = count(1.0)?,
+                "samples" | "seq_len" | "batch" => {
+                    let n = count(0.0)?;
+                    check_count(name, n).map_err(|message| recipe.error(at, message))?;
+                    out.calibration.set_count(name, n);
+                }
                 "ridge" => out.ridge = number(0.0, f64::MAX)?,
                 "precision" => out.precision = choice(&["float32", "float64"])?,
                 "least_squares" => match value {
@@ -156,7 +171,12 @@ impl PleasRecipe {
                     _ => return Err(recipe.error(at, "`least_squares` is true or false")),
                 },
                 "widen" => out.widen = choice(&["all", "ffn"])?,
-                "seed" => out.seed = count(0.0)? as u64,
+                "seed" => {
+                    out.seed = count(0.0)? as u64;
+                    if !block.is_some_and(|b| b.sets("seed")) {
+                        out.calibration.seed = out.seed;
+                    }
+                }
                 _ => {
                     return Err(recipe.error(
                         at,
@@ -194,7 +214,7 @@ mod tests {
         .unwrap();
         assert_eq!(ok.matching, PleasMatching::Weight);
         assert_eq!((ok.budget, ok.ridge), (1.5, 0.01));
-        assert_eq!(ok.calibration, "random");
+        assert_eq!(ok.calibration.source, "random");
         assert_eq!(ok.models[1].path, "b");
         let error = |text: &str| parse(text).unwrap_err().to_string();
         let models = "merge_method: pleas\nmodels:\n  - model: a\n  - model: b\n";
@@ -205,5 +225,56 @@ mod tests {
             .contains("unknown pleas parameter"));
         assert!(error("merge_method: pleas\nmodels:\n  - model: a\n").contains("two models"));
         assert!(error(&format!("base_model: c\n{models}")).contains("base_model"));
+    }
+
+    #[test]
+    fn the_calibration_block_and_the_older_parameters_mean_the_same() {
+        let models = "merge_method: pleas\nmodels:\n  - model: a\n  - model: b\n";
+        let block = parse(&format!(
+            "{models}calibration: {{source: notes.jsonl, field: body, samples: 8, seq_len: 16, batch: 4, seed: 3}}\n"
+        ))
+        .unwrap();
+        let flat = parse(&format!(
+            "{models}parameters:\n  calibration: notes.jsonl\n  calibration_field: body\n  samples: 8\n  seq_len: 16\n  batch: 4\n  seed: 3\n"
+        ))
+        .unwrap();
+        let strip = |mut c: Calibration| {
+            c.source_at = Default::default();
+            c
+        };
+        assert_eq!(strip(block.calibration.clone()), strip(flat.calibration));
+        assert_eq!(block.calibration.source_at.line, 5);
+        // The block's seed is the calibration's; `parameters: seed` stays weight matching's.
+        let both = parse(&format!(
+            "{models}calibration: {{seed: 3}}\nparameters:\n  seed: 9\n"
+        ))
+        .unwrap();
+        assert_eq!((both.calibration.seed, both.seed), (3, 9));
+        let error = |text: String| parse(&text).unwrap_err().to_string();
+        let e = error(format!(
+            "{models}calibration: {{samples: 8}}\nparameters:\n  samples: 4\n"
+        ));
+        assert!(
+            e.contains("p.yml:7:") && e.contains("(line 5) also sets `samples`"),
+            "{e}"
+        );
+        let e = error(format!("{models}parameters:\n  seq_len: 1\n"));
+        assert!(
+            e.contains("p.yml:6:") && e.contains("`seq_len` must be at least 2"),
+            "{e}"
+        );
+        let e = Recipe::parse(
+            &format!(
+                "merge_method: linear\n{}calibration: {{samples: 8}}\n",
+                &models[20..]
+            ),
+            "p.yml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("p.yml:5:") && e.contains("`linear` does not"),
+            "{e}"
+        );
     }
 }

@@ -3,7 +3,7 @@
 use crate::params::Setting;
 use crate::tokenizer::{self, TokenizerSource, TokenizerSpec};
 use crate::yaml::{load, location, Node, Reader};
-use crate::{ChatTemplate, Location, RecipeError};
+use crate::{CalibrationBlock, ChatTemplate, Location, RecipeError};
 
 const TOP_LEVEL: &[&str] = &[
     "merge_method",
@@ -17,6 +17,7 @@ const TOP_LEVEL: &[&str] = &[
     "tokenizer_source",
     "tokenizer",
     "chat_template",
+    "calibration",
     "name",
 ];
 const DTYPES: &[&str] = &["float32", "float16", "bfloat16"];
@@ -82,6 +83,9 @@ pub struct Recipe {
     /// `tokenizer_source:` or the `tokenizer:` block.
     pub tokenizer: Option<TokenizerSpec>,
     pub chat_template: Option<ChatTemplate>,
+    /// The `calibration:` block (with its key's location) of methods that
+    /// run the models on text.
+    pub calibration: Option<(CalibrationBlock, Location)>,
     /// A stage's name in a multi-stage recipe (see [`crate::Stages`]).
     pub name: Option<(String, Location)>,
 }
@@ -104,6 +108,7 @@ impl Recipe {
             out_dtype: None,
             tokenizer: None,
             chat_template: None,
+            calibration: None,
             name: None,
         };
         let mut has_models = None;
@@ -156,6 +161,9 @@ impl Recipe {
                         at: location(node),
                     });
                 }
+                "calibration" => {
+                    recipe.calibration = Some((CalibrationBlock::read(&reader, node)?, at))
+                }
                 "chat_template" if Reader::is_null(node) => {}
                 "chat_template" => {
                     let template = reader.string(node, "chat_template")?;
@@ -169,6 +177,17 @@ impl Recipe {
         }
         if recipe.merge_method.is_empty() {
             return Err(reader.error(location(&root), "missing `merge_method`"));
+        }
+        if let Some((_, at)) = &recipe.calibration {
+            if recipe.merge_method != "pleas" {
+                return Err(reader.error(
+                    *at,
+                    format!(
+                        "`calibration:` is read by merges that run the models on text (pleas); `{}` does not",
+                        recipe.merge_method
+                    ),
+                ));
+            }
         }
         match (has_models, has_slices) {
             (Some(_), Some(at)) => {

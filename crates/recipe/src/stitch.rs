@@ -1,11 +1,11 @@
 //! Stitching recipes (`kind: stitch`): which anchors `amalgam stitch` joins
 //! into an SN-Net family, and how the stitching layers are initialised.
 
+use crate::calibration::CalibrationBlock;
 use crate::yaml::{load, location, Reader};
-use crate::{Location, RecipeError};
+use crate::{Calibration, Location, RecipeError};
 
 const KEYS: &[&str] = &["kind", "anchors", "calibration", "ridge", "train"];
-const CALIBRATION_KEYS: &[&str] = &["source", "field", "samples", "seq_len", "batch", "seed"];
 const TRAIN_KEYS: &[&str] = &[
     "steps",
     "batch",
@@ -43,20 +43,8 @@ pub struct StitchRecipe {
     pub text: String,
     /// Two anchor checkpoints (relative to the working directory).
     pub anchors: Vec<(String, Location)>,
-    /// Where calibration (and route training) text comes from: `mixture`
-    /// (the default), a corpus domain, `random`, or a text file; the binary
-    /// resolves the name (and reports errors at `source_at`).
-    pub source: String,
-    pub source_at: Location,
-    /// The field of each line of a `.jsonl` source that holds its text.
-    pub field: String,
-    /// Calibration sequences.
-    pub samples: usize,
-    /// Tokens per calibration sequence.
-    pub seq_len: usize,
-    /// Sequences per forward pass.
-    pub batch: usize,
-    pub seed: u64,
+    /// The calibration text (route training reads the same source).
+    pub calibration: Calibration,
     /// Ridge of the least squares, relative to the mean diagonal of XᵀX
     /// (the bias unpenalised), as PLeaS's.
     pub ridge: f64,
@@ -72,13 +60,7 @@ impl StitchRecipe {
             source_name: source_name.into(),
             text: text.into(),
             anchors: vec![],
-            source: "mixture".into(),
-            source_at: root_at,
-            field: "text".into(),
-            samples: 64,
-            seq_len: 129,
-            batch: 8,
-            seed: 0,
+            calibration: Calibration::defaults(64, 129, 8, root_at),
             ridge: 1e-4,
             train: None,
         };
@@ -103,31 +85,8 @@ impl StitchRecipe {
                     }
                 }
                 "calibration" => {
-                    for (key, value, _) in reader.mapping(node, "calibration", CALIBRATION_KEYS)? {
-                        match key.as_str() {
-                            "source" => {
-                                recipe.source = reader.string(value, "source")?;
-                                recipe.source_at = location(value);
-                                continue;
-                            }
-                            "field" => {
-                                recipe.field = reader.string(value, "field")?;
-                                continue;
-                            }
-                            _ => {}
-                        }
-                        let n = reader.usize(value, &key)?;
-                        match key.as_str() {
-                            "samples" | "seq_len" if n < 2 => {
-                                return Err(reader
-                                    .error(location(value), format!("`{key}` must be at least 2")))
-                            }
-                            "samples" => recipe.samples = n,
-                            "seq_len" => recipe.seq_len = n,
-                            "batch" => recipe.batch = n.max(1),
-                            _ => recipe.seed = n as u64,
-                        }
-                    }
+                    recipe.calibration =
+                        CalibrationBlock::read(&reader, node)?.over(recipe.calibration.clone());
                 }
                 "train" => {
                     let mut train = StitchTraining {
@@ -199,22 +158,36 @@ mod tests {
             "s.yml",
         )
         .unwrap();
-        assert_eq!((r.source.as_str(), r.batch), ("mixture", 8));
+        assert_eq!(
+            (r.calibration.source.as_str(), r.calibration.batch),
+            ("mixture", 8)
+        );
         let file = StitchRecipe::parse(
             "kind: stitch\nanchors: [a, b]\ncalibration: {source: c.jsonl, field: body, batch: 2}\n",
             "s.yml",
         )
         .unwrap();
         assert_eq!(
-            (file.source.as_str(), file.field.as_str(), file.batch),
+            (
+                file.calibration.source.as_str(),
+                file.calibration.field.as_str(),
+                file.calibration.batch
+            ),
             ("c.jsonl", "body", 2)
         );
-        assert_eq!((file.source_at.line, file.source_at.column), (3, 23));
+        assert_eq!(
+            (
+                file.calibration.source_at.line,
+                file.calibration.source_at.column
+            ),
+            (3, 23)
+        );
         assert_eq!(
             r.anchors.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
         );
-        assert_eq!((r.samples, r.seq_len, r.seed, r.ridge), (8, 33, 0, 0.01));
+        let c = &r.calibration;
+        assert_eq!((c.samples, c.seq_len, c.seed, r.ridge), (8, 33, 0, 0.01));
         assert_eq!(r.train, None);
         let t = StitchRecipe::parse(
             "kind: stitch\nanchors: [a, b]\ntrain: {steps: 5, lr: 0.01}\n",

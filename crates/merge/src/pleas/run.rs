@@ -44,16 +44,10 @@ fn calibration(
     vocab: usize,
     models: [&Path; 2],
 ) -> Result<Vec<Tensor>> {
-    let mut source = TokenSource::open(
-        &pleas.calibration,
-        &pleas.calibration_field,
-        vocab,
-        &models,
-        pleas.seq_len,
-        pleas.seed,
-    )
-    .map_err(|e| MergeError::Recipe(recipe.error(pleas.calibration_at, e.to_string())))?;
-    Ok(source.batches(pleas.samples, pleas.batch, pleas.seq_len))
+    let c = &pleas.calibration;
+    let mut source = TokenSource::open(&c.source, &c.field, vocab, &models, c.seq_len, c.seed)
+        .map_err(|e| MergeError::Recipe(recipe.error(c.source_at, e.to_string())))?;
+    Ok(source.batches(c.samples, c.batch, c.seq_len))
 }
 
 fn run(
@@ -128,17 +122,17 @@ fn run(
     // The memory estimate first (from each config alone: a config claiming
     // huge sizes is refused before anything is read), then each config
     // against its weights, then the two models against each other.
-    let batch = pleas.batch.min(pleas.samples);
+    let batch = pleas.calibration.batch.min(pleas.calibration.samples);
     let peak_of = |plan: &Plan, config: &DecoderConfig| {
         let memory = plan.memory(
             &settings,
-            pleas.samples * pleas.seq_len,
-            batch * pleas.seq_len,
+            pleas.calibration.samples * pleas.calibration.seq_len,
+            batch * pleas.calibration.seq_len,
         );
         // Besides: one block's forward pass on one batch, and the process.
         let peak = memory
             .peak()
-            .saturating_add(config.forward_bytes(batch, pleas.seq_len))
+            .saturating_add(config.forward_bytes(batch, pleas.calibration.seq_len))
             .saturating_add(PROCESS_BYTES);
         (memory, peak)
     };
@@ -224,8 +218,8 @@ fn run(
         plan.parameters(),
         batches.len(),
         batch,
-        pleas.seq_len,
-        pleas.calibration,
+        pleas.calibration.seq_len,
+        pleas.calibration.source,
         gb(peak),
         gb(memory.residual_pass),
         gb(memory.layers),
@@ -257,10 +251,10 @@ fn run(
             },
             "passes": if plan.needs_residual_pass(settings.matching) { 2 } else { 1 },
             "calibration": {
-                "source": pleas.calibration,
+                "source": pleas.calibration.source,
                 "batches": batches.len(),
                 "batch": batch,
-                "seq_len": pleas.seq_len,
+                "seq_len": pleas.calibration.seq_len,
             },
             "peak_memory_estimate": peak,
             "memory": {

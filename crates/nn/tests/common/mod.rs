@@ -12,10 +12,7 @@ pub fn root() -> PathBuf {
 /// Runs `script` (a path under the repository root) with the venv's Python,
 /// which must succeed; the JSON it prints.
 pub fn python_json<S: AsRef<OsStr>>(script: &str, args: &[S]) -> serde_json::Value {
-    assert!(
-        crate::ORACLE_TIER,
-        "the everyday tier runs no Python: move this test to tests/oracle/"
-    );
+    oracle_tier_only("runs no Python");
     let out = Command::new(root().join(".venv/bin/python"))
         .arg(root().join(script))
         .args(args)
@@ -27,4 +24,11 @@ pub fn python_json<S: AsRef<OsStr>>(script: &str, args: &[S]) -> serde_json::Val
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// Stops a test that would do what only the oracle tier does (`what`).
+fn oracle_tier_only(what: &str) {
+    if !crate::ORACLE_TIER {
+        panic!("the everyday tier {what}: move this test to tests/oracle/");
+    }
 }

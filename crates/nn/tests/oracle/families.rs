@@ -11,8 +11,7 @@ use crate::common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use amalgam_checkpoint::ModelCard;
-use amalgam_nn::{supported_model_types, tokenizer, Architecture, Decoder, DecoderConfig};
+use amalgam_nn::{supported_model_types, Decoder};
 use common::python_json;
 use tch::{Device, Kind, Tensor};
 
