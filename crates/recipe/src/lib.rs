@@ -7,6 +7,7 @@
 //! and the merge method as a [`MethodSpec`].
 
 mod chat_template;
+mod dtype;
 mod error;
 mod extract;
 mod moe;
@@ -21,6 +22,7 @@ mod tune;
 mod yaml;
 
 pub use chat_template::ChatTemplate;
+pub use dtype::FloatDtype;
 pub use error::{Location, RecipeError};
 pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
 pub use moe::{Expert, GateMode, MoeRecipe, MAX_PROMPTS, MAX_PROMPT_BYTES};
