@@ -49,10 +49,9 @@ where
 /// run. The `micro` directory and the set's member names.
 pub fn micro_zoo(set: Option<&str>) -> (PathBuf, Vec<String>) {
     static ZOO: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    assert!(
-        crate::ORACLE_TIER,
-        "the everyday tier trains no zoo: move this test to tests/oracle/"
-    );
+    if !crate::ORACLE_TIER {
+        panic!("the everyday tier trains no zoo: move this test to tests/oracle/");
+    }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("micro-zoo");
     // A test that failed while building leaves the lock poisoned; the zoo's own
     // records decide what is reusable, so carry on.
@@ -94,10 +93,9 @@ pub fn inspect_json(dir: &Path, hashes: bool) -> Value {
 
 /// The project venv's Python (scripts/setup.sh makes it).
 pub fn python() -> PathBuf {
-    assert!(
-        crate::ORACLE_TIER,
-        "the everyday tier runs no Python: move this test to tests/oracle/"
-    );
+    if !crate::ORACLE_TIER {
+        panic!("the everyday tier runs no Python: move this test to tests/oracle/");
+    }
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     assert!(
         python.exists(),
@@ -411,6 +409,25 @@ pub fn merge_in(dir: &Path, args: &[&std::ffi::OsStr]) {
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
+}
+
+/// `amalgam merge RECIPE out --dry-run --json EXTRA…` run in `dir`: the plan.
+pub fn dry_run_plan(dir: &Path, recipe: &Path, extra: &[&str]) -> Value {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "merge".as_ref(),
+        recipe.as_os_str(),
+        "out".as_ref(),
+        "--dry-run".as_ref(),
+        "--json".as_ref(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let result = amalgam_in(dir, &args);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    serde_json::from_slice(&result.stdout).unwrap()
 }
 
 /// `amalgam ARGS… -q` run in `dir`.
