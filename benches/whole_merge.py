@@ -312,9 +312,9 @@ def large(work, args):
     # a time; an explicit one as large as half the free memory (the old default) lets them overlap.
     for method, budget in [("linear", None), ("ties", None), ("dare_ties", None), ("ties", "8GB")]:
         path = recipe(work, f"large-{method}", method, fam, 2)
-        extra = ["--memory-budget", budget] if budget else []
+        extra = ["--max-memory", budget] if budget else []
         wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out") + extra, f"{args.work}/out", 1)
-        label = f"{method} --memory-budget {budget}" if budget else method
+        label = f"{method} --max-memory {budget}" if budget else method
         result["methods"][label] = {"wall_s": wall, "rss": rss, "anon": anon,
                                     "estimate": dry_run_estimate(path, extra)}
         print(label, result["methods"][label], flush=True)

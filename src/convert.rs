@@ -2,10 +2,9 @@
 
 use std::path::PathBuf;
 
-use amalgam_checkpoint::{
-    copy_checkpoint, parse_byte_size, parse_dtype, Checkpoint, InputRecord, ModelCard, WriteOptions,
-};
-use anyhow::{anyhow, Context, Result};
+use amalgam_checkpoint::{copy_checkpoint, Checkpoint, InputRecord, ModelCard};
+use amalgam_recipe::FloatDtype;
+use anyhow::{Context, Result};
 
 /// Copy a checkpoint into new shards, optionally casting floating-point tensors.
 ///
@@ -22,30 +21,15 @@ pub struct Args {
     output: PathBuf,
     /// Cast floating-point tensors to float32, float16 or bfloat16.
     #[arg(long)]
-    dtype: Option<String>,
-    /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
-    #[arg(long, default_value = "5GB")]
-    out_shard_size: String,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    force: bool,
+    dtype: Option<FloatDtype>,
+    #[command(flatten)]
+    write: crate::options::CheckpointOutput,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let target = match &args.dtype {
-        Some(text) => Some(parse_dtype(text).ok_or_else(|| {
-            anyhow!("unknown --dtype {text:?} (use float32, float16 or bfloat16)")
-        })?),
-        None => None,
-    };
-    let max_shard_bytes = parse_byte_size(&args.out_shard_size)?;
+    let target = args.dtype.map(FloatDtype::safetensors);
     let input = Checkpoint::open(&args.input)?;
-    let options = WriteOptions {
-        max_shard_bytes,
-        force: args.force,
-        inputs: vec![args.input.clone()],
-        allow_nonfinite: false,
-    };
+    let options = args.write.write_options(vec![args.input.clone()]);
     let bar = crate::progress::bytes(
         input
             .tensors()

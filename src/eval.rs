@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
-use amalgam_checkpoint::{hub, kind_from_dtype, parse_dtype, Checkpoint, Dtype};
+use amalgam_checkpoint::{hub, kind_from_dtype, Checkpoint};
 use amalgam_elastic::stitch::{Family, Network};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
-    check_vocabulary, corpus_windows, same_tokens, score_text, try_score_windows, DomainScore,
-    EvalOptions, LanguageModel, TextOptions, Window,
+    check_vocabulary, same_tokens, score_text, try_score_windows, DomainScore, EvalOptions,
+    LanguageModel, TextOptions, Window,
 };
 use amalgam_nn::text::{TextFile, TextTokenizer, CHUNKING};
 use amalgam_nn::{Decoder, DecoderConfig, NnError, PROCESS_BYTES};
+use amalgam_recipe::FloatDtype;
 
 /// A corpus domain's windows, under its name.
 struct Scored {
@@ -58,16 +59,13 @@ pub struct Args {
     /// lm-evaluation-harness scores Hugging Face models).
     #[arg(long, default_value_t = 1)]
     stride: usize,
-    /// Tokens per evaluation window (the model reads all but the last).
-    #[arg(long, default_value_t = 129)]
-    seq_len: usize,
+    #[command(flatten)]
+    windows: crate::options::Windows,
     /// At most this many windows per domain of the corpus (default 256), or
     /// per text file (default: all of it; the text after them is not read,
     /// and bits per byte count the bytes scored).
     #[arg(long)]
     max_windows: Option<usize>,
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
     /// With a stitched family: only these routes (default: every network).
     #[arg(long)]
     route: Vec<String>,
@@ -83,55 +81,32 @@ pub struct Args {
     /// one row per model and domain.
     #[arg(long, conflicts_with = "json")]
     by_model: bool,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: crate::options::DeviceOption,
     /// Compute in this dtype: float32, or bfloat16/float16 for half the
     /// weights' memory (a BF16 checkpoint too big for F32).
     #[arg(long, default_value = "float32")]
-    dtype: String,
-    /// Refuse models whose weights and forward pass are estimated to need
-    /// more than this, e.g. 8GB (default: the memory available).
-    #[arg(long)]
-    max_memory: Option<String>,
-}
-
-/// Domains by name; an unknown one is an error listing the known ones.
-pub fn parse_domains(names: &[String]) -> Result<Vec<Domain>> {
-    names
-        .iter()
-        .map(|name| {
-            Domain::parse(name)
-                .ok_or_else(|| anyhow!("unknown domain {name:?} (known: {})", Domain::names()))
-        })
-        .collect()
-}
-
-/// Refuses a `--seq-len` longer than a domain's held-out text: no window
-/// would be scored (a loss of 0 over nothing). `eval` and `tune` both ask.
-pub(crate) fn check_windows(seq_len: usize, domain: &str, windows: &[Window]) -> Result<()> {
-    if windows.is_empty() {
-        return Err(anyhow!(
-            "--seq-len {seq_len} is longer than the {domain} held-out text"
-        ));
-    }
-    Ok(())
+    dtype: FloatDtype,
+    #[command(flatten)]
+    max_memory: crate::options::MaxMemory,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let domains = if args.domains.is_empty() {
-        Domain::GENERAL.to_vec()
-    } else {
-        parse_domains(&args.domains)?
-    };
     let split = if args.split == "validation" {
         Split::Validation
     } else {
         Split::Eval
     };
-    for domain in &domains {
-        domain.check_split(split)?;
-    }
-    if args.seq_len < 2 {
+    let names = match args.domains.is_empty() {
+        true => Domain::GENERAL
+            .iter()
+            .map(|d| d.name().to_owned())
+            .collect(),
+        false => args.domains.clone(),
+    };
+    let domains = crate::corpus::domains(&names, split)?;
+    let seq_len = args.windows.seq_len;
+    if seq_len < 2 {
         return Err(anyhow!("--seq-len must be at least 2"));
     }
     if args.max_windows == Some(0) {
@@ -142,22 +117,15 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.stride == 0 {
         return Err(anyhow!("--stride must be at least 1"));
     }
-    let device = crate::device::parse(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)
-        .filter(|d| matches!(d, Dtype::F32 | Dtype::BF16 | Dtype::F16))
-        .ok_or_else(|| {
-            anyhow!(
-                "unknown --dtype {:?} (use float32, bfloat16 or float16)",
-                args.dtype
-            )
-        })?;
+    let device = args.device.resolve()?;
+    let dtype = args.dtype.safetensors();
     let options = EvalOptions {
-        seq_len: args.seq_len,
+        seq_len,
         max_windows: args.max_windows.unwrap_or(CORPUS_WINDOWS),
-        batch: args.batch.max(1),
+        batch: args.windows.batch.max(1),
     };
     let text_options = TextOptions {
-        seq_len: args.seq_len,
+        seq_len,
         stride: args.stride,
         batch: options.batch,
         max_windows: args.max_windows,
@@ -179,18 +147,16 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let corpus: Vec<Scored> = match texts.is_empty() {
-        true => domains
-            .iter()
-            .map(|d| Scored {
-                label: d.name().to_owned(),
-                windows: corpus_windows(&d.tokens(split), &options),
+        true => crate::corpus::windows(&domains, split, &options)?
+            .into_iter()
+            .zip(&names)
+            .map(|(windows, name)| Scored {
+                label: name.clone(),
+                windows,
             })
             .collect(),
         false => Vec::new(),
     };
-    for scored in &corpus {
-        check_windows(args.seq_len, &scored.label, &scored.windows)?;
-    }
     // Reading, tokenizing and holding windows of the largest text file.
     let text_bytes = |reference: bool| {
         texts
@@ -210,18 +176,15 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         let config =
             DecoderConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;
         let model_bytes = (config.weight_bytes() / 32 * dtype.bitsize() as u64)
-            .saturating_add(config.forward_bytes(batch, args.seq_len));
-        crate::resources::check_memory(
+            .saturating_add(config.forward_bytes(batch, seq_len));
+        args.max_memory.check(
             model_bytes
                 .saturating_add(resident.get())
                 .saturating_add(text_bytes(args.reference.is_some()))
                 .saturating_add(PROCESS_BYTES),
-            args.max_memory.as_deref(),
-            "--max-memory",
             &format!(
-                "evaluating {} at --batch {batch} --seq-len {}",
+                "evaluating {} at --batch {batch} --seq-len {seq_len}",
                 path.display(),
-                args.seq_len
             ),
         )?;
         let model = Decoder::load_as(path, device, kind)

@@ -39,9 +39,8 @@ pub struct Args {
     /// Seed of the randomized SVD used for large matrices.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    replace: crate::options::Force,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -58,7 +57,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let (base, finetune) = (open(&args.base)?, open(&args.finetune)?);
     let output = OutputDir::create(
         &args.output,
-        args.force,
+        args.replace.force,
         &[base.dir().to_path_buf(), finetune.dir().to_path_buf()],
     )?;
     let options = ExtractOptions {

@@ -2,6 +2,7 @@
 //! One module per subcommand.
 
 mod convert;
+mod corpus;
 mod device;
 mod eval;
 mod extract;
@@ -9,6 +10,7 @@ mod extract_lora;
 mod inspect;
 mod merge;
 mod moe;
+mod options;
 mod pareto;
 mod progress;
 mod resources;
@@ -19,7 +21,7 @@ mod zoo;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +32,7 @@ use clap::{Parser, Subcommand};
         amalgam synth work/models --shape tiny --finetunes 2\n  \
         amalgam merge recipes/ties.yml work/merged\n  \
         amalgam extract recipes/extract/matformer-m.yml work/matformer-m\n  \
+        amalgam stitch recipes/stitch/zoo.yml work/family\n  \
         amalgam inspect work/models/base\n  \
         amalgam convert work/models/base work/base-bf16 --dtype bfloat16 --out-shard-size 1GB\n  \
         amalgam zoo build --size small\n  \
@@ -51,18 +54,66 @@ struct Cli {
 enum Command {
     Merge(merge::Args),
     Moe(moe::Args),
-    Extract(extract::Args),
     ExtractLora(extract_lora::Args),
+    Tune(tune::Args),
+    Extract(extract::Args),
     Stitch(stitch::Args),
-    Inspect(inspect::Args),
-    Convert(convert::Args),
-    Synth(synth::Args),
-    /// Train and cache the model zoo.
-    Zoo(zoo::Args),
     /// Per-domain loss, perplexity and accuracy of models on held-out text.
     Eval(eval::Args),
     Pareto(pareto::Args),
-    Tune(tune::Args),
+    /// Train and cache the model zoo.
+    Zoo(zoo::Args),
+    Inspect(inspect::Args),
+    Convert(convert::Args),
+    Synth(synth::Args),
+}
+
+/// The commands by group, as `amalgam --help` lists them.
+const GROUPS: &[(&str, &[&str])] = &[
+    ("Merge", &["merge", "moe", "extract-lora", "tune"]),
+    ("Elastic", &["extract", "stitch"]),
+    ("Evaluate", &["eval", "pareto", "zoo"]),
+    ("Inspect and convert", &["inspect", "convert", "synth"]),
+];
+
+/// The command line, `--help` listing the commands by group (each with the
+/// first line of its own help) instead of in one list: a template, as clap
+/// has headings for options but not for commands.
+fn command() -> clap::Command {
+    let command = Cli::command();
+    let header = *command.get_styles().get_header();
+    let literal = *command.get_styles().get_literal();
+    let width = GROUPS
+        .iter()
+        .flat_map(|(_, names)| names.iter().map(|n| n.len()))
+        .max()
+        .unwrap_or(0);
+    let mut listing = String::new();
+    for (group, names) in GROUPS {
+        listing += &format!(
+            "{}{group} commands:{}\n",
+            header.render(),
+            header.render_reset()
+        );
+        for name in *names {
+            let about = command
+                .find_subcommand(name)
+                .and_then(|c| c.get_about())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            listing += &format!(
+                "  {}{name:<width$}{}  {about}\n",
+                literal.render(),
+                literal.render_reset()
+            );
+        }
+        listing.push('\n');
+    }
+    let options = format!("{}Options:{}", header.render(), header.render_reset());
+    command.help_template(format!(
+        "{{before-help}}{{about-with-newline}}\n{{usage-heading}} {{usage}}\n\n{listing}\
+         {options}\n{{options}}{{after-help}}"
+    ))
 }
 
 fn main() -> ExitCode {
@@ -78,7 +129,7 @@ fn main() -> ExitCode {
     }
     // Before any thread starts: interrupted runs remove their unfinished outputs.
     amalgam_checkpoint::interrupt::install();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (false, 0) => "info",
@@ -114,5 +165,25 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_is_in_one_group() {
+        let mut grouped: Vec<&str> = GROUPS.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+        grouped.sort_unstable();
+        let cli = Cli::command();
+        let mut commands: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
+        commands.sort_unstable();
+        assert_eq!(grouped, commands);
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        command().debug_assert();
     }
 }

@@ -4,7 +4,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use amalgam_checkpoint::{parse_byte_size, ScratchDir, WriteOptions};
+use amalgam_checkpoint::{ScratchDir, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry::{self, Method};
 use amalgam_merge::RunOptions;
@@ -18,6 +18,12 @@ use anyhow::Result;
 /// output is a complete Hugging Face checkpoint whose model card carries the
 /// recipe and the inputs' content hashes.
 #[derive(clap::Args)]
+#[command(mut_arg("max_memory", |a| a.help(
+    "Most bytes of tensors in flight, e.g. 4GB (default: room for each thread to hold a \
+     typical layer tensor, the largest ones apart, at most half the available memory); for \
+     `pleas`, the most its forward passes may hold (default: the memory available), checked \
+     before anything is loaded"
+)))]
 #[command(after_help = "Examples:\n  \
     amalgam merge recipes/ties.yml work/merged-ties\n  \
     amalgam merge recipes/ties.yml work/merged-ties --dry-run\n  \
@@ -42,27 +48,17 @@ pub struct Args {
     /// Tensors merged at once (default: the number of cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
-    /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
-    #[arg(long, default_value = "5GB")]
-    pub(crate) out_shard_size: String,
-    /// Most bytes of tensors in flight, e.g. 4GB (default: room for each
-    /// thread to hold a typical layer tensor, the largest ones apart, at most
-    /// half the available memory); for `pleas`, the most its forward passes
-    /// may hold (default: the memory available), checked before anything is
-    /// loaded.
-    #[arg(long)]
-    pub(crate) memory_budget: Option<String>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub(crate) device: String,
+    #[command(flatten)]
+    pub(crate) memory: crate::options::MaxMemory,
+    #[command(flatten)]
+    pub(crate) device: crate::options::DeviceOption,
     /// For a multi-stage recipe: keep each named stage's output in DIR/NAME
     /// (a later run reuses one whose recipe is unchanged); default: a scratch
     /// directory beside OUTPUT, removed at the end.
     #[arg(long, value_name = "DIR")]
     pub(crate) intermediate_dir: Option<PathBuf>,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) write: crate::options::CheckpointOutput,
     /// Write the output even if the merge makes NaN or infinite values from
     /// finite inputs (otherwise an error naming the tensor).
     #[arg(long)]
@@ -89,24 +85,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     }
     if stages.is_single() {
         let recipe = stages.run_order.remove(0).recipe;
-        return run_stage(recipe, &args.output, &args, args.force, quiet);
+        return run_stage(recipe, &args.output, &args, args.write.force(), quiet);
     }
     run_stages(stages, &args, quiet)
-}
-
-/// The recipe's method from the registry; an unknown name is an error at its line.
-pub(crate) fn method_of(recipe: &Recipe) -> Result<Method> {
-    let method = registry::get(&recipe.merge_method).ok_or_else(|| {
-        recipe.error(
-            recipe.merge_method_at,
-            format!(
-                "unknown merge method `{}` (known: {})",
-                recipe.merge_method,
-                registry::names().join(", ")
-            ),
-        )
-    })?;
-    Ok(method)
 }
 
 /// A multi-stage recipe: each stage into `--intermediate-dir`/NAME (or a
@@ -119,7 +100,7 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
     for stage in &stages.run_order {
         // Unknown methods and bad inputs of the first stages fail before anything is written.
         if let (Method::PerTensor(method), true) =
-            (method_of(&stage.recipe)?, stage.uses.is_empty())
+            (registry::of_recipe(&stage.recipe)?, stage.uses.is_empty())
         {
             MergeJob::prepare(stage.recipe.clone(), method)?;
         }
@@ -164,7 +145,7 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
         if args.dry_run {
             println!("stage {label} → {}", outputs[i].display());
             if stage.uses.is_empty() {
-                run_stage(recipe, &outputs[i], args, args.force, quiet)?;
+                run_stage(recipe, &outputs[i], args, args.write.force(), quiet)?;
             } else {
                 let used: Vec<&str> = stage
                     .uses
@@ -183,7 +164,7 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             if !quiet {
                 println!("stage {label} → {}", outputs[i].display());
             }
-            run_stage(recipe, &outputs[i], args, args.force, quiet)?;
+            run_stage(recipe, &outputs[i], args, args.write.force(), quiet)?;
             continue;
         }
         let out = &outputs[i];
@@ -325,7 +306,7 @@ fn absolute(path: &Path) -> PathBuf {
 fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let threads = crate::resources::threads(args.threads);
-    let method = match method_of(&recipe)? {
+    let method = match registry::of_recipe(&recipe)? {
         Method::PerTensor(method) => method,
         Method::WholeModel(method) => {
             if args.part.is_some() || args.join {
@@ -341,18 +322,10 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) 
             }
             let options = RunOptions {
                 seed: args.seed,
-                device: crate::device::parse(&args.device)?,
+                device: args.device.resolve()?,
                 threads,
-                memory_limit: crate::resources::memory_limit(
-                    args.memory_budget.as_deref(),
-                    "--memory-budget",
-                )?,
-                write: WriteOptions {
-                    max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
-                    force,
-                    inputs: vec![],
-                    allow_nonfinite: args.allow_nonfinite,
-                },
+                memory_limit: args.memory.limit(),
+                write: write_options(args, force, vec![]),
                 dry_run: args.dry_run,
             };
             let said = method.run(&recipe, out, &options, &crate::progress::Steps::new(quiet))?;
@@ -366,25 +339,19 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) 
     };
     let job = MergeJob::prepare(recipe, method)?;
 
-    let memory_budget = match &args.memory_budget {
-        Some(text) => parse_byte_size(text)?,
+    let memory_budget = match &args.memory.max_memory {
+        Some(size) => size.bytes,
         None => job.default_memory_budget(threads, half_the_available_memory()),
     };
     if args.dry_run {
         return print_plan(&job, threads, memory_budget, args.json);
     }
-    let device = crate::device::parse(&args.device)?;
     let options = ExecOptions {
         seed: args.seed,
-        device,
+        device: args.device.resolve()?,
         threads,
         memory_budget,
-        write: WriteOptions {
-            max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
-            force,
-            inputs: job.input_dirs(),
-            allow_nonfinite: args.allow_nonfinite,
-        },
+        write: write_options(args, force, job.input_dirs()),
     };
     if args.join {
         let summary = job.join(out, &options)?;
@@ -435,6 +402,16 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) 
         );
     }
     Ok(())
+}
+
+/// How a stage's output is written: `force` for this stage (a stage output
+/// amalgam wrote before is replaced without `--force`).
+fn write_options(args: &Args, force: bool, inputs: Vec<PathBuf>) -> WriteOptions {
+    WriteOptions {
+        force,
+        allow_nonfinite: args.allow_nonfinite,
+        ..args.write.write_options(inputs)
+    }
 }
 
 /// `I/N` (1 ≤ I ≤ N ≤ `parts::MAX_PARTS`), refused before anything is

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use amalgam_checkpoint::{parse_byte_size, WriteOptions};
 use amalgam_merge::moe::Moe;
 use amalgam_recipe::MoeRecipe;
 use anyhow::Result;
@@ -31,18 +30,14 @@ pub struct Args {
     /// Seed for random gates and expert noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Shard size limit, e.g. 1GB, 500MB, 5B.
-    #[arg(long, default_value = "5GB")]
-    out_shard_size: String,
     /// Build the mixture even if every expert is the same model.
     #[arg(long)]
     allow_identical_experts: bool,
     /// Check the config and models and print what would be built; write nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    write: crate::options::CheckpointOutput,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -63,12 +58,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         );
         return Ok(());
     }
-    let write = WriteOptions {
-        max_shard_bytes: parse_byte_size(&args.out_shard_size)?,
-        force: args.force,
-        inputs: vec![],
-        allow_nonfinite: false,
-    };
+    let write = args.write.write_options(vec![]);
     let gates = moe.gates(args.seed)?;
     let out = moe.write(
         &args.output,

@@ -9,8 +9,11 @@ use amalgam_nn::scores::{parse_scores, DomainLoss};
 use anyhow::{anyhow, bail, Context, Result};
 use plotters::prelude::*;
 
-/// Tabulate and plot parameters against mean held-out loss for series of
-/// models evaluated by `amalgam eval --json` (optionally with --reference).
+/// Tabulate and plot size against held-out loss, the Pareto front marked.
+///
+/// Parameters (or FLOPs per token) against mean held-out loss for series of
+/// models evaluated by `amalgam eval --json` (optionally with --reference):
+/// a Markdown table, and a PNG plot.
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  \
     amalgam eval work/sub/* --reference work/zoo/small/matformer --json > sub.json\n  \

@@ -1,10 +1,8 @@
-//! What a run may use, checked before anything is allocated: memory (a run
-//! whose estimate exceeds what is available, or the user's cap, is refused
-//! with the estimate), threads (a sane multiple of the cores) and recipe
-//! files (regular files of bounded size: never a FIFO or /dev/zero).
+//! What a run may use, checked before anything is allocated: the address
+//! space, memory (the caps are [`crate::options::MaxMemory`]), threads (a
+//! sane multiple of the cores) and recipe files (regular files of bounded
+//! size: never a FIFO or /dev/zero).
 
-use amalgam_checkpoint::memory::MemoryLimit;
-use amalgam_checkpoint::parse_byte_size;
 use anyhow::{anyhow, Result};
 
 /// The most bytes of a recipe read (real ones are a few KB).
@@ -52,30 +50,6 @@ pub fn check_address_space() -> Result<()> {
 /// `MemAvailable` from /proc/meminfo, in bytes.
 pub fn available_memory() -> Option<u64> {
     amalgam_checkpoint::memory::available()
-}
-
-/// The limit a `cap` (a size such as `8GB`, from the flag named `flag`) sets,
-/// or, without one, the available memory.
-pub fn memory_limit(cap: Option<&str>, flag: &'static str) -> Result<Option<MemoryLimit>> {
-    let cap = match cap {
-        Some(text) => Some((parse_byte_size(text)?, text)),
-        None => None,
-    };
-    Ok(MemoryLimit::new(cap, flag))
-}
-
-/// Refuses a run whose memory `estimate` exceeds `cap`, or, without one, the
-/// available memory.
-pub fn check_memory(
-    estimate: u64,
-    cap: Option<&str>,
-    flag: &'static str,
-    what: &str,
-) -> Result<()> {
-    match memory_limit(cap, flag)? {
-        Some(limit) => limit.check(estimate, what).map_err(|e| anyhow!(e)),
-        None => Ok(()),
-    }
 }
 
 /// Worker threads: as asked (default: the cores), at most four per core —

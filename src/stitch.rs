@@ -1,81 +1,133 @@
 //! `amalgam stitch`: join two anchors into an SN-Net family.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use amalgam_checkpoint::{hub, Checkpoint, Dtype, ModelCard};
 use amalgam_elastic::stitch::{
-    calibrate, family_routes, members, save_family, AnchorOut, Family, Plan, Source,
+    calibrate, family_routes, members, save_family, training_memory, AnchorOut, Family, Plan,
+    Source,
 };
 use amalgam_nn::calibration::TokenSource;
 use amalgam_nn::text::TextTokenizer;
-use amalgam_nn::{Decoder, DecoderConfig, Part, PROCESS_BYTES};
+use amalgam_nn::{Decoder, DecoderConfig, Part};
 use amalgam_recipe::StitchRecipe;
 use anyhow::{anyhow, Context, Result};
 use tch::Kind;
 
-/// Stitch two anchors (any supported families, one shared tokenizer, any
-/// widths and depths) into a family of networks: each anchor, and every
-/// SN-Net route from one anchor's first blocks into the other's later blocks
-/// through a linear stitching layer fitted by least squares on calibration
-/// text — streamed, one block in memory — then optionally trained (`train:`
-/// in the recipe, one route sampled per step). Evaluate it with `amalgam
-/// eval FAMILY` (all routes, or `--route NAME`).
+/// Stitch two anchors into a family of networks (SN-Net).
+///
+/// Two anchors (any supported families, one shared tokenizer, any widths and
+/// depths) make a family of networks: each anchor, and every SN-Net route
+/// from one anchor's first blocks into the other's later blocks through a
+/// linear stitching layer fitted by least squares on calibration text —
+/// streamed, one block in memory — then optionally trained (`train:` in the
+/// recipe, one route sampled per step). Evaluate it with `amalgam eval
+/// FAMILY` (all routes, or `--route NAME`); `amalgam stitch export` writes
+/// one route as a family of its own.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  \
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  \
     amalgam stitch recipes/stitch/zoo.yml work/family\n  \
     amalgam stitch recipes/stitch/zoo.yml work/family --dry-run\n  \
     amalgam eval work/family --by-model\n  \
-    amalgam stitch --export 1:3-0:1 work/family work/route")]
+    amalgam stitch export 1:3-0:1 work/family work/route"
+)]
 pub struct Args {
-    /// The recipe (YAML, `kind: stitch`); with --export, the family.
-    recipe: PathBuf,
+    #[command(subcommand)]
+    command: Option<StitchCommand>,
+    /// The recipe (YAML, `kind: stitch`).
+    #[arg(required = true)]
+    recipe: Option<PathBuf>,
     /// The family's directory (must not exist or be empty, unless --force).
-    output: PathBuf,
-    /// Write this route of the family (the first argument) as a family of
-    /// its own holding only the blocks it runs.
-    #[arg(long, value_name = "ROUTE")]
+    #[arg(required = true)]
+    output: Option<PathBuf>,
+    /// Old spelling of `amalgam stitch export ROUTE FAMILY OUT`.
+    #[arg(long, value_name = "ROUTE", hide = true)]
     export: Option<String>,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    replace: crate::options::Force,
     /// Print the plan (anchors, routes, calibration, which streams are kept)
     /// and its peak memory, and stop.
     #[arg(long)]
     dry_run: bool,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Refuse a recipe whose calibration (or training) is estimated to need
-    /// more than this, e.g. 8GB (default: the memory available).
-    #[arg(long)]
-    max_memory: Option<String>,
+    #[command(flatten)]
+    device: crate::options::DeviceOption,
+    #[command(flatten)]
+    max_memory: crate::options::MaxMemory,
 }
 
-pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let started = Instant::now();
-    if let Some(route) = &args.export {
-        let device = crate::device::parse(&args.device)?;
-        let family = Family::load(&args.recipe, device, Kind::Float)?;
-        let exported = family
-            .export(route)
-            .with_context(|| args.recipe.display().to_string())?;
-        let card = ModelCard {
-            title: format!("Part of the stitched route {route}"),
-            summary: format!(
-                "Exported by `amalgam stitch --export` from {}: the blocks route {route} runs.",
-                args.recipe.display()
-            ),
-            ..Default::default()
+#[derive(clap::Subcommand)]
+enum StitchCommand {
+    Export(Export),
+}
+
+/// Write one route of a stitched family as a family of its own, holding
+/// only the blocks it runs.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  amalgam stitch export 1:3-0:1 work/family work/route")]
+struct Export {
+    /// The route, as the family names it (`amalgam eval FAMILY` lists them).
+    route: String,
+    /// The stitched family.
+    family: PathBuf,
+    /// The output directory (must not exist or be empty, unless --force).
+    output: PathBuf,
+    #[command(flatten)]
+    replace: crate::options::Force,
+    #[command(flatten)]
+    device: crate::options::DeviceOption,
+}
+
+pub fn run(mut args: Args, quiet: bool) -> Result<()> {
+    let (recipe, output) = match (args.command.take(), args.recipe.take(), args.output.take()) {
+        (Some(StitchCommand::Export(export)), _, _) => return run_export(export, quiet),
+        (None, Some(recipe), Some(output)) => (recipe, output),
+        _ => unreachable!("clap requires RECIPE and OUTPUT without a subcommand"),
+    };
+    if let Some(route) = args.export.take() {
+        let export = Export {
+            route,
+            family: recipe,
+            output,
+            replace: args.replace.clone(),
+            device: args.device,
         };
-        exported.save(&args.output, args.force, &card)?;
-        if !quiet {
-            println!("exported route {route} into {}", args.output.display());
-        }
-        return Ok(());
+        return run_export(export, quiet);
     }
-    let text = crate::resources::read_recipe(&args.recipe)?;
-    let recipe = StitchRecipe::parse(&text, &args.recipe.display().to_string())?;
-    let device = crate::device::parse(&args.device)?;
+    run_stitch(&args, &recipe, &output, quiet)
+}
+
+/// `amalgam stitch export` (and the old `--export`).
+fn run_export(args: Export, quiet: bool) -> Result<()> {
+    let route = &args.route;
+    let family = Family::load(&args.family, args.device.resolve()?, Kind::Float)?;
+    let exported = family
+        .export(route)
+        .with_context(|| args.family.display().to_string())?;
+    let card = ModelCard {
+        title: format!("Part of the stitched route {route}"),
+        summary: format!(
+            "Exported by `amalgam stitch export` from {}: the blocks route {route} runs.",
+            args.family.display()
+        ),
+        ..Default::default()
+    };
+    exported.save(&args.output, args.replace.force, &card)?;
+    if !quiet {
+        println!("exported route {route} into {}", args.output.display());
+    }
+    Ok(())
+}
+
+/// A family built from the recipe at `recipe_path` into `out`.
+fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let text = crate::resources::read_recipe(recipe_path)?;
+    let recipe = StitchRecipe::parse(&text, &recipe_path.display().to_string())?;
+    let device = args.device.resolve()?;
     let located =
         |path: &str, at, e: String| anyhow!("{}:{at}: anchor `{path}`: {e}", recipe.source_name);
     // Local directories, or Hub ids found in the local Hugging Face cache.
@@ -144,37 +196,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         recipe.calibration.seq_len,
         recipe.calibration.batch,
     );
-    // Training holds both anchors whole (F32; with gradients and Adam's two
-    // moments when they train), every block's activations of a batch and
-    // its logits (twice more when distilling: the teacher's and the
-    // softmaxes), and each stitch with its gradient and moments.
-    let training = recipe.train.as_ref().map(|t| {
-        let stitches = plan.stitch_parameters;
-        let copies = if t.anchor_lr_scale > 0.0 { 4 } else { 1 };
-        let blocks = |c: &DecoderConfig| c.block_forward_bytes(t.batch, t.seq_len);
-        let logits = |c: &DecoderConfig| c.forward_bytes(t.batch, t.seq_len) - blocks(c);
-        let teacher = match t.distill > 0.0 {
-            true => configs.iter().map(|c| 2 * logits(c)).max().unwrap_or(0),
-            false => 0,
-        };
-        configs.iter().fold(
-            PROCESS_BYTES
-                .saturating_add(stitches.saturating_mul(16))
-                .saturating_add(teacher),
-            |sum, c| {
-                sum.saturating_add((c.num_hidden_layers() as u64).saturating_mul(blocks(c)))
-                    .saturating_add(logits(c))
-                    .saturating_add(c.weight_bytes().saturating_mul(copies))
-            },
-        )
-    });
+    let training = recipe
+        .train
+        .as_ref()
+        .map(|t| training_memory(pair, plan.stitch_parameters, t));
     let estimate = plan.memory.peak().max(training.unwrap_or(0));
-    crate::resources::check_memory(
-        estimate,
-        args.max_memory.as_deref(),
-        "--max-memory",
-        "this stitching recipe",
-    )?;
+    args.max_memory.check(estimate, "this stitching recipe")?;
     // Configs against the stored shapes (reading nothing but one block).
     for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
         Decoder::load_part(dir, tch::Device::Cpu, Kind::Float, Some(&Part::block(0)))
@@ -185,7 +212,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         return Ok(());
     }
     // Before the long work: never over, into or around an anchor.
-    amalgam_checkpoint::check_output(&args.output, args.force, &dirs)?;
+    amalgam_checkpoint::check_output(out, args.replace.force, &dirs)?;
     let text_source = |seed: u64| {
         let longest = recipe
             .train
@@ -247,7 +274,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 .iter()
                 .map(|d| AnchorOut::Checkpoint(d))
                 .collect::<Vec<_>>();
-            save_family(&args.output, args.force, &anchors, &members, &card)?;
+            save_family(out, args.replace.force, &anchors, &members, &card)?;
             (members.len(), members)
         }
         Some(train) => {
@@ -292,14 +319,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                     false => AnchorOut::Checkpoint(dir),
                 })
                 .collect::<Vec<_>>();
-            save_family(&args.output, args.force, &anchors, &family.members, &card)?;
+            save_family(out, args.replace.force, &anchors, &family.members, &card)?;
             (family.members.len(), family.members)
         }
     };
     if !quiet {
         println!(
             "stitched {count} networks into {} in {:.1} s",
-            args.output.display(),
+            out.display(),
             started.elapsed().as_secs_f64()
         );
         for m in &members {

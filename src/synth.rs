@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use amalgam_checkpoint::synthetic::{generate_family, member_names, FamilyOptions, LlamaShape};
-use amalgam_checkpoint::{parse_byte_size, parse_dtype, Dtype, OutputDir, WriteOptions};
+use amalgam_checkpoint::{OutputDir, WriteOptions};
+use amalgam_recipe::FloatDtype;
 use anyhow::{anyhow, bail, Result};
 
 /// The most layers a synthetic model has (the deepest published models have
@@ -39,7 +40,7 @@ pub struct Args {
     finetunes: usize,
     /// float32, float16 or bfloat16.
     #[arg(long, default_value = "float32")]
-    dtype: String,
+    dtype: FloatDtype,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Override the shape's number of layers (1 to 4096).
@@ -55,16 +56,10 @@ pub struct Args {
     /// Tie the output head to the input embedding (no lm_head tensor).
     #[arg(long)]
     tied: bool,
-    /// Shard size limit, e.g. 1GB, 500MB, 5B (mergekit's billions).
-    #[arg(long, default_value = "5GB")]
-    out_shard_size: String,
-    /// Refuse to start if the tensors generated at once would need more
-    /// memory than this (default: the memory available), e.g. 8GB.
-    #[arg(long, value_name = "SIZE")]
-    max_memory: Option<String>,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    write: crate::options::CheckpointOutput,
+    #[command(flatten)]
+    max_memory: crate::options::MaxMemory,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -112,15 +107,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             args.finetunes
         );
     }
-    let dtype = parse_dtype(&args.dtype)
-        .filter(|d| matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16))
-        .ok_or_else(|| {
-            anyhow!(
-                "unknown --dtype {:?} (use float32, float16 or bfloat16)",
-                args.dtype
-            )
-        })?;
-    let max_shard_bytes = parse_byte_size(&args.out_shard_size)?;
+    let dtype = args.dtype.safetensors();
 
     // Sizes, checked before anything is allocated or created. With the
     // limits above no tensor's size overflows; totals are summed in u128.
@@ -133,10 +120,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     sizes.sort_unstable_by(|a, b| b.cmp(a));
     let threads = rayon::current_num_threads();
     let at_once: u128 = sizes.iter().take(threads).sum::<u128>() * members;
-    crate::resources::check_memory(
+    args.max_memory.check(
         saturate(at_once),
-        args.max_memory.as_deref(),
-        "--max-memory",
         &format!(
             "generating {members} models' largest tensors, {} at a time",
             threads.min(sizes.len())
@@ -144,14 +129,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     )?;
     check_disk_space(&args.out, total, members, per_model)?;
 
-    let out = OutputDir::create(&args.out, args.force, &[])?;
+    let out = OutputDir::create(&args.out, args.write.force(), &[])?;
     let options = FamilyOptions {
         shape,
         dtype,
         seed: args.seed,
         finetunes: args.finetunes,
         write: WriteOptions {
-            max_shard_bytes,
+            max_shard_bytes: args.write.out_shard_size.bytes,
             ..Default::default()
         },
     };

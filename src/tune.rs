@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use amalgam_checkpoint::OutputDir;
 use amalgam_merge::executor::MergeJob;
-use amalgam_merge::registry::Method;
+use amalgam_merge::registry::{self, Method};
 use amalgam_nn::data::Split;
-use amalgam_nn::eval::{check_vocabulary, corpus_windows, score_windows, EvalOptions, Window};
+use amalgam_nn::eval::{check_vocabulary, score_windows, EvalOptions};
 use amalgam_nn::{Decoder, DecoderConfig};
 use amalgam_recipe::{SearchSpace, Stages, TuneParam};
 use anyhow::{anyhow, bail, Context, Result};
@@ -53,19 +53,15 @@ pub struct Args {
     /// Seeds the search and the merges' random methods (DARE, DELLA).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Tokens per validation window.
-    #[arg(long, default_value_t = 129)]
-    seq_len: usize,
+    #[command(flatten)]
+    windows: crate::options::Windows,
     /// At most this many windows per domain.
     #[arg(long, default_value_t = 64)]
     max_windows: usize,
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    device: crate::options::DeviceOption,
+    #[command(flatten)]
+    replace: crate::options::Force,
 }
 
 /// One trial: the values tried, the loss on each domain and their mean
@@ -142,26 +138,17 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.trials == 0 {
         bail!("--trials must be at least 1");
     }
-    if args.seq_len < 2 || args.max_windows == 0 {
+    if args.windows.seq_len < 2 || args.max_windows == 0 {
         bail!("--seq-len must be at least 2 and --max-windows at least 1");
     }
-    let domains = crate::eval::parse_domains(&args.domains)?;
-    for domain in &domains {
-        domain.check_split(Split::Validation)?;
-    }
-    let device = crate::device::parse(&args.device)?;
+    let domains = crate::corpus::domains(&args.domains, Split::Validation)?;
+    let device = args.device.resolve()?;
     let options = EvalOptions {
-        seq_len: args.seq_len,
+        seq_len: args.windows.seq_len,
         max_windows: args.max_windows,
-        batch: args.batch.max(1),
+        batch: args.windows.batch.max(1),
     };
-    let windows: Vec<Vec<Window>> = domains
-        .iter()
-        .map(|d| corpus_windows(&d.tokens(Split::Validation), &options))
-        .collect();
-    for (domain, windows) in domains.iter().zip(&windows) {
-        crate::eval::check_windows(args.seq_len, domain.name(), windows)?;
-    }
+    let windows = crate::corpus::windows(&domains, Split::Validation, &options)?;
     let first: Vec<f64> = space
         .params
         .iter()
@@ -169,7 +156,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .collect();
     // The recipe and its models are checked before the output is created.
     let job = prepare(&space.instantiate(&first), &source)?;
-    let out = OutputDir::create(&args.output, args.force, &job.input_dirs())?;
+    let out = OutputDir::create(&args.output, args.replace.force, &job.input_dirs())?;
     drop(job);
 
     let mut optimisers: Vec<tpe::TpeOptimizer> = ranges
@@ -276,7 +263,7 @@ fn prepare(text: &str, source: &str) -> Result<MergeJob> {
         bail!("{source}: tune searches a single-stage recipe");
     }
     let recipe = stages.run_order.remove(0).recipe;
-    match crate::merge::method_of(&recipe)? {
+    match registry::of_recipe(&recipe)? {
         Method::PerTensor(method) => Ok(MergeJob::prepare(recipe, method)?),
         Method::WholeModel(_) => Err(recipe
             .error(

@@ -30,8 +30,8 @@ enum ZooCommand {
         /// further, deep-narrow, deep-wide).
         #[arg(long, default_value = "merging")]
         set: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        device: crate::options::DeviceOption,
     },
 }
 
@@ -46,7 +46,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .ok_or_else(|| anyhow!("unknown zoo size {size:?} (micro or small)"))?;
     let set = ZooSet::named(&set)
         .ok_or_else(|| anyhow!("unknown zoo set {set:?} ({})", ZooSet::NAMES))?;
-    let device = crate::device::parse(&device)?;
+    let device = device.resolve()?;
     let dir = dir.join(size.name);
     let mut bar = None;
     let built = zoo::build(&dir, &size, set, device, &mut |event| match event {

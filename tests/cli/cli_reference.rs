@@ -7,16 +7,22 @@ use std::path::Path;
 
 use crate::common::ok;
 
-/// The subcommands a help text lists under `Commands:` (`help` left out).
+/// The subcommands a help text lists under `Commands:` or, at the top, under
+/// each group's `… commands:` heading (`help` left out).
 fn subcommands(help: &str) -> Vec<String> {
-    help.lines()
-        .skip_while(|line| *line != "Commands:")
-        .skip(1)
-        .take_while(|line| line.starts_with("  "))
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| *name != "help")
-        .map(str::to_owned)
-        .collect()
+    let mut names = vec![];
+    let mut listing = false;
+    for line in help.lines() {
+        if !line.starts_with("  ") {
+            listing = line.ends_with("ommands:");
+            continue;
+        }
+        match line.split_whitespace().next() {
+            Some(name) if listing && name != "help" => names.push(name.to_owned()),
+            _ => {}
+        }
+    }
+    names
 }
 
 /// `amalgam PATH… --help` for `path` and, depth first, every subcommand under it.

@@ -359,7 +359,6 @@ fn a_failed_synth_leaves_nothing_behind() {
     for (args, expected) in [
         (&["--layers", "0"][..], "--layers 0"),
         (&["--intermediate", "0"], "--intermediate 0"),
-        (&["--dtype", "int8"], "unknown --dtype"),
     ] {
         let message = synth_fails(&out, args);
         assert!(message.contains(expected), "{args:?}: {message}");
@@ -369,6 +368,23 @@ fn a_failed_synth_leaves_nothing_behind() {
             listing(tmp.path())
         );
     }
+    // A dtype that is none is refused as the command line is read (exit 2).
+    let result = within(
+        60,
+        [
+            "synth".as_ref(),
+            out.as_os_str(),
+            "--dtype".as_ref(),
+            "int8".as_ref(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("'--dtype <DTYPE>': unknown dtype `int8`"),
+        "{stderr}"
+    );
+    assert!(listing(tmp.path()).is_empty());
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod common;
 mod bad_input;
 mod broken_outputs;
 mod checkpoint_io;
+mod cli_options;
 mod cli_reference;
 mod docs;
 mod dry_run_json;

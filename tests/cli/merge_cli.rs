@@ -166,22 +166,7 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     example_models(tmp.path());
     let recipe = write_recipe(tmp.path(), "dare.yml", DARE_RECIPE);
-    let result = amalgam_in(
-        tmp.path(),
-        &[
-            "merge".as_ref(),
-            recipe.as_os_str(),
-            "out".as_ref(),
-            "--dry-run".as_ref(),
-            "--json".as_ref(),
-        ],
-    );
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let plan: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    let plan = dry_run_plan(tmp.path(), &recipe, &[]);
     assert_eq!(plan["tensor_count"], 39);
     assert_eq!(plan["bytes_written"], 887_040);
     assert_eq!(plan["bytes_read"], 3 * 887_040);

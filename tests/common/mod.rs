@@ -407,6 +407,25 @@ pub fn merge_in(dir: &Path, args: &[&std::ffi::OsStr]) {
     );
 }
 
+/// `amalgam merge RECIPE out --dry-run --json EXTRA…` run in `dir`: the plan.
+pub fn dry_run_plan(dir: &Path, recipe: &Path, extra: &[&str]) -> Value {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "merge".as_ref(),
+        recipe.as_os_str(),
+        "out".as_ref(),
+        "--dry-run".as_ref(),
+        "--json".as_ref(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let result = amalgam_in(dir, &args);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    serde_json::from_slice(&result.stdout).unwrap()
+}
+
 /// `amalgam ARGS… -q` run in `dir`.
 pub fn amalgam_in(dir: &Path, args: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_amalgam"))

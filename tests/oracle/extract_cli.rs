@@ -294,13 +294,13 @@ fn gemma3n_extraction_follows_the_slicing_rule_and_loads_in_transformers() {
     let out = tmp.path().join("table-cut");
     ok([
         "extract".as_ref(),
-        "--model".as_ref(),
+        "table".as_ref(),
         text.as_os_str(),
+        out.as_os_str(),
         "--config-csv".as_ref(),
         csv.as_os_str(),
         "--slice".as_ref(),
         "Config for tiny (block-level)".as_ref(),
-        out.as_os_str(),
     ]);
     check(&text, &out, "4", "32,32,48,64,48,64,64");
 

@@ -159,7 +159,7 @@ fn stitch_the_anchors(micro: &Path, tmp: &Path) {
     let exported = tmp.join("route");
     ok([
         "stitch".as_ref(),
-        "--export".as_ref(),
+        "export".as_ref(),
         "1:1-0:1".as_ref(),
         family.as_os_str(),
         exported.as_os_str(),
@@ -170,7 +170,7 @@ fn stitch_the_anchors(micro: &Path, tmp: &Path) {
     assert_eq!(alone[0]["parameters"], all[3]["parameters"]);
     let message = fails([
         "stitch".as_ref(),
-        "--export".as_ref(),
+        "export".as_ref(),
         "anchor-0".as_ref(),
         family.as_os_str(),
         tmp.join("x").as_os_str(),
@@ -181,7 +181,7 @@ fn stitch_the_anchors(micro: &Path, tmp: &Path) {
     let before = listing(&family);
     let message = fails([
         "stitch".as_ref(),
-        "--export".as_ref(),
+        "export".as_ref(),
         "1:1-0:1".as_ref(),
         family.as_os_str(),
         family.as_os_str(),
@@ -278,7 +278,7 @@ fn pleas_merges_base_and_init_b(micro: &Path, tmp: &Path) {
     ] {
         assert!(plan.contains(&expected), "{expected:?} not in {plan}");
     }
-    let refused = fails(args(&["--memory-budget", "100MB"]));
+    let refused = fails(args(&["--max-memory", "100MB"]));
     assert!(refused.contains("this PLeaS merge"), "{refused}");
     assert!(!planned.exists());
     let weight = merge("weight", "  matching: weight\n  calibration: random\n");

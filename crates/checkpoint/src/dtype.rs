@@ -98,16 +98,13 @@ pub fn dtype_name(dtype: Dtype) -> String {
     }
 }
 
-/// Parses the floating-point dtype names users write: PyTorch's (`bfloat16`),
-/// safetensors' (`BF16`) and the short forms (`bf16`, `fp16`, `f32`).
+/// The float dtype a PyTorch name ([`dtype_name`]'s) names. What users
+/// write, with its short forms, is parsed once, by the recipe crate's
+/// `FloatDtype`.
 pub fn parse_dtype(text: &str) -> Option<Dtype> {
-    Some(match text.to_ascii_lowercase().as_str() {
-        "float32" | "f32" | "fp32" | "float" => Dtype::F32,
-        "float16" | "f16" | "fp16" | "half" => Dtype::F16,
-        "bfloat16" | "bf16" => Dtype::BF16,
-        "float64" | "f64" | "fp64" | "double" => Dtype::F64,
-        _ => return None,
-    })
+    [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64]
+        .into_iter()
+        .find(|&dtype| dtype_name(dtype) == text)
 }
 
 #[cfg(test)]
@@ -168,7 +165,6 @@ mod tests {
         for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
             assert_eq!(parse_dtype(&dtype_name(dtype)), Some(dtype));
         }
-        assert_eq!(parse_dtype("BF16"), Some(Dtype::BF16));
         assert_eq!(parse_dtype("int4"), None);
     }
 }

@@ -11,8 +11,8 @@ use std::sync::{Condvar, Mutex};
 use amalgam_checkpoint::arch::{classify, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::{
-    kind_from_dtype, parse_dtype, parts, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard,
-    ModelConfig, TensorSpec, WriteOptions,
+    kind_from_dtype, parts, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard, ModelConfig,
+    TensorSpec, WriteOptions,
 };
 use amalgam_recipe::{
     ChatTemplate, InputTransform, InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe,
@@ -95,7 +95,7 @@ impl MergeJob {
     /// first input's own.
     fn math_dtype(&self, tensor: &PlannedTensor) -> Dtype {
         match &self.recipe.dtype {
-            Some((name, _)) => parse_dtype(name).expect("validated by the recipe parser"),
+            Some((dtype, _)) => dtype.safetensors(),
             None => self.input_dtype(tensor, 0),
         }
     }
@@ -112,7 +112,7 @@ impl MergeJob {
     /// The saved dtype: `out_dtype`, else the math dtype.
     pub fn output_dtype(&self, tensor: &PlannedTensor) -> Dtype {
         match &self.recipe.out_dtype {
-            Some((name, _)) => parse_dtype(name).expect("validated by the recipe parser"),
+            Some((dtype, _)) => dtype.safetensors(),
             None => self.math_dtype(tensor),
         }
     }

@@ -2,6 +2,8 @@
 //! time, run by the executor) and whole-model methods (PLeaS). Adding a
 //! method: one file, one line here.
 
+use amalgam_recipe::{Recipe, RecipeError};
+
 use crate::methods::*;
 use crate::{MergeMethod, WholeModelMethod};
 
@@ -50,6 +52,21 @@ pub fn get(name: &str) -> Option<Method> {
     })
 }
 
+/// The method a recipe's `merge_method` names; an unknown name is an error
+/// at its line, listing the known ones.
+pub fn of_recipe(recipe: &Recipe) -> Result<Method, RecipeError> {
+    get(&recipe.merge_method).ok_or_else(|| {
+        recipe.error(
+            recipe.merge_method_at,
+            format!(
+                "unknown merge method `{}` (known: {})",
+                recipe.merge_method,
+                names().join(", ")
+            ),
+        )
+    })
+}
+
 /// The per-tensor method called `name`.
 pub fn per_tensor(name: &str) -> Option<&'static dyn MergeMethod> {
     METHODS.iter().copied().find(|m| m.spec().name == name)
@@ -62,4 +79,33 @@ pub fn names() -> Vec<&'static str> {
         .map(|m| m.spec().name)
         .chain(WHOLE_MODEL_METHODS.iter().map(|m| m.name()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recipe_names_its_method_or_an_error_at_its_line() {
+        let recipe = |method: &str| {
+            Recipe::parse(
+                &format!("models:\n  - model: a\nmerge_method: {method}\n"),
+                "r.yml",
+            )
+            .unwrap()
+        };
+        assert!(matches!(
+            of_recipe(&recipe("ties")),
+            Ok(Method::PerTensor(_))
+        ));
+        assert!(matches!(
+            of_recipe(&recipe("pleas")),
+            Ok(Method::WholeModel(_))
+        ));
+        let error = of_recipe(&recipe("tiez")).err().unwrap().to_string();
+        assert!(
+            error.starts_with("r.yml:3:15: unknown merge method `tiez` (known: linear,"),
+            "{error}"
+        );
+    }
 }

@@ -8,6 +8,7 @@
 
 mod calibration;
 mod chat_template;
+mod dtype;
 mod error;
 mod extract;
 mod moe;
@@ -23,6 +24,7 @@ mod yaml;
 
 pub use calibration::{Calibration, CalibrationBlock};
 pub use chat_template::ChatTemplate;
+pub use dtype::FloatDtype;
 pub use error::{Location, RecipeError};
 pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
 pub use moe::{Expert, GateMode, MoeRecipe, MAX_PROMPTS, MAX_PROMPT_BYTES};

@@ -4,7 +4,7 @@
 
 use crate::schema::model_ref;
 use crate::yaml::{load, location, Node, Reader};
-use crate::{Location, ModelRef, RecipeError, Scalar};
+use crate::{FloatDtype, Location, ModelRef, RecipeError, Scalar};
 
 /// How router weights are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,8 @@ pub struct MoeRecipe {
     pub base_model: ModelRef,
     pub experts: Vec<Expert>,
     pub gate_mode: GateMode,
-    /// Output dtype (default: the base's).
+    /// Output dtype, by its PyTorch name whatever the spelling in the
+    /// config ([`FloatDtype::name`]; default: the base's).
     pub dtype: Option<String>,
     pub experts_per_token: usize,
     /// Experts every token goes through (a Qwen2-MoE output has one).
@@ -138,13 +139,9 @@ impl MoeRecipe {
                 }
                 "dtype" => {
                     let name = reader.string(node, "dtype")?;
-                    if !["float32", "float16", "bfloat16"].contains(&name.as_str()) {
-                        return Err(reader.error(
-                            location(node),
-                            format!("unknown dtype `{name}` (float32, float16 or bfloat16)"),
-                        ));
-                    }
-                    dtype = Some(name);
+                    let parsed: FloatDtype =
+                        name.parse().map_err(|e| reader.error(location(node), e))?;
+                    dtype = Some(parsed.name().to_owned());
                 }
                 "experts_per_token" => {
                     experts_per_token = reader.usize(node, "experts_per_token")?;
@@ -348,6 +345,25 @@ mod tests {
         assert_eq!(recipe.gate_mode, GateMode::CheapEmbed);
         assert_eq!(recipe.experts_per_token, 2);
         assert_eq!(recipe.experts[1].positive_prompts, ["prose"]);
+        assert_eq!(recipe.dtype.as_deref(), Some("bfloat16"));
+    }
+
+    #[test]
+    fn dtype_aliases_are_stored_by_their_pytorch_name() {
+        for (written, name) in [
+            ("bf16", "bfloat16"),
+            ("fp16", "float16"),
+            ("F32", "float32"),
+        ] {
+            let recipe =
+                MoeRecipe::parse(&format!("{TWO}dtype: {written}\n"), "m.yml", false).unwrap();
+            assert_eq!(recipe.dtype.as_deref(), Some(name), "{written}");
+        }
+        let error = err(&format!("{TWO}dtype: int8\n"));
+        assert!(
+            error.starts_with("m.yml:7:8: unknown dtype `int8`"),
+            "{error}"
+        );
     }
 
     #[test]

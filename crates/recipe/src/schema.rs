@@ -3,7 +3,7 @@
 use crate::params::Setting;
 use crate::tokenizer::{self, TokenizerSource, TokenizerSpec};
 use crate::yaml::{load, location, Node, Reader};
-use crate::{CalibrationBlock, ChatTemplate, Location, RecipeError};
+use crate::{CalibrationBlock, ChatTemplate, FloatDtype, Location, RecipeError};
 
 const TOP_LEVEL: &[&str] = &[
     "merge_method",
@@ -20,7 +20,6 @@ const TOP_LEVEL: &[&str] = &[
     "calibration",
     "name",
 ];
-const DTYPES: &[&str] = &["float32", "float16", "bfloat16"];
 
 /// A model as the recipe names it: a local checkpoint directory.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,9 +76,9 @@ pub struct Recipe {
     pub slices: Vec<SliceDef>,
     pub parameters: Params,
     /// The dtype the math runs in (`None`: each input's own).
-    pub dtype: Option<(String, Location)>,
+    pub dtype: Option<(FloatDtype, Location)>,
     /// The dtype the output is saved in (`None`: the math dtype).
-    pub out_dtype: Option<(String, Location)>,
+    pub out_dtype: Option<(FloatDtype, Location)>,
     /// `tokenizer_source:` or the `tokenizer:` block.
     pub tokenizer: Option<TokenizerSpec>,
     pub chat_template: Option<ChatTemplate>,
@@ -293,21 +292,21 @@ fn dtype(
     reader: &Reader<'_>,
     node: &Node<'_>,
     key: &str,
-) -> Result<Option<(String, Location)>, RecipeError> {
+) -> Result<Option<(FloatDtype, Location)>, RecipeError> {
     if Reader::is_null(node) {
         return Ok(None);
     }
     let name = reader.string(node, key)?;
-    if !DTYPES.contains(&name.as_str()) {
-        return Err(reader.error(
+    let dtype = FloatDtype::parse(&name).ok_or_else(|| {
+        reader.error(
             location(node),
             format!(
                 "`{key}: {name}` is not supported (use one of: {})",
-                DTYPES.join(", ")
+                FloatDtype::names()
             ),
-        ));
-    }
-    Ok(Some((name, location(node))))
+        )
+    })?;
+    Ok(Some((dtype, location(node))))
 }
 
 fn model_def(reader: &Reader<'_>, node: &Node<'_>) -> Result<ModelDef, RecipeError> {
@@ -450,13 +449,32 @@ dtype: float16
         assert!(
             matches!(r.models[1].parameters.get("weight").unwrap().0, Setting::Conditional(c) if c.len() == 2)
         );
-        assert_eq!(r.dtype.as_ref().unwrap().0, "float16");
+        assert_eq!(r.dtype.as_ref().unwrap().0, FloatDtype::Float16);
         let paths: Vec<&str> = r
             .referenced_models()
             .iter()
             .map(|m| m.path.as_str())
             .collect();
         assert_eq!(paths, ["./llama", "./orca", "./platypus"]);
+    }
+
+    #[test]
+    fn dtype_aliases_parse_to_one_dtype() {
+        for (written, dtype) in [
+            ("bf16", FloatDtype::BFloat16),
+            ("torch.bfloat16", FloatDtype::BFloat16),
+            ("fp16", FloatDtype::Float16),
+            ("f16", FloatDtype::Float16),
+            ("fp32", FloatDtype::Float32),
+            ("f32", FloatDtype::Float32),
+        ] {
+            let text = format!(
+                "merge_method: linear\nmodels:\n  - model: a\ndtype: {written}\nout_dtype: {written}\n"
+            );
+            let r = Recipe::parse(&text, "r.yml").unwrap();
+            assert_eq!(r.dtype.map(|d| d.0), Some(dtype), "{written}");
+            assert_eq!(r.out_dtype.map(|d| d.0), Some(dtype), "{written}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use amalgam_checkpoint::{copy_checkpoint, Checkpoint, ModelCard, OutputDir, WriteOptions};
 use amalgam_nn::calibration::TokenSource;
 use amalgam_nn::eval::LanguageModel;
-use amalgam_nn::{Decoder, DecoderConfig, Part, SaveFiles};
+use amalgam_nn::{Decoder, DecoderConfig, Part, SaveFiles, PROCESS_BYTES};
 use amalgam_recipe::StitchTraining;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -158,6 +158,35 @@ fn size(configs: [&DecoderConfig; 2], network: &Network) -> (u64, u64) {
             (parameters, 2 * (front_m + stitch_m + end_m + head(end)))
         }
     }
+}
+
+/// What [`Family::train`] holds at once, estimated from the configs alone:
+/// both anchors whole (F32; with gradients and Adam's two moments when they
+/// train), every block's activations of a batch and its logits (twice more
+/// when distilling: the teacher's and the softmaxes), and each stitch
+/// (`stitch_parameters` in all) with its gradient and moments.
+pub fn training_memory(
+    configs: [&DecoderConfig; 2],
+    stitch_parameters: u64,
+    train: &StitchTraining,
+) -> u64 {
+    let copies = if train.anchor_lr_scale > 0.0 { 4 } else { 1 };
+    let blocks = |c: &DecoderConfig| c.block_forward_bytes(train.batch, train.seq_len);
+    let logits = |c: &DecoderConfig| c.forward_bytes(train.batch, train.seq_len) - blocks(c);
+    let teacher = match train.distill > 0.0 {
+        true => configs.iter().map(|c| 2 * logits(c)).max().unwrap_or(0),
+        false => 0,
+    };
+    configs.iter().fold(
+        PROCESS_BYTES
+            .saturating_add(stitch_parameters.saturating_mul(16))
+            .saturating_add(teacher),
+        |sum, c| {
+            sum.saturating_add((c.num_hidden_layers() as u64).saturating_mul(blocks(c)))
+                .saturating_add(logits(c))
+                .saturating_add(c.weight_bytes().saturating_mul(copies))
+        },
+    )
 }
 
 impl Family {

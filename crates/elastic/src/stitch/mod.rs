@@ -14,7 +14,9 @@ use amalgam_nn::Decoder;
 use tch::{Kind, Tensor};
 
 pub use calibrate::{calibrate, Plan, Source};
-pub use family::{members, save_family, AnchorOut, Family, Member, Network, Scorer, FAMILY_FILE};
+pub use family::{
+    members, save_family, training_memory, AnchorOut, Family, Member, Network, Scorer, FAMILY_FILE,
+};
 
 /// A linear map with bias from one residual stream to another.
 #[derive(Debug)]

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use amalgam_checkpoint::{parse_dtype, Checkpoint, Dtype};
+use amalgam_checkpoint::{Checkpoint, Dtype};
 use amalgam_checkpoint::{InputRecord, ModelCard};
 use amalgam_nn::calibration::TokenSource;
 use amalgam_nn::{Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles, PROCESS_BYTES};
@@ -362,7 +362,7 @@ fn widths(widths: &[usize]) -> String {
 fn output_dtype(recipe: &Recipe, first: &Checkpoint) -> Dtype {
     let named = recipe.out_dtype.as_ref().or(recipe.dtype.as_ref());
     match named {
-        Some((name, _)) => parse_dtype(name).expect("validated by the recipe parser"),
+        Some((dtype, _)) => dtype.safetensors(),
         None => first.weights_dtype(),
     }
 }
