@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
 
+use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_checkpoint::{hub, kind_from_dtype, Checkpoint};
-use amalgam_elastic::stitch::{Family, Network};
+use amalgam_elastic::stitch::{Network, StitchedFamily};
 use amalgam_nn::data::{Domain, Split};
 use amalgam_nn::eval::{
     check_vocabulary, same_tokens, score_text, try_score_windows, DomainScore, EvalOptions,
     LanguageModel, TextOptions, Window,
 };
 use amalgam_nn::text::{TextFile, TextTokenizer, CHUNKING};
-use amalgam_nn::{Decoder, DecoderConfig, NnError, PROCESS_BYTES};
+use amalgam_nn::{Decoder, DecoderConfig, NnError};
 use amalgam_recipe::FloatDtype;
 
 /// A corpus domain's windows, under its name.
@@ -177,11 +178,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             DecoderConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;
         let model_bytes = (config.weight_bytes() / 32 * dtype.bitsize() as u64)
             .saturating_add(config.forward_bytes(batch, seq_len));
+        let memory = MemoryEstimate::new()
+            .held("the reference model", resident.get())
+            .held("the text", text_bytes(args.reference.is_some()))
+            .phase("the model with one batch's forward pass", model_bytes);
         args.max_memory.check(
-            model_bytes
-                .saturating_add(resident.get())
-                .saturating_add(text_bytes(args.reference.is_some()))
-                .saturating_add(PROCESS_BYTES),
+            &memory,
             &format!(
                 "evaluating {} at --batch {batch} --seq-len {seq_len}",
                 path.display(),
@@ -308,8 +310,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         Ok(())
     };
     for path in &args.models {
-        if Family::is_family(path) {
-            let family = Family::load(path, device, kind)?;
+        if StitchedFamily::is_family(path) {
+            let family = StitchedFamily::load(path, device, kind)?;
             // Every network reads and writes the anchors' shared tokens.
             if texts.is_empty() {
                 check_vocabulary(&family.anchors[0]).with_context(|| path.display().to_string())?;

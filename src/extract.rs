@@ -120,6 +120,8 @@ struct Write {
     dry_run: bool,
     #[command(flatten)]
     output: crate::options::CheckpointOutput,
+    #[command(flatten)]
+    max_memory: crate::options::MaxMemory,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -176,9 +178,11 @@ fn extract(recipe: &ExtractRecipe, output: &Path, write: &Write, quiet: bool) ->
         100.0 * parameters as f64 / input_parameters as f64,
         input_parameters
     );
+    let memory = extraction.memory();
+    write.max_memory.check(&memory, "this extraction")?;
     if write.dry_run {
         println!(
-            "{describe}; {:.1} MB to write",
+            "{describe}; {:.1} MB to write; {memory}",
             extraction.bytes() as f64 / 1e6
         );
         return Ok(());

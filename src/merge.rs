@@ -440,7 +440,7 @@ fn print_plan(job: &MergeJob, threads: usize, memory_budget: u64, json: bool) ->
     let specs = job.output_specs();
     let written: u64 = specs.iter().map(|s| s.byte_len()).sum();
     let read = job.bytes_to_read();
-    let peak = job.peak_memory_estimate(threads, memory_budget);
+    let memory = job.memory_estimate(threads, memory_budget);
     if json {
         let tensors: Vec<serde_json::Value> = plan
             .tensors
@@ -470,7 +470,8 @@ fn print_plan(job: &MergeJob, threads: usize, memory_budget: u64, json: bool) ->
             "tensor_count": plan.tensors.len(),
             "bytes_read": read,
             "bytes_written": written,
-            "peak_memory_estimate": peak,
+            "peak_memory_estimate": memory.peak(),
+            "memory": memory.to_json(),
             "threads": threads,
             "memory_budget": memory_budget,
             "tensors": tensors,
@@ -494,10 +495,7 @@ fn print_plan(job: &MergeJob, threads: usize, memory_budget: u64, json: bool) ->
     );
     println!("read          {:.1} MB", read as f64 / 1e6);
     println!("write         {:.1} MB", written as f64 / 1e6);
-    println!(
-        "peak memory   {:.1} MB estimated with {threads} threads",
-        peak as f64 / 1e6
-    );
+    println!("memory        {memory} with {threads} threads");
     println!();
     for (t, spec) in plan.tensors.iter().zip(&specs) {
         let inputs: Vec<String> = t

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use amalgam_checkpoint::memory::MemoryLimit;
+use amalgam_checkpoint::memory::{MemoryEstimate, MemoryLimit};
 use amalgam_checkpoint::{parse_byte_size, WriteOptions};
 use anyhow::{anyhow, Result};
 
@@ -103,7 +103,7 @@ impl MaxMemory {
 
     /// Refuses a run whose memory `estimate` exceeds the limit; `what`
     /// says what needs it.
-    pub fn check(&self, estimate: u64, what: &str) -> Result<()> {
+    pub fn check(&self, estimate: &MemoryEstimate, what: &str) -> Result<()> {
         match self.limit() {
             Some(limit) => limit.check(estimate, what).map_err(|e| anyhow!(e)),
             None => Ok(()),

@@ -3,12 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_checkpoint::{hub, Checkpoint, Dtype, ModelCard};
 use amalgam_elastic::stitch::{
-    calibrate, family_routes, members, save_family, training_memory, AnchorOut, Family, Plan,
-    Source,
+    calibrate, family_routes, members, save_family, training_memory, AnchorOut, AnchorParts,
+    CalibrationPlan, StitchedFamily,
 };
-use amalgam_nn::calibration::TokenSource;
+use amalgam_nn::calibration::CalibrationText;
 use amalgam_nn::text::TextTokenizer;
 use amalgam_nn::{Decoder, DecoderConfig, Part};
 use amalgam_recipe::StitchRecipe;
@@ -103,7 +104,7 @@ pub fn run(mut args: Args, quiet: bool) -> Result<()> {
 /// `amalgam stitch export` (and the old `--export`).
 fn run_export(args: Export, quiet: bool) -> Result<()> {
     let route = &args.route;
-    let family = Family::load(&args.family, args.device.resolve()?, Kind::Float)?;
+    let family = StitchedFamily::load(&args.family, args.device.resolve()?, Kind::Float)?;
     let exported = family
         .export(route)
         .with_context(|| args.family.display().to_string())?;
@@ -188,7 +189,7 @@ fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Resul
             recipe.source_name
         ));
     }
-    let plan = Plan::new(
+    let plan = CalibrationPlan::new(
         pair,
         [kinds[0], kinds[1]],
         routes,
@@ -200,15 +201,18 @@ fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Resul
         .train
         .as_ref()
         .map(|t| training_memory(pair, plan.stitch_parameters, t));
-    let estimate = plan.memory.peak().max(training.unwrap_or(0));
-    args.max_memory.check(estimate, "this stitching recipe")?;
+    let estimate = plan
+        .memory
+        .clone()
+        .phase("route training", training.unwrap_or(0));
+    args.max_memory.check(&estimate, "this stitching recipe")?;
     // Configs against the stored shapes (reading nothing but one block).
     for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
         Decoder::load_part(dir, tch::Device::Cpu, Kind::Float, Some(&Part::block(0)))
             .map_err(|e| located(path, at, e.to_string()))?;
     }
     if args.dry_run {
-        print_plan(&recipe, &dirs, &configs, &dtypes, &plan, training);
+        print_plan(&recipe, &dirs, &configs, &dtypes, &plan, &estimate);
         return Ok(());
     }
     // Before the long work: never over, into or around an anchor.
@@ -220,7 +224,7 @@ fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Resul
             .map_or(0, |t| t.seq_len)
             .max(recipe.calibration.seq_len);
         let models: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
-        TokenSource::open(
+        CalibrationText::open(
             &recipe.calibration.source,
             &recipe.calibration.field,
             configs[0].vocab_size,
@@ -241,10 +245,10 @@ fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Resul
         recipe.calibration.batch,
         recipe.calibration.seq_len,
     );
-    let sources: Vec<Box<Source<'_>>> = dirs
+    let sources: Vec<Box<AnchorParts<'_>>> = dirs
         .iter()
         .zip(&kinds)
-        .map(|(dir, &kind)| -> Box<Source<'_>> {
+        .map(|(dir, &kind)| -> Box<AnchorParts<'_>> {
             Box::new(move |part: &Part| Ok(Decoder::load_part(dir, device, kind, Some(part))?))
         })
         .collect();
@@ -286,7 +290,7 @@ fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Resul
                     Decoder::load(dir, device).map_err(|e| located(path, at, e.to_string()))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let mut family = Family {
+            let mut family = StitchedFamily {
                 anchors,
                 members,
                 dirs: dirs.clone(),
@@ -346,8 +350,8 @@ fn print_plan(
     dirs: &[PathBuf],
     configs: &[DecoderConfig],
     dtypes: &[Dtype],
-    plan: &Plan,
-    training: Option<u64>,
+    plan: &CalibrationPlan,
+    memory: &MemoryEstimate,
 ) {
     let gb = |bytes: u64| bytes as f64 / 1e9;
     for (a, ((dir, config), dtype)) in dirs.iter().zip(configs).zip(dtypes).enumerate() {
@@ -380,21 +384,11 @@ fn print_plan(
          by block",
         plan.kept,
         plan.kept_boundaries.len(),
-        gb(plan.memory.kept_streams),
+        gb(plan.kept_stream_bytes),
         1 - plan.kept
     );
-    println!(
-        "peak memory ≈ {:.2} GB (kept anchor's pass {:.2}, walked anchor's pass with the \
-         least squares {:.2})",
-        gb(plan.memory.peak()),
-        gb(plan.memory.kept_pass),
-        gb(plan.memory.walked_pass)
-    );
-    if let Some(bytes) = training {
-        println!(
-            "training ≈ {:.2} GB (both anchors whole in F32, {} steps)",
-            gb(bytes),
-            recipe.train.as_ref().map_or(0, |t| t.steps)
-        );
+    if let Some(t) = &recipe.train {
+        println!("training: {} steps with both anchors whole in F32", t.steps);
     }
+    println!("{memory}");
 }

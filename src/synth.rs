@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_checkpoint::synthetic::{generate_family, member_names, FamilyOptions, LlamaShape};
 use amalgam_checkpoint::{OutputDir, WriteOptions};
 use amalgam_recipe::FloatDtype;
@@ -121,7 +122,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let threads = rayon::current_num_threads();
     let at_once: u128 = sizes.iter().take(threads).sum::<u128>() * members;
     args.max_memory.check(
-        saturate(at_once),
+        &MemoryEstimate::new().phase("the largest tensors generated together", saturate(at_once)),
         &format!(
             "generating {members} models' largest tensors, {} at a time",
             threads.min(sizes.len())

@@ -1,6 +1,7 @@
 //! Every `merge --dry-run --json` prints one JSON object: a per-tensor
 //! method's plan, and a whole-model method's (PLeaS) description, which was
-//! printed as text.
+//! printed as text. Both carry the one memory model's estimate, printed the
+//! same way as text, and `--max-memory` refuses with its breakdown.
 
 use crate::common;
 
@@ -17,7 +18,7 @@ fn dry_runs_honour_json_for_every_kind_of_method() {
         ("linear", "parameters:\n  weight: 0.5\n"),
         (
             "pleas",
-            "parameters:\n  calibration: random\n  samples: 8\n  seq_len: 16\n  budget: 1.3\n",
+            "calibration: {source: random, samples: 8, seq_len: 16}\nparameters:\n  budget: 1.3\n",
         ),
     ] {
         let recipe = tmp.path().join(format!("{name}.yml"));
@@ -41,7 +42,34 @@ fn dry_runs_honour_json_for_every_kind_of_method() {
             .unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {printed}"));
         assert_eq!(json["method"], name, "{json}");
         assert_eq!(json["models"][1], b.display().to_string(), "{name}: {json}");
-        assert!(json["peak_memory_estimate"].as_u64().unwrap() > 0, "{json}");
+        let peak = json["peak_memory_estimate"].as_u64().unwrap();
+        assert_eq!(json["memory"]["peak"], peak, "{json}");
+        assert_eq!(json["memory"]["held"]["the process"], 250_000_000, "{json}");
+        let phases = json["memory"]["phases"].as_object().unwrap();
+        assert!(!phases.is_empty(), "{json}");
+        let text = ok([
+            "merge".as_ref(),
+            recipe.as_os_str(),
+            out.as_os_str(),
+            "--dry-run".as_ref(),
+        ]);
+        let line = format!("peak memory ≈ {:.2} GB (", peak as f64 / 1e9);
+        assert!(text.contains(&line), "{name}: {text}");
+        assert!(text.contains("plus the process 0.25"), "{name}: {text}");
+        if name == "pleas" {
+            // A cap just under the estimate.
+            let cap = format!("{}KB", peak / 1000 - 1);
+            let capped = common::amalgam([
+                "merge".as_ref(),
+                recipe.as_os_str(),
+                out.as_os_str(),
+                "--max-memory".as_ref(),
+                cap.as_ref(),
+            ]);
+            let flag = format!("--max-memory {cap}");
+            let needles = [line.as_str(), "the largest of: ", &flag];
+            common::refused_unwritten(&capped, &out, &needles);
+        }
         assert!(!out.exists(), "{name}: a dry run writes nothing");
     }
 }

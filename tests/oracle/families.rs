@@ -417,7 +417,7 @@ fn every_family_merge_runs_in_both_forward_passes() {
 /// Anchors whose vocabularies differ are refused, naming the anchor.
 #[test]
 fn every_family_stitches_streamed() {
-    use amalgam_elastic::stitch::Family;
+    use amalgam_elastic::stitch::StitchedFamily;
     use amalgam_nn::supported_model_types;
     use tch::{Device, Kind, Tensor};
     let tmp = tempfile::tempdir().unwrap();
@@ -457,7 +457,7 @@ fn every_family_stitches_streamed() {
         );
         assert!(!out.exists(), "{family}: a dry run wrote the family");
         ok(args(""));
-        let stitched = Family::load(&out, Device::Cpu, Kind::Float)
+        let stitched = StitchedFamily::load(&out, Device::Cpu, Kind::Float)
             .unwrap_or_else(|e| panic!("{family}: {e}"));
         for (a, input) in [&shallow, &deep].into_iter().enumerate() {
             let copied = stitched.anchors[a].tensors();

@@ -8,9 +8,10 @@ use std::cell::RefCell;
 
 use amalgam_checkpoint::ModelConfig;
 use amalgam_elastic::stitch::{
-    calibrate, family_routes, members, stitched_logits, Family, Network, Plan, Route, Stitch,
+    calibrate, family_routes, members, stitched_logits, CalibrationPlan, Network, Route, Stitch,
+    StitchedFamily,
 };
-use amalgam_nn::calibration::TokenSource;
+use amalgam_nn::calibration::CalibrationText;
 use amalgam_nn::eval::LanguageModel;
 use amalgam_nn::least_squares::NormalEquations;
 use amalgam_nn::zoo::ZooSize;
@@ -48,10 +49,14 @@ fn family_config(family: &str, hidden: usize, layers: usize) -> DecoderConfig {
 
 /// Streamed calibration of every route between `anchors`, each asked only
 /// for its embeddings or a single block (checked).
-fn streamed(anchors: &[Decoder; 2], batches: &[Tensor], ridge: f64) -> (Plan, Vec<Stitch>) {
+fn streamed(
+    anchors: &[Decoder; 2],
+    batches: &[Tensor],
+    ridge: f64,
+) -> (CalibrationPlan, Vec<Stitch>) {
     let configs = [&anchors[0].config, &anchors[1].config];
     let routes = family_routes(configs.map(DecoderConfig::num_hidden_layers));
-    let plan = Plan::new(configs, [Kind::Float; 2], routes, 3, 24, 1);
+    let plan = CalibrationPlan::new(configs, [Kind::Float; 2], routes, 3, 24, 1);
     let asked = RefCell::new(vec![]);
     let source = |a: usize| {
         let asked = &asked;
@@ -224,7 +229,7 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
             &plan.routes,
             stitches,
         );
-        Family {
+        StitchedFamily {
             anchors: anchors.into(),
             members,
             dirs: vec![],
@@ -240,7 +245,7 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
         temperature: 1.0,
         seed: 0,
     };
-    let text = || TokenSource::open("mixture", "text", 258, &[], 33, 0).unwrap();
+    let text = || CalibrationText::open("mixture", "text", 258, &[], 33, 0).unwrap();
     // Untrained anchors know nothing: training everything, the loss falls.
     let losses = family()
         .train(&options(80, 1.0), &mut text(), &mut |_, _| {})
@@ -254,7 +259,7 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
     );
     // Frozen anchors: only the stitching layers move.
     let mut frozen = family();
-    let snapshot = |f: &Family| -> (Vec<Tensor>, Vec<Tensor>) {
+    let snapshot = |f: &StitchedFamily| -> (Vec<Tensor>, Vec<Tensor>) {
         // Sorted by name: each variables() call is a new HashMap.
         let sorted = |a: &Decoder| {
             let mut vars: Vec<(String, Tensor)> = a.vs.variables().into_iter().collect();
@@ -289,7 +294,7 @@ fn training_routes_lowers_their_loss_and_leaves_frozen_anchors_alone() {
     // Distillation alone, anchors frozen: the routes' predictions move toward
     // the larger anchor's (anchor 1), by more than next-token training moves them.
     let probe = text().batch(8, 33);
-    let kl_to_teacher = |f: &Family| -> f64 {
+    let kl_to_teacher = |f: &StitchedFamily| -> f64 {
         let teacher = f.anchors[1].forward(&probe).log_softmax(-1, Kind::Float);
         let routes: Vec<f64> = f
             .members
@@ -333,7 +338,7 @@ fn broken_inputs_and_outputs_are_errors() {
     {
         let configs = [&anchors[0].config, &anchors[1].config];
         let routes = family_routes(configs.map(DecoderConfig::num_hidden_layers));
-        let plan = Plan::new(configs, [Kind::Float; 2], routes, 1, 24, 1);
+        let plan = CalibrationPlan::new(configs, [Kind::Float; 2], routes, 1, 24, 1);
         let source = |a: usize| {
             let anchors = &anchors;
             move |part: &Part| Ok(anchors[a].part(part))
@@ -349,7 +354,7 @@ fn broken_inputs_and_outputs_are_errors() {
     let (plan, stitches) = streamed(&anchors, &[ids(258)], 1e-4);
     let tmp = tempfile::tempdir().unwrap();
     let configs = [&anchors[0].config, &anchors[1].config];
-    let family = Family {
+    let family = StitchedFamily {
         members: members(configs, &plan.routes, vec![]),
         anchors: anchors.into(),
         dirs: vec![],

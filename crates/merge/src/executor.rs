@@ -10,6 +10,7 @@ use std::sync::{Condvar, Mutex};
 
 use amalgam_checkpoint::arch::{classify, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::family::{self, Place};
+use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_checkpoint::{
     kind_from_dtype, parts, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard, ModelConfig,
     TensorSpec, WriteOptions,
@@ -36,9 +37,6 @@ pub struct ExecOptions {
     pub memory_budget: u64,
     pub write: WriteOptions,
 }
-
-/// Resident memory of the process before any tensor: libtorch, the maps' page tables, buffers.
-const BASELINE_RSS: u64 = 200_000_000;
 
 /// A recipe resolved against its opened input models ([`MergeJob::prepare`]).
 pub struct MergeJob {
@@ -270,8 +268,8 @@ impl MergeJob {
 
     /// Peak memory with `threads` tensors in flight under `budget`: the
     /// executor starts with the largest tensors, so the peak is the largest
-    /// ones running together, as many as fit, plus the process's baseline.
-    pub fn peak_memory_estimate(&self, threads: usize, budget: u64) -> u64 {
+    /// ones running together, as many as fit, plus the process.
+    pub fn memory_estimate(&self, threads: usize, budget: u64) -> MemoryEstimate {
         let mut needs: Vec<u64> = self
             .plan
             .tensors
@@ -290,7 +288,7 @@ impl MergeJob {
             }
             peak = peak.max(together);
         }
-        peak + BASELINE_RSS
+        MemoryEstimate::new().phase("the largest tensors in flight together", peak)
     }
 
     /// Computes one output tensor (in the output dtype, on the CPU).

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use amalgam_merge::pleas::permutation::{apply, decoder};
 use amalgam_merge::pleas::statistics::Metric;
-use amalgam_merge::pleas::{merge, Matching, Options, Plan, Widen};
+use amalgam_merge::pleas::{merge, Matching, Options, PleasPlan, Widen};
 use amalgam_merge::Progress;
 use amalgam_nn::{supported_model_types, Decoder, Part};
 use common::{config, family_config, random_model, structured_model};
@@ -71,7 +71,7 @@ fn run_widening(
         least_squares,
         widen,
     };
-    let plan = Plan::new(&a.config, &options).unwrap();
+    let plan = PleasPlan::new(&a.config, &options).unwrap();
     // Both models read part by part, as from a checkpoint: one block at a
     // time (weight matching, data-free, is the one step that needs both
     // whole models).

@@ -15,7 +15,7 @@ use crate::text::{read_documents, TextTokenizer};
 use crate::{tokenizer, NnError, Result};
 
 /// Where windows are drawn from.
-pub enum TokenSource {
+pub enum CalibrationText {
     Corpus(Sampler),
     /// Documents joined (each after its BOS or EOS); windows at seeded offsets.
     Text {
@@ -28,7 +28,7 @@ pub enum TokenSource {
     },
 }
 
-impl TokenSource {
+impl CalibrationText {
     /// The source `name` — `mixture`, a corpus domain, `random`, or a text
     /// file (plain text, or `.jsonl` whose lines' `field` holds the text) —
     /// for models of `vocab` tokens in `models` (a text file is tokenized
@@ -44,7 +44,7 @@ impl TokenSource {
     ) -> Result<Self> {
         let rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         if name == "random" {
-            return Ok(TokenSource::Random { vocab, rng });
+            return Ok(CalibrationText::Random { vocab, rng });
         }
         let domains = match name {
             "mixture" => Domain::GENERAL.to_vec(),
@@ -52,7 +52,7 @@ impl TokenSource {
                 Some(domain) => vec![domain],
                 None => {
                     let tokens = text_tokens(name, field, vocab, models, seq_len)?;
-                    return Ok(TokenSource::Text { tokens, rng });
+                    return Ok(CalibrationText::Text { tokens, rng });
                 }
             },
         };
@@ -72,7 +72,7 @@ impl TokenSource {
                 short.name()
             )));
         }
-        Ok(TokenSource::Corpus(Sampler::new(
+        Ok(CalibrationText::Corpus(Sampler::new(
             &domains,
             Split::Train,
             seed,
@@ -83,8 +83,8 @@ impl TokenSource {
     /// was opened for).
     pub fn batch(&mut self, n: usize, seq_len: usize) -> Tensor {
         match self {
-            TokenSource::Corpus(sampler) => sampler.batch(n, seq_len, tch::Device::Cpu),
-            TokenSource::Text { tokens, rng } => {
+            CalibrationText::Corpus(sampler) => sampler.batch(n, seq_len, tch::Device::Cpu),
+            CalibrationText::Text { tokens, rng } => {
                 let ids: Vec<i64> = (0..n)
                     .flat_map(|_| {
                         let start = rng.random_range(0..=tokens.len() - seq_len);
@@ -93,7 +93,7 @@ impl TokenSource {
                     .collect();
                 Tensor::from_slice(&ids).view([n as i64, seq_len as i64])
             }
-            TokenSource::Random { vocab, rng } => {
+            CalibrationText::Random { vocab, rng } => {
                 let ids: Vec<i64> = (0..n * seq_len)
                     .map(|_| rng.random_range(0..*vocab as i64))
                     .collect();
@@ -173,12 +173,12 @@ mod tests {
     #[test]
     fn windows_longer_than_the_source_are_refused_not_a_panic() {
         let long = 100_000_000;
-        let error = TokenSource::open("prose", "text", tokenizer::VOCAB_SIZE, &[], long, 0)
+        let error = CalibrationText::open("prose", "text", tokenizer::VOCAB_SIZE, &[], long, 0)
             .err()
             .unwrap()
             .to_string();
         assert!(error.contains("shorter than `seq_len`"), "{error}");
-        let mut random = TokenSource::open("random", "text", 7, &[], long, 0).unwrap();
+        let mut random = CalibrationText::open("random", "text", 7, &[], long, 0).unwrap();
         let batches = random.batches(5, 0, 3);
         assert_eq!(batches.len(), 5, "a batch of 0 is a batch of 1");
         assert!(batches.iter().all(|b| b.size() == [1, 3]));

@@ -121,7 +121,7 @@ pub fn supported_model_types() -> Vec<&'static str> {
 
 /// What a parameter is, which decides how a fresh model initialises it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamKind {
+pub enum ParameterRole {
     /// A projection or embedding matrix: N(0, 0.02²).
     Weight,
     /// Zero.
@@ -135,7 +135,7 @@ pub enum ParamKind {
 pub struct Parameter {
     pub name: String,
     pub shape: Vec<i64>,
-    pub kind: ParamKind,
+    pub kind: ParameterRole,
 }
 
 /// [`DecoderConfig::parameters`]' list as it is built.
@@ -146,7 +146,7 @@ struct ParameterList {
 }
 
 impl ParameterList {
-    fn push(&mut self, stem: &str, suffix: &str, shape: Vec<i64>, kind: ParamKind) {
+    fn push(&mut self, stem: &str, suffix: &str, shape: Vec<i64>, kind: ParameterRole) {
         self.out.push(Parameter {
             name: format!("{stem}.{suffix}"),
             shape,
@@ -155,16 +155,16 @@ impl ParameterList {
     }
 
     fn norm(&mut self, stem: &str, width: i64) {
-        self.push(stem, "weight", vec![width], ParamKind::Norm);
+        self.push(stem, "weight", vec![width], ParameterRole::Norm);
         if self.norm_bias {
-            self.push(stem, "bias", vec![width], ParamKind::Bias);
+            self.push(stem, "bias", vec![width], ParameterRole::Bias);
         }
     }
 
     fn linear(&mut self, stem: &str, rows: i64, cols: i64, bias: bool) {
-        self.push(stem, "weight", vec![rows, cols], ParamKind::Weight);
+        self.push(stem, "weight", vec![rows, cols], ParameterRole::Weight);
         if bias {
-            self.push(stem, "bias", vec![rows], ParamKind::Bias);
+            self.push(stem, "bias", vec![rows], ParameterRole::Bias);
         }
     }
 }
@@ -558,7 +558,7 @@ impl DecoderConfig {
             &layout.embedding,
             "weight",
             vec![self.vocab_size as i64, d],
-            ParamKind::Weight,
+            ParameterRole::Weight,
         );
         for (i, &width) in self.intermediate_sizes.iter().enumerate() {
             let f = width as i64;
@@ -584,8 +584,8 @@ impl DecoderConfig {
                 } else {
                     (hd, hd)
                 };
-                list.push(q, "weight", vec![q_width], ParamKind::Norm);
-                list.push(k, "weight", vec![k_width], ParamKind::Norm);
+                list.push(q, "weight", vec![q_width], ParameterRole::Norm);
+                list.push(k, "weight", vec![k_width], ParameterRole::Norm);
             }
             list.linear(&names.output, d, heads * hd, arch.output_bias);
             let mlp_rows = match &layout.mlp.input {
@@ -604,7 +604,7 @@ impl DecoderConfig {
                 &layout.head[0],
                 "weight",
                 vec![self.vocab_size as i64, d],
-                ParamKind::Weight,
+                ParameterRole::Weight,
             );
         }
         list.out

@@ -18,7 +18,7 @@ use rand_distr::StandardNormal;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::config::{rotary_dim, Activation, ParamKind};
+use crate::config::{rotary_dim, Activation, ParameterRole};
 use crate::{DecoderConfig, NnError, Result, RopeScaling};
 
 /// Activations recorded by [`Decoder::forward_taps`], one entry per block.
@@ -325,10 +325,10 @@ impl Decoder {
                     path = &path / part;
                 }
                 let var = match (p.kind, seed) {
-                    (ParamKind::Norm, _) if !unit_offset => {
+                    (ParameterRole::Norm, _) if !unit_offset => {
                         path.f_var(leaf, &p.shape, nn::Init::Const(1.0))
                     }
-                    (ParamKind::Weight, Some(seed)) => {
+                    (ParameterRole::Weight, Some(seed)) => {
                         path.f_var_copy(leaf, &normal(&p.name, &p.shape, seed).f_to_device(device)?)
                     }
                     _ => path.f_zeros(leaf, &p.shape),

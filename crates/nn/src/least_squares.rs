@@ -19,15 +19,15 @@ use crate::{NnError, Result};
 
 /// A weight `[out, in]` (or a norm's scale) and its bias, if the layer has one.
 #[derive(Debug)]
-pub struct Linear {
+pub struct LinearWeights {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
 }
 
-impl Linear {
+impl LinearWeights {
     /// The same tensors, shared.
-    pub fn shallow_clone(&self) -> Linear {
-        Linear {
+    pub fn shallow_clone(&self) -> LinearWeights {
+        LinearWeights {
             weight: self.weight.shallow_clone(),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
         }
@@ -104,7 +104,7 @@ impl NormalEquations {
     /// blockwise, with λ = `ridge` × the mean diagonal of `XᵀX` (scale-free;
     /// the bias is not penalised), and the A-only × B-only blocks exactly
     /// zero; with its bias if the equations have one.
-    pub fn solve(&self, inputs: Blocks, outputs: Blocks, ridge: f64) -> Result<Linear> {
+    pub fn solve(&self, inputs: Blocks, outputs: Blocks, ridge: f64) -> Result<LinearWeights> {
         self.solve_columns(inputs, 0, outputs, ridge)
     }
 
@@ -116,7 +116,7 @@ impl NormalEquations {
         first: usize,
         outputs: Blocks,
         ridge: f64,
-    ) -> Result<Linear> {
+    ) -> Result<LinearWeights> {
         let n_in: usize = inputs.iter().sum::<usize>() + self.bias as usize;
         let n_out: usize = outputs.iter().sum();
         if self.gram.size() != [n_in as i64, n_in as i64]
@@ -183,12 +183,12 @@ impl NormalEquations {
         }
         let weight = weight.to_kind(Kind::Float).to_device(tch::Device::Cpu);
         Ok(if self.bias {
-            Linear {
+            LinearWeights {
                 bias: Some(weight.select(1, constant).contiguous()),
                 weight: weight.narrow(1, 0, constant).contiguous(),
             }
         } else {
-            Linear { weight, bias: None }
+            LinearWeights { weight, bias: None }
         })
     }
 }

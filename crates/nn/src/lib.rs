@@ -24,12 +24,7 @@ pub mod zoo;
 
 pub use config::{
     nested_width, supported_model_types, Activation, Architecture, BlockNames, DecoderConfig,
-    ParamKind, Parameter, RopeScaling, GRANULARITIES,
+    Parameter, ParameterRole, RopeScaling, GRANULARITIES,
 };
 pub use decoder::{Decoder, DecoderWriter, Part, SaveFiles, Taps};
 pub use error::{NnError, Result};
-
-/// What a process running forward passes holds besides its tensors
-/// (libtorch, the binary, buffers), measured on the small zoo; part of every
-/// streamed run's peak-memory estimate.
-pub const PROCESS_BYTES: u64 = 250_000_000;

@@ -131,9 +131,9 @@ impl ZooSize {
     }
 
     /// The members of `set`, in build order (a parent before its children).
-    pub fn members(&self, set: ZooSet) -> Vec<Member> {
+    pub fn members(&self, set: ZooSet) -> Vec<ZooMember> {
         let mixture = Domain::GENERAL.to_vec();
-        let base = Member {
+        let base = ZooMember {
             name: "base".into(),
             shape: self.shape.clone(),
             init_seed: 1,
@@ -149,7 +149,7 @@ impl ZooSize {
         }
         let mut members = vec![base];
         for &domain in Domain::GENERAL {
-            members.push(Member {
+            members.push(ZooMember {
                 name: format!("expert-{}", domain.name()),
                 shape: self.shape.clone(),
                 init_seed: 1,
@@ -158,7 +158,7 @@ impl ZooSize {
                 options: self.finetune.clone(),
             });
         }
-        members.push(Member {
+        members.push(ZooMember {
             name: "init-b".into(),
             shape: self.shape.clone(),
             init_seed: 2,
@@ -167,7 +167,7 @@ impl ZooSize {
             options: self.pretrain.clone(),
         });
         // An expert from the other base: PLeaS merges it with expert-prose.
-        members.push(Member {
+        members.push(ZooMember {
             name: "init-b-code".into(),
             shape: self.shape.clone(),
             init_seed: 2,
@@ -181,8 +181,8 @@ impl ZooSize {
 
     /// The small stitching anchor: narrower and shallower than `base`, same
     /// data and schedule.
-    fn anchor_small(&self) -> Member {
-        Member {
+    fn anchor_small(&self) -> ZooMember {
+        ZooMember {
             name: "anchor-small".into(),
             shape: self.small_anchor.clone(),
             init_seed: 3,
@@ -195,10 +195,10 @@ impl ZooSize {
     /// Both stitching pairs: base and anchor-small with each trained further,
     /// and the deep pair of one depth at two widths (SN-Net's anchors are one
     /// family).
-    fn stitching_members(&self, base: Member) -> Vec<Member> {
+    fn stitching_members(&self, base: ZooMember) -> Vec<ZooMember> {
         let small = self.anchor_small();
         let (base_long, small_long) = (trained_further(&base), trained_further(&small));
-        let deep = |name: &str, shape: &DecoderConfig, init_seed| Member {
+        let deep = |name: &str, shape: &DecoderConfig, init_seed| ZooMember {
             name: name.into(),
             shape: shape.clone(),
             init_seed,
@@ -215,12 +215,12 @@ impl ZooSize {
     /// The study's experts on domains `base` never saw, the multitask models
     /// over the first 2, 3 and 4 of them, and a shorter- and a longer-trained
     /// base with their own experts.
-    fn study_members(&self, base: Member) -> Vec<Member> {
+    fn study_members(&self, base: ZooMember) -> Vec<ZooMember> {
         let fine_tune = |name: String, parent: &str, domains: Vec<Domain>| {
             let mut options = self.finetune.clone();
             options.steps *= domains.len();
             options.warmup *= domains.len();
-            Member {
+            ZooMember {
                 name,
                 shape: self.shape.clone(),
                 init_seed: 1,
@@ -256,7 +256,7 @@ impl ZooSize {
     /// The MatFormer model and one independently trained model per
     /// granularity; the base, trained with the same data budget and init, is
     /// the full-width baseline.
-    fn matformer_members(&self, base: Member) -> Vec<Member> {
+    fn matformer_members(&self, base: ZooMember) -> Vec<ZooMember> {
         let mut nested = base.clone();
         nested.name = "matformer".into();
         nested.options.nested = GRANULARITIES.iter().map(|g| g.1).collect();
@@ -273,7 +273,7 @@ impl ZooSize {
 
 /// `member` trained for a second schedule on its data at half the rate:
 /// `NAME-long`.
-fn trained_further(member: &Member) -> Member {
+fn trained_further(member: &ZooMember) -> ZooMember {
     let mut long = member.clone();
     long.name = format!("{}-long", member.name);
     long.parent = Some(member.name.clone());
@@ -310,7 +310,7 @@ impl ZooSet {
 
 /// One model of the zoo and how it is trained.
 #[derive(Debug, Clone)]
-pub struct Member {
+pub struct ZooMember {
     pub name: String,
     pub shape: DecoderConfig,
     pub init_seed: u64,
@@ -320,7 +320,7 @@ pub struct Member {
     pub options: TrainOptions,
 }
 
-impl Member {
+impl ZooMember {
     /// Identifies everything the weights depend on (the cache key): the
     /// recipe, the text it trains on and the parent's key.
     fn key(&self, size: &str, parent_key: Option<&str>) -> String {
@@ -494,12 +494,12 @@ mod tests {
                 "deep-wide"
             ]
         );
-        let others: Vec<Member> = [ZooSet::Merging, ZooSet::Study]
+        let others: Vec<ZooMember> = [ZooSet::Merging, ZooSet::Study]
             .into_iter()
             .flat_map(|set| size.members(set))
             .collect();
         for shared in ["base", "anchor-small", "base-long"] {
-            let find = |members: &[Member]| {
+            let find = |members: &[ZooMember]| {
                 let m = members.iter().find(|m| m.name == shared).unwrap();
                 format!("{m:?}")
             };

@@ -10,6 +10,8 @@ use amalgam_checkpoint::{
     Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard, ModelConfig, TensorSpec, WriteOptions,
 };
 
+use amalgam_checkpoint::memory::MemoryEstimate;
+
 use super::layout::{FfnAxis, ModelLayout, Part};
 use crate::{ElasticError, Result};
 
@@ -172,6 +174,16 @@ impl<'c> Extraction<'c> {
     /// Bytes the submodel's tensors occupy (what a plain copy would move).
     pub fn bytes(&self) -> u64 {
         self.specs().iter().map(TensorSpec::byte_len).sum()
+    }
+
+    /// What writing holds: a cut tensor's output gathered a chunk at a time
+    /// (whole tensors go from the input's maps to the output as they are).
+    pub fn memory(&self) -> MemoryEstimate {
+        let largest = self.specs().iter().map(TensorSpec::byte_len).max();
+        MemoryEstimate::new().phase(
+            "one gathered write",
+            largest.unwrap_or(0).min(CHUNK_BYTES as u64),
+        )
     }
 
     fn specs(&self) -> Vec<TensorSpec> {

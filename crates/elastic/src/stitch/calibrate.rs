@@ -11,8 +11,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_nn::least_squares::NormalEquations;
-use amalgam_nn::{Decoder, DecoderConfig, Part, PROCESS_BYTES};
+use amalgam_nn::{Decoder, DecoderConfig, Part};
 use tch::{Kind, Tensor};
 
 use super::{Route, Stitch};
@@ -20,12 +21,12 @@ use crate::{ElasticError, Result};
 
 /// Where calibration reads an anchor from: a part of it (one block, the
 /// embeddings), in the dtype the anchor computes in.
-pub type Source<'a> = dyn Fn(&Part) -> Result<Decoder> + 'a;
+pub type AnchorParts<'a> = dyn Fn(&Part) -> Result<Decoder> + 'a;
 
 /// A calibration, from shapes alone: which anchor's streams are kept, and
 /// the memory the run needs.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub struct CalibrationPlan {
     pub routes: Vec<Route>,
     /// The anchor whose streams are kept; the other is walked.
     pub kept: usize,
@@ -36,27 +37,14 @@ pub struct Plan {
     pub depths: [usize; 2],
     /// Weights and biases of all the routes' stitches.
     pub stitch_parameters: u64,
-    pub memory: Memory,
+    /// The kept anchor's streams at those boundaries (held through both passes).
+    pub kept_stream_bytes: u64,
+    /// Running the kept anchor, its streams accumulating; then walking the
+    /// other anchor and solving the routes.
+    pub memory: MemoryEstimate,
 }
 
-/// Peak bytes of each phase (the process's own included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Memory {
-    /// Running the kept anchor, its streams accumulating.
-    pub kept_pass: u64,
-    /// Walking the other anchor and solving the routes.
-    pub walked_pass: u64,
-    /// The kept streams alone (part of both).
-    pub kept_streams: u64,
-}
-
-impl Memory {
-    pub fn peak(&self) -> u64 {
-        self.kept_pass.max(self.walked_pass)
-    }
-}
-
-impl Plan {
+impl CalibrationPlan {
     /// The plan for `routes` between anchors of `configs` computing in
     /// `kinds`, on `samples` sequences of `seq_len` tokens run `batch` at a time.
     pub fn new(
@@ -127,19 +115,21 @@ impl Plan {
             .sum();
         let stitches = stitch_parameters as f64 * 4.0;
         let kept_streams = kept_cost(kept);
-        let process = PROCESS_BYTES as f64;
         // `as` saturates: an estimate past u64 is u64::MAX.
-        let memory = Memory {
-            kept_pass: (process + kept_streams + running(kept)) as u64,
-            walked_pass: (process + kept_streams + running(walked) + equations + stitches) as u64,
-            kept_streams: kept_streams as u64,
-        };
-        Plan {
+        let memory = MemoryEstimate::new()
+            .held("the kept streams", kept_streams as u64)
+            .phase("kept anchor's pass", running(kept) as u64)
+            .phase(
+                "walked anchor's pass with the least squares",
+                (running(walked) + equations + stitches) as u64,
+            );
+        CalibrationPlan {
             kept_boundaries: boundaries(kept),
             depths: [depth(0), depth(1)],
             stitch_parameters,
             kept,
             routes,
+            kept_stream_bytes: kept_streams as u64,
             memory,
         }
     }
@@ -155,8 +145,8 @@ impl Plan {
 /// `[batch, seq]`; `ridge` is relative to the mean diagonal of each XᵀX.
 /// `on_block` is called after every block run.
 pub fn calibrate(
-    plan: &Plan,
-    sources: [&Source<'_>; 2],
+    plan: &CalibrationPlan,
+    sources: [&AnchorParts<'_>; 2],
     batches: &[Tensor],
     ridge: f64,
     on_block: &mut dyn FnMut(),
@@ -261,7 +251,7 @@ fn flat(x: &Tensor) -> Tensor {
 /// Runs one anchor block by block over `batches` up to boundary `depth`,
 /// handing each boundary's streams (one per batch) to `at_boundary`.
 fn walk(
-    source: &Source<'_>,
+    source: &AnchorParts<'_>,
     batches: &[Tensor],
     depth: usize,
     on_block: &mut dyn FnMut(),

@@ -14,9 +14,9 @@
 use std::path::{Path, PathBuf};
 
 use amalgam_checkpoint::{copy_checkpoint, Checkpoint, ModelCard, OutputDir, WriteOptions};
-use amalgam_nn::calibration::TokenSource;
+use amalgam_nn::calibration::CalibrationText;
 use amalgam_nn::eval::LanguageModel;
-use amalgam_nn::{Decoder, DecoderConfig, Part, SaveFiles, PROCESS_BYTES};
+use amalgam_nn::{Decoder, DecoderConfig, Part, SaveFiles};
 use amalgam_recipe::StitchTraining;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -38,7 +38,7 @@ pub enum Network {
 }
 
 /// A named network with its size.
-pub struct Member {
+pub struct StitchedMember {
     pub name: String,
     pub network: Network,
     pub parameters: u64,
@@ -48,9 +48,9 @@ pub struct Member {
 }
 
 /// Anchors plus every stitched route between them.
-pub struct Family {
+pub struct StitchedFamily {
     pub anchors: Vec<Decoder>,
-    pub members: Vec<Member>,
+    pub members: Vec<StitchedMember>,
     /// Where each anchor's tokenizer files and stored dtype come from.
     pub dirs: Vec<PathBuf>,
 }
@@ -67,13 +67,13 @@ pub enum AnchorOut<'a> {
     },
 }
 
-/// A member ready to score (see [`Family::scorer`]).
-pub struct Scorer<'f> {
-    family: &'f Family,
-    member: &'f Member,
+/// A member ready to score (see [`StitchedFamily::scorer`]).
+pub struct MemberScorer<'f> {
+    family: &'f StitchedFamily,
+    member: &'f StitchedMember,
 }
 
-impl LanguageModel for Scorer<'_> {
+impl LanguageModel for MemberScorer<'_> {
     fn logits(&self, ids: &Tensor) -> Tensor {
         match &self.member.network {
             Network::Anchor(a) => self.family.anchors[*a].forward(ids),
@@ -90,10 +90,10 @@ impl LanguageModel for Scorer<'_> {
     }
 }
 
-impl Member {
+impl StitchedMember {
     pub fn new(name: String, network: Network, configs: [&DecoderConfig; 2]) -> Self {
         let (parameters, flops_per_token) = size(configs, &network);
-        Member {
+        StitchedMember {
             name,
             network,
             parameters,
@@ -108,10 +108,11 @@ pub fn members(
     configs: [&DecoderConfig; 2],
     routes: &[Route],
     stitches: Vec<Stitch>,
-) -> Vec<Member> {
-    let anchors = (0..2).map(|a| Member::new(format!("anchor-{a}"), Network::Anchor(a), configs));
+) -> Vec<StitchedMember> {
+    let anchors =
+        (0..2).map(|a| StitchedMember::new(format!("anchor-{a}"), Network::Anchor(a), configs));
     let stitched = routes.iter().zip(stitches).map(|(&route, stitch)| {
-        Member::new(route_name(route), Network::Stitched(route, stitch), configs)
+        StitchedMember::new(route_name(route), Network::Stitched(route, stitch), configs)
     });
     anchors.chain(stitched).collect()
 }
@@ -160,7 +161,7 @@ fn size(configs: [&DecoderConfig; 2], network: &Network) -> (u64, u64) {
     }
 }
 
-/// What [`Family::train`] holds at once, estimated from the configs alone:
+/// What [`StitchedFamily::train`] holds at once, estimated from the configs alone:
 /// both anchors whole (F32; with gradients and Adam's two moments when they
 /// train), every block's activations of a batch and its logits (twice more
 /// when distilling: the teacher's and the softmaxes), and each stitch
@@ -178,9 +179,7 @@ pub fn training_memory(
         false => 0,
     };
     configs.iter().fold(
-        PROCESS_BYTES
-            .saturating_add(stitch_parameters.saturating_mul(16))
-            .saturating_add(teacher),
+        stitch_parameters.saturating_mul(16).saturating_add(teacher),
         |sum, c| {
             sum.saturating_add((c.num_hidden_layers() as u64).saturating_mul(blocks(c)))
                 .saturating_add(logits(c))
@@ -189,7 +188,7 @@ pub fn training_memory(
     )
 }
 
-impl Family {
+impl StitchedFamily {
     fn configs(&self) -> [&DecoderConfig; 2] {
         [&self.anchors[0].config, &self.anchors[1].config]
     }
@@ -207,7 +206,7 @@ impl Family {
     pub fn train(
         &mut self,
         options: &StitchTraining,
-        text: &mut TokenSource,
+        text: &mut CalibrationText,
         on_step: &mut dyn FnMut(usize, f64),
     ) -> Result<Vec<f64>> {
         let torch = |e: tch::TchError| ElasticError::Stitch(format!("training: {e}"));
@@ -306,7 +305,7 @@ impl Family {
     /// the blocks the route runs, the end anchor to the blocks it resumes
     /// with, and the stitch — the same network (same logits), holding only
     /// what it uses. Anchors are already standalone checkpoints (`anchor-N/`).
-    pub fn export(&self, name: &str) -> Result<Family> {
+    pub fn export(&self, name: &str) -> Result<StitchedFamily> {
         let member = self
             .member(name)
             .ok_or_else(|| ElasticError::Stitch(format!("no route {name:?} in the family")))?;
@@ -334,12 +333,12 @@ impl Family {
             bias: stitch.bias.copy(),
         };
         let configs = [&anchors[0].config, &anchors[1].config];
-        let member = Member::new(
+        let member = StitchedMember::new(
             name.to_owned(),
             Network::Stitched(exported, stitch),
             configs,
         );
-        Ok(Family {
+        Ok(StitchedFamily {
             members: vec![member],
             dirs: [route.front, route.end]
                 .iter()
@@ -349,12 +348,12 @@ impl Family {
         })
     }
 
-    pub fn member(&self, name: &str) -> Option<&Member> {
+    pub fn member(&self, name: &str) -> Option<&StitchedMember> {
         self.members.iter().find(|m| m.name == name)
     }
 
-    pub fn scorer<'f>(&'f self, member: &'f Member) -> Scorer<'f> {
-        Scorer {
+    pub fn scorer<'f>(&'f self, member: &'f StitchedMember) -> MemberScorer<'f> {
+        MemberScorer {
             family: self,
             member,
         }
@@ -416,7 +415,7 @@ impl Family {
                 .map_err(|e| bad(format!("{STITCHES_FILE}: {e}")))?
                 .into_iter()
                 .collect();
-        let mut family = Family {
+        let mut family = StitchedFamily {
             anchors,
             members: vec![],
             dirs,
@@ -478,7 +477,7 @@ impl Family {
                     )))
                 }
             };
-            let member = Member::new(name, network, family.configs());
+            let member = StitchedMember::new(name, network, family.configs());
             family.members.push(member);
         }
         Ok(family)
@@ -492,7 +491,7 @@ pub fn save_family(
     out: &Path,
     force: bool,
     anchors: &[AnchorOut<'_>],
-    members: &[Member],
+    members: &[StitchedMember],
     card: &ModelCard,
 ) -> Result<()> {
     // Nothing broken is written: a stitch with NaN or ±inf is an error.

@@ -9,13 +9,14 @@ mod family;
 
 use std::ops::Range;
 
-use amalgam_nn::least_squares::Linear;
+use amalgam_nn::least_squares::LinearWeights;
 use amalgam_nn::Decoder;
 use tch::{Kind, Tensor};
 
-pub use calibrate::{calibrate, Plan, Source};
+pub use calibrate::{calibrate, AnchorParts, CalibrationPlan};
 pub use family::{
-    members, save_family, training_memory, AnchorOut, Family, Member, Network, Scorer, FAMILY_FILE,
+    members, save_family, training_memory, AnchorOut, MemberScorer, Network, StitchedFamily,
+    StitchedMember, FAMILY_FILE,
 };
 
 /// A linear map with bias from one residual stream to another.
@@ -37,7 +38,7 @@ impl Stitch {
     }
 
     /// The stitch of a fitted linear layer with its bias.
-    pub fn from_linear(linear: Linear) -> Self {
+    pub fn from_linear(linear: LinearWeights) -> Self {
         let bias = linear.bias.unwrap_or_else(|| {
             Tensor::zeros(
                 [linear.weight.size()[0]],

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use amalgam_checkpoint::decoder::{MlpInput, NormKind, Projections};
-pub use amalgam_nn::least_squares::Linear;
+pub use amalgam_nn::least_squares::LinearWeights;
 use amalgam_nn::DecoderConfig;
 use tch::{Kind, Tensor};
 
@@ -15,13 +15,13 @@ use crate::{MergeError, Result};
 /// One block of one model, in parts.
 pub(super) struct Block {
     /// q, k and v, each `[heads × head_dim, hidden]`.
-    pub qkv: [Linear; 3],
-    pub output: Linear,
+    pub qkv: [LinearWeights; 3],
+    pub output: LinearWeights,
     /// gate and up, or up alone (an ungated MLP).
-    pub mlp_input: Vec<Linear>,
-    pub mlp_output: Linear,
+    pub mlp_input: Vec<LinearWeights>,
+    pub mlp_output: LinearWeights,
     /// Attention input, attention output, MLP input, MLP output norms.
-    pub norms: [Option<Linear>; 4],
+    pub norms: [Option<LinearWeights>; 4],
     /// q and k norms: per head `[head_dim]`, or across heads.
     pub qk_norm: Option<[Tensor; 2]>,
 }
@@ -33,8 +33,8 @@ pub(super) fn get<'t>(tensors: &'t BTreeMap<String, Tensor>, name: &str) -> Resu
     })
 }
 
-fn linear(tensors: &BTreeMap<String, Tensor>, stem: &str) -> Result<Linear> {
-    Ok(Linear {
+fn linear(tensors: &BTreeMap<String, Tensor>, stem: &str) -> Result<LinearWeights> {
+    Ok(LinearWeights {
         weight: get(tensors, &format!("{stem}.weight"))?.shallow_clone(),
         bias: tensors
             .get(&format!("{stem}.bias"))
@@ -43,25 +43,25 @@ fn linear(tensors: &BTreeMap<String, Tensor>, stem: &str) -> Result<Linear> {
 }
 
 /// Rows `start..start + len` of a weight and its bias.
-fn rows(l: &Linear, start: i64, len: i64) -> Linear {
-    Linear {
+fn rows(l: &LinearWeights, start: i64, len: i64) -> LinearWeights {
+    LinearWeights {
         weight: l.weight.narrow(0, start, len),
         bias: l.bias.as_ref().map(|b| b.narrow(0, start, len)),
     }
 }
 
 /// Parts stacked by rows (a fused tensor from its parts).
-fn stacked(parts: &[&Linear]) -> Linear {
+fn stacked(parts: &[&LinearWeights]) -> LinearWeights {
     let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
     let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
-    Linear {
+    LinearWeights {
         weight: Tensor::cat(&weights, 0),
         bias: biases.map(|b| Tensor::cat(&b, 0)),
     }
 }
 
 /// Per-head interleaved rows `[q_h; k_h; v_h]` (GPT-NeoX) split into q, k, v.
-fn deinterleave(fused: &Linear, heads: i64, head_dim: i64) -> [Linear; 3] {
+fn deinterleave(fused: &LinearWeights, heads: i64, head_dim: i64) -> [LinearWeights; 3] {
     let part = |t: &Tensor, i: i64| {
         let rest: Vec<i64> = t.size()[1..].to_vec();
         let mut shape = vec![heads, 3, head_dim];
@@ -72,14 +72,14 @@ fn deinterleave(fused: &Linear, heads: i64, head_dim: i64) -> [Linear; 3] {
             .select(1, i)
             .reshape(flat.as_slice())
     };
-    [0, 1, 2].map(|i| Linear {
+    [0, 1, 2].map(|i| LinearWeights {
         weight: part(&fused.weight, i),
         bias: fused.bias.as_ref().map(|b| part(b, i)),
     })
 }
 
 /// q, k, v interleaved per head again.
-fn interleave(parts: &[Linear; 3], heads: i64, head_dim: i64) -> Linear {
+fn interleave(parts: &[LinearWeights; 3], heads: i64, head_dim: i64) -> LinearWeights {
     let join = |ts: [&Tensor; 3]| {
         let rest: Vec<i64> = ts[0].size()[1..].to_vec();
         let mut shape = vec![heads, 1, head_dim];
@@ -89,7 +89,7 @@ fn interleave(parts: &[Linear; 3], heads: i64, head_dim: i64) -> Linear {
         flat.extend(&rest);
         Tensor::cat(&views, 1).reshape(flat.as_slice())
     };
-    Linear {
+    LinearWeights {
         weight: join([0, 1, 2].map(|i| &parts[i].weight)),
         bias: match (&parts[0].bias, &parts[1].bias, &parts[2].bias) {
             (Some(q), Some(k), Some(v)) => Some(join([q, k, v])),
@@ -169,7 +169,7 @@ impl Block {
         let layout = config.architecture.layout;
         let (heads, _, hd) = config.attention_sizes();
         let mut out = vec![];
-        let mut push = |stem: &str, l: Linear| {
+        let mut push = |stem: &str, l: LinearWeights| {
             out.push((format!("{stem}.weight"), l.weight));
             if let Some(bias) = l.bias {
                 out.push((format!("{stem}.bias"), bias));
@@ -191,7 +191,7 @@ impl Block {
         push(&names.output, self.output);
         match &layout.mlp.input {
             MlpInput::GatedConcatenated(_) => {
-                let parts: Vec<&Linear> = self.mlp_input.iter().collect();
+                let parts: Vec<&LinearWeights> = self.mlp_input.iter().collect();
                 push(&names.mlp_input[0], stacked(&parts));
             }
             MlpInput::Gated(_) | MlpInput::Plain(_) => {
@@ -259,9 +259,9 @@ impl NormMath {
     }
 
     /// A norm of `width` channels that only normalises (scale 1, shift 0).
-    pub fn identity(&self, width: usize) -> Linear {
+    pub fn identity(&self, width: usize) -> LinearWeights {
         let ones = Tensor::ones([width as i64], (Kind::Float, tch::Device::Cpu));
-        Linear {
+        LinearWeights {
             weight: self.stored(ones),
             bias: (self.kind == NormKind::Layer)
                 .then(|| Tensor::zeros([width as i64], (Kind::Float, tch::Device::Cpu))),
@@ -270,13 +270,13 @@ impl NormMath {
 
     /// What a layer reading this norm's output computes from the normalised
     /// input: `W·diag(scale)` and `b + W·shift`.
-    pub fn fold(&self, reader: &Linear, norm: &Linear) -> Linear {
+    pub fn fold(&self, reader: &LinearWeights, norm: &LinearWeights) -> LinearWeights {
         let weight = &reader.weight * self.scale(&norm.weight).unsqueeze(0);
         let bias = match (&reader.bias, &norm.bias) {
             (Some(b), Some(shift)) => Some(b + reader.weight.mv(shift)),
             (None, Some(shift)) => Some(reader.weight.mv(shift)),
             (b, None) => b.as_ref().map(Tensor::shallow_clone),
         };
-        Linear { weight, bias }
+        LinearWeights { weight, bias }
     }
 }

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use amalgam_nn::DecoderConfig;
 use tch::Tensor;
 
-use super::block::{get, Block, Linear, NormMath};
+use super::block::{get, Block, LinearWeights, NormMath};
 use super::layout::{combine_weight, LayerLayouts, UnitLayout};
 use super::Options;
 use crate::Result;
@@ -53,7 +53,7 @@ pub(super) struct Context<'a> {
 }
 
 /// `x` through a layer: `x Wᵀ + b`.
-fn apply(l: &Linear, x: &Tensor) -> Tensor {
+fn apply(l: &LinearWeights, x: &Tensor) -> Tensor {
     x.linear(&l.weight, l.bias.as_ref())
 }
 
@@ -67,10 +67,10 @@ fn solve(
     batches: usize,
     input: &dyn Fn(usize, usize) -> Tensor,
     inputs: &UnitLayout,
-    readers: &[[&Linear; 2]],
+    readers: &[[&LinearWeights; 2]],
     outputs: &[&UnitLayout],
     bias: bool,
-) -> Result<Vec<Linear>> {
+) -> Result<Vec<LinearWeights>> {
     let widths: Vec<usize> = outputs.iter().map(|o| o.width()).collect();
     let mut equations = NormalEquations::new(
         inputs.width(),
@@ -107,14 +107,14 @@ fn solve(
 }
 
 /// The solutions of a fixed number of readers, as an array.
-fn parts<const N: usize>(solved: Vec<Linear>) -> [Linear; N] {
+fn parts<const N: usize>(solved: Vec<LinearWeights>) -> [LinearWeights; N] {
     solved
         .try_into()
         .unwrap_or_else(|_| unreachable!("one solution per reader"))
 }
 
 /// The norm in `slot` of both models' blocks, if the family has it there.
-fn norms(blocks: &[Block; 2], slot: usize) -> Option<[&Linear; 2]> {
+fn norms(blocks: &[Block; 2], slot: usize) -> Option<[&LinearWeights; 2]> {
     match (&blocks[0].norms[slot], &blocks[1].norms[slot]) {
         (Some(a), Some(b)) => Some([a, b]),
         _ => None,
@@ -149,7 +149,7 @@ pub(super) fn least_squares_layer(
             x.shallow_clone()
         }
     };
-    let folded = |slot: usize, part: &dyn Fn(&Block) -> &Linear| -> [Linear; 2] {
+    let folded = |slot: usize, part: &dyn Fn(&Block) -> &LinearWeights| -> [LinearWeights; 2] {
         [0, 1].map(|m| match norms(&blocks, slot) {
             Some(norm) => math.fold(part(&blocks[m]), norm[m]),
             None => part(&blocks[m]).shallow_clone(),
@@ -157,8 +157,8 @@ pub(super) fn least_squares_layer(
     };
     // One system at a time (accumulated over every batch, solved, freed).
     // q, k and v read the same inputs, as do the MLP's input projections.
-    let qkv: Vec<[Linear; 2]> = (0..3).map(|i| folded(0, &|b| &b.qkv[i])).collect();
-    let [q, k, v]: [Linear; 3] = solve(
+    let qkv: Vec<[LinearWeights; 2]> = (0..3).map(|i| folded(0, &|b| &b.qkv[i])).collect();
+    let [q, k, v]: [LinearWeights; 3] = solve(
         cx,
         batches,
         &|m, batch| reading(0, &features.residual, m, batch),
@@ -170,7 +170,7 @@ pub(super) fn least_squares_layer(
     .map(parts)?;
     drop(qkv);
     let output = [&blocks[0].output, &blocks[1].output];
-    let [output]: [Linear; 1] = solve(
+    let [output]: [LinearWeights; 1] = solve(
         cx,
         batches,
         &|m, batch| features.attention[m][batch].shallow_clone(),
@@ -180,7 +180,7 @@ pub(super) fn least_squares_layer(
         arch.output_bias,
     )
     .map(parts)?;
-    let mlp: Vec<[Linear; 2]> = (0..blocks[0].mlp_input.len())
+    let mlp: Vec<[LinearWeights; 2]> = (0..blocks[0].mlp_input.len())
         .map(|i| folded(2, &|b| &b.mlp_input[i]))
         .collect();
     let mlp_input = solve(
@@ -194,7 +194,7 @@ pub(super) fn least_squares_layer(
     )?;
     drop(mlp);
     let down = [&blocks[0].mlp_output, &blocks[1].mlp_output];
-    let [mlp_output]: [Linear; 1] = solve(
+    let [mlp_output]: [LinearWeights; 1] = solve(
         cx,
         batches,
         &|m, batch| features.ffn[m][batch].shallow_clone(),
@@ -225,8 +225,13 @@ pub(super) fn least_squares_layer(
 
 /// Both models' norms over the residual stream in its layout (weights and
 /// shifts; separate channels' scales times `separate_scale`).
-fn combine_norm(residual: &UnitLayout, a: &Linear, b: &Linear, separate_scale: f64) -> Linear {
-    Linear {
+fn combine_norm(
+    residual: &UnitLayout,
+    a: &LinearWeights,
+    b: &LinearWeights,
+    separate_scale: f64,
+) -> LinearWeights {
+    LinearWeights {
         weight: residual.combine(&a.weight, &b.weight, 0, separate_scale),
         bias: match (&a.bias, &b.bias) {
             (Some(x), Some(y)) => Some(residual.combine(x, y, 0, separate_scale)),
@@ -278,12 +283,14 @@ pub(super) fn average_layer(
     ];
     let (queries, keys) = layouts.heads(cx.config);
     let (ffn, residual) = (&layouts.ffn, cx.residual);
-    let average = |a: &Linear, b: &Linear, out: &UnitLayout, input: &UnitLayout| Linear {
-        weight: combine_weight(out, input, &a.weight, &b.weight),
-        bias: match (&a.bias, &b.bias) {
-            (Some(x), Some(y)) => Some(out.combine(x, y, 0, 1.0)),
-            _ => None,
-        },
+    let average = |a: &LinearWeights, b: &LinearWeights, out: &UnitLayout, input: &UnitLayout| {
+        LinearWeights {
+            weight: combine_weight(out, input, &a.weight, &b.weight),
+            bias: match (&a.bias, &b.bias) {
+                (Some(x), Some(y)) => Some(out.combine(x, y, 0, 1.0)),
+                _ => None,
+            },
+        }
     };
     let [a, b] = &blocks;
     let qkv = [0, 1, 2].map(|i| {
@@ -336,9 +343,9 @@ pub(super) fn average_ends(cx: &Context<'_>, weights: Pair<'_>) -> Result<Vec<(S
     Ok(out)
 }
 
-fn final_norm(config: &DecoderConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Linear> {
+fn final_norm(config: &DecoderConfig, tensors: &BTreeMap<String, Tensor>) -> Result<LinearWeights> {
     let stem = &config.architecture.layout.final_norm;
-    Ok(Linear {
+    Ok(LinearWeights {
         weight: get(tensors, &format!("{stem}.weight"))?.shallow_clone(),
         bias: tensors
             .get(&format!("{stem}.bias"))
@@ -346,7 +353,7 @@ fn final_norm(config: &DecoderConfig, tensors: &BTreeMap<String, Tensor>) -> Res
     })
 }
 
-fn norm_tensors(stem: &str, norm: Linear) -> Vec<(String, Tensor)> {
+fn norm_tensors(stem: &str, norm: LinearWeights) -> Vec<(String, Tensor)> {
     let mut out = vec![(format!("{stem}.weight"), norm.weight)];
     if let Some(bias) = norm.bias {
         out.push((format!("{stem}.bias"), bias));
@@ -365,7 +372,7 @@ pub(super) fn tied_final_norm(
     let math = NormMath::of(cx.config);
     let [a, b] = weights.map(|w| final_norm(cx.config, w));
     let (a, b) = (a?, b?);
-    let scales = |n: &Linear| Linear {
+    let scales = |n: &LinearWeights| LinearWeights {
         weight: math.scale(&n.weight),
         bias: n.bias.as_ref().map(Tensor::shallow_clone),
     };

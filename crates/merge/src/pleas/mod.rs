@@ -55,7 +55,7 @@ pub mod plan;
 mod run;
 pub mod statistics;
 
-pub use plan::{Memory, Plan};
+pub use plan::{Memory, PleasPlan};
 pub use run::Pleas;
 
 use std::collections::BTreeMap;
@@ -136,15 +136,15 @@ pub struct Report {
 
 /// Where PLeaS reads one model from: a part of it (one block, the
 /// embeddings, the head), with F32 weights.
-pub type Source<'a> = dyn Fn(&Part) -> Result<Decoder> + 'a;
+pub type ModelParts<'a> = dyn Fn(&Part) -> Result<Decoder> + 'a;
 
 /// Merges the two models `sources` (of the plan's shape) with PLeaS on
 /// `batches` of calibration ids `[batch, seq]`, handing every merged tensor
 /// (F32, Hugging Face names, the plan's shapes) to `sink` as soon as it is
 /// computed. `progress` counts layers, per pass.
 pub fn merge(
-    plan: &Plan,
-    sources: [&Source<'_>; 2],
+    plan: &PleasPlan,
+    sources: [&ModelParts<'_>; 2],
     batches: &[Tensor],
     options: &Options,
     sink: &mut dyn FnMut(String, Tensor) -> Result<()>,
@@ -374,7 +374,7 @@ fn aligned(
 
 /// Both models' residual streams entering block 0, per batch.
 fn embed(
-    sources: [&Source<'_>; 2],
+    sources: [&ModelParts<'_>; 2],
     batches: &[Tensor],
     timings: &mut Timings,
 ) -> Result<[Vec<Tensor>; 2]> {
@@ -408,7 +408,7 @@ fn statistics(features: &[Vec<Tensor>; 2]) -> CrossStats {
 /// every block boundary (the last before the final norm); the correlation
 /// is the mean over boundaries.
 fn residual_pass(
-    sources: [&Source<'_>; 2],
+    sources: [&ModelParts<'_>; 2],
     layers: usize,
     batches: &[Tensor],
     metric: Metric,

@@ -2,6 +2,7 @@
 //! how many units of each group the budget keeps separate, the merged
 //! model's widths, and the memory the streamed run needs at its peak.
 
+use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_nn::DecoderConfig;
 use tch::Kind;
 
@@ -11,7 +12,7 @@ use crate::{MergeError, Result};
 
 /// What a merge of two models of `shape` will produce and hold.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub struct PleasPlan {
     /// Model A's config (both models have its shape).
     pub config: DecoderConfig,
     pub shape: DecoderShape,
@@ -20,7 +21,7 @@ pub struct Plan {
     pub input_parameters: usize,
 }
 
-impl Plan {
+impl PleasPlan {
     /// The plan for merging two models of `config`'s shape at
     /// `options.budget` (1 to 2 times one model's parameters).
     pub fn new(config: &DecoderConfig, options: &Options) -> Result<Self> {
@@ -37,7 +38,7 @@ impl Plan {
             options.widen,
             options.budget * input_parameters as f64,
         );
-        Ok(Plan {
+        Ok(PleasPlan {
             config: config.clone(),
             shape,
             allocation,
@@ -197,16 +198,15 @@ pub struct Memory {
 }
 
 impl Memory {
-    pub fn peak(&self) -> u64 {
-        [
-            self.residual_pass,
-            self.layers,
-            self.ends,
-            self.weight_matching,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0)
+    /// The whole run's estimate: the phases, with one block's forward pass
+    /// on one batch (`forward` bytes) and the process held throughout.
+    pub fn estimate(&self, forward: u64) -> MemoryEstimate {
+        MemoryEstimate::new()
+            .held("one batch's forward pass", forward)
+            .phase("residual pass", self.residual_pass)
+            .phase("widest layer", self.layers)
+            .phase("ends", self.ends)
+            .phase("weight matching", self.weight_matching)
     }
 }
 

@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use amalgam_checkpoint::{Checkpoint, Dtype};
 use amalgam_checkpoint::{InputRecord, ModelCard};
-use amalgam_nn::calibration::TokenSource;
-use amalgam_nn::{Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles, PROCESS_BYTES};
+use amalgam_nn::calibration::CalibrationText;
+use amalgam_nn::{Decoder, DecoderConfig, DecoderWriter, Part, SaveFiles};
 use amalgam_recipe::{PleasMatching, PleasRecipe, Recipe, TokenizerSource};
 use tch::{Device, Kind, Tensor};
 
 use super::statistics::Metric;
-use super::{Matching, Plan, Widen};
+use super::{Matching, PleasPlan, Widen};
 use crate::source::Source;
 use crate::{MergeError, Progress, Result, RunOptions, RunReport, WholeModelMethod};
 
@@ -37,7 +37,7 @@ impl WholeModelMethod for Pleas {
 }
 
 /// Calibration batches `[batch, seq_len]` as the recipe asks (see
-/// [`TokenSource`]).
+/// [`CalibrationText`]).
 fn calibration(
     recipe: &Recipe,
     pleas: &PleasRecipe,
@@ -45,7 +45,7 @@ fn calibration(
     models: [&Path; 2],
 ) -> Result<Vec<Tensor>> {
     let c = &pleas.calibration;
-    let mut source = TokenSource::open(&c.source, &c.field, vocab, &models, c.seq_len, c.seed)
+    let mut source = CalibrationText::open(&c.source, &c.field, vocab, &models, c.seq_len, c.seed)
         .map_err(|e| MergeError::Recipe(recipe.error(c.source_at, e.to_string())))?;
     Ok(source.batches(c.samples, c.batch, c.seq_len))
 }
@@ -123,29 +123,24 @@ fn run(
     // huge sizes is refused before anything is read), then each config
     // against its weights, then the two models against each other.
     let batch = pleas.calibration.batch.min(pleas.calibration.samples);
-    let peak_of = |plan: &Plan, config: &DecoderConfig| {
-        let memory = plan.memory(
+    let estimate_of = |plan: &PleasPlan, config: &DecoderConfig| {
+        plan.memory(
             &settings,
             pleas.calibration.samples * pleas.calibration.seq_len,
             batch * pleas.calibration.seq_len,
-        );
-        // Besides: one block's forward pass on one batch, and the process.
-        let peak = memory
-            .peak()
-            .saturating_add(config.forward_bytes(batch, pleas.calibration.seq_len))
-            .saturating_add(PROCESS_BYTES);
-        (memory, peak)
+        )
+        .estimate(config.forward_bytes(batch, pleas.calibration.seq_len))
     };
     let mut planned = vec![];
     for config in &configs {
-        let plan = Plan::new(config, &settings)?;
-        let (memory, peak) = peak_of(&plan, config);
+        let plan = PleasPlan::new(config, &settings)?;
+        let memory = estimate_of(&plan, config);
         if let Some(limit) = &options.memory_limit {
             limit
-                .check(peak, "this PLeaS merge")
+                .check(&memory, "this PLeaS merge")
                 .map_err(MergeError::Memory)?;
         }
-        planned.push((plan, memory, peak));
+        planned.push((plan, memory));
     }
     for (checkpoint, m) in checkpoints.iter().zip(&pleas.models) {
         let nothing = Part {
@@ -182,7 +177,7 @@ fn run(
              size, layers, FFN widths, heads, vocabulary, tied or untied head)",
         )));
     }
-    let (plan, memory, peak) = planned.swap_remove(0);
+    let (plan, memory) = planned.swap_remove(0);
     let batches = calibration(
         recipe,
         &pleas,
@@ -195,14 +190,12 @@ fn run(
     } else {
         "one pass (layer by layer; no residual pass needed)"
     };
-    let gb = |bytes: u64| bytes as f64 / 1e9;
     let ratio = plan.parameters() as f64 / plan.input_parameters as f64;
     let summary = format!(
         "pleas: {} + {} ({} layers, hidden {}, FFN {}), {:?}, budget {}: hidden {} ({} channels \
          kept separately from each model), {} KV heads ({} separate), FFN {}; {} \
          parameters ({ratio:.3}× one input); {passes} over {} calibration batches of {} × {} \
-         tokens ({}); peak memory ≈ {:.2} GB (residual pass {:.2}, widest layer {:.2}, ends \
-         {:.2}{}, plus {:.2} for the process and one batch's forward pass)",
+         tokens ({}); {memory}",
         pleas.models[0].path,
         pleas.models[1].path,
         plan.shape.ffn.len(),
@@ -220,16 +213,6 @@ fn run(
         batch,
         pleas.calibration.seq_len,
         pleas.calibration.source,
-        gb(peak),
-        gb(memory.residual_pass),
-        gb(memory.layers),
-        gb(memory.ends),
-        if memory.weight_matching > 0 {
-            format!(", weight matching {:.2}", gb(memory.weight_matching))
-        } else {
-            String::new()
-        },
-        gb(peak - memory.peak()),
     );
     if options.dry_run {
         let json = serde_json::json!({
@@ -256,14 +239,8 @@ fn run(
                 "batch": batch,
                 "seq_len": pleas.calibration.seq_len,
             },
-            "peak_memory_estimate": peak,
-            "memory": {
-                "residual_pass": memory.residual_pass,
-                "layers": memory.layers,
-                "ends": memory.ends,
-                "weight_matching": memory.weight_matching,
-                "process_and_forward": peak - memory.peak(),
-            },
+            "peak_memory_estimate": memory.peak(),
+            "memory": memory.to_json(),
             "threads": threads,
         });
         return Ok(RunReport {
