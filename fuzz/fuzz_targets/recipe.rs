@@ -11,13 +11,14 @@ mod common;
 
 use std::sync::OnceLock;
 
-use amalgam_checkpoint::arch::{classify, Role};
+use amalgam_checkpoint::arch::locate;
+use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::synthetic::LlamaShape;
 use amalgam_checkpoint::{Checkpoint, Dtype};
 use amalgam_elastic::matformer::{self, Extraction, ModelLayout};
 use amalgam_merge::registry;
 use amalgam_recipe::{
-    ExtractRecipe, InventoryTensor, ModelInventory, Plan, PleasRecipe, Recipe, SearchSpace, Stages,
+    ExtractRecipe, InventoryTensor, LayerRef, ModelInventory, Plan, PleasRecipe, Recipe, SearchSpace, Stages,
     StitchRecipe,
 };
 use libfuzzer_sys::fuzz_target;
@@ -34,11 +35,11 @@ fn inventory(path: &str) -> ModelInventory {
         .specs(Dtype::BF16)
         .into_iter()
         .map(|spec| {
-            let name = classify(&spec.name);
+            let (place, vocab) = family::placement(Some(family::llama()), &spec.name);
             InventoryTensor {
-                layer: name.layer,
-                vocab: matches!(name.role, Role::Embedding | Role::LmHead),
-                before_layers: name.role == Role::Embedding,
+                layer: locate(&spec.name).map(|(index, digits)| LayerRef { index, digits }),
+                vocab,
+                before_layers: place == Some(Place::BeforeLayers),
                 tied_alias: false,
                 shape: spec.shape,
                 name: spec.name,

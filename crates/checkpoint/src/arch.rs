@@ -1,80 +1,34 @@
-//! What a tensor name means in a decoder-only transformer checkpoint: which
-//! layer it belongs to and what role it plays. Merge slices, FFN slicing and
-//! stitching all key off this.
+//! Where a tensor name's block index is: `…layers.N.…` (also `h.N`,
+//! `blocks.N`, `layer.N`). Merge slices, renumbering, FFN slicing and
+//! stitching all key off this one reading. What a tensor *is* (embedding,
+//! head, MLP projection) is the family's description's to say
+//! ([`crate::family`]).
 
-/// The role of a tensor within a Llama-family checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    Embedding,
-    LmHead,
-    FinalNorm,
-    InputNorm,
-    PostAttentionNorm,
-    AttnQ,
-    AttnK,
-    AttnV,
-    AttnO,
-    MlpGate,
-    MlpUp,
-    MlpDown,
-    /// Anything this module does not recognise; still carried through.
-    Other,
-}
+use std::ops::Range;
 
-/// The layer index and role of a tensor name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TensorName {
-    pub layer: Option<usize>,
-    pub role: Role,
-}
-
-/// Classifies a tensor name such as `model.layers.3.mlp.up_proj.weight`.
-pub fn classify(name: &str) -> TensorName {
-    TensorName {
-        layer: layer_index(name),
-        role: role(name),
-    }
-}
-
-/// The block index in `…layers.N.…` (also `h.N`, `blocks.N`), if any.
-pub fn layer_index(name: &str) -> Option<usize> {
-    let mut parts = name.split('.');
-    while let Some(part) = parts.next() {
-        if matches!(part, "layers" | "h" | "blocks" | "layer") {
-            if let Some(Ok(index)) = parts.clone().next().map(str::parse) {
-                return Some(index);
+/// The block index of a tensor name and the byte range of its digits
+/// (`model.layers.12.mlp.up_proj.weight` → `(12, 13..15)`): the first
+/// segment of ASCII digits after a `layers`, `h`, `blocks` or `layer`
+/// segment. Renumbering a block replaces that range.
+pub fn locate(name: &str) -> Option<(usize, Range<usize>)> {
+    let mut start = 0;
+    let mut after_keyword = false;
+    for part in name.split('.') {
+        if after_keyword && !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(index) = part.parse() {
+                return Some((index, start..start + part.len()));
             }
         }
+        after_keyword = matches!(part, "layers" | "h" | "blocks" | "layer");
+        start += part.len() + 1;
     }
     None
 }
 
-fn role(name: &str) -> Role {
-    let stem = name
-        .strip_suffix(".weight")
-        .or_else(|| name.strip_suffix(".bias"))
-        .unwrap_or(name);
-    let last = stem.rsplit('.').next().unwrap_or(stem);
-    match last {
-        "embed_tokens" | "wte" => Role::Embedding,
-        "lm_head" => Role::LmHead,
-        "q_proj" => Role::AttnQ,
-        "k_proj" => Role::AttnK,
-        "v_proj" => Role::AttnV,
-        "o_proj" => Role::AttnO,
-        "gate_proj" => Role::MlpGate,
-        "up_proj" => Role::MlpUp,
-        "down_proj" => Role::MlpDown,
-        "input_layernorm" => Role::InputNorm,
-        "post_attention_layernorm" => Role::PostAttentionNorm,
-        "norm" if layer_index(name).is_none() => Role::FinalNorm,
-        _ => Role::Other,
-    }
+/// The block index of a tensor name, if it is inside the repeated layers.
+pub fn layer_index(name: &str) -> Option<usize> {
+    locate(name).map(|(index, _)| index)
 }
-
-/// The output head of a Llama-family checkpoint; tied checkpoints may omit
-/// it (it is then the input embedding).
-pub const LM_HEAD: &str = "lm_head.weight";
 
 /// `config.json` fields that hold one entry per layer (when they are lists).
 pub const PER_LAYER_CONFIG_FIELDS: &[&str] = &[
@@ -83,15 +37,6 @@ pub const PER_LAYER_CONFIG_FIELDS: &[&str] = &[
     "intermediate_size",
     "activation_sparsity_pattern",
 ];
-
-/// The FFN width of a dense block's MLP, from its down projection
-/// (`…layers.N.mlp.down_proj.weight`, `[hidden, width]`); `None` for any
-/// other tensor (experts and shared experts have widths of their own).
-pub fn mlp_width(name: &str, shape: &[usize]) -> Option<usize> {
-    let layer = layer_index(name)?;
-    let suffix = format!(".{layer}.mlp.down_proj.weight");
-    (name.ends_with(&suffix) && shape.len() == 2).then(|| shape[1])
-}
 
 /// The number of blocks named in a set of tensor names (1 + the largest index).
 pub fn layer_count<'a>(names: impl IntoIterator<Item = &'a str>) -> usize {
@@ -108,34 +53,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn llama_names_are_classified() {
+    fn block_indices_are_located() {
         let cases = [
-            ("model.embed_tokens.weight", None, Role::Embedding),
-            ("lm_head.weight", None, Role::LmHead),
-            ("model.norm.weight", None, Role::FinalNorm),
+            ("model.embed_tokens.weight", None),
+            ("lm_head.weight", None),
+            ("model.norm.weight", None),
+            ("model.layers.0.input_layernorm.weight", Some((0, 13..14))),
+            ("model.layers.21.mlp.down_proj.weight", Some((21, 13..15))),
+            ("transformer.h.7.attn.c_attn.weight", Some((7, 14..15))),
+            ("encoder.layer.3.output.dense.bias", Some((3, 14..15))),
+            // The first index after a keyword: the block, not the expert.
             (
-                "model.layers.0.input_layernorm.weight",
-                Some(0),
-                Role::InputNorm,
+                "model.layers.2.block_sparse_moe.experts.5.w1.weight",
+                Some((2, 13..14)),
             ),
-            (
-                "model.layers.21.mlp.down_proj.weight",
-                Some(21),
-                Role::MlpDown,
-            ),
-            (
-                "model.layers.7.self_attn.k_proj.weight",
-                Some(7),
-                Role::AttnK,
-            ),
-            (
-                "model.layers.3.self_attn.rotary_emb.inv_freq",
-                Some(3),
-                Role::Other,
-            ),
+            // A keyword not followed by digits is passed over.
+            ("model.layers.x.layers.4.a", Some((4, 22..23))),
+            ("model.layers", None),
+            ("model.layers.+3.a", None),
         ];
-        for (name, layer, role) in cases {
-            assert_eq!(classify(name), TensorName { layer, role }, "{name}");
+        for (name, located) in cases {
+            assert_eq!(locate(name), located, "{name}");
+            assert_eq!(layer_index(name), located.map(|(i, _)| i), "{name}");
         }
     }
 

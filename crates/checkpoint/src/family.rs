@@ -1,27 +1,31 @@
 //! What differs between model families, as data: one description per
 //! family in `crates/checkpoint/families/MODEL_TYPE.json`, found by
 //! `config.json`'s `model_type`. Adding a family is adding a file (and its
-//! test); nothing else names a family.
+//! test): the build script compiles every file in `families/` in; nothing
+//! else names a family.
 //!
 //! A description says which tensors come before the repeated layers (the
 //! embedding side) and after them (final norm, head), which are indexed by
 //! the vocabulary, whether the head is tied to the embedding when the config
 //! does not say, the config key of the layer count, and (`shapes`) which
 //! config keys size its attention and where those tensors are, so that the
-//! output check can compare the two. Checkpoints of a family without a
-//! description fall back to the Llama-style reading of tensor names in
-//! [`crate::arch`].
+//! output check can compare the two. A mixture of experts also describes
+//! its experts (`moe`, [`crate::moe`]). Checkpoints of a family without a
+//! description are read by the Llama description ([`llama`]), its names
+//! matched whatever their prefix (see [`placement`]).
 //!
 //! `families/model_types.txt` lists every `model_type` transformers knows:
 //! an output must name one of them (or a described family).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-use crate::arch::{classify, Role};
-use crate::decoder::{Flag, Projections, QkNorm};
+use crate::arch::{layer_index, locate};
+use crate::decoder::{DecoderLayout, Flag, Projections, QkNorm};
+use crate::moe::MoeLayout;
 use crate::ModelConfig;
 
 /// One family's description (see the module documentation).
@@ -45,7 +49,10 @@ pub struct Family {
     /// How its decoder-only forward pass is built, for the families
     /// `amalgam-nn` runs.
     #[serde(default)]
-    pub decoder: Option<crate::decoder::DecoderLayout>,
+    pub decoder: Option<DecoderLayout>,
+    /// Where a mixture of experts keeps its experts and router.
+    #[serde(default)]
+    pub moe: Option<MoeLayout>,
     /// What the output check compares between `config.json` and the tensors.
     pub shapes: Shapes,
 }
@@ -114,6 +121,24 @@ impl AttentionTensors {
 }
 
 impl Family {
+    /// The layer prefix template (`model.layers.{i}`).
+    pub fn layers(&self) -> Option<&str> {
+        match (&self.decoder, &self.shapes.attention) {
+            (Some(decoder), _) => Some(&decoder.layers),
+            (None, Some(attention)) => Some(&attention.layers),
+            (None, None) => None,
+        }
+    }
+
+    /// The stored name of `part` (relative, no suffix) of block `layer`.
+    pub fn layer_tensor(&self, layer: usize, part: &str) -> Option<String> {
+        let layers = self.layers()?;
+        Some(format!(
+            "{}.{part}",
+            layers.replace("{i}", &layer.to_string())
+        ))
+    }
+
     /// The attention tensors the output check compares with the config:
     /// from `shapes`, else from the decoder description.
     pub fn attention_tensors(&self) -> Option<AttentionTensors> {
@@ -162,24 +187,8 @@ pub fn known_model_type(model_type: &str) -> bool {
 pub fn families() -> &'static [Family] {
     static FAMILIES: OnceLock<Vec<Family>> = OnceLock::new();
     FAMILIES.get_or_init(|| {
-        let files: &[(&str, &str)] = &[
-            ("bert", include_str!("../families/bert.json")),
-            ("gemma", include_str!("../families/gemma.json")),
-            ("gemma2", include_str!("../families/gemma2.json")),
-            ("gemma3_text", include_str!("../families/gemma3_text.json")),
-            ("gpt2", include_str!("../families/gpt2.json")),
-            ("gpt_neox", include_str!("../families/gpt_neox.json")),
-            ("granite", include_str!("../families/granite.json")),
-            ("llama", include_str!("../families/llama.json")),
-            ("mistral", include_str!("../families/mistral.json")),
-            ("mixtral", include_str!("../families/mixtral.json")),
-            ("olmo2", include_str!("../families/olmo2.json")),
-            ("phi3", include_str!("../families/phi3.json")),
-            ("qwen2", include_str!("../families/qwen2.json")),
-            ("qwen3", include_str!("../families/qwen3.json")),
-            ("qwen3_moe", include_str!("../families/qwen3_moe.json")),
-            ("stablelm", include_str!("../families/stablelm.json")),
-        ];
+        // `(model_type, text)` for every `families/*.json`, from build.rs.
+        let files: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/families.rs"));
         files
             .iter()
             .map(|(name, text)| {
@@ -202,12 +211,59 @@ pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
     families().iter().find(|f| f.model_type == model_type)
 }
 
-/// The Llama decoder's description: how checkpoints of families without
-/// one of their own are read.
-pub fn llama_decoder() -> &'static crate::decoder::DecoderLayout {
-    by_model_type("llama")
-        .and_then(|f| f.decoder.as_ref())
+/// The Llama description: how checkpoints of families without one of
+/// their own are read.
+pub fn llama() -> &'static Family {
+    by_model_type("llama").expect("families/llama.json is compiled in")
+}
+
+/// The Llama decoder's description.
+pub fn llama_decoder() -> &'static DecoderLayout {
+    llama()
+        .decoder
+        .as_ref()
         .expect("families/llama.json describes its decoder")
+}
+
+/// The description `name` is read by, and the name it is read as: a
+/// described family's own, as it is; for a family without a description,
+/// the Llama description, whatever the name's prefix — a layer tensor as
+/// Llama's of the same layer and part (`language_model.model.layers.3.mlp.
+/// down_proj.weight` is Llama's `model.layers.3.mlp.down_proj.weight`),
+/// any other as Llama's tensor of the same module (`….embed_tokens.weight`
+/// is its embedding, `….norm.weight` its final norm).
+fn reading<'a>(family: Option<&'a Family>, name: &'a str) -> (&'a Family, Cow<'a, str>) {
+    if let Some(family) = family {
+        return (family, Cow::Borrowed(name));
+    }
+    let llama = llama();
+    if let Some((layer, digits)) = locate(name) {
+        let part = &name[digits.end..];
+        let layers = llama.layers().expect("Llama has layers");
+        return (
+            llama,
+            Cow::Owned(format!(
+                "{}{part}",
+                layers.replace("{i}", &layer.to_string())
+            )),
+        );
+    }
+    let module = |name: &'a str| {
+        let stem = name
+            .strip_suffix(".weight")
+            .or_else(|| name.strip_suffix(".bias"))
+            .unwrap_or(name);
+        stem.rsplit('.').next().unwrap_or(stem)
+    };
+    let described = llama
+        .pre_layer
+        .iter()
+        .chain(&llama.post_layer)
+        .find(|n| module(n) == module(name));
+    (
+        llama,
+        described.map_or(Cow::Borrowed(name), |n| Cow::Borrowed(n)),
+    )
 }
 
 /// Where a tensor outside the repeated layers belongs.
@@ -221,80 +277,69 @@ pub enum Place {
 
 /// How the merge planner reads one tensor name of a checkpoint: where it
 /// sits outside the layers (`None` for layer tensors) and whether its rows
-/// follow the vocabulary. From the family's description where there is one,
-/// else from the Llama-style name rules.
+/// follow the vocabulary. From the family's description, else from Llama's
+/// (see [`reading`]).
 pub fn placement(family: Option<&Family>, name: &str) -> (Option<Place>, bool) {
-    let parsed = classify(name);
-    if parsed.layer.is_some() {
+    if layer_index(name).is_some() {
         return (None, false);
     }
-    match family {
-        Some(f) => {
-            let place = if f.pre_layer.iter().any(|n| n == name) {
-                Place::BeforeLayers
-            } else {
-                Place::AfterLayers
-            };
-            (Some(place), f.vocabulary.iter().any(|n| n == name))
-        }
-        None => {
-            let place = match parsed.role {
-                Role::Embedding => Place::BeforeLayers,
-                _ => Place::AfterLayers,
-            };
-            let vocab = matches!(parsed.role, Role::Embedding | Role::LmHead);
-            (Some(place), vocab)
-        }
-    }
+    let (f, name) = reading(family, name);
+    let place = if f.pre_layer.iter().any(|n| *n == name) {
+        Place::BeforeLayers
+    } else {
+        Place::AfterLayers
+    };
+    (Some(place), f.vocabulary.iter().any(|n| *n == name))
 }
 
 /// Whether `name` is the input embedding (the vocabulary rows before the
-/// layers): from the family's description where there is one, else from
-/// the Llama-style name rules.
+/// layers): from the family's description, else from Llama's.
 pub fn is_embedding(family: Option<&Family>, name: &str) -> bool {
-    match family {
-        Some(f) => f.pre_layer.iter().any(|n| n == name) && f.vocabulary.iter().any(|n| n == name),
-        None => classify(name).role == Role::Embedding,
-    }
+    let (f, name) = reading(family, name);
+    f.pre_layer.iter().any(|n| *n == name) && f.vocabulary.iter().any(|n| *n == name)
 }
 
 /// Whether `name` is the output head (the vocabulary rows after the layers).
 pub fn is_head(family: Option<&Family>, name: &str) -> bool {
-    match family {
-        Some(f) => f.post_layer.iter().any(|n| n == name) && f.vocabulary.iter().any(|n| n == name),
-        None => classify(name).role == Role::LmHead,
-    }
+    let (f, name) = reading(family, name);
+    f.post_layer.iter().any(|n| *n == name) && f.vocabulary.iter().any(|n| *n == name)
 }
 
 /// The name a family's output head is written under (what a tied
 /// checkpoint leaves out).
 pub fn head_name(family: Option<&Family>) -> String {
-    let described = family.and_then(|f| match &f.decoder {
-        Some(decoder) => Some(format!("{}.weight", decoder.head[0])),
-        None => f.post_layer.iter().find(|n| is_head(Some(f), n)).cloned(),
-    });
-    described.unwrap_or_else(|| crate::arch::LM_HEAD.to_owned())
+    let f = family.unwrap_or(llama());
+    match &f.decoder {
+        Some(decoder) => format!("{}.weight", decoder.head[0]),
+        None => f
+            .post_layer
+            .iter()
+            .find(|n| is_head(Some(f), n))
+            .cloned()
+            .unwrap_or_else(|| head_name(None)),
+    }
 }
 
 /// The FFN width of a dense block's MLP from its output projection
-/// (`[hidden, width]`); `None` for any other tensor.
+/// (`[hidden, width]`); `None` for any other tensor (experts and shared
+/// experts have widths of their own). Families without a decoder section
+/// are read as Llama here (StableLM's and Granite's MLPs are Llama's).
 pub fn mlp_width(family: Option<&Family>, name: &str, shape: &[usize]) -> Option<usize> {
-    match family.and_then(|f| f.decoder.as_ref()) {
-        Some(decoder) => {
-            let layer = crate::arch::layer_index(name)?;
-            let output = format!(
-                "{}.weight",
-                decoder.layer_tensor(layer, &decoder.mlp.output)
-            );
-            (name == output && shape.len() == 2).then(|| shape[1])
-        }
-        None => crate::arch::mlp_width(name, shape),
-    }
+    let (f, name) = reading(family.filter(|f| f.decoder.is_some()), name);
+    let decoder = f.decoder.as_ref()?;
+    let layer = layer_index(&name)?;
+    let output = format!(
+        "{}.weight",
+        decoder.layer_tensor(layer, &decoder.mlp.output)
+    );
+    (name == output && shape.len() == 2).then(|| shape[1])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decoder::MlpInput;
+    use crate::moe::Projection;
 
     #[test]
     fn every_description_parses_and_is_consistent() {
@@ -303,7 +348,7 @@ mod tests {
         for f in all {
             assert!(!f.pre_layer.is_empty(), "{}", f.model_type);
             for name in f.pre_layer.iter().chain(&f.post_layer) {
-                assert_eq!(classify(name).layer, None, "{}: {name}", f.model_type);
+                assert_eq!(layer_index(name), None, "{}: {name}", f.model_type);
             }
             for name in &f.vocabulary {
                 assert!(
@@ -324,6 +369,11 @@ mod tests {
             assert!(known_model_type(&f.model_type), "{}", f.model_type);
         }
         assert!(known_model_type("t5") && known_model_type("gemma3n"));
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/families"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "json")
+            .count();
+        assert_eq!(all.len(), files, "every file in families/ is compiled in");
         assert!(!known_model_type("nonsense") && !known_model_type(""));
     }
 
@@ -360,6 +410,109 @@ mod tests {
         );
     }
 
+    /// A family without a description is read by Llama's, whatever the
+    /// prefix of its names (a multimodal model's text model, say).
+    #[test]
+    fn undescribed_families_are_read_as_llama() {
+        for (name, placed) in [
+            (
+                "model.embed_tokens.weight",
+                (Some(Place::BeforeLayers), true),
+            ),
+            (
+                "language_model.model.embed_tokens.weight",
+                (Some(Place::BeforeLayers), true),
+            ),
+            ("model.embed_tokens.bias", (Some(Place::BeforeLayers), true)),
+            ("lm_head.weight", (Some(Place::AfterLayers), true)),
+            ("model.norm.weight", (Some(Place::AfterLayers), false)),
+            (
+                "vision_tower.patch.weight",
+                (Some(Place::AfterLayers), false),
+            ),
+            ("model.layers.3.mlp.up_proj.weight", (None, false)),
+        ] {
+            assert_eq!(placement(None, name), placed, "{name}");
+        }
+        assert!(is_embedding(
+            None,
+            "model.language_model.embed_tokens.weight"
+        ));
+        assert!(!is_embedding(None, "model.embed_tokens_per_layer.weight"));
+        assert!(is_head(None, "language_model.lm_head.weight"));
+        assert!(!is_head(None, "model.embed_tokens.weight"));
+        let down = "language_model.model.layers.11.mlp.down_proj.weight";
+        assert_eq!(mlp_width(None, down, &[8, 40]), Some(40));
+        assert_eq!(
+            mlp_width(
+                None,
+                "model.layers.1.mlp.experts.1.down_proj.weight",
+                &[8, 40]
+            ),
+            None
+        );
+        assert_eq!(head_name(None), "lm_head.weight");
+        assert!(std::ptr::eq(
+            llama_decoder(),
+            llama().decoder.as_ref().unwrap()
+        ));
+    }
+
+    /// The mixtures' descriptions: templates with the expert index, and
+    /// assemblies whose config sets the keys the layout names, from dense
+    /// families amalgam runs.
+    #[test]
+    fn mixtures_describe_their_experts() {
+        let mixtures: Vec<&Family> = families().iter().filter(|f| f.moe.is_some()).collect();
+        let types: Vec<&str> = mixtures.iter().map(|f| f.model_type.as_str()).collect();
+        assert_eq!(types, ["mixtral", "qwen2_moe", "qwen3_moe"]);
+        for f in mixtures {
+            let moe = f.moe.as_ref().unwrap();
+            let t = &f.model_type;
+            assert!(f.layers().is_some(), "{t}");
+            for p in [Projection::Gate, Projection::Up, Projection::Down] {
+                assert!(moe.experts.get(p).contains("{e}"), "{t}");
+                assert_ne!(moe.expert(0, p), moe.expert(1, p), "{t}");
+            }
+            if let Some(shared) = &moe.shared_expert {
+                assert!(!shared.mlp.gate.contains("{e}") && !shared.gate.contains("{e}"));
+            }
+            let Some(assembly) = &moe.assembly else {
+                continue;
+            };
+            let mut sized = vec![
+                (moe.experts_key.as_str(), "{experts}"),
+                (moe.experts_per_token_key.as_str(), "{experts_per_token}"),
+            ];
+            sized.extend(
+                moe.expert_width_key
+                    .as_deref()
+                    .map(|k| (k, "{expert_width}")),
+            );
+            sized.extend(
+                moe.shared_expert
+                    .as_ref()
+                    .map(|s| (s.width_key.as_str(), "{expert_width}")),
+            );
+            for (key, size) in &sized {
+                assert_eq!(assembly.config[*key], *size, "{t}: {key}");
+            }
+            for (key, value) in &assembly.config {
+                let placeholder = value.as_str().is_some_and(|v| v.starts_with('{'));
+                assert_eq!(
+                    placeholder,
+                    sized.iter().any(|(k, _)| k == key),
+                    "{t}: {key}"
+                );
+            }
+            for input in &assembly.inputs {
+                let dense = by_model_type(input).and_then(|d| d.decoder.as_ref());
+                let gated = dense.is_some_and(|d| matches!(d.mlp.input, MlpInput::Gated(_)));
+                assert!(gated, "{t} from {input}: a decoder with a gated MLP");
+            }
+        }
+    }
+
     #[test]
     fn embeddings_heads_and_mlp_widths_follow_the_description() {
         let of_type = |t: &str| {
@@ -389,6 +542,12 @@ mod tests {
         assert_eq!(
             mlp_width(phi3, "model.layers.0.mlp.gate_up_proj.weight", &[80, 8]),
             None
+        );
+        // Described without a decoder: the MLP is read as Llama's.
+        let stablelm = of_type("stablelm");
+        assert_eq!(
+            mlp_width(stablelm, "model.layers.1.mlp.down_proj.weight", &[8, 40]),
+            Some(40)
         );
     }
 }

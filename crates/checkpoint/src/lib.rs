@@ -14,7 +14,8 @@
 //!   inside the directory only, bounded JSON, no duplicate keys; tensor data
 //!   by `pread` or by [`MappedTensor`], whose SIGBUS guard makes a file
 //!   truncated under it an error, not a crash.
-//! * [`arch`] knows what a tensor name means (layer index and role).
+//! * [`arch`] finds a tensor name's block index; [`family`] reads the rest of
+//!   it from the family's description (`families/*.json`).
 //! * [`synthetic`] generates Llama-family checkpoint families for tests and benches.
 //!
 //! Pickle checkpoints are refused; nothing is ever unpickled.
@@ -34,6 +35,7 @@ pub mod interrupt;
 mod layout;
 mod mapped;
 pub mod memory;
+pub mod moe;
 mod output;
 mod output_file;
 pub mod parts;

@@ -21,9 +21,10 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::json;
 
+use crate::decoder::{MlpInput, Projections};
 use crate::{
-    dtype_name, stream_seed, CheckpointWriter, Error, Finish, ModelCard, ModelConfig, Result,
-    TensorSpec, WriteOptions,
+    dtype_name, family, stream_seed, CheckpointWriter, Error, Finish, ModelCard, ModelConfig,
+    Result, TensorSpec, WriteOptions,
 };
 
 const BASE_STD: f32 = 0.02;
@@ -92,38 +93,52 @@ impl LlamaShape {
         self.hidden / self.heads
     }
 
-    /// Every tensor, named and ordered as transformers' `LlamaForCausalLM` saves them.
+    /// Every tensor, named as `families/llama.json` names them and ordered
+    /// as transformers' `LlamaForCausalLM` saves them.
     pub fn specs(&self, dtype: Dtype) -> Vec<TensorSpec> {
         let (h, f, kv) = (
             self.hidden,
             self.intermediate,
             self.kv_heads * self.head_dim(),
         );
+        let llama = family::llama_decoder();
+        let Projections::Separate([q, k, v]) = &llama.attention.qkv else {
+            unreachable!("Llama's q, k and v are separate tensors")
+        };
+        let MlpInput::Gated([gate, up]) = &llama.mlp.input else {
+            unreachable!("Llama's MLP is gated")
+        };
+        let (Some(attention_norm), Some(mlp_norm)) =
+            (&llama.norms.attention_input, &llama.norms.mlp_input)
+        else {
+            unreachable!("Llama normalises the attention's and the MLP's inputs")
+        };
         let mut specs = vec![TensorSpec::new(
-            "model.embed_tokens.weight",
+            format!("{}.weight", llama.embedding),
             dtype,
             vec![self.vocab, h],
         )];
         for i in 0..self.layers {
-            let p = format!("model.layers.{i}");
-            for (name, shape) in [
-                ("self_attn.q_proj.weight", vec![h, h]),
-                ("self_attn.k_proj.weight", vec![kv, h]),
-                ("self_attn.v_proj.weight", vec![kv, h]),
-                ("self_attn.o_proj.weight", vec![h, h]),
-                ("mlp.gate_proj.weight", vec![f, h]),
-                ("mlp.up_proj.weight", vec![f, h]),
-                ("mlp.down_proj.weight", vec![h, f]),
-                ("input_layernorm.weight", vec![h]),
-                ("post_attention_layernorm.weight", vec![h]),
+            for (part, shape) in [
+                (q, vec![h, h]),
+                (k, vec![kv, h]),
+                (v, vec![kv, h]),
+                (&llama.attention.output, vec![h, h]),
+                (gate, vec![f, h]),
+                (up, vec![f, h]),
+                (&llama.mlp.output, vec![h, f]),
+                (attention_norm, vec![h]),
+                (mlp_norm, vec![h]),
             ] {
-                specs.push(TensorSpec::new(format!("{p}.{name}"), dtype, shape));
+                let name = format!("{}.weight", llama.layer_tensor(i, part));
+                specs.push(TensorSpec::new(name, dtype, shape));
             }
         }
-        specs.push(TensorSpec::new("model.norm.weight", dtype, vec![h]));
+        let norm = format!("{}.weight", llama.final_norm);
+        specs.push(TensorSpec::new(norm, dtype, vec![h]));
         if !self.tied {
             specs.push(TensorSpec::new(
-                "lm_head.weight",
+                format!("{}.weight", llama.head[0]),
                 dtype,
                 vec![self.vocab, h],
             ));
@@ -132,9 +147,10 @@ impl LlamaShape {
     }
 
     pub fn config(&self, dtype: Dtype) -> ModelConfig {
+        let llama = family::llama();
         let value = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": llama.architectures,
+            "model_type": llama.model_type,
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use crate::arch::{classify, layer_count, PER_LAYER_CONFIG_FIELDS};
+use crate::arch::{layer_count, layer_index, PER_LAYER_CONFIG_FIELDS};
 use crate::decoder::{Flag, Projections};
 use crate::family::{self, Family, SizeKey};
 use crate::{ModelConfig, TensorSpec};
@@ -136,7 +136,7 @@ pub fn config_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<Con
     }
     let widths = specs.iter().filter_map(|s| {
         let width = family::mlp_width(family, &s.name, &s.shape)?;
-        Some((classify(&s.name).layer?, width, &s.name))
+        Some((layer_index(&s.name)?, width, &s.name))
     });
     for (layer, width, name) in widths {
         let expected = match config.get("intermediate_size") {

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-use amalgam_checkpoint::arch::{classify, PER_LAYER_CONFIG_FIELDS};
+use amalgam_checkpoint::arch::{layer_index, locate, PER_LAYER_CONFIG_FIELDS};
 use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_checkpoint::{
@@ -16,7 +16,8 @@ use amalgam_checkpoint::{
     TensorSpec, WriteOptions,
 };
 use amalgam_recipe::{
-    ChatTemplate, InputTransform, InventoryTensor, ModelInventory, Plan, PlannedTensor, Recipe,
+    ChatTemplate, InputTransform, InventoryTensor, LayerRef, ModelInventory, Plan, PlannedTensor,
+    Recipe,
 };
 use rayon::prelude::*;
 use serde_json::Value;
@@ -146,11 +147,11 @@ impl MergeJob {
         let mut sources: Vec<Option<(usize, usize)>> = vec![None; self.plan.layers];
         let mut widths: Vec<Option<usize>> = vec![None; self.plan.layers];
         for tensor in &self.plan.tensors {
-            let Some(layer) = classify(&tensor.name).layer else {
+            let Some(layer) = layer_index(&tensor.name) else {
                 continue;
             };
             let input = &tensor.inputs[0];
-            if let Some(from) = classify(&input.tensor).layer {
+            if let Some(from) = layer_index(&input.tensor) {
                 sources[layer].get_or_insert((input.model, from));
             }
             if let Some(width) = family::mlp_width(family::of(layout), &tensor.name, &tensor.shape)
@@ -881,7 +882,7 @@ pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInv
             InventoryTensor {
                 name: t.name.clone(),
                 shape: t.shape.clone(),
-                layer: classify(&t.name).layer,
+                layer: locate(&t.name).map(|(index, digits)| LayerRef { index, digits }),
                 vocab,
                 before_layers: place == Some(Place::BeforeLayers),
                 tied_alias: false,

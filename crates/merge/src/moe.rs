@@ -9,19 +9,29 @@
 //! token of the expert's prompts (mean over prompts, minus the negative
 //! prompts'), the mean token embedding of the prompts (every layer alike), or
 //! random.
+//!
+//! Which tensors and config keys make a mixture is the output family's
+//! description's `moe` section (`families/mixtral.json`,
+//! `families/qwen2_moe.json`): its experts, router and shared expert, and
+//! how it is assembled (the dense families it takes, the config it sets);
+//! where a dense model keeps its MLP and embedding is the input family's.
 
 use std::path::{Path, PathBuf};
 
+use amalgam_checkpoint::arch::layer_index;
+use amalgam_checkpoint::decoder::{DecoderLayout, MlpInput, Projections};
+use amalgam_checkpoint::family::{self, Family};
+use amalgam_checkpoint::moe::{Assembly, MoeLayout, Projection};
 use amalgam_checkpoint::{
     kind_from_dtype, parse_dtype, CheckpointWriter, Dtype, Finish, InputRecord, ModelCard,
-    TensorSpec, WriteOptions, TOKENIZER_CONFIG,
+    ModelConfig, TensorSpec, WriteOptions, TOKENIZER_CONFIG,
 };
 use amalgam_nn::Decoder;
 use amalgam_recipe::{Expert, GateMode, Location, ModelRef, MoeRecipe};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rand_xoshiro::Xoshiro256PlusPlus;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use crate::source::Source;
@@ -35,9 +45,9 @@ use crate::{MergeError, Progress, Result};
 /// [`amalgam_recipe::MAX_PROMPT_BYTES`] and [`amalgam_recipe::MAX_PROMPTS`].)
 pub const MAX_HIDDEN_PROMPT_TOKENS: usize = 4096;
 
-/// A dense MLP's projections, and their Mixtral names.
-const PROJECTIONS: [(&str, &str); 3] =
-    [("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")];
+/// A dense MLP's projections, in the order each layer's experts are
+/// written (mergekit's: Mixtral's w1, w2, w3).
+const PROJECTIONS: [Projection; 3] = [Projection::Gate, Projection::Down, Projection::Up];
 
 /// The mixture written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,72 +57,65 @@ pub enum Output {
 }
 
 impl Output {
-    fn inputs(self) -> &'static [&'static str] {
-        match self {
-            Self::Mixtral => &["llama", "mistral"],
-            Self::Qwen2Moe => &["llama", "mistral", "qwen2"],
-        }
+    /// The family description it follows.
+    fn family(self) -> &'static Family {
+        let model_type = match self {
+            Self::Mixtral => "mixtral",
+            Self::Qwen2Moe => "qwen2_moe",
+        };
+        family::by_model_type(model_type).expect("a compiled-in description")
+    }
+}
+
+/// The descriptions a mixture is built by: its own family's, its `moe`
+/// section and assembly, and the dense input family's decoder.
+struct Layouts {
+    output: &'static Family,
+    moe: &'static MoeLayout,
+    assembly: &'static Assembly,
+    dense: &'static DecoderLayout,
+}
+
+impl Layouts {
+    /// `part` (relative, no suffix) of the mixture's block `layer`, weight.
+    fn output(&self, layer: usize, part: &str) -> String {
+        let name = self.output.layer_tensor(layer, part);
+        format!("{}.weight", name.expect("a mixture has layers"))
     }
 
-    /// Expert `e`'s `projection` in `layer`.
-    fn expert(self, layer: usize, e: usize, projection: &str) -> String {
-        match self {
-            Self::Mixtral => {
-                let (_, w) = PROJECTIONS
-                    .iter()
-                    .find(|(p, _)| *p == projection)
-                    .expect("ours");
-                format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight")
-            }
-            Self::Qwen2Moe => format!("model.layers.{layer}.mlp.experts.{e}.{projection}.weight"),
-        }
+    /// A dense model's `projection` in `layer`.
+    fn dense(&self, layer: usize, projection: Projection) -> String {
+        let MlpInput::Gated([gate, up]) = &self.dense.mlp.input else {
+            unreachable!("checked by Moe::open")
+        };
+        let part = match projection {
+            Projection::Gate => gate,
+            Projection::Up => up,
+            Projection::Down => &self.dense.mlp.output,
+        };
+        format!("{}.weight", self.dense.layer_tensor(layer, part))
     }
 
-    fn router(self, layer: usize) -> String {
-        match self {
-            Self::Mixtral => format!("model.layers.{layer}.block_sparse_moe.gate.weight"),
-            Self::Qwen2Moe => format!("model.layers.{layer}.mlp.gate.weight"),
-        }
-    }
-
-    /// The config keys that make the base's config this mixture's.
-    fn config(self, recipe: &MoeRecipe, intermediate: usize) -> Value {
-        let experts = recipe.experts.len();
-        match self {
-            Self::Mixtral => json!({
-                "model_type": "mixtral",
-                "architectures": ["MixtralForCausalLM"],
-                "num_local_experts": experts,
-                "num_experts_per_tok": recipe.experts_per_token,
-                "sliding_window": null,
-                "output_router_logits": false,
-                "router_aux_loss_coef": 0.001,
-                "router_jitter_noise": 0.0,
-            }),
-            Self::Qwen2Moe => json!({
-                "model_type": "qwen2_moe",
-                "architectures": ["Qwen2MoeForCausalLM"],
-                "num_experts": experts,
-                "num_experts_per_tok": recipe.experts_per_token,
-                "decoder_sparse_step": 1,
-                "mlp_only_layers": [],
-                "norm_topk_prob": true,
-                "moe_intermediate_size": intermediate,
-                "shared_expert_intermediate_size": intermediate,
-                "sliding_window": null,
-                "use_sliding_window": false,
-                "output_router_logits": false,
-                "router_aux_loss_coef": 0.001,
-            }),
-        }
+    /// Whether `name` is a dense model's MLP tensor (weight or bias), which
+    /// the experts replace.
+    fn is_dense_mlp(&self, name: &str) -> bool {
+        let Some(layer) = layer_index(name) else {
+            return false;
+        };
+        PROJECTIONS.iter().any(|&p| {
+            let weight = self.dense(layer, p);
+            let stem = weight.strip_suffix(".weight").expect("a weight");
+            name == weight || name.strip_suffix(".bias") == Some(stem)
+        })
     }
 }
 
 /// Where one output tensor comes from.
 enum Origin {
     Base(String),
-    /// An expert's (or, `None`, the shared expert's) MLP projection.
-    Expert(Option<usize>, String),
+    /// An expert's (or, `None`, the shared expert's) MLP projection: the
+    /// dense tensor it is made from.
+    Expert(Option<usize>, String, Projection),
     /// A layer's router.
     Router(usize),
     /// A layer's gate of the shared expert.
@@ -124,6 +127,7 @@ enum Origin {
 pub struct Moe<'r> {
     recipe: &'r MoeRecipe,
     output: Output,
+    layouts: Layouts,
     base: Source,
     experts: Vec<Source>,
     shared: Option<Source>,
@@ -168,21 +172,41 @@ impl<'r> Moe<'r> {
             .transpose()?;
         let config = base.checkpoint.config();
         let kind = config.model_type().unwrap_or("unknown").to_owned();
-        if !output.inputs().contains(&kind.as_str()) {
+        let output_family = output.family();
+        let moe = output_family.moe.as_ref().expect("a mixture's description");
+        let assembly = moe.assembly.as_ref().expect("an output amalgam assembles");
+        // A dense family the output is built from, whose decoder has a gated MLP.
+        let gated = |f: &'static Family| {
+            let decoder = f.decoder.as_ref()?;
+            matches!(decoder.mlp.input, MlpInput::Gated(_)).then_some((f, decoder))
+        };
+        let dense = family::by_model_type(&kind).filter(|_| assembly.inputs.contains(&kind));
+        let Some((input, dense)) = dense.and_then(gated) else {
             return Err(at(
                 &recipe.base_model,
                 format!(
                     "the base is a `{kind}` model; {output:?} is built from {} models",
-                    output.inputs().join(", ")
+                    assembly.inputs.join(", ")
                 ),
             ));
-        }
+        };
+        let layouts = Layouts {
+            output: output_family,
+            moe,
+            assembly,
+            dense,
+        };
         let layers = base.checkpoint.layers()?;
+        let hidden_key = &input.shapes.hidden;
         let hidden = config
-            .get("hidden_size")
+            .get(hidden_key)
             .and_then(Value::as_u64)
-            .ok_or_else(|| at(&recipe.base_model, "its config has no hidden_size".into()))?
-            as usize;
+            .ok_or_else(|| {
+                at(
+                    &recipe.base_model,
+                    format!("its config has no {hidden_key}"),
+                )
+            })? as usize;
         let all = recipe
             .experts
             .iter()
@@ -199,8 +223,8 @@ impl<'r> Moe<'r> {
                 ));
             }
             for layer in 0..layers {
-                for (projection, _) in PROJECTIONS {
-                    let name = mlp(layer, projection);
+                for projection in PROJECTIONS {
+                    let name = layouts.dense(layer, projection);
                     let want = &base.checkpoint.entry(&name)?.shape;
                     let shape = source
                         .checkpoint
@@ -223,7 +247,10 @@ impl<'r> Moe<'r> {
         }
         let dtype = match &recipe.dtype {
             Some(name) => parse_dtype(name).expect("checked by the parser"),
-            None => base.checkpoint.entry(&mlp(0, "gate_proj"))?.dtype,
+            None => {
+                let gate = layouts.dense(0, Projection::Gate);
+                base.checkpoint.entry(&gate)?.dtype
+            }
         };
         if kind_from_dtype(dtype).is_none() {
             return Err(at(
@@ -234,6 +261,7 @@ impl<'r> Moe<'r> {
         Ok(Self {
             recipe,
             output,
+            layouts,
             base,
             experts,
             shared,
@@ -351,10 +379,10 @@ impl<'r> Moe<'r> {
             _ => None,
         };
         let embedding = match forward {
-            None => Some(
-                self.base
-                    .read_as("model.embed_tokens.weight", Kind::Float)?,
-            ),
+            None => {
+                let name = format!("{}.weight", self.layouts.dense.embedding);
+                Some(self.base.read_as(&name, Kind::Float)?)
+            }
             Some(_) => None,
         };
         // One prompt set's vectors `[layers, hidden]`.
@@ -426,72 +454,101 @@ impl<'r> Moe<'r> {
         MergeError::Recipe(self.recipe.error(self.recipe.base_model.at, message))
     }
 
+    /// The mixture's config: the base's, with the output family's
+    /// `model_type`, `architectures` and assembly config.
+    fn config(&self) -> Result<ModelConfig> {
+        let mut config = self.base.checkpoint.config().clone();
+        let gate = self.layouts.dense(0, Projection::Gate);
+        let width = self.base.checkpoint.entry(&gate)?.shape[0];
+        let family = self.layouts.output;
+        config.set("model_type", family.model_type.clone().into());
+        config.set("architectures", family.architectures.clone().into());
+        let entries = self.layouts.assembly.config(
+            self.recipe.experts.len(),
+            self.recipe.experts_per_token,
+            width,
+        );
+        for (key, value) in entries {
+            config.set(&key, value);
+        }
+        Ok(config)
+    }
+
     /// Every output tensor: (spec, where it comes from).
     fn plan(&self) -> Result<Vec<(TensorSpec, Origin)>> {
         let base = &self.base.checkpoint;
+        let layouts = &self.layouts;
         let mut out = vec![];
-        for entry in base.tensors().iter().filter(|e| !e.name.contains(".mlp.")) {
+        let outside_mlp = base
+            .tensors()
+            .iter()
+            .filter(|e| !layouts.is_dense_mlp(&e.name));
+        for entry in outside_mlp {
             out.push((
                 TensorSpec::new(&entry.name, self.dtype, entry.shape.clone()),
                 Origin::Base(entry.name.clone()),
             ));
         }
-        let config = base.config();
-        let number = |key: &str| config.get(key).and_then(Value::as_u64).map(|n| n as usize);
-        let heads = number("num_attention_heads").unwrap_or(1);
-        let head_dim = number("head_dim").unwrap_or(self.hidden / heads.max(1));
+        // q/k/v biases where the mixture always has them (Qwen2-MoE) and
+        // the base has none: zeros, as wide as the weights' rows.
+        let attention = layouts.output.attention_tensors().expect("described");
+        let zero_biases = match (&attention.qkv, attention.qkv_bias.of(&self.config()?)) {
+            (Projections::Separate(parts), true) => parts.as_slice(),
+            _ => &[],
+        };
+        let moe = layouts.moe;
         for layer in 0..self.layers {
-            if self.output == Output::Qwen2Moe {
-                // Qwen2-MoE's q/k/v always have biases.
-                for (projection, heads_key) in [
-                    ("q_proj", "num_attention_heads"),
-                    ("k_proj", "num_key_value_heads"),
-                    ("v_proj", "num_key_value_heads"),
-                ] {
-                    let name = format!("model.layers.{layer}.self_attn.{projection}.bias");
-                    if base.entry(&name).is_err() {
-                        let width = number(heads_key).unwrap_or(heads) * head_dim;
-                        out.push((
-                            TensorSpec::new(&name, self.dtype, vec![width]),
-                            Origin::Zeros,
-                        ));
-                    }
+            for part in zero_biases {
+                let name = attention.layer_tensor(layer, part);
+                let bias = format!("{name}.bias");
+                if base.entry(&bias).is_err() {
+                    let width = base.entry(&format!("{name}.weight"))?.shape[0];
+                    out.push((
+                        TensorSpec::new(&bias, self.dtype, vec![width]),
+                        Origin::Zeros,
+                    ));
                 }
             }
-            for (projection, _) in PROJECTIONS {
-                let source = mlp(layer, projection);
+            for projection in PROJECTIONS {
+                let source = layouts.dense(layer, projection);
                 let shape = base.entry(&source)?.shape.clone();
                 for e in 0..self.experts.len() {
                     out.push((
                         TensorSpec::new(
-                            self.output.expert(layer, e, projection),
+                            layouts.output(layer, &moe.expert(e, projection)),
                             self.dtype,
                             shape.clone(),
                         ),
-                        Origin::Expert(Some(e), source.clone()),
+                        Origin::Expert(Some(e), source.clone(), projection),
                     ));
                 }
                 if self.shared.is_some() {
-                    let name =
-                        format!("model.layers.{layer}.mlp.shared_expert.{projection}.weight");
+                    let shared = moe.shared_expert.as_ref().expect("checked by Moe::open");
                     out.push((
-                        TensorSpec::new(&name, self.dtype, shape.clone()),
-                        Origin::Expert(None, source.clone()),
+                        TensorSpec::new(
+                            layouts.output(layer, shared.mlp.get(projection)),
+                            self.dtype,
+                            shape.clone(),
+                        ),
+                        Origin::Expert(None, source.clone(), projection),
                     ));
                 }
             }
             out.push((
                 TensorSpec::new(
-                    self.output.router(layer),
+                    layouts.output(layer, &moe.router),
                     self.dtype,
                     vec![self.experts.len(), self.hidden],
                 ),
                 Origin::Router(layer),
             ));
-            if self.shared.is_some() {
-                let name = format!("model.layers.{layer}.mlp.shared_expert_gate.weight");
+            if let (Some(_), Some(shared)) = (&self.shared, &moe.shared_expert) {
                 out.push((
-                    TensorSpec::new(&name, self.dtype, vec![1, self.hidden]),
+                    TensorSpec::new(
+                        layouts.output(layer, &shared.gate),
+                        self.dtype,
+                        vec![1, self.hidden],
+                    ),
                     Origin::SharedGate(layer),
                 ));
             }
@@ -527,7 +584,7 @@ impl<'r> Moe<'r> {
                 Origin::Zeros => Tensor::zeros([spec.shape[0] as i64], (Kind::Float, Device::Cpu)),
                 Origin::Router(layer) => gates.get(*layer as i64).narrow(0, 0, experts),
                 Origin::SharedGate(layer) => gates.get(*layer as i64).narrow(0, experts, 1),
-                Origin::Expert(e, source) => {
+                Origin::Expert(e, source, projection) => {
                     let (model, expert) = match e {
                         Some(e) => (&self.experts[*e], &self.recipe.experts[*e]),
                         None => (
@@ -536,7 +593,11 @@ impl<'r> Moe<'r> {
                         ),
                     };
                     let stream = e.map_or(u64::MAX, |e| e as u64);
-                    self.expert_tensor(model, expert, source, name, seed, stream)?
+                    let t = self.expert_tensor(model, expert, source, name, seed, stream)?;
+                    match expert.residual_scale {
+                        Some(scale) if *projection == Projection::Down => t * scale,
+                        _ => t,
+                    }
                 }
             };
             let tensor = tensor
@@ -550,16 +611,7 @@ impl<'r> Moe<'r> {
             progress.advance(1);
         }
         progress.finish();
-        let mut config = self.base.checkpoint.config().clone();
-        let intermediate = self.base.checkpoint.entry(&mlp(0, "gate_proj"))?.shape[0];
-        for (key, value) in self
-            .output
-            .config(self.recipe, intermediate)
-            .as_object()
-            .expect("an object")
-        {
-            config.set(key, value.clone());
-        }
+        let config = self.config()?;
         let roles = std::iter::once("base")
             .chain(self.experts.iter().map(|_| "expert"))
             .chain(self.shared.iter().map(|_| "shared expert"));
@@ -592,7 +644,7 @@ impl<'r> Moe<'r> {
     }
 
     /// One expert's projection, with its noise (a seeded stream per tensor
-    /// and expert) and, for the down projection, its residual scale.
+    /// and expert).
     fn expert_tensor(
         &self,
         model: &Source,
@@ -613,13 +665,6 @@ impl<'r> Moe<'r> {
             let noise = Tensor::from_slice(&noise).reshape(t.size()) * scale;
             t += noise;
         }
-        if let (Some(scale), true) = (expert.residual_scale, source.ends_with("down_proj.weight")) {
-            t *= scale;
-        }
         Ok(t)
     }
-}
-
-fn mlp(layer: usize, projection: &str) -> String {
-    format!("model.layers.{layer}.mlp.{projection}.weight")
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use amalgam_checkpoint::arch::{classify, layer_index};
+use amalgam_checkpoint::arch::layer_index;
 use amalgam_checkpoint::synthetic::{generate_family, FamilyOptions, LlamaShape};
 use amalgam_checkpoint::{
     config_mismatch, count_nonfinite, Checkpoint, Dtype, TensorSpec, WriteOptions,
@@ -247,7 +247,7 @@ proptest! {
                 let names: BTreeSet<String> =
                     merged.tensors().iter().map(|t| t.name.clone()).collect();
                 prop_assert_eq!(names, expected_names(&base, layers), "{}", text);
-                prop_assert!(merged.tensors().iter().all(|t| classify(&t.name).layer.is_none_or(|l| l < layers)));
+                prop_assert!(merged.tensors().iter().all(|t| layer_index(&t.name).is_none_or(|l| l < layers)));
             }
         }
     }

@@ -30,8 +30,8 @@ pub use extract::{Budget, ExtractRecipe, Width, WidthChoice};
 pub use moe::{Expert, GateMode, MoeRecipe, MAX_PROMPTS, MAX_PROMPT_BYTES};
 pub use params::{Conditional, Scalar, Setting};
 pub use plan::{
-    BasePolicy, InputTransform, InventoryTensor, MethodSpec, ModelInventory, ParamKind, ParamScope,
-    ParamSpec, Plan, PlannedInput, PlannedTensor, Resolved, VocabularyAlignment,
+    BasePolicy, InputTransform, InventoryTensor, LayerRef, MethodSpec, ModelInventory, ParamKind,
+    ParamScope, ParamSpec, Plan, PlannedInput, PlannedTensor, Resolved, VocabularyAlignment,
 };
 pub use pleas::{PleasMatching, PleasRecipe};
 pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef};

@@ -70,8 +70,8 @@ pub struct MethodSpec {
 pub struct InventoryTensor {
     pub name: String,
     pub shape: Vec<usize>,
-    /// Block index, for tensors inside the repeated layers.
-    pub layer: Option<usize>,
+    /// Where its block index is, for tensors inside the repeated layers.
+    pub layer: Option<LayerRef>,
     /// A vocabulary-indexed tensor (input embedding or output head).
     pub vocab: bool,
     /// On the embedding side of the layers (the input embedding, positions):
@@ -81,6 +81,15 @@ pub struct InventoryTensor {
     /// Not stored: a tied output head that resolves to the embedding. Usable as
     /// an input; never planned as an output of its own.
     pub tied_alias: bool,
+}
+
+/// A layer tensor's block index and the byte range of its digits in the
+/// name (`model.layers.12.mlp.up_proj.weight`: 12 at `13..15`), as the
+/// checkpoint's reading of names locates it: renumbering replaces the range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRef {
+    pub index: usize,
+    pub digits: std::ops::Range<usize>,
 }
 
 /// An input model's tensors and layer count.
@@ -262,8 +271,9 @@ impl Plan {
         for tensor in stored().filter(|t| t.layer.is_none() && t.before_layers) {
             tensors.push(planner.tensor(&tensor.name, first, |_| tensor.name.clone(), 0.0)?);
         }
-        let layer_suffixes: Vec<&InventoryTensor> =
-            stored().filter(|t| t.layer == Some(0)).collect();
+        let layer_suffixes: Vec<&InventoryTensor> = stored()
+            .filter(|t| t.layer.as_ref().is_some_and(|l| l.index == 0))
+            .collect();
         let mut out_layer = 0;
         for slice in &slices {
             let count = slice.sources[0].end - slice.sources[0].start;
@@ -274,10 +284,9 @@ impl Plan {
                     1.0
                 };
                 for tensor in &layer_suffixes {
-                    let out_name = with_layer(&tensor.name, 0, out_layer);
-                    let input_name = |source: &SliceSource<'_>| {
-                        with_layer(&tensor.name, 0, source.start + offset)
-                    };
+                    let out_name = with_layer(tensor, out_layer);
+                    let input_name =
+                        |source: &SliceSource<'_>| with_layer(tensor, source.start + offset);
                     tensors.push(planner.tensor(&out_name, slice, input_name, t)?);
                 }
                 out_layer += 1;
@@ -495,8 +504,8 @@ impl Planner<'_> {
         for (k, slice) in slices.iter().enumerate() {
             for source in &slice.sources {
                 for tensor in &self.inventories[source.model].tensors {
-                    let contributed = match tensor.layer {
-                        Some(layer) => (source.start..source.end).contains(&layer),
+                    let contributed = match &tensor.layer {
+                        Some(layer) => (source.start..source.end).contains(&layer.index),
                         None if tensor.before_layers => k == 0,
                         None => k == slices.len() - 1,
                     };
@@ -508,11 +517,11 @@ impl Planner<'_> {
                         continue;
                     }
                     let lacking = match tensor.layer {
-                        Some(layer) => format!(
+                        Some(_) => format!(
                             "but the output's layers are built from layer 0 of model `{}`, \
                              which has no `{}`",
                             self.models[layout_model],
-                            with_layer(&tensor.name, layer, 0)
+                            with_layer(tensor, 0)
                         ),
                         None => format!(
                             "which model `{}` (whose layout the output follows) lacks",
@@ -759,18 +768,17 @@ impl Planner<'_> {
     }
 }
 
-/// `name` with its block index `from` replaced by `to`
+/// A tensor's name with its block index replaced by `to`
 /// (`model.layers.0.mlp.up_proj.weight` → `model.layers.7.mlp.up_proj.weight`).
-fn with_layer(name: &str, from: usize, to: usize) -> String {
-    let from = from.to_string();
-    let mut parts: Vec<&str> = name.split('.').collect();
-    let to = to.to_string();
-    if let Some(i) = (1..parts.len())
-        .find(|&i| parts[i] == from && matches!(parts[i - 1], "layers" | "h" | "blocks" | "layer"))
-    {
-        parts[i] = &to;
+fn with_layer(tensor: &InventoryTensor, to: usize) -> String {
+    match &tensor.layer {
+        Some(layer) => format!(
+            "{}{to}{}",
+            &tensor.name[..layer.digits.start],
+            &tensor.name[layer.digits.end..]
+        ),
+        None => tensor.name.clone(),
     }
-    parts.join(".")
 }
 
 #[cfg(test)]

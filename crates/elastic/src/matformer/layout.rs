@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use amalgam_checkpoint::arch::locate;
 use amalgam_checkpoint::decoder::{DecoderLayout, MlpInput};
 use amalgam_checkpoint::{family, Checkpoint, ModelConfig};
 use serde_json::{Map, Value};
@@ -212,15 +213,19 @@ impl ModelLayout {
                 _ => {}
             }
         }
-        let Some(rest) = local.strip_prefix("layers.") else {
-            return Part::Global;
-        };
-        match rest.split_once('.') {
-            Some((index, rest)) => match index.parse() {
-                Ok(index) => Part::Layer { index, rest },
-                Err(_) => Part::Global,
-            },
-            None => Part::Global,
+        // `layers.N.rest`, N where the checkpoint's reading of names finds it.
+        match locate(local) {
+            Some((index, digits))
+                if digits.start == "layers.".len()
+                    && local.starts_with("layers.")
+                    && local[digits.end..].starts_with('.') =>
+            {
+                Part::Layer {
+                    index,
+                    rest: &local[digits.end + 1..],
+                }
+            }
+            _ => Part::Global,
         }
     }
 

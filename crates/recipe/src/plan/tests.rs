@@ -15,10 +15,14 @@ fn llama(layers: usize, vocab: usize) -> ModelInventory {
             ("self_attn.q_proj.weight", vec![8, 8]),
             ("mlp.up_proj.weight", vec![16, 8]),
         ] {
+            let prefix = "model.layers.";
             tensors.push(InventoryTensor {
-                name: format!("model.layers.{i}.{suffix}"),
+                name: format!("{prefix}{i}.{suffix}"),
                 shape,
-                layer: Some(i),
+                layer: Some(LayerRef {
+                    index: i,
+                    digits: prefix.len()..prefix.len() + i.to_string().len(),
+                }),
                 vocab: false,
                 before_layers: false,
                 tied_alias: false,
@@ -320,9 +324,18 @@ fn model_counts_are_enforced() {
 
 #[test]
 fn with_layer_rewrites_only_the_block_index() {
+    let inventory = llama(12, 32);
+    let by_name = |name: &str| inventory.get(name).unwrap();
     assert_eq!(
-        with_layer("model.layers.0.mlp.w0.weight", 0, 12),
-        "model.layers.12.mlp.w0.weight"
+        with_layer(by_name("model.layers.0.mlp.up_proj.weight"), 11),
+        "model.layers.11.mlp.up_proj.weight"
     );
-    assert_eq!(with_layer("model.norm.weight", 0, 3), "model.norm.weight");
+    assert_eq!(
+        with_layer(by_name("model.layers.10.mlp.up_proj.weight"), 0),
+        "model.layers.0.mlp.up_proj.weight"
+    );
+    assert_eq!(
+        with_layer(by_name("model.norm.weight"), 3),
+        "model.norm.weight"
+    );
 }
