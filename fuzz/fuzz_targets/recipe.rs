@@ -18,8 +18,8 @@ use amalgam_checkpoint::{Checkpoint, Dtype};
 use amalgam_elastic::matformer::{self, Extraction, ModelLayout};
 use amalgam_merge::registry;
 use amalgam_recipe::{
-    ExtractRecipe, InventoryTensor, LayerRef, ModelInventory, Plan, PleasRecipe, Recipe, SearchSpace, Stages,
-    StitchRecipe,
+    ExtractRecipe, InventoryTensor, LayerRef, ModelInventory, Plan, PleasRecipe, Recipe,
+    SearchSpace, Stages, StitchRecipe,
 };
 use libfuzzer_sys::fuzz_target;
 
