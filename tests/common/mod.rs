@@ -103,19 +103,62 @@ pub fn python() -> PathBuf {
 
 /// Runs tests/oracles/hf_tensors.py over `dirs`; the JSON it prints, keyed by dir.
 pub fn hf_oracle(dirs: &[&Path], meta: bool) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/hf_tensors.py");
-    let mut command = Command::new(python());
-    command.arg(script).args(dirs);
+    let mut args: Vec<&std::ffi::OsStr> = dirs.iter().map(|d| d.as_os_str()).collect();
     if meta {
-        command.arg("--meta");
+        args.push("--meta".as_ref());
     }
-    let out = command.output().expect("python runs");
+    serde_json::from_str(&oracle_ok("hf_tensors.py", &args)).unwrap()
+}
+
+/// Runs `python ARGS…` (a script and its arguments, or `-c CODE …`) in one of
+/// this test binary's long-lived interpreters (tests/oracles/serve.py), so
+/// torch, transformers and mergekit are imported once per interpreter, not
+/// once per call. As many interpreters as calls at once; each call as a
+/// fresh `python` would run it, its exit status and output returned.
+pub fn run_python(args: &[&std::ffi::OsStr]) -> Output {
+    use std::io::{BufRead, Write};
+    use std::os::unix::process::ExitStatusExt;
+    struct Interpreter {
+        child: std::process::Child,
+        replies: std::io::BufReader<std::process::ChildStdout>,
+    }
+    static IDLE: std::sync::Mutex<Vec<Interpreter>> = std::sync::Mutex::new(Vec::new());
+    let idle = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let mut interpreter = idle.unwrap_or_else(|| {
+        let mut child = Command::new(python())
+            .arg(oracle_path("serve.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        let replies = std::io::BufReader::new(child.stdout.take().unwrap());
+        Interpreter { child, replies }
+    });
+    let argv: Vec<&str> = args
+        .iter()
+        .map(|a| a.to_str().expect("oracle arguments are UTF-8"))
+        .collect();
+    let mut request = serde_json::to_string(&json!({ "argv": argv })).unwrap();
+    request.push('\n');
+    let stdin = interpreter.child.stdin.as_mut().unwrap();
+    stdin.write_all(request.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let mut reply = String::new();
+    interpreter.replies.read_line(&mut reply).unwrap();
     assert!(
-        out.status.success(),
-        "oracle failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        !reply.is_empty(),
+        "tests/oracles/serve.py ended while running {argv:?}"
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    IDLE.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(interpreter);
+    let text = |key: &str| reply[key].as_str().unwrap().as_bytes().to_vec();
+    Output {
+        status: std::process::ExitStatus::from_raw((reply["code"].as_i64().unwrap() as i32) << 8),
+        stdout: text("stdout"),
+        stderr: text("stderr"),
+    }
 }
 
 /// Names in a directory, sorted.
@@ -151,11 +194,10 @@ pub fn tensor_digests(
 
 /// Runs one of tests/oracles/ with the project venv's Python.
 pub fn oracle(script: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
-    Command::new(python())
-        .arg(oracle_path(script))
-        .args(args)
-        .output()
-        .expect("python runs")
+    let path = oracle_path(script);
+    let mut all = vec![path.as_os_str()];
+    all.extend(args);
+    run_python(&all)
 }
 
 pub fn oracle_path(script: &str) -> PathBuf {
@@ -166,8 +208,9 @@ pub fn oracle_path(script: &str) -> PathBuf {
 
 /// [`oracle`], which must succeed; its stdout.
 pub fn oracle_ok(script: &str, args: &[&std::ffi::OsStr]) -> String {
-    let mut all = vec![oracle_path(script).into_os_string()];
-    all.extend(args.iter().map(|a| a.to_os_string()));
+    let path = oracle_path(script);
+    let mut all = vec![path.as_os_str()];
+    all.extend(args);
     python_ok(all)
 }
 
@@ -178,10 +221,9 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let out = Command::new(python())
-        .args(args)
-        .output()
-        .expect("python runs");
+    let args: Vec<S> = args.into_iter().collect();
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(AsRef::as_ref).collect();
+    let out = run_python(&args);
     assert!(
         out.status.success(),
         "python failed: {}",
