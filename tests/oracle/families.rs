@@ -289,6 +289,7 @@ fn every_family_merges_as_mergekit_merges_it() {
         "olmo2",
         "stablelm",
         "gpt2",
+        "starcoder2",
     ];
     let mut cases = vec![];
     for family in families {

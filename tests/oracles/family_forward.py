@@ -108,6 +108,14 @@ CASES = {
         intermediate_size=256, num_hidden_layers=3, rms_norm_eps=1e-6, tie_word_embeddings=False,
         rope_theta=500000.0,
     ),
+    # StarCoder2 3B: LayerNorm with bias, ungated GELU-tanh MLP, biases everywhere, GQA (12:1
+    # there, 3:1 here), θ ≈ 1e6, a sliding window on every layer, tied.
+    "starcoder2": dict(
+        model_type="starcoder2", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+        intermediate_size=192, num_hidden_layers=3, norm_epsilon=1e-5, use_bias=True,
+        tie_word_embeddings=True, rope_theta=999999.4420358813, sliding_window=8,
+        hidden_act="gelu_pytorch_tanh",
+    ),
 }
 
 UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")

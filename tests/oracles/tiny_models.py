@@ -6,7 +6,7 @@ implementation itself.
     python tiny_models.py FAMILY OUT [--seed N] [--layers N]
 
 FAMILY: a model_type transformers knows (gpt2, gpt_neox, bert, t5, qwen2,
-qwen3, gemma2, gemma3_text, olmo2, phi3, stablelm, mistral, mixtral, llama).
+qwen3, gemma2, gemma3_text, olmo2, phi3, stablelm, starcoder2, mistral, mixtral, llama).
 """
 import argparse
 import os

@@ -272,3 +272,182 @@ impl DecoderLayout {
             .collect()
     }
 }
+
+/// How a block's fused projection stores its logical parts by rows: the
+/// one reading of fused layouts, which the forward pass uses to split a
+/// fused projection's output, PLeaS to split and rejoin fused weights, and
+/// MatFormer extraction to cut each half of a fused `[gate; up]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowSplit {
+    /// The parts are separate tensors: nothing to split.
+    Separate,
+    /// One tensor, the parts stacked by rows, of these sizes.
+    Stacked(Vec<i64>),
+    /// One tensor, rows grouped per head as `[part_0; part_1; part_2]`, each
+    /// `head_dim` rows (GPT-NeoX's `[q_h; k_h; v_h]`).
+    PerHead { heads: i64, head_dim: i64 },
+}
+
+impl Projections {
+    /// How q, k and v sit in the stored tensor(s).
+    pub fn row_split(&self, heads: i64, kv_heads: i64, head_dim: i64) -> RowSplit {
+        match self {
+            Projections::Separate(_) => RowSplit::Separate,
+            Projections::Concatenated(_) => RowSplit::Stacked(vec![
+                heads * head_dim,
+                kv_heads * head_dim,
+                kv_heads * head_dim,
+            ]),
+            Projections::InterleavedByHead(_) => RowSplit::PerHead { heads, head_dim },
+        }
+    }
+}
+
+impl MlpInput {
+    /// How the MLP's input parts (gate and up, or up alone) of `width`
+    /// hidden units each sit in the stored tensor(s).
+    pub fn row_split(&self, width: i64) -> RowSplit {
+        match self {
+            MlpInput::Gated(_) | MlpInput::Plain(_) => RowSplit::Separate,
+            MlpInput::GatedConcatenated(_) => RowSplit::Stacked(vec![width, width]),
+        }
+    }
+}
+
+impl RowSplit {
+    /// The parts of `fused` along `dim` (the rows of a weight or bias, or
+    /// the last dimension of a fused projection's output); `[fused]` when
+    /// the parts are stored separately.
+    pub fn split(&self, fused: &tch::Tensor, dim: i64) -> Vec<tch::Tensor> {
+        match self {
+            RowSplit::Separate => vec![fused.shallow_clone()],
+            RowSplit::Stacked(sizes) => {
+                let mut start = 0;
+                sizes
+                    .iter()
+                    .map(|&len| {
+                        let part = fused.narrow(dim, start, len);
+                        start += len;
+                        part
+                    })
+                    .collect()
+            }
+            RowSplit::PerHead { heads, head_dim } => {
+                let dim = if dim < 0 {
+                    fused.dim() as i64 + dim
+                } else {
+                    dim
+                };
+                let mut grouped = fused.size();
+                grouped.splice(dim as usize..dim as usize + 1, [*heads, 3, *head_dim]);
+                let mut flat = fused.size();
+                flat[dim as usize] = heads * head_dim;
+                let view = fused.view(grouped.as_slice());
+                (0..3)
+                    .map(|i| view.select(dim + 1, i).reshape(flat.as_slice()))
+                    .collect()
+            }
+        }
+    }
+
+    /// The fused tensor from its parts along `dim` (the inverse of
+    /// [`RowSplit::split`]).
+    pub fn join(&self, parts: &[&tch::Tensor], dim: i64) -> tch::Tensor {
+        match self {
+            RowSplit::Separate => {
+                assert_eq!(parts.len(), 1, "separate parts are not joined");
+                parts[0].shallow_clone()
+            }
+            RowSplit::Stacked(_) => tch::Tensor::cat(parts, dim),
+            RowSplit::PerHead { heads, head_dim } => {
+                let dim = if dim < 0 {
+                    parts[0].dim() as i64 + dim
+                } else {
+                    dim
+                };
+                let mut grouped = parts[0].size();
+                grouped.splice(dim as usize..dim as usize + 1, [*heads, 1, *head_dim]);
+                let mut flat = parts[0].size();
+                flat[dim as usize] = 3 * heads * head_dim;
+                let views: Vec<tch::Tensor> =
+                    parts.iter().map(|p| p.view(grouped.as_slice())).collect();
+                tch::Tensor::cat(&views, dim + 1).reshape(flat.as_slice())
+            }
+        }
+    }
+
+    /// Where each part's rows are in the fused tensor, for a layout whose
+    /// parts are contiguous (`None` for per-head groups).
+    pub fn ranges(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        match self {
+            RowSplit::Separate => None,
+            RowSplit::Stacked(sizes) => {
+                let mut start = 0;
+                Some(
+                    sizes
+                        .iter()
+                        .map(|&len| {
+                            let range = start..start + len as usize;
+                            start = range.end;
+                            range
+                        })
+                        .collect(),
+                )
+            }
+            RowSplit::PerHead { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Tensor;
+
+    /// Rows numbered 0.. so every part can be read off its values.
+    fn numbered(rows: i64, columns: i64) -> Tensor {
+        Tensor::arange(rows * columns, (tch::Kind::Float, tch::Device::Cpu)).view([rows, columns])
+    }
+
+    fn rows_of(t: &Tensor) -> Vec<i64> {
+        let first = t.select(-1, 0) / 2;
+        Vec::<f32>::try_from(first.flatten(0, -1))
+            .unwrap()
+            .into_iter()
+            .map(|v| v as i64)
+            .collect()
+    }
+
+    #[test]
+    fn fused_projections_split_into_their_parts_and_join_back() {
+        let sep = |n: &str| n.to_owned();
+        // [q; k; v] with 4 query heads, 2 KV heads, head_dim 3.
+        let stacked = Projections::Concatenated(sep("qkv")).row_split(4, 2, 3);
+        assert_eq!(stacked.ranges(), Some(vec![0..12, 12..18, 18..24]));
+        let fused = numbered(24, 2);
+        let parts = stacked.split(&fused, 0);
+        assert_eq!(rows_of(&parts[1]), (12..18).collect::<Vec<_>>());
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        assert!(stacked.join(&refs, 0).equal(&fused));
+
+        // [q_h; k_h; v_h] per head, 2 heads of 3 rows: q is rows 0-2 and 9-11.
+        let per_head = Projections::InterleavedByHead(sep("qkv")).row_split(2, 2, 3);
+        assert_eq!(per_head.ranges(), None);
+        let fused = numbered(18, 2);
+        let parts = per_head.split(&fused, 0);
+        assert_eq!(rows_of(&parts[0]), vec![0, 1, 2, 9, 10, 11]);
+        assert_eq!(rows_of(&parts[2]), vec![6, 7, 8, 15, 16, 17]);
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        assert!(per_head.join(&refs, 0).equal(&fused));
+        // A projection's output splits along its last dimension the same way.
+        let output = fused.transpose(0, 1).unsqueeze(0).contiguous(); // [1, 2, 18]
+        let by_output = per_head.split(&output, -1);
+        assert!(by_output[2].squeeze_dim(0).transpose(0, 1).equal(&parts[2]));
+
+        let gate_up = MlpInput::GatedConcatenated(sep("gate_up")).row_split(5);
+        assert_eq!(gate_up.ranges(), Some(vec![0..5, 5..10]));
+        let separate = MlpInput::Gated([sep("gate"), sep("up")]).row_split(5);
+        assert_eq!(separate, RowSplit::Separate);
+        assert_eq!(separate.split(&fused, 0).len(), 1);
+    }
+}

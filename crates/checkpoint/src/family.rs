@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 
 use crate::arch::{layer_index, locate};
-use crate::decoder::{DecoderLayout, Flag, Projections, QkNorm};
+use crate::decoder::{DecoderLayout, Flag, MlpInput, Projections, QkNorm};
 use crate::moe::MoeLayout;
 use crate::ModelConfig;
 
@@ -53,8 +53,52 @@ pub struct Family {
     /// Where a mixture of experts keeps its experts and router.
     #[serde(default)]
     pub moe: Option<MoeLayout>,
+    /// The `config.json` key holding the text model's config when the
+    /// checkpoint is a larger (multimodal) model's (Gemma 3n: `text_config`);
+    /// `None`: the text model's sizes are at the top level.
+    #[serde(default)]
+    pub text_config: Option<String>,
+    /// Global tensors holding one block of inputs per layer (Gemma 3n's
+    /// per-layer embeddings): dropping or keeping a layer drops or keeps its block.
+    #[serde(default)]
+    pub per_layer_inputs: Option<PerLayerInputs>,
+    /// The config key counting the last layers that reuse an earlier
+    /// layer's keys and values instead of computing their own (Gemma 3n).
+    #[serde(default)]
+    pub kv_shared_layers_key: Option<String>,
+    /// Name endings of tensors some checkpoints store that are no
+    /// parameters but recomputed at load (older transformers saved RoPE's
+    /// inverse frequencies): read past, never required of an output.
+    #[serde(default = "recomputed_buffers")]
+    pub buffers: Vec<String>,
     /// What the output check compares between `config.json` and the tensors.
     pub shapes: Shapes,
+}
+
+/// Global tensors packing one block per layer, layer-major along an axis.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerLayerInputs {
+    /// The (text) config key of one block's width.
+    pub width_key: String,
+    pub tensors: Vec<PerLayerTensor>,
+}
+
+/// One tensor of [`PerLayerInputs`]: its stored name and the axis of its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerLayerTensor {
+    pub name: String,
+    pub axis: usize,
+}
+
+/// A block's MLP tensors, for families without a `decoder` section (names
+/// relative to the layer prefix, without suffix).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpTensors {
+    pub input: MlpInput,
+    pub output: String,
 }
 
 /// How a family's `config.json` sizes its attention, and where the output
@@ -82,6 +126,9 @@ pub struct Shapes {
     /// (which says where they are).
     #[serde(default)]
     pub attention: Option<AttentionTensors>,
+    /// The MLP tensors, for families without a `decoder` section.
+    #[serde(default)]
+    pub mlp: Option<MlpTensors>,
 }
 
 /// A size's config key and the value transformers uses when it is absent.
@@ -139,6 +186,17 @@ impl Family {
         ))
     }
 
+    /// The layers' MLP tensors: from the decoder description, else from `shapes`.
+    pub fn mlp_tensors(&self) -> Option<MlpTensors> {
+        match &self.decoder {
+            Some(decoder) => Some(MlpTensors {
+                input: decoder.mlp.input.clone(),
+                output: decoder.mlp.output.clone(),
+            }),
+            None => self.shapes.mlp.clone(),
+        }
+    }
+
     /// The attention tensors the output check compares with the config:
     /// from `shapes`, else from the decoder description.
     pub fn attention_tensors(&self) -> Option<AttentionTensors> {
@@ -156,6 +214,10 @@ impl Family {
             qk_norm: decoder.attention.qk_norm.clone(),
         })
     }
+}
+
+fn recomputed_buffers() -> Vec<String> {
+    vec!["rotary_emb.inv_freq".into()]
 }
 
 fn num_hidden_layers() -> String {
@@ -292,6 +354,16 @@ pub fn placement(family: Option<&Family>, name: &str) -> (Option<Place>, bool) {
     (Some(place), f.vocabulary.iter().any(|n| *n == name))
 }
 
+/// Whether `name` is a recomputed buffer rather than a parameter (see
+/// [`Family::buffers`]); Llama's description for families without one.
+pub fn is_buffer(family: Option<&Family>, name: &str) -> bool {
+    family
+        .unwrap_or(llama())
+        .buffers
+        .iter()
+        .any(|b| name.ends_with(b.as_str()))
+}
+
 /// Whether `name` is the input embedding (the vocabulary rows before the
 /// layers): from the family's description, else from Llama's.
 pub fn is_embedding(family: Option<&Family>, name: &str) -> bool {
@@ -322,16 +394,13 @@ pub fn head_name(family: Option<&Family>) -> String {
 
 /// The FFN width of a dense block's MLP from its output projection
 /// (`[hidden, width]`); `None` for any other tensor (experts and shared
-/// experts have widths of their own). Families without a decoder section
-/// are read as Llama here (StableLM's and Granite's MLPs are Llama's).
+/// experts have widths of their own), and for families whose description
+/// names no MLP.
 pub fn mlp_width(family: Option<&Family>, name: &str, shape: &[usize]) -> Option<usize> {
-    let (f, name) = reading(family.filter(|f| f.decoder.is_some()), name);
-    let decoder = f.decoder.as_ref()?;
+    let (f, name) = reading(family, name);
+    let mlp = f.mlp_tensors()?;
     let layer = layer_index(&name)?;
-    let output = format!(
-        "{}.weight",
-        decoder.layer_tensor(layer, &decoder.mlp.output)
-    );
+    let output = format!("{}.weight", f.layer_tensor(layer, &mlp.output)?);
     (name == output && shape.len() == 2).then(|| shape[1])
 }
 

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use crate::arch::{layer_count, layer_index, PER_LAYER_CONFIG_FIELDS};
+use crate::arch::{is_layer_keyword, layer_count, layer_index, PER_LAYER_CONFIG_FIELDS};
 use crate::decoder::{Flag, Projections};
 use crate::family::{self, Family, SizeKey};
 use crate::{ModelConfig, TensorSpec};
@@ -70,7 +70,7 @@ fn value(key: impl Into<String>, message: String) -> ConfigProblem {
     }
 }
 
-fn shape(key: &str, tensor: &str, message: String) -> ConfigProblem {
+fn shape(key: impl Into<String>, tensor: &str, message: String) -> ConfigProblem {
     ConfigProblem::Shape {
         key: key.into(),
         tensor: tensor.into(),
@@ -94,9 +94,14 @@ pub fn config_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<Con
         return Some(problem);
     }
     let family = family::of(config);
-    let nested = family.is_none() && config.get("text_config").is_some_and(Value::is_object);
-    if nested {
-        return nested_layer_mismatch(config, specs);
+    // A described family names its text config's key; others are read by
+    // transformers' usual one.
+    let text_key = match family {
+        None => Some("text_config"),
+        Some(family) => family.text_config.as_deref(),
+    };
+    if let Some(key) = text_key.filter(|key| config.get(key).is_some_and(Value::is_object)) {
+        return nested_layer_mismatch(config, key, specs);
     }
     let layers = config.layer_count();
     let stored = layer_count(specs.iter().map(|s| s.name.as_str()));
@@ -203,13 +208,18 @@ fn per_layer_lists(
     })
 }
 
-/// A multimodal config without a description: the text config's layer
-/// count must be that of some layer stack of the weights (the towers have
-/// stacks of their own), its per-layer lists as long.
-fn nested_layer_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<ConfigProblem> {
-    let text = config.get("text_config")?.as_object()?;
+/// A multimodal config (its text model's sizes under `key`): the text
+/// config's layer count must be that of some layer stack of the weights (the
+/// towers have stacks of their own), its per-layer lists as long.
+fn nested_layer_mismatch(
+    config: &ModelConfig,
+    key: &str,
+    specs: &[TensorSpec],
+) -> Option<ConfigProblem> {
+    let text = config.get(key)?.as_object()?;
     let layers = text.get("num_hidden_layers")?.as_u64()? as usize;
-    if let Some(problem) = per_layer_lists(text, layers, "text_config.") {
+    let scope = format!("{key}.");
+    if let Some(problem) = per_layer_lists(text, layers, &scope) {
         return Some(problem);
     }
     let stacks = layer_stacks(specs);
@@ -219,10 +229,10 @@ fn nested_layer_mismatch(config: &ModelConfig, specs: &[TensorSpec]) -> Option<C
     let (largest, _) = stacks.iter().max_by_key(|(_, &n)| n)?;
     let found: Vec<String> = stacks.iter().map(|(p, n)| format!("{p}: {n}")).collect();
     Some(shape(
-        "text_config.num_hidden_layers",
+        format!("{scope}num_hidden_layers"),
         largest,
         format!(
-            "`text_config.num_hidden_layers` is {layers} but no layer stack in the weights has \
+            "`{scope}num_hidden_layers` is {layers} but no layer stack in the weights has \
              {layers} layers ({})",
             found.join(", ")
         ),
@@ -236,7 +246,7 @@ fn layer_stacks(specs: &[TensorSpec]) -> BTreeMap<String, usize> {
     for spec in specs {
         let parts: Vec<&str> = spec.name.split('.').collect();
         let found = parts.windows(2).enumerate().find_map(|(i, pair)| {
-            let keyword = matches!(pair[0], "layers" | "h" | "blocks" | "layer");
+            let keyword = is_layer_keyword(pair[0]);
             let index = pair[1].parse::<usize>().ok().filter(|_| keyword)?;
             Some((parts[..=i].join("."), index))
         });

@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-use amalgam_checkpoint::arch::{layer_index, locate, PER_LAYER_CONFIG_FIELDS};
+use amalgam_checkpoint::arch::{
+    layer_index, locate, restack_layer_lists, LayerOrigin, PER_LAYER_CONFIG_FIELDS,
+};
 use amalgam_checkpoint::family::{self, Place};
 use amalgam_checkpoint::memory::MemoryEstimate;
 use amalgam_checkpoint::{
@@ -159,30 +161,36 @@ impl MergeJob {
                 widths[layer] = Some(width);
             }
         }
-        for field in PER_LAYER_CONFIG_FIELDS {
-            if !matches!(layout.get(field), Some(Value::Array(_))) {
-                continue;
-            }
-            let entries = sources
-                .iter()
-                .enumerate()
-                .map(|(layer, source)| {
-                    let (model, from) = source.ok_or_else(|| {
-                        self.config_error(format!(
-                            "output layer {layer} has no tensors to take its `{field}` entry from"
-                        ))
-                    })?;
-                    let list = self.sources[model].checkpoint.config().get(field);
-                    list.and_then(|l| l.get(from)).cloned().ok_or_else(|| {
-                        self.config_error(format!(
-                            "model `{}` has no `{field}` entry for its layer {from}",
-                            self.plan.models[model]
-                        ))
-                    })
+        let lists = PER_LAYER_CONFIG_FIELDS
+            .iter()
+            .any(|field| matches!(config.get(field), Some(Value::Array(_))));
+        let origins = sources
+            .iter()
+            .take(if lists { sources.len() } else { 0 })
+            .enumerate()
+            .map(|(layer, source)| {
+                let (model, from) = source.ok_or_else(|| {
+                    self.config_error(format!(
+                        "output layer {layer} has no tensors to take its per-layer config \
+                         entries from"
+                    ))
+                })?;
+                let config = self.sources[model].checkpoint.config().fields();
+                Ok(LayerOrigin {
+                    config,
+                    layer: from,
                 })
-                .collect::<Result<Vec<Value>>>()?;
-            config.set(field, Value::Array(entries));
-        }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut fields = config.fields().clone();
+        restack_layer_lists(&mut fields, &origins).map_err(|(field, layer)| {
+            let (model, from) = sources[layer].expect("every origin is known");
+            self.config_error(format!(
+                "model `{}` has no `{field}` entry for its layer {from}",
+                self.plan.models[model]
+            ))
+        })?;
+        let mut config = ModelConfig::from_json(fields);
         let known: Vec<(usize, usize)> = widths
             .iter()
             .enumerate()
@@ -886,10 +894,11 @@ pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInv
                 vocab,
                 before_layers: place == Some(Place::BeforeLayers),
                 tied_alias: false,
+                buffer: family::is_buffer(family, &t.name),
             }
         })
         .collect();
-    let head = family::head_name(family::of(checkpoint.config()));
+    let head = family::head_name(family);
     let has_head = tensors.iter().any(|t| t.name == head);
     if checkpoint.is_tied() && !has_head {
         if let Ok(embedding) = checkpoint.entry(&head) {
@@ -900,6 +909,7 @@ pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInv
                 vocab: true,
                 before_layers: false,
                 tied_alias: true,
+                buffer: false,
             });
         }
     }

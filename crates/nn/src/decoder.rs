@@ -9,9 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use amalgam_checkpoint::decoder::{MlpInput, NormKind, Projections};
+use amalgam_checkpoint::decoder::{NormKind, RowSplit};
 use amalgam_checkpoint::{
-    stream_seed, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard, TensorSpec, WriteOptions,
+    family, stream_seed, Checkpoint, CheckpointWriter, Dtype, Finish, ModelCard, TensorSpec,
+    WriteOptions,
 };
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -19,6 +20,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::{rotary_dim, Activation, ParameterRole};
+use crate::linear::LinearWeights;
 use crate::{DecoderConfig, NnError, Result, RopeScaling};
 
 /// Activations recorded by [`Decoder::forward_taps`], one entry per block.
@@ -205,34 +207,6 @@ impl DecoderWriter {
     }
 }
 
-/// A weight matrix and its optional bias.
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn apply(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
-    }
-
-    /// Output rows `start..start + len` (a view: gradients reach the whole weight).
-    fn rows(&self, start: i64, len: i64) -> Linear {
-        Linear {
-            weight: self.weight.narrow(0, start, len),
-            bias: self.bias.as_ref().map(|b| b.narrow(0, start, len)),
-        }
-    }
-
-    /// Input columns `..len`.
-    fn columns(&self, len: i64) -> Linear {
-        Linear {
-            weight: self.weight.narrow(1, 0, len),
-            bias: self.bias.as_ref().map(Tensor::shallow_clone),
-        }
-    }
-}
-
 /// A norm's scale and (LayerNorm) shift.
 struct Norm {
     weight: Tensor,
@@ -243,12 +217,12 @@ struct Block {
     /// Attention input, attention output, MLP input, MLP output.
     norms: [Option<Norm>; 4],
     /// q, k, v; or one fused projection.
-    qkv: Vec<Linear>,
+    qkv: Vec<LinearWeights>,
     qk_norm: Option<[Norm; 2]>,
-    output: Linear,
+    output: LinearWeights,
     /// gate, up; or one fused or ungated projection.
-    mlp_input: Vec<Linear>,
-    mlp_output: Linear,
+    mlp_input: Vec<LinearWeights>,
+    mlp_output: LinearWeights,
 }
 
 /// A decoder-only causal language model of any supported family.
@@ -338,7 +312,7 @@ impl Decoder {
             .collect::<Result<_>>()?;
         let mut take = |stem: &str, suffix: &str| vars.remove(&format!("{stem}.{suffix}"));
         let empty = || Tensor::zeros([0], (kind, device));
-        let mut linear = |stem: &String| Linear {
+        let mut linear = |stem: &String| LinearWeights {
             weight: take(stem, "weight").unwrap_or_else(empty),
             bias: take(stem, "bias"),
         };
@@ -349,7 +323,7 @@ impl Decoder {
             .clone()
             .map(|i| {
                 let names = config.block_names(i);
-                let norm = |l: Linear| Norm {
+                let norm = |l: LinearWeights| Norm {
                     weight: l.weight,
                     bias: l.bias,
                 };
@@ -452,7 +426,7 @@ impl Decoder {
         }
         for entry in checkpoint.tensors() {
             let known = sources.iter().any(|(_, stored)| *stored == entry.name)
-                || entry.name.ends_with("rotary_emb.inv_freq")
+                || family::is_buffer(family::of(checkpoint.config()), &entry.name)
                 || (head_names.contains(&entry.name) && config.tie_word_embeddings);
             if !known {
                 return Err(invalid(format!(
@@ -749,20 +723,9 @@ impl Decoder {
         let (batch, seq) = (h.size()[0], h.size()[1]);
         let (heads, kv, hd) = c.attention_sizes();
         let layout = c.architecture.layout;
-        let flat = match &layout.attention.qkv {
-            Projections::Separate(_) => block.qkv.iter().map(|p| p.apply(h)).collect(),
-            Projections::Concatenated(_) => {
-                let y = block.qkv[0].apply(h);
-                vec![
-                    y.narrow(-1, 0, heads * hd),
-                    y.narrow(-1, heads * hd, kv * hd),
-                    y.narrow(-1, (heads + kv) * hd, kv * hd),
-                ]
-            }
-            Projections::InterleavedByHead(_) => {
-                let y = block.qkv[0].apply(h).view([batch, seq, heads, 3 * hd]);
-                return [0, 1, 2].map(|i| y.narrow(3, i * hd, hd));
-            }
+        let flat = match layout.attention.qkv.row_split(heads, kv, hd) {
+            RowSplit::Separate => block.qkv.iter().map(|p| p.apply(h)).collect(),
+            fused => fused.split(&block.qkv[0].apply(h), -1),
         };
         let across = layout
             .attention
@@ -785,7 +748,7 @@ impl Decoder {
 
     /// The MLP's hidden units (act(gate)·up, or act(up)) at `width` units, and
     /// its output projection cut to them.
-    fn mlp(&self, block: &Block, h: &Tensor, width: Option<i64>) -> (Tensor, Linear) {
+    fn mlp(&self, block: &Block, h: &Tensor, width: Option<i64>) -> (Tensor, LinearWeights) {
         let c = &self.config;
         let act = |x: Tensor| match c.architecture.activation {
             Activation::Silu => x.silu(),
@@ -795,15 +758,18 @@ impl Decoder {
         };
         let full = block.mlp_output.weight.size()[1];
         let m = width.unwrap_or(full);
-        let hidden = match &c.architecture.layout.mlp.input {
-            MlpInput::Gated(_) => {
-                act(block.mlp_input[0].rows(0, m).apply(h)) * block.mlp_input[1].rows(0, m).apply(h)
-            }
-            MlpInput::GatedConcatenated(_) => {
-                let fused = &block.mlp_input[0];
-                act(fused.rows(0, m).apply(h)) * fused.rows(full, m).apply(h)
-            }
-            MlpInput::Plain(_) => act(block.mlp_input[0].rows(0, m).apply(h)),
+        let input = match c.architecture.layout.mlp.input.row_split(full) {
+            RowSplit::Separate => block.mlp_input.iter().map(|p| p.rows(0, m)).collect(),
+            fused => block.mlp_input[0]
+                .split(&fused)
+                .iter()
+                .map(|p| p.rows(0, m))
+                .collect::<Vec<_>>(),
+        };
+        let hidden = match input.as_slice() {
+            [gate, up] => act(gate.apply(h)) * up.apply(h),
+            [up] => act(up.apply(h)),
+            _ => unreachable!("an MLP has one or two input parts"),
         };
         (hidden, block.mlp_output.columns(m))
     }

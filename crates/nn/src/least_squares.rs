@@ -15,24 +15,8 @@
 
 use tch::{Kind, Tensor};
 
+use crate::linear::LinearWeights;
 use crate::{NnError, Result};
-
-/// A weight `[out, in]` (or a norm's scale) and its bias, if the layer has one.
-#[derive(Debug)]
-pub struct LinearWeights {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl LinearWeights {
-    /// The same tensors, shared.
-    pub fn shallow_clone(&self) -> LinearWeights {
-        LinearWeights {
-            weight: self.weight.shallow_clone(),
-            bias: self.bias.as_ref().map(Tensor::shallow_clone),
-        }
-    }
-}
 
 /// Columns per block of the blocked `XᵀX` product.
 const GRAM_BLOCK: i64 = 1024;

@@ -16,6 +16,7 @@ mod decoder;
 mod error;
 pub mod eval;
 pub mod least_squares;
+pub mod linear;
 pub mod scores;
 pub mod text;
 pub mod tokenizer;

@@ -81,6 +81,9 @@ pub struct InventoryTensor {
     /// Not stored: a tied output head that resolves to the embedding. Usable as
     /// an input; never planned as an output of its own.
     pub tied_alias: bool,
+    /// A buffer recomputed at load (RoPE's inverse frequencies, which older
+    /// checkpoints store): an output need not carry it.
+    pub buffer: bool,
 }
 
 /// A layer tensor's block index and the byte range of its digits in the
@@ -511,7 +514,7 @@ impl Planner<'_> {
                     };
                     let missing = contributed
                         && !tensor.tied_alias
-                        && !tensor.name.ends_with("rotary_emb.inv_freq")
+                        && !tensor.buffer
                         && !used.contains(&(source.model, tensor.name.as_str()));
                     if !missing {
                         continue;

@@ -105,20 +105,21 @@ impl<'c> Extraction<'c> {
                         None => None,
                         Some(axis) => {
                             let (full, width) = (layout.ffn_widths[index], spec.widths[new]);
-                            let (dim, blocks) = match axis {
-                                FfnAxis::Rows => (0, 1),
-                                FfnAxis::FusedRows => (0, 2),
-                                FfnAxis::Columns => (1, 1),
+                            let (dim, parts) = match axis {
+                                FfnAxis::Rows => (0, std::iter::once(0..full).collect()),
+                                FfnAxis::FusedRows => (0, layout.fused_ffn_parts(full)),
+                                FfnAxis::Columns => (1, std::iter::once(0..full).collect()),
                             };
-                            if entry.shape.len() <= dim || entry.shape[dim] != blocks * full {
+                            let units = parts.last().map_or(0, |p| p.end);
+                            if entry.shape.len() <= dim || entry.shape[dim] != units {
                                 return Err(error(format!(
-                                    "tensor {}: shape {:?}, expected {} FFN units along dimension {dim} (as the MLP's input projection has)",
-                                    entry.name, entry.shape, blocks * full
+                                    "tensor {}: shape {:?}, expected {units} FFN units along dimension {dim} (as the MLP's input projection has)",
+                                    entry.name, entry.shape
                                 )));
                             }
-                            // The first `width` units of each block (gate and up of a fused projection).
-                            let keep = (0..blocks).map(|b| b * full..b * full + width).collect();
-                            Some(cut_along(&entry.shape, dim, blocks * full, keep))
+                            // The first `width` units of each part (gate and up of a fused projection).
+                            let keep = parts.iter().map(|p| p.start..p.start + width).collect();
+                            Some(cut_along(&entry.shape, dim, units, keep))
                         }
                     };
                     (layout.layer_name(new, rest), cut)

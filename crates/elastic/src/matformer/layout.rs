@@ -1,22 +1,20 @@
 //! Where a checkpoint keeps its nested FFNs and per-layer state, and how its
 //! config changes when layers are dropped or narrowed.
 //!
-//! Every decoder family amalgam runs is known from its description (the
-//! MLP's input projections, separate, fused `[gate; up]` as Phi-3 stores
-//! them, or ungated as GPT-NeoX's; its output projection; the layer prefix);
-//! other checkpoints are read with the Llama description. Gemma 3n is known
-//! too: its text model
-//! also has per-layer embeddings packed layer-major into two global tensors
-//! and shares the KV cache of a few layers with the last ones. Gemma 3n's
-//! tensors live under `model.language_model.` in the multimodal checkpoint
-//! (`model_type: gemma3n`, text config in `text_config`) and under `model.`
-//! in a text-only one (`gemma3n_text`).
+//! All of it comes from the family's description: the layer prefix, the
+//! MLP's input projections (separate, fused `[gate; up]` as Phi-3 stores
+//! them, or ungated as GPT-NeoX's) and output projection, the key of a
+//! nested text config, global tensors packing one block per layer, and the
+//! key counting layers that reuse others' KV cache (all three Gemma 3n's).
+//! Checkpoints of a family without a description are read by Llama's.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::path::PathBuf;
 
-use amalgam_checkpoint::arch::locate;
-use amalgam_checkpoint::decoder::{DecoderLayout, MlpInput};
+use amalgam_checkpoint::arch::{locate, restack_layer_lists, LayerOrigin, PER_LAYER_CONFIG_FIELDS};
+use amalgam_checkpoint::decoder::MlpInput;
+use amalgam_checkpoint::family::{Family, MlpTensors};
 use amalgam_checkpoint::{family, Checkpoint, ModelConfig};
 use serde_json::{Map, Value};
 
@@ -53,11 +51,13 @@ struct FfnNames {
     fused_rows: Option<String>,
     /// Whose weight's columns are the hidden units.
     columns: String,
+    /// How the input projections are stored (where a fused one's parts are).
+    input: MlpInput,
 }
 
 impl FfnNames {
-    fn of(layout: &DecoderLayout) -> Self {
-        let (rows, fused_rows) = match &layout.mlp.input {
+    fn of(mlp: MlpTensors) -> Self {
+        let (rows, fused_rows) = match &mlp.input {
             MlpInput::Gated(parts) => (parts.to_vec(), None),
             MlpInput::GatedConcatenated(part) => (vec![], Some(part.clone())),
             MlpInput::Plain(part) => (vec![part.clone()], None),
@@ -65,7 +65,8 @@ impl FfnNames {
         FfnNames {
             rows,
             fused_rows,
-            columns: layout.mlp.output.clone(),
+            columns: mlp.output,
+            input: mlp.input,
         }
     }
 
@@ -85,11 +86,20 @@ impl FfnNames {
         }
     }
 
+    /// Where each part (gate, up) of a fused input projection of `width`
+    /// units sits in its rows.
+    fn fused_parts(&self, width: usize) -> Vec<Range<usize>> {
+        self.input
+            .row_split(width as i64)
+            .ranges()
+            .unwrap_or_else(|| std::iter::once(0..width).collect())
+    }
+
     /// The weight whose rows count a layer's hidden units, and how many
     /// blocks of them it holds.
     fn width_source(&self) -> (String, usize) {
         match (&self.fused_rows, self.rows.first()) {
-            (Some(fused), _) => (format!("{fused}.weight"), 2),
+            (Some(fused), _) => (format!("{fused}.weight"), self.fused_parts(1).len()),
             (None, Some(first)) => (format!("{first}.weight"), 1),
             (None, None) => unreachable!("an MLP has an input projection"),
         }
@@ -103,9 +113,13 @@ pub struct ModelLayout {
     /// Prefix of the text model's module names, e.g. `model.`.
     prefix: String,
     /// The key holding the text config inside config.json (`None`: top level).
-    text_config_key: Option<&'static str>,
-    /// Gemma 3n's `hidden_size_per_layer_input`.
-    per_layer_input: Option<usize>,
+    text_config_key: Option<String>,
+    /// Global tensors packing one block per layer: (name, axis), and the
+    /// blocks' width.
+    per_layer_blocks: Vec<(String, usize)>,
+    per_layer_width: usize,
+    /// The config key counting layers that reuse others' KV cache.
+    kv_shared_layers_key: Option<String>,
     /// The layers' MLP tensors.
     ffn: FfnNames,
     /// Every layer's FFN width, from the stored `gate_proj` rows.
@@ -122,40 +136,49 @@ impl ModelLayout {
             message,
         };
         let config = checkpoint.config();
-        // Families without a description (Gemma 3n among them) are read as Llama.
-        let decoder = family::of(config)
-            .and_then(|f| f.decoder.as_ref())
-            .unwrap_or_else(family::llama_decoder);
-        let (prefix, text_config_key) = match config.model_type() {
-            Some("gemma3n") => ("model.language_model.".to_owned(), Some("text_config")),
-            _ => match decoder.layers.strip_suffix("layers.{i}") {
-                Some(prefix) => (prefix.to_owned(), None),
-                None => {
-                    return Err(error(format!(
-                        "layers named `{}`: extraction needs them as PREFIX.layers.N",
-                        decoder.layers
-                    )))
-                }
-            },
-        };
-        let ffn = FfnNames::of(decoder);
-        let text = text_config(config, text_config_key).map_err(error)?;
+        let family: &Family = family::of(config).unwrap_or_else(family::llama);
+        let name = &family.model_type;
+        let layers_template = family
+            .layers()
+            .ok_or_else(|| error(format!("the `{name}` description names no layers")))?;
+        let prefix = layers_template
+            .strip_suffix("layers.{i}")
+            .ok_or_else(|| {
+                error(format!(
+                    "layers named `{layers_template}`: extraction needs them as PREFIX.layers.N"
+                ))
+            })?
+            .to_owned();
+        let mlp = family
+            .mlp_tensors()
+            .ok_or_else(|| error(format!("the `{name}` description names no dense MLP")))?;
+        let ffn = FfnNames::of(mlp);
+        let text_config_key = family.text_config.clone();
+        let text = text_config(config, text_config_key.as_deref()).map_err(error)?;
         let field = |key: &str| text.get(key).and_then(Value::as_u64).map(|v| v as usize);
         let layers = field("num_hidden_layers")
             .ok_or_else(|| error("no `num_hidden_layers` in the (text) config".into()))?;
-        let gemma = matches!(config.model_type(), Some("gemma3n" | "gemma3n_text"));
-        let per_layer_input = if gemma {
-            Some(field("hidden_size_per_layer_input").ok_or_else(|| {
-                error("a Gemma 3n config without `hidden_size_per_layer_input`".into())
-            })?)
-        } else {
-            None
+        let (per_layer_blocks, per_layer_width) = match &family.per_layer_inputs {
+            None => (vec![], 0),
+            Some(inputs) => {
+                let width = field(&inputs.width_key).ok_or_else(|| {
+                    error(format!("a `{name}` config without `{}`", inputs.width_key))
+                })?;
+                let blocks = inputs
+                    .tensors
+                    .iter()
+                    .map(|t| (t.name.clone(), t.axis))
+                    .collect();
+                (blocks, width)
+            }
         };
         let mut layout = ModelLayout {
             dir: dir.clone(),
             prefix: prefix.clone(),
             text_config_key,
-            per_layer_input,
+            per_layer_blocks,
+            per_layer_width,
+            kv_shared_layers_key: family.kv_shared_layers_key.clone(),
             ffn,
             ffn_widths: vec![],
             kv_producers: vec![],
@@ -165,8 +188,8 @@ impl ModelLayout {
             let name = layout.layer_name(layer, &width_source);
             let entry = checkpoint.entry(&name).map_err(|_| {
                 error(format!(
-                    "no tensor {name}: extraction knows the decoder families amalgam runs, \
-                     Llama-style names (model.layers.N.mlp.{{gate,up,down}}_proj) and Gemma 3n"
+                    "no tensor {name}, where the `{}` description has the layer's MLP",
+                    family.model_type
                 ))
             })?;
             if entry.shape.is_empty() || entry.shape[0] % blocks != 0 {
@@ -187,7 +210,10 @@ impl ModelLayout {
                 }
             }
         }
-        layout.kv_producers = kv_producers(&text, layers).map_err(error)?;
+        layout.kv_producers = match &family.kv_shared_layers_key {
+            Some(key) => kv_producers(&text, key, layers).map_err(error)?,
+            None => vec![],
+        };
         Ok(layout)
     }
 
@@ -200,18 +226,20 @@ impl ModelLayout {
         self.ffn.axis(rest)
     }
 
+    /// The rows of each part of a fused MLP input projection of `width` units.
+    pub(crate) fn fused_ffn_parts(&self, width: usize) -> Vec<Range<usize>> {
+        self.ffn.fused_parts(width)
+    }
+
     pub(crate) fn part<'n>(&self, name: &'n str) -> Part<'n> {
         let Some(local) = name.strip_prefix(self.prefix.as_str()) else {
             return Part::Global;
         };
-        if let Some(block) = self.per_layer_input {
-            match local {
-                "embed_tokens_per_layer.weight" => return Part::PerLayerBlocks { axis: 1, block },
-                "per_layer_model_projection.weight" => {
-                    return Part::PerLayerBlocks { axis: 0, block }
-                }
-                _ => {}
-            }
+        if let Some((_, axis)) = self.per_layer_blocks.iter().find(|(n, _)| n == name) {
+            return Part::PerLayerBlocks {
+                axis: *axis,
+                block: self.per_layer_width,
+            };
         }
         // `layers.N.rest`, N where the checkpoint's reading of names finds it.
         match locate(local) {
@@ -246,14 +274,34 @@ impl ModelLayout {
             path: self.dir.join("config.json"),
             message,
         };
-        let mut text = text_config(config, self.text_config_key).map_err(error)?;
+        let mut text = text_config(config, self.text_config_key.as_deref()).map_err(error)?;
         let layers = self.layers();
         let skipped = layers - kept.len();
+        for key in PER_LAYER_CONFIG_FIELDS {
+            if let Some(Value::Array(items)) = text.get(*key) {
+                if items.len() != layers {
+                    return Err(error(format!(
+                        "`{key}` has {} entries for {layers} layers",
+                        items.len()
+                    )));
+                }
+            }
+        }
+        let original = text.clone();
+        let origins: Vec<LayerOrigin> = kept
+            .iter()
+            .map(|&layer| LayerOrigin {
+                config: &original,
+                layer,
+            })
+            .collect();
+        restack_layer_lists(&mut text, &origins)
+            .expect("every per-layer list has an entry for each layer");
         text.insert("num_hidden_layers".into(), kept.len().into());
         // An integer when the widths are uniform and the input had one (what
         // transformers' Llama loads); otherwise a list, one per layer.
         let uniform = widths.windows(2).all(|w| w[0] == w[1]);
-        let was_list = matches!(text.get("intermediate_size"), Some(Value::Array(_)));
+        let was_list = matches!(original.get("intermediate_size"), Some(Value::Array(_)));
         text.insert(
             "intermediate_size".into(),
             match (uniform && !was_list, widths.first()) {
@@ -261,29 +309,16 @@ impl ModelLayout {
                 _ => widths.to_vec().into(),
             },
         );
-        for key in ["layer_types", "activation_sparsity_pattern"] {
-            match text.get(key) {
-                Some(Value::Array(items)) if items.len() == layers => {
-                    let kept_items: Vec<Value> = kept.iter().map(|&l| items[l].clone()).collect();
-                    text.insert(key.into(), kept_items.into());
-                }
-                Some(Value::Array(items)) => {
-                    return Err(error(format!(
-                        "`{key}` has {} entries for {layers} layers",
-                        items.len()
-                    )))
-                }
-                _ => {}
+        if let Some(key) = &self.kv_shared_layers_key {
+            if let Some(shared) = text.get(key).and_then(Value::as_u64) {
+                let first_shared = layers - shared as usize;
+                let kept_shared = kept.iter().filter(|&&l| l >= first_shared).count();
+                debug_assert!(shared as usize - kept_shared <= skipped);
+                text.insert(key.clone(), kept_shared.into());
             }
         }
-        if let Some(shared) = text.get("num_kv_shared_layers").and_then(Value::as_u64) {
-            let first_shared = layers - shared as usize;
-            let kept_shared = kept.iter().filter(|&&l| l >= first_shared).count();
-            debug_assert!(shared as usize - kept_shared <= skipped);
-            text.insert("num_kv_shared_layers".into(), kept_shared.into());
-        }
         let mut out = config.clone();
-        match self.text_config_key {
+        match &self.text_config_key {
             Some(key) => out.set(key, Value::Object(text)),
             None => out = ModelConfig::from_json(text),
         }
@@ -293,7 +328,7 @@ impl ModelLayout {
 
 fn text_config(
     config: &ModelConfig,
-    key: Option<&'static str>,
+    key: Option<&str>,
 ) -> std::result::Result<Map<String, Value>, String> {
     match key {
         None => Ok(config.fields().clone()),
@@ -304,20 +339,21 @@ fn text_config(
     }
 }
 
-/// Gemma 3n's KV sharing, as transformers implements it: the last
-/// `num_kv_shared_layers` layers compute no keys and values of their own;
+/// KV sharing as transformers implements Gemma 3n's: the last `key` (its
+/// `num_kv_shared_layers`) layers compute no keys and values of their own;
 /// each reuses those of the last earlier, non-shared layer of the same
 /// attention type (`layer_types`). Those source layers are the producers.
 fn kv_producers(
     text: &Map<String, Value>,
+    key: &str,
     layers: usize,
 ) -> std::result::Result<Vec<usize>, String> {
-    let shared = match text.get("num_kv_shared_layers").and_then(Value::as_u64) {
+    let shared = match text.get(key).and_then(Value::as_u64) {
         Some(0) | None => return Ok(vec![]),
         Some(n) if n as usize >= layers => {
             return Err(format!(
-            "`num_kv_shared_layers` {n} leaves no layer to produce the shared KV ({layers} layers)"
-        ))
+                "`{key}` {n} leaves no layer to produce the shared KV ({layers} layers)"
+            ))
         }
         Some(n) => n as usize,
     };
@@ -326,7 +362,7 @@ fn kv_producers(
             .iter()
             .map(|t| t.as_str().unwrap_or_default())
             .collect(),
-        _ => return Err("`num_kv_shared_layers` without a `layer_types` list per layer".into()),
+        _ => return Err(format!("`{key}` without a `layer_types` list per layer")),
     };
     let first_shared = layers - shared;
     let mut producers = BTreeSet::new();

@@ -9,7 +9,7 @@ mod family;
 
 use std::ops::Range;
 
-use amalgam_nn::least_squares::LinearWeights;
+use amalgam_nn::linear::LinearWeights;
 use amalgam_nn::Decoder;
 use tch::{Kind, Tensor};
 

@@ -1,12 +1,12 @@
 //! One block's weights in logical parts, whatever the family stores: fused
-//! projections split (`[q; k; v]`, per-head interleaved, `[gate; up]`) and
-//! rejoined on the way out; norms with the family's arithmetic. PLeaS fits
-//! and averages parts; only this file knows how a family lays them out.
+//! projections split (`[q; k; v]`, per-head interleaved, `[gate; up]`, as
+//! the description's `RowSplit` reads them) and rejoined on the way out;
+//! norms with the family's arithmetic. PLeaS fits and averages parts.
 
 use std::collections::BTreeMap;
 
-use amalgam_checkpoint::decoder::{MlpInput, NormKind, Projections};
-pub use amalgam_nn::least_squares::LinearWeights;
+use amalgam_checkpoint::decoder::{NormKind, RowSplit};
+pub use amalgam_nn::linear::LinearWeights;
 use amalgam_nn::DecoderConfig;
 use tch::{Kind, Tensor};
 
@@ -42,62 +42,6 @@ fn linear(tensors: &BTreeMap<String, Tensor>, stem: &str) -> Result<LinearWeight
     })
 }
 
-/// Rows `start..start + len` of a weight and its bias.
-fn rows(l: &LinearWeights, start: i64, len: i64) -> LinearWeights {
-    LinearWeights {
-        weight: l.weight.narrow(0, start, len),
-        bias: l.bias.as_ref().map(|b| b.narrow(0, start, len)),
-    }
-}
-
-/// Parts stacked by rows (a fused tensor from its parts).
-fn stacked(parts: &[&LinearWeights]) -> LinearWeights {
-    let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
-    let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
-    LinearWeights {
-        weight: Tensor::cat(&weights, 0),
-        bias: biases.map(|b| Tensor::cat(&b, 0)),
-    }
-}
-
-/// Per-head interleaved rows `[q_h; k_h; v_h]` (GPT-NeoX) split into q, k, v.
-fn deinterleave(fused: &LinearWeights, heads: i64, head_dim: i64) -> [LinearWeights; 3] {
-    let part = |t: &Tensor, i: i64| {
-        let rest: Vec<i64> = t.size()[1..].to_vec();
-        let mut shape = vec![heads, 3, head_dim];
-        shape.extend(&rest);
-        let mut flat = vec![heads * head_dim];
-        flat.extend(&rest);
-        t.view(shape.as_slice())
-            .select(1, i)
-            .reshape(flat.as_slice())
-    };
-    [0, 1, 2].map(|i| LinearWeights {
-        weight: part(&fused.weight, i),
-        bias: fused.bias.as_ref().map(|b| part(b, i)),
-    })
-}
-
-/// q, k, v interleaved per head again.
-fn interleave(parts: &[LinearWeights; 3], heads: i64, head_dim: i64) -> LinearWeights {
-    let join = |ts: [&Tensor; 3]| {
-        let rest: Vec<i64> = ts[0].size()[1..].to_vec();
-        let mut shape = vec![heads, 1, head_dim];
-        shape.extend(&rest);
-        let views: Vec<Tensor> = ts.iter().map(|t| t.view(shape.as_slice())).collect();
-        let mut flat = vec![3 * heads * head_dim];
-        flat.extend(&rest);
-        Tensor::cat(&views, 1).reshape(flat.as_slice())
-    };
-    LinearWeights {
-        weight: join([0, 1, 2].map(|i| &parts[i].weight)),
-        bias: match (&parts[0].bias, &parts[1].bias, &parts[2].bias) {
-            (Some(q), Some(k), Some(v)) => Some(join([q, k, v])),
-            _ => None,
-        },
-    }
-}
-
 impl Block {
     /// Block `layer` of a model of `config` from its tensors.
     pub fn read(
@@ -108,36 +52,25 @@ impl Block {
         let names = config.block_names(layer);
         let layout = config.architecture.layout;
         let (heads, kv, hd) = config.attention_sizes();
-        let qkv = match &layout.attention.qkv {
-            Projections::Separate(_) => [0, 1, 2]
-                .map(|i| linear(tensors, &names.qkv[i]))
-                .into_iter()
-                .collect::<Result<Vec<_>>>()?
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("three parts")),
-            Projections::Concatenated(_) => {
-                let fused = linear(tensors, &names.qkv[0])?;
-                [
-                    rows(&fused, 0, heads * hd),
-                    rows(&fused, heads * hd, kv * hd),
-                    rows(&fused, (heads + kv) * hd, kv * hd),
-                ]
-            }
-            Projections::InterleavedByHead(_) => {
-                deinterleave(&linear(tensors, &names.qkv[0])?, heads, hd)
-            }
-        };
-        let mlp_input = match &layout.mlp.input {
-            MlpInput::GatedConcatenated(_) => {
-                let fused = linear(tensors, &names.mlp_input[0])?;
-                let f = fused.weight.size()[0] / 2;
-                vec![rows(&fused, 0, f), rows(&fused, f, f)]
-            }
-            MlpInput::Gated(_) | MlpInput::Plain(_) => names
+        let qkv: [LinearWeights; 3] = match layout.attention.qkv.row_split(heads, kv, hd) {
+            RowSplit::Separate => names
+                .qkv
+                .iter()
+                .map(|stem| linear(tensors, stem))
+                .collect::<Result<Vec<_>>>()?,
+            fused => linear(tensors, &names.qkv[0])?.split(&fused),
+        }
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("three parts"));
+        let mlp_output = linear(tensors, &names.mlp_output)?;
+        let width = mlp_output.weight.size()[1];
+        let mlp_input = match layout.mlp.input.row_split(width) {
+            RowSplit::Separate => names
                 .mlp_input
                 .iter()
                 .map(|stem| linear(tensors, stem))
                 .collect::<Result<_>>()?,
+            fused => linear(tensors, &names.mlp_input[0])?.split(&fused),
         };
         let mut norms = [None, None, None, None];
         for (slot, stem) in names.norms.iter().enumerate() {
@@ -156,7 +89,7 @@ impl Block {
             qkv,
             output: linear(tensors, &names.output)?,
             mlp_input,
-            mlp_output: linear(tensors, &names.mlp_output)?,
+            mlp_output,
             norms,
             qk_norm,
         })
@@ -167,7 +100,6 @@ impl Block {
     pub fn write(self, config: &DecoderConfig, layer: usize) -> Vec<(String, Tensor)> {
         let names = config.block_names(layer);
         let layout = config.architecture.layout;
-        let (heads, _, hd) = config.attention_sizes();
         let mut out = vec![];
         let mut push = |stem: &str, l: LinearWeights| {
             out.push((format!("{stem}.weight"), l.weight));
@@ -175,30 +107,23 @@ impl Block {
                 out.push((format!("{stem}.bias"), bias));
             }
         };
-        match &layout.attention.qkv {
-            Projections::Separate(_) => {
-                for (stem, part) in names.qkv.iter().zip(self.qkv) {
-                    push(stem, part);
-                }
+        let (heads, kv, hd) = config.attention_sizes();
+        let parts = |stems: &[String], parts: Vec<LinearWeights>, rows: RowSplit| match rows {
+            RowSplit::Separate => stems.iter().cloned().zip(parts).collect::<Vec<_>>(),
+            fused => {
+                let parts: Vec<&LinearWeights> = parts.iter().collect();
+                vec![(stems[0].clone(), LinearWeights::join(&parts, &fused))]
             }
-            Projections::Concatenated(_) => {
-                push(&names.qkv[0], stacked(&self.qkv.each_ref()));
-            }
-            Projections::InterleavedByHead(_) => {
-                push(&names.qkv[0], interleave(&self.qkv, heads, hd));
-            }
+        };
+        let qkv = layout.attention.qkv.row_split(heads, kv, hd);
+        for (stem, part) in parts(&names.qkv, self.qkv.into(), qkv) {
+            push(&stem, part);
         }
         push(&names.output, self.output);
-        match &layout.mlp.input {
-            MlpInput::GatedConcatenated(_) => {
-                let parts: Vec<&LinearWeights> = self.mlp_input.iter().collect();
-                push(&names.mlp_input[0], stacked(&parts));
-            }
-            MlpInput::Gated(_) | MlpInput::Plain(_) => {
-                for (stem, part) in names.mlp_input.iter().zip(self.mlp_input) {
-                    push(stem, part);
-                }
-            }
+        let width = self.mlp_output.weight.size()[1];
+        let mlp_input = layout.mlp.input.row_split(width);
+        for (stem, part) in parts(&names.mlp_input, self.mlp_input, mlp_input) {
+            push(&stem, part);
         }
         push(&names.mlp_output, self.mlp_output);
         for (stem, norm) in names.norms.iter().zip(self.norms) {

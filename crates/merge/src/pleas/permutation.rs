@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use amalgam_checkpoint::decoder::{MlpInput, Projections};
+use amalgam_checkpoint::decoder::RowSplit;
 use amalgam_nn::DecoderConfig;
 
 use tch::Tensor;
@@ -122,13 +122,14 @@ pub fn decoder(config: &DecoderConfig) -> Vec<PermutationGroup> {
             residual.extend(axes(writer, 0, 0, 1));
         }
         let mut ffn_axes = vec![];
-        match &layout.mlp.input {
-            MlpInput::GatedConcatenated(_) => {
-                let fused = &names.mlp_input[0];
-                ffn_axes.extend(axes(fused, 0, 0, 1));
-                ffn_axes.extend(axes(fused, 0, ffn, 1));
+        match layout.mlp.input.row_split(ffn as i64).ranges() {
+            // Each half of a fused [gate; up].
+            Some(parts) => {
+                for part in parts {
+                    ffn_axes.extend(axes(&names.mlp_input[0], 0, part.start, 1));
+                }
             }
-            MlpInput::Gated(_) | MlpInput::Plain(_) => {
+            None => {
                 for input in &names.mlp_input {
                     ffn_axes.extend(axes(input, 0, 0, 1));
                 }
@@ -142,21 +143,27 @@ pub fn decoder(config: &DecoderConfig) -> Vec<PermutationGroup> {
             parent: None,
         });
         // Each projection's rows of the KV groups: (stem, offset, rows per group).
-        let q_rows: Vec<(String, usize, usize)> = match &layout.attention.qkv {
+        let rows = layout
+            .attention
+            .qkv
+            .row_split(heads as i64, kv as i64, hd as i64);
+        let interleaved = matches!(rows, RowSplit::PerHead { .. });
+        let q_rows: Vec<(String, usize, usize)> = if interleaved {
             // [q_h; k_h; v_h] per head (no GQA): a head's three parts move together.
-            Projections::InterleavedByHead(_) => vec![(names.qkv[0].clone(), 0, 3 * hd)],
+            vec![(names.qkv[0].clone(), 0, 3 * hd)]
+        } else {
             // q's rows, alone or first in [q; k; v].
-            _ => vec![(names.qkv[0].clone(), 0, per_group * hd)],
+            vec![(names.qkv[0].clone(), 0, per_group * hd)]
         };
-        let kv_rows: Vec<(String, usize, usize)> = match &layout.attention.qkv {
-            Projections::Separate(_) => {
+        let kv_rows: Vec<(String, usize, usize)> = match (&rows, rows.ranges()) {
+            (RowSplit::Separate, _) => {
                 vec![(names.qkv[1].clone(), 0, hd), (names.qkv[2].clone(), 0, hd)]
             }
-            Projections::Concatenated(_) => vec![
-                (names.qkv[0].clone(), heads * hd, hd),
-                (names.qkv[0].clone(), (heads + kv) * hd, hd),
-            ],
-            Projections::InterleavedByHead(_) => vec![],
+            (_, Some(parts)) => parts[1..]
+                .iter()
+                .map(|part| (names.qkv[0].clone(), part.start, hd))
+                .collect(),
+            (_, None) => vec![],
         };
         let across = layout
             .attention
@@ -182,11 +189,9 @@ pub fn decoder(config: &DecoderConfig) -> Vec<PermutationGroup> {
         for g in 0..kv {
             let mut q_axes = vec![];
             let first = g * per_group * hd;
-            match &layout.attention.qkv {
-                Projections::InterleavedByHead(_) => {
-                    // One query head per group: nothing moves inside it.
-                }
-                _ => q_axes.extend(axes(&q_rows[0].0, 0, first, hd)),
+            // Interleaved: one query head per group, nothing moves inside it.
+            if !interleaved {
+                q_axes.extend(axes(&q_rows[0].0, 0, first, hd));
             }
             if let (true, Some([q, _])) = (across, &names.qk_norm) {
                 q_axes.extend(axes(q, 0, first, hd));

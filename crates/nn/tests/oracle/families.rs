@@ -52,6 +52,7 @@ fn every_family_matches_transformers() {
             families.insert(model.config.architecture.model_type.clone());
             let (logits, taps) = tch::no_grad(|| model.forward_taps(ids));
             let diff = relative_diff(&logits, &expected["logits"]);
+            eprintln!("{name}/{variant}: logits within {diff:e} of transformers'");
             assert!(diff <= 1e-4, "{name}/{variant}: logits differ by {diff:e}");
             // A forward pass changes nothing: the second gives the same logits.
             let again = tch::no_grad(|| model.forward(ids));
@@ -79,6 +80,7 @@ fn every_family_matches_transformers() {
         assert_eq!(logits.kind(), Kind::BFloat16, "{name}: BF16 math");
         // The same roundings as transformers (identical on the machines tried).
         let diff = relative_diff(&logits, &expected["bf16_logits"]);
+        eprintln!("{name}: BF16 math within {diff:e} of transformers'");
         assert!(diff <= 1e-2, "{name}: BF16 math differs by {diff:e}");
     }
     let supported: std::collections::BTreeSet<String> = supported_model_types()

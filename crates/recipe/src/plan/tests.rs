@@ -9,6 +9,7 @@ fn llama(layers: usize, vocab: usize) -> ModelInventory {
         vocab: true,
         before_layers: true,
         tied_alias: false,
+        buffer: false,
     }];
     for i in 0..layers {
         for (suffix, shape) in [
@@ -26,6 +27,7 @@ fn llama(layers: usize, vocab: usize) -> ModelInventory {
                 vocab: false,
                 before_layers: false,
                 tied_alias: false,
+                buffer: false,
             });
         }
     }
@@ -40,6 +42,7 @@ fn llama(layers: usize, vocab: usize) -> ModelInventory {
             vocab,
             before_layers: false,
             tied_alias: false,
+            buffer: false,
         });
     }
     ModelInventory { tensors, layers }
