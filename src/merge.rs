@@ -1,12 +1,12 @@
 //! `amalgam merge`: run a mergekit-compatible recipe.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use amalgam_checkpoint::{ScratchDir, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry::{self, Method};
+use amalgam_merge::stages::{StageOutput, StageOutputs};
 use amalgam_merge::RunOptions;
 use amalgam_recipe::{InputTransform, Recipe, Stages};
 use anyhow::Result;
@@ -105,11 +105,6 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             MergeJob::prepare(stage.recipe.clone(), method)?;
         }
     }
-    let names: Vec<Option<String>> = stages
-        .run_order
-        .iter()
-        .map(|s| s.name().map(str::to_owned))
-        .collect();
     let scratch = match (&args.intermediate_dir, args.dry_run) {
         (None, false) => Some(ScratchDir::create(&args.output)?),
         _ => None,
@@ -119,29 +114,15 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
         (None, Some(scratch)) => scratch.path().to_path_buf(),
         (None, None) => PathBuf::from("(scratch)"),
     };
-    let outputs: Vec<PathBuf> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| match name {
-            Some(name) if i != final_stage => dir.join(name),
-            _ => args.output.clone(),
-        })
-        .collect();
+    let placed = StageOutputs::new(&stages, &dir, &args.output);
     if !args.dry_run {
-        refuse_outputs_over_inputs(&stages, &names, &outputs)?;
+        placed.refuse_outputs_over_inputs(&stages)?;
     }
+    let (names, outputs) = (&placed.names, &placed.outputs);
     for (i, stage) in stages.run_order.into_iter().enumerate() {
         let label = names[i].as_deref().unwrap_or("(final)");
         let mut recipe = stage.recipe;
-        recipe.rename_models(|path| {
-            let (base, adapter) = match path.split_once('+') {
-                Some((base, adapter)) => (base, Some(adapter)),
-                None => (path, None),
-            };
-            let j = names.iter().position(|n| n.as_deref() == Some(base))?;
-            let out = outputs[j].display().to_string();
-            Some(adapter.map_or(out.clone(), |a| format!("{out}+{a}")))
-        });
+        placed.resolve_models(&mut recipe);
         if args.dry_run {
             println!("stage {label} → {}", outputs[i].display());
             if stage.uses.is_empty() {
@@ -168,7 +149,7 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             continue;
         }
         let out = &outputs[i];
-        let written_before = match stage_output(out)? {
+        let written_before = match StageOutput::at(out)? {
             StageOutput::Absent => false,
             StageOutput::Ours { recipe: kept } if kept.as_deref() == Some(&recipe.text) => {
                 if !quiet {
@@ -193,113 +174,9 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             println!("stage {label} → {}", out.display());
         }
         run_stage(recipe, out, args, written_before, quiet)?;
-        mark_stage_output(out)?;
+        StageOutput::mark(out)?;
     }
     Ok(())
-}
-
-/// Marks a directory as a stage output amalgam wrote (so a later run may
-/// reuse or replace it); a file inside it, never read as part of the model.
-const STAGE_MARKER: &str = ".amalgam-stage";
-
-/// What is at an intermediate stage's output.
-enum StageOutput {
-    Absent,
-    /// A stage output amalgam wrote, with the recipe it was written from.
-    Ours {
-        recipe: Option<String>,
-    },
-    /// Anything else: an input, a user's directory, a file, a link.
-    Foreign,
-}
-
-fn stage_output(out: &Path) -> Result<StageOutput> {
-    let Ok(meta) = std::fs::symlink_metadata(out) else {
-        return Ok(StageOutput::Absent);
-    };
-    let marked = meta.is_dir()
-        && std::fs::symlink_metadata(out.join(STAGE_MARKER)).is_ok_and(|m| m.is_file());
-    if !marked {
-        return Ok(StageOutput::Foreign);
-    }
-    let kept = out.join("mergekit_config.yml");
-    let recipe = match std::fs::symlink_metadata(&kept) {
-        Ok(_) => Some(crate::resources::read_recipe(&kept)?),
-        Err(_) => None,
-    };
-    Ok(StageOutput::Ours { recipe })
-}
-
-fn mark_stage_output(out: &Path) -> Result<()> {
-    let marker = out.join(STAGE_MARKER);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&marker)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"written by amalgam as a stage\n"))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", marker.display()))
-}
-
-/// No stage output (the final one included) may be, hold or sit inside a
-/// model some stage reads: a later stage would replace what an earlier one
-/// reads.
-fn refuse_outputs_over_inputs(
-    stages: &Stages,
-    names: &[Option<String>],
-    outputs: &[PathBuf],
-) -> Result<()> {
-    let mut inputs = vec![];
-    for stage in &stages.run_order {
-        for model in stage.recipe.referenced_models() {
-            for part in model.path.split('+') {
-                if names.iter().any(|n| n.as_deref() == Some(part)) {
-                    continue;
-                }
-                if let Ok(dir) = amalgam_checkpoint::hub::locate(part) {
-                    if let Ok(dir) = std::fs::canonicalize(&dir) {
-                        inputs.push(dir);
-                    }
-                }
-            }
-        }
-    }
-    for out in outputs {
-        let absolute = absolute(out);
-        if let Some(input) = inputs
-            .iter()
-            .find(|i| absolute.starts_with(i) || i.starts_with(&absolute))
-        {
-            return Err(anyhow::anyhow!(
-                "{}: refusing to write a stage output over input {} (with or without --force)",
-                out.display(),
-                input.display()
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `path` made absolute through its deepest existing ancestor, symlinks resolved.
-fn absolute(path: &Path) -> PathBuf {
-    let mut missing = vec![];
-    let mut existing = path.to_path_buf();
-    loop {
-        if let Ok(real) = std::fs::canonicalize(&existing) {
-            return missing.into_iter().rev().fold(real, |p, name| p.join(name));
-        }
-        match (existing.file_name(), existing.parent()) {
-            (Some(name), Some(parent)) => {
-                missing.push(name.to_owned());
-                existing = if parent.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    parent.to_path_buf()
-                };
-            }
-            _ => return path.to_path_buf(),
-        }
-    }
 }
 
 /// One recipe into `out`.

@@ -27,6 +27,12 @@ pub enum MergeError {
     /// A merge split across processes (`--part`, `--join`) that does not fit together.
     #[error("{0}")]
     Part(String),
+    /// A multi-stage recipe's stage output that cannot be written or read.
+    #[error("{}: {message}", path.display())]
+    Stage {
+        path: std::path::PathBuf,
+        message: String,
+    },
     /// A run whose memory estimate exceeds the limit.
     #[error("{0}")]
     Memory(String),

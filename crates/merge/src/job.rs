@@ -2,9 +2,12 @@
 //! adapters applied), describe them to the planner, plan, map vocabularies,
 //! and check everything a run would trip over before anything is written.
 
-use amalgam_recipe::{MethodSpec, ModelInventory, Plan, Recipe};
+use amalgam_checkpoint::arch::locate;
+use amalgam_checkpoint::family::{self, Place};
+use amalgam_checkpoint::Checkpoint;
+use amalgam_recipe::{InventoryTensor, LayerRef, MethodSpec, ModelInventory, Plan, Recipe};
 
-use crate::executor::{inventory, MergeJob};
+use crate::executor::MergeJob;
 use crate::source::Source;
 use crate::{vocabulary, MergeError, MergeMethod, Result};
 
@@ -88,4 +91,48 @@ fn warn_unknown_parameters(recipe: &Recipe, spec: &MethodSpec) {
             }
         }
     }
+}
+
+/// What the planner needs of an input checkpoint: its tensors (layer, role;
+/// a tied head as an alias of the embedding) and its layer count.
+pub fn inventory(checkpoint: &Checkpoint) -> amalgam_checkpoint::Result<ModelInventory> {
+    let family = family::of(checkpoint.config());
+    let mut tensors: Vec<InventoryTensor> = checkpoint
+        .tensors()
+        .iter()
+        .map(|t| {
+            let (place, vocab) = family::placement(family, &t.name);
+            InventoryTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                layer: locate(&t.name).map(|(index, digits)| LayerRef { index, digits }),
+                vocab,
+                before_layers: place == Some(Place::BeforeLayers),
+                tied_alias: false,
+                buffer: family::is_buffer(family, &t.name),
+            }
+        })
+        .collect();
+    let head = family::head_name(family);
+    let has_head = tensors.iter().any(|t| t.name == head);
+    if checkpoint.is_tied() && !has_head {
+        if let Ok(embedding) = checkpoint.entry(&head) {
+            tensors.push(InventoryTensor {
+                name: head,
+                shape: embedding.shape.clone(),
+                layer: None,
+                vocab: true,
+                before_layers: false,
+                tied_alias: true,
+                buffer: false,
+            });
+        }
+    }
+    let layers = checkpoint.layers()?;
+    Ok(ModelInventory { tensors, layers })
+}
+
+/// A model's identity for random streams: a hash of its path as the recipe writes it.
+pub fn model_id(path: &str) -> u64 {
+    amalgam_checkpoint::stream_seed(0, path, 0)
 }

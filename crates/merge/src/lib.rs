@@ -1,8 +1,14 @@
 //! Merge methods over tch tensors and the executor that runs a plan.
 //!
-//! The data path: a recipe's models are opened as [`source::Source`]s
-//! (checkpoints, LoRA adapters applied on read), [`executor::MergeJob::prepare`]
-//! plans the job and checks it, and the executor reads, merges and writes.
+//! The data path, a module per concern: a recipe's models are opened as
+//! [`source::Source`]s (checkpoints, LoRA adapters applied on read);
+//! `job` prepares a [`executor::MergeJob`] (inventories, plan, vocabulary,
+//! every check before anything is written); [`executor`] runs it (workers
+//! reading, merging and handing tensors to one writer thread) within the
+//! memory `budget` gives it; `output` finishes the checkpoint (config, card,
+//! chat template, tokenizer and recipe files); `split` runs one plan as
+//! several processes' parts and joins them; [`stages`] places the stages of
+//! a multi-stage recipe.
 //!
 //! Every per-tensor method is one file in [`methods`] implementing
 //! [`MergeMethod`] and one line in [`registry`]. It sees one output tensor at
@@ -11,6 +17,7 @@
 //! resolved for it. Methods that need whole models (PLeaS) implement
 //! [`WholeModelMethod`] and sit in the same registry.
 
+mod budget;
 pub mod elementwise;
 mod error;
 pub mod executor;
@@ -19,10 +26,13 @@ pub mod lora;
 mod method;
 pub mod methods;
 pub mod moe;
+mod output;
 pub mod pleas;
 pub mod registry;
 pub mod source;
 pub mod sparsify;
+mod split;
+pub mod stages;
 pub mod stream;
 pub mod vocabulary;
 

@@ -76,7 +76,7 @@ fn run(
     // What the output carries besides the weights: checked before any work.
     let dtype = output_dtype(recipe, &checkpoints[0]);
     let tokenizer_source = tokenizer_source(recipe, &pleas, &checkpoints)?;
-    let chat_template = crate::executor::chat_template(recipe, checkpoints.iter())?;
+    let chat_template = crate::output::chat_template(recipe, checkpoints.iter())?;
     let device = options.device;
     // Matrix products split their sums by thread: the same recipe and the
     // same thread count give bit-identical output (other counts differ in
