@@ -1,4 +1,4 @@
-"""Regenerates data/corpus/ from the sources PROVENANCE.md names (run once; the
+"""Regenerates crates/corpus/texts/ from the sources PROVENANCE.md names (run once; the
 output is committed, so training never depends on this machine's files).
 
     python3 scripts/make-corpus.py /usr/share/common-licenses [FORTUNES]
@@ -30,7 +30,7 @@ import sys
 import pydoc_data.topics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "data", "corpus")
+OUT = os.path.join(ROOT, "crates", "corpus", "texts")
 SEPARATOR = "\f"
 
 CODE_MODULES = [

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Result};
 use clap::{Args as ClapArgs, Subcommand};
 
-use amalgam_nn::zoo::{self, ZooEvent, ZooSet, ZooSize};
+use amalgam_zoo::{self as zoo, ZooEvent, ZooSet, ZooSize};
 
 #[derive(ClapArgs)]
 pub struct Args {

@@ -41,6 +41,7 @@ fn inventory(path: &str) -> ModelInventory {
                 vocab,
                 before_layers: place == Some(Place::BeforeLayers),
                 tied_alias: false,
+                buffer: false,
                 shape: spec.shape,
                 name: spec.name,
             }

@@ -50,7 +50,7 @@ fn tiny_models(dir: &Path) -> (PathBuf, PathBuf) {
 /// Lines of corpus prose, shuffled into `bytes` of text.
 fn prose(bytes: usize) -> String {
     let corpus = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpus/prose.txt"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/corpus/texts/prose.txt"),
     )
     .unwrap();
     let lines: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -79,7 +79,7 @@ fn any_text_scores_as_transformers_scores_it() {
     let tmp = tempfile::tempdir().unwrap();
     let llama = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000, 0);
     let qwen = model_with_tokenizer(tmp.path(), "qwen3", "qwen3", 151669, 0);
-    let prose = std::fs::read_to_string(root().join("data/corpus/prose.txt")).unwrap();
+    let prose = std::fs::read_to_string(root().join("crates/corpus/texts/prose.txt")).unwrap();
     let sample: String = prose.chars().take(3000).collect();
     let text = tmp.path().join("text.txt");
     std::fs::write(&text, format!("  Ünïcödé and 日本語 first.\n{sample}")).unwrap();

@@ -538,7 +538,7 @@ fn every_family_stitches_streamed() {
         }
     }
     // A zoo model's byte-level vocabulary is not a transformers tiny model's.
-    let zoo = amalgam_nn::zoo::ZooSize::named("micro").unwrap();
+    let zoo = amalgam_zoo::ZooSize::named("micro").unwrap();
     let byte_level = tmp.path().join("byte-level");
     amalgam_nn::Decoder::new(zoo.shape.clone(), Device::Cpu, 0)
         .save_with_tokenizer(&byte_level, &Default::default())

@@ -123,7 +123,7 @@ fn pleas_calibrates_on_text_with_the_models_tokenizer() {
     let a = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000, 0);
     let b = model_with_tokenizer(tmp.path(), "llama", "llama2", 32000, 1);
     let prose = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpus/prose.txt"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/corpus/texts/prose.txt"),
     )
     .unwrap();
     let sample: String = prose.chars().take(4000).collect();

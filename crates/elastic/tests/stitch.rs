@@ -14,8 +14,8 @@ use amalgam_elastic::stitch::{
 use amalgam_nn::calibration::CalibrationText;
 use amalgam_nn::eval::LanguageModel;
 use amalgam_nn::least_squares::NormalEquations;
-use amalgam_nn::zoo::ZooSize;
 use amalgam_nn::{supported_model_types, Decoder, DecoderConfig, Part};
+use amalgam_zoo::ZooSize;
 use tch::{Device, Kind, Tensor};
 
 fn ids(vocab: i64) -> Tensor {

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use amalgam_checkpoint::ModelCard;
-use amalgam_nn::zoo::ZooSize;
 use amalgam_nn::Decoder;
+use amalgam_zoo::ZooSize;
 use tch::{Device, Kind, Tensor};
 
 /// Tokens per second of our forward pass on `dir`'s model (median of `iters`

@@ -1,6 +1,5 @@
-//! The training and evaluation text (data/corpus, provenance in its
-//! PROVENANCE.md), compiled into the library so that training does not
-//! depend on the working directory. Each domain's held-out split is its last
+//! The training and evaluation text (the `amalgam-corpus` crate), by
+//! domain and split, as documents and tokens. Each domain's held-out split is its last
 //! 10% of bytes, moved forward to the next document boundary.
 
 use rand::{Rng, SeedableRng};
@@ -86,17 +85,7 @@ impl Domain {
 
     /// The domain's whole text: documents separated by form feeds.
     pub fn text(self) -> &'static str {
-        match self {
-            Domain::Prose => include_str!("../../../data/corpus/prose.txt"),
-            Domain::Code => include_str!("../../../data/corpus/code.txt"),
-            Domain::Legal => include_str!("../../../data/corpus/legal.txt"),
-            Domain::German => include_str!("../../../data/corpus/german.txt"),
-            Domain::Spanish => include_str!("../../../data/corpus/spanish.txt"),
-            Domain::Italian => include_str!("../../../data/corpus/italian.txt"),
-            Domain::C => include_str!("../../../data/corpus/c.txt"),
-            Domain::Perl => include_str!("../../../data/corpus/perl.txt"),
-            Domain::Cpp => include_str!("../../../data/corpus/cpp.txt"),
-        }
+        amalgam_corpus::text(self.name()).expect("every domain has a text in the corpus")
     }
 
     pub fn has_split(self, split: Split) -> bool {

@@ -21,7 +21,6 @@ pub mod scores;
 pub mod text;
 pub mod tokenizer;
 pub mod train;
-pub mod zoo;
 
 pub use config::{
     nested_width, supported_model_types, Activation, Architecture, BlockNames, DecoderConfig,

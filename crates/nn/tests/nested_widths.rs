@@ -3,8 +3,8 @@
 //! as the integer transformers expects.
 
 use amalgam_checkpoint::{ModelCard, WriteOptions};
-use amalgam_nn::zoo::ZooSize;
 use amalgam_nn::{tokenizer, Decoder};
+use amalgam_zoo::ZooSize;
 use tch::{Device, Kind, Tensor};
 
 #[test]

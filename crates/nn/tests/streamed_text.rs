@@ -47,8 +47,7 @@ fn documents() -> Vec<String> {
     for domain in [
         "prose", "code", "legal", "german", "spanish", "italian", "c", "perl", "cpp",
     ] {
-        let text =
-            std::fs::read_to_string(root().join(format!("data/corpus/{domain}.txt"))).unwrap();
+        let text = amalgam_corpus::text(domain).unwrap();
         let chars: Vec<char> = text.chars().collect();
         corpus.extend(&chars[chars.len() / 3..chars.len() / 3 + 12_000]);
     }
@@ -180,7 +179,7 @@ fn an_encoder_holds_a_bounded_stretch_of_a_long_document() {
         max_held: 64 << 10,
         agree: 16,
     };
-    let prose = std::fs::read_to_string(root().join("data/corpus/prose.txt")).unwrap();
+    let prose = amalgam_corpus::text("prose").unwrap();
     let mut encoder = DocumentEncoder::new(&tokenizer, chunking);
     let (mut tokens, mut most, mut count) = (Vec::new(), 0, 0);
     let mut pushed = 0;

@@ -4,8 +4,8 @@
 use amalgam_nn::data::{Domain, Sampler, Split};
 use amalgam_nn::eval::{evaluate, EvalOptions};
 use amalgam_nn::train::{train, TrainOptions};
-use amalgam_nn::zoo::ZooSize;
 use amalgam_nn::Decoder;
+use amalgam_zoo::ZooSize;
 use tch::Device;
 
 fn trained(steps: usize, data_seed: u64) -> Decoder {

@@ -26,8 +26,7 @@ fn texts() -> Vec<String> {
     .map(str::to_owned)
     .to_vec();
     for domain in ["prose", "code", "legal"] {
-        let corpus =
-            std::fs::read_to_string(root().join(format!("data/corpus/{domain}.txt"))).unwrap();
+        let corpus = amalgam_corpus::text(domain).unwrap();
         let chars: Vec<char> = corpus.chars().collect();
         for k in 0..12 {
             let start = k * chars.len() / 12;

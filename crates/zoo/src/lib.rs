@@ -36,10 +36,10 @@ use amalgam_checkpoint::{ModelCard, WriteOptions};
 use serde_json::json;
 use tch::Device;
 
-use crate::data::{Domain, Sampler, Split};
-use crate::eval::EvalOptions;
-use crate::train::{train, TrainOptions};
-use crate::{tokenizer, Architecture, Decoder, DecoderConfig, NnError, Result, GRANULARITIES};
+use amalgam_nn::data::{Domain, Sampler, Split};
+use amalgam_nn::eval::EvalOptions;
+use amalgam_nn::train::{train, TrainOptions};
+use amalgam_nn::{tokenizer, Architecture, Decoder, DecoderConfig, NnError, Result, GRANULARITIES};
 
 /// Bump when training changes in a way that invalidates cached members.
 const RECIPE_VERSION: u32 = 2;
