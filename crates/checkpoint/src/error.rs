@@ -37,6 +37,12 @@ pub enum Error {
     Config { path: PathBuf, message: String },
     #[error("{}: invalid index: {message}", path.display())]
     Index { path: PathBuf, message: String },
+    /// An index that is not the JSON it must be (the parser's error kept).
+    #[error("{}: invalid index: {cause}", path.display())]
+    IndexJson {
+        path: PathBuf,
+        cause: serde_json::Error,
+    },
     #[error("{}: shard {shard} (holding tensor {tensor}) is missing", index.display())]
     ShardMissing {
         index: PathBuf,

@@ -450,7 +450,10 @@ fn open_sharded(
             "key {key:?} appears twice (readers disagree on which one counts)"
         )));
     }
-    let index: IndexFile = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+    let index: IndexFile = serde_json::from_slice(&text).map_err(|cause| Error::IndexJson {
+        path: index_path.into(),
+        cause,
+    })?;
     if index.weight_map.is_empty() {
         return Err(invalid("weight_map is empty: it places no tensor".into()));
     }

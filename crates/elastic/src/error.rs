@@ -16,6 +16,12 @@ pub enum ElasticError {
     /// A model the forward pass cannot load or run, or a fit that failed.
     #[error(transparent)]
     Nn(#[from] amalgam_nn::NnError),
+    /// An anchor of a stitched family that could not be written.
+    #[error("stitching: saving anchor {anchor}: {cause}")]
+    SaveAnchor {
+        anchor: usize,
+        cause: Box<ElasticError>,
+    },
     /// A stitching layer that cannot be fitted or applied.
     #[error("stitching: {0}")]
     Stitch(String),

@@ -36,6 +36,12 @@ pub enum MergeError {
     /// A run whose memory estimate exceeds the limit.
     #[error("{0}")]
     Memory(String),
+    /// A LoRA adapter whose `adapter_config.json` amalgam refuses.
+    #[error("{}: {cause}", dir.display())]
+    AdapterConfig {
+        dir: std::path::PathBuf,
+        cause: crate::lora::ConfigError,
+    },
     /// A LoRA adapter that cannot be applied to its base.
     #[error("{}: {message}", dir.display())]
     Adapter {

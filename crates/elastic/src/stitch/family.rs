@@ -529,7 +529,7 @@ pub fn save_family(
                     copy_checkpoint(&c, &path, None, &WriteOptions::default(), card, &|_| {})
                 })
                 .map(drop)
-                .map_err(|e| e.to_string()),
+                .map_err(ElasticError::from),
             AnchorOut::Model { model, files_from } => {
                 let dtype = Checkpoint::open(files_from)?.weights_dtype();
                 let files = SaveFiles {
@@ -541,10 +541,13 @@ pub fn save_family(
                 model
                     .save_as(&path, card, &files, &WriteOptions::default())
                     .map(drop)
-                    .map_err(|e| e.to_string())
+                    .map_err(ElasticError::from)
             }
         }
-        .map_err(|e| ElasticError::Stitch(format!("saving anchor {a}: {e}")))?;
+        .map_err(|cause| ElasticError::SaveAnchor {
+            anchor: a,
+            cause: Box::new(cause),
+        })?;
     }
     let mut tensors = vec![];
     let mut routes = vec![];

@@ -112,7 +112,10 @@ impl Adapter {
             }
         }
         let config = AdapterConfig::parse(&files.read(CONFIG, MAX_CONFIG_BYTES, "a JSON file")?)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|cause| MergeError::AdapterConfig {
+                dir: dir.to_path_buf(),
+                cause,
+            })?;
 
         let bytes = files.read(WEIGHTS, MAX_ADAPTER_BYTES, "an adapter's weights")?;
         let stored = safetensors::SafeTensors::deserialize(&bytes)
