@@ -3,10 +3,8 @@
 //! sane multiple of the cores) and recipe files (regular files of bounded
 //! size: never a FIFO or /dev/zero).
 
+use amalgam_recipe::MAX_RECIPE_BYTES;
 use anyhow::{anyhow, Result};
-
-/// The most bytes of a recipe read (real ones are a few KB).
-const MAX_RECIPE_BYTES: u64 = 16 << 20;
 
 /// A recipe's text: a regular UTF-8 file of at most 16 MB.
 pub fn read_recipe(path: &std::path::Path) -> Result<String> {

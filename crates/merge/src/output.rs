@@ -95,33 +95,34 @@ impl MergeJob {
         let lists = PER_LAYER_CONFIG_FIELDS
             .iter()
             .any(|field| matches!(config.get(field), Some(Value::Array(_))));
-        let origins = sources
-            .iter()
-            .take(if lists { sources.len() } else { 0 })
-            .enumerate()
-            .map(|(layer, source)| {
-                let (model, from) = source.ok_or_else(|| {
-                    self.config_error(format!(
-                        "output layer {layer} has no tensors to take its per-layer config \
-                         entries from"
-                    ))
-                })?;
-                let config = self.sources[model].checkpoint.config().fields();
-                Ok(LayerOrigin {
-                    config,
-                    layer: from,
+        if lists {
+            let origins = sources
+                .iter()
+                .enumerate()
+                .map(|(layer, source)| {
+                    let (model, from) = source.ok_or_else(|| {
+                        self.config_error(format!(
+                            "output layer {layer} has no tensors to take its per-layer config \
+                             entries from"
+                        ))
+                    })?;
+                    let config = self.sources[model].checkpoint.config().fields();
+                    Ok(LayerOrigin {
+                        config,
+                        layer: from,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut fields = config.fields().clone();
-        restack_layer_lists(&mut fields, &origins).map_err(|(field, layer)| {
-            let (model, from) = sources[layer].expect("every origin is known");
-            self.config_error(format!(
-                "model `{}` has no `{field}` entry for its layer {from}",
-                self.plan.models[model]
-            ))
-        })?;
-        let mut config = ModelConfig::from_json(fields);
+                .collect::<Result<Vec<_>>>()?;
+            let mut fields = config.fields().clone();
+            restack_layer_lists(&mut fields, &origins).map_err(|(field, layer)| {
+                let (model, from) = sources[layer].expect("every origin is known");
+                self.config_error(format!(
+                    "model `{}` has no `{field}` entry for its layer {from}",
+                    self.plan.models[model]
+                ))
+            })?;
+            config = ModelConfig::from_json(fields);
+        }
         let known: Vec<(usize, usize)> = widths
             .iter()
             .enumerate()

@@ -7,16 +7,13 @@
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use amalgam_recipe::{Recipe, Stages};
+use amalgam_recipe::{Recipe, Stages, MAX_RECIPE_BYTES};
 
 use crate::{MergeError, Result};
 
 /// Marks a directory as a stage output amalgam wrote (so a later run may
 /// reuse or replace it); a file inside it, never read as part of the model.
 const STAGE_MARKER: &str = ".amalgam-stage";
-
-/// The most a kept stage recipe (`mergekit_config.yml`) is read.
-const MAX_RECIPE_BYTES: u64 = 16 << 20;
 
 /// Where the stages of a recipe write, in run order.
 #[derive(Debug, Clone)]

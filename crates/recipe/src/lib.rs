@@ -36,6 +36,10 @@ pub use plan::{
 pub use pleas::{PleasMatching, PleasRecipe};
 pub use schema::{ModelDef, ModelRef, Params, Recipe, SliceDef, SourceDef};
 pub use stages::{Stage, Stages};
+
+/// The most bytes of a recipe file read (real ones are a few KB): a FIFO or
+/// a huge file is refused, not read.
+pub const MAX_RECIPE_BYTES: u64 = 16 << 20;
 pub use stitch::{StitchRecipe, StitchTraining};
 pub use tokenizer::{TokenRef, TokenRule, TokenSource, TokenizerSource, TokenizerSpec};
 pub use tune::{SearchSpace, TuneParam};
