@@ -380,3 +380,56 @@ fn kv_producers(
     }
     Ok(producers.into_iter().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Dropping a layer drops its entry from every per-layer list, the
+    /// ones the stacking merge rewrites (`mlp_layer_types` among them) too.
+    #[test]
+    fn dropped_layers_leave_every_per_layer_list() {
+        let llama = family::llama();
+        let layout = ModelLayout {
+            dir: PathBuf::from("m"),
+            prefix: "model.".into(),
+            text_config_key: None,
+            per_layer_blocks: vec![],
+            per_layer_width: 0,
+            kv_shared_layers_key: None,
+            ffn: FfnNames::of(llama.mlp_tensors().unwrap()),
+            ffn_widths: vec![64; 4],
+            kv_producers: vec![],
+        };
+        let config = ModelConfig::from_json(
+            json!({
+                "model_type": "llama",
+                "num_hidden_layers": 4,
+                "intermediate_size": 64,
+                "layer_types": ["a0", "a1", "a2", "a3"],
+                "mlp_layer_types": ["m0", "m1", "m2", "m3"],
+            })
+            .as_object()
+            .unwrap()
+            .clone(),
+        );
+        let out = layout
+            .rewrite_config(&config, &[0, 2, 3], &[64, 32, 64])
+            .unwrap();
+        assert_eq!(out.get("num_hidden_layers"), Some(&json!(3)));
+        assert_eq!(out.get("layer_types"), Some(&json!(["a0", "a2", "a3"])));
+        assert_eq!(out.get("mlp_layer_types"), Some(&json!(["m0", "m2", "m3"])));
+        assert_eq!(out.get("intermediate_size"), Some(&json!([64, 32, 64])));
+        let short = ModelConfig::from_json(
+            json!({"model_type": "llama", "num_hidden_layers": 4, "mlp_layer_types": ["m0"]})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        let refused = layout.rewrite_config(&short, &[0], &[64]).unwrap_err();
+        assert!(refused
+            .to_string()
+            .contains("`mlp_layer_types` has 1 entries for 4 layers"));
+    }
+}
