@@ -298,10 +298,10 @@ fn parse_part(text: &str) -> Result<(usize, usize)> {
         .split_once('/')
         .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
     match parsed {
-        Some((i, n)) if amalgam_checkpoint::parts::check_numbers(i, n).is_ok() => Ok((i, n)),
+        Some((i, n)) if amalgam_merge::split::manifest::check_numbers(i, n).is_ok() => Ok((i, n)),
         _ => Err(anyhow::anyhow!(
             "--part {text:?}: expected I/N with 1 ≤ I ≤ N ≤ {}, e.g. --part 1/4",
-            amalgam_checkpoint::parts::MAX_PARTS
+            amalgam_merge::split::manifest::MAX_PARTS
         )),
     }
 }

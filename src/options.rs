@@ -121,3 +121,58 @@ pub struct Windows {
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
 }
+
+/// How to act on `error` by a flag of this binary, where one does. The
+/// libraries say what is wrong; naming the flag that changes it is the
+/// binary's part.
+pub fn flag_hint(error: &anyhow::Error) -> Option<&'static str> {
+    error.chain().find_map(|cause| {
+        if let Some(amalgam_checkpoint::Error::OutputOccupied { .. }) = checkpoint_error(cause) {
+            return Some("pass --force to replace it");
+        }
+        match cause.downcast_ref::<amalgam_merge::MergeError>()? {
+            amalgam_merge::MergeError::NonFinite { .. } => {
+                Some("pass --allow-nonfinite to write them anyway")
+            }
+            amalgam_merge::MergeError::NoParts { .. } => Some("write them with --part I/N"),
+            _ => None,
+        }
+    })
+}
+
+/// The checkpoint error `cause` is or wraps: the libraries pass checkpoint
+/// errors on transparently, so an error chain shows their wrappers only.
+fn checkpoint_error<'a>(
+    cause: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a amalgam_checkpoint::Error> {
+    use amalgam_elastic::ElasticError;
+    use amalgam_merge::MergeError;
+    use amalgam_nn::NnError;
+    fn of_nn(error: &NnError) -> Option<&amalgam_checkpoint::Error> {
+        match error {
+            NnError::Checkpoint(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn of_elastic(error: &ElasticError) -> Option<&amalgam_checkpoint::Error> {
+        match error {
+            ElasticError::Checkpoint(e) | ElasticError::Nn(NnError::Checkpoint(e)) => Some(e),
+            ElasticError::SaveAnchor { cause, .. } => of_elastic(cause),
+            _ => None,
+        }
+    }
+    if let Some(error) = cause.downcast_ref::<amalgam_checkpoint::Error>() {
+        return Some(error);
+    }
+    if let Some(error) = cause.downcast_ref::<NnError>() {
+        return of_nn(error);
+    }
+    if let Some(error) = cause.downcast_ref::<ElasticError>() {
+        return of_elastic(error);
+    }
+    match cause.downcast_ref::<MergeError>()? {
+        MergeError::Checkpoint(e) => Some(e),
+        MergeError::Model(error) => of_nn(error),
+        _ => None,
+    }
+}

@@ -5,8 +5,8 @@
 //! promises.
 #![no_main]
 
-use amalgam_checkpoint::parts::{parse_manifest, parse_part_name, MAX_PARTS};
 use amalgam_merge::lora::AdapterConfig;
+use amalgam_merge::split::manifest::{parse_manifest, parse_part_name, MAX_PARTS};
 use amalgam_nn::scores::parse_scores;
 use libfuzzer_sys::fuzz_target;
 

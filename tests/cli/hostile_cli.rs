@@ -87,7 +87,9 @@ fn pareto_never_writes_a_plot_through_a_symlink() {
     std::os::unix::fs::symlink(&victim, &png).unwrap();
     let message = error_of(&pareto(&series, &png, &[]));
     assert!(
-        message.contains("plot.png") && message.contains("symbolic link"),
+        message.contains("plot.png")
+            && message.contains("symbolic link")
+            && message.trim_end().ends_with("(pass --force to replace it)"),
         "{message}"
     );
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
@@ -424,7 +426,10 @@ fn synth_writes_the_family_whole_and_replaces_it_only_with_force() {
         "no staging, lock or parts left"
     );
     let message = synth_fails(&out, &["--finetunes", "1"]);
-    assert!(message.contains("not empty"), "{message}");
+    assert!(
+        message.contains("exists and is not empty (pass --force to replace it)"),
+        "{message}"
+    );
     synth(&out, &["--finetunes", "0", "--force"]);
     assert_eq!(listing(&out), ["base"]);
     assert_eq!(listing(tmp.path()), ["family"]);

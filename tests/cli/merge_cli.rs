@@ -91,7 +91,7 @@ fn parts_joined_are_the_single_merge_byte_for_byte() {
     // Part 2 written with another seed is refused at the join.
     let other = merge("split/merged", &["--part", "2/3", "--seed", "6"]);
     assert!(other.status.success());
-    refused("split/merged", &["--join"], "written with another --seed");
+    refused("split/merged", &["--join"], "written with another seed");
     std::fs::remove_dir_all(parts.join("part-2-of-3")).unwrap();
     succeeds("split/merged", &["--part", "2/3"]);
     let sizes: Vec<u64> = listing(&parts)

@@ -72,8 +72,11 @@ pub enum Error {
     },
     #[error("tensor {name}: {cause}")]
     Torch { name: String, cause: tch::TchError },
-    #[error("{}: output directory exists and is not empty (pass --force to replace it)", path.display())]
-    OutputNotEmpty { path: PathBuf },
+    /// Something is where the output goes that is replaced only when the
+    /// caller asks for it (the binary's `--force`, which it names when it
+    /// reports this).
+    #[error("{}: {occupant}", path.display())]
+    OutputOccupied { path: PathBuf, occupant: Occupant },
     #[error("{}: refusing to write over input checkpoint {}", output.display(), input.display())]
     OutputOverlapsInput { output: PathBuf, input: PathBuf },
     #[error("writing {}: {message}", path.display())]
@@ -82,10 +85,26 @@ pub enum Error {
     ByteSize { text: String, message: String },
 }
 
+/// What occupies an output's place ([`Error::OutputOccupied`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Occupant {
+    #[error("output directory exists and is not empty")]
+    NonEmptyDirectory,
+    #[error("exists")]
+    File,
+    #[error("exists (a symbolic link: amalgam never writes through it, replacing it replaces the link itself)")]
+    Symlink,
+    #[error(
+        "appeared or changed while amalgam was writing it (another process?); refusing to \
+         replace what was not checked"
+    )]
+    ChangedDuringRun,
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Attaches a path to an I/O error.
-pub(crate) trait IoContext<T> {
+pub trait IoContext<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T>;
 }
 

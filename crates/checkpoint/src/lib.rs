@@ -38,7 +38,6 @@ pub mod memory;
 pub mod moe;
 mod output;
 mod output_file;
-pub mod parts;
 mod reader;
 mod seed;
 pub mod synthetic;
@@ -49,13 +48,15 @@ pub use card::{InputRecord, ModelCard};
 pub use config::ModelConfig;
 pub use copy::copy_checkpoint;
 pub use dtype::{count_nonfinite, dtype_from_kind, dtype_name, kind_from_dtype, parse_dtype};
-pub use error::{Error, Result};
-pub use files::{open_regular, read_regular, ModelDir, MAX_ADDED_TOKEN_BYTES, MAX_JSON_BYTES};
+pub use error::{Error, IoContext, Occupant, Result};
+pub use files::{
+    duplicate_key, open_regular, read_regular, ModelDir, MAX_ADDED_TOKEN_BYTES, MAX_JSON_BYTES,
+};
 pub use layout::{parse_byte_size, ShardLayout, TensorSpec, DEFAULT_SHARD_BYTES};
 pub use mapped::MappedTensor;
 pub use output::{check_output, OutputDir, ScratchDir};
 pub use output_file::{write_output_file, OutputFile};
-pub use reader::{Checkpoint, TensorEntry};
+pub use reader::{read_shard_header, Checkpoint, TensorEntry};
 pub use safetensors::Dtype;
 pub use seed::stream_seed;
 pub use verify::{config_mismatch, ConfigProblem};

@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::IoContext;
+use crate::error::{IoContext, Occupant};
 use crate::interrupt::{self, Removal};
 use crate::{Error, Result};
 
@@ -144,11 +144,9 @@ impl OutputDir {
     }
 
     fn changed_during_run(&self) -> Error {
-        Error::Write {
+        Error::OutputOccupied {
             path: self.out.clone(),
-            message: "appeared or changed while amalgam was writing it (another process?); \
-                      refusing to replace what was not checked (pass --force to replace it)"
-                .into(),
+            occupant: Occupant::ChangedDuringRun,
         }
     }
 }
@@ -249,7 +247,10 @@ fn check_replaceable(out: &Path, force: bool) -> Result<()> {
     }
     let empty = std::fs::read_dir(out).at(out)?.next().is_none();
     if !empty && !force {
-        return Err(Error::OutputNotEmpty { path: out.into() });
+        return Err(Error::OutputOccupied {
+            path: out.into(),
+            occupant: Occupant::NonEmptyDirectory,
+        });
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::IoContext;
+use crate::error::{IoContext, Occupant};
 use crate::interrupt::{self, Removal};
 use crate::output::{process_alive, rename_noreplace, sibling};
 use crate::{Error, Result};
@@ -100,12 +100,9 @@ impl OutputFile {
         if let Err(e) = renamed {
             drop(registry);
             return Err(match e.kind() {
-                std::io::ErrorKind::AlreadyExists => Error::Write {
+                std::io::ErrorKind::AlreadyExists => Error::OutputOccupied {
                     path: self.out.clone(),
-                    message: "appeared while amalgam was writing it (another process?); \
-                              refusing to replace what was not checked (pass --force to \
-                              replace it)"
-                        .into(),
+                    occupant: Occupant::ChangedDuringRun,
                 },
                 _ => Error::Io {
                     path: self.out.clone(),
@@ -225,12 +222,14 @@ fn check_replaceable(out: &Path, force: bool) -> Result<()> {
         ));
     }
     if !force {
-        return Err(refuse(if meta.file_type().is_symlink() {
-            "exists (a symbolic link; pass --force to replace the link itself — amalgam never \
-             writes through it)"
-        } else {
-            "exists (pass --force to replace it)"
-        }));
+        return Err(Error::OutputOccupied {
+            path: out.into(),
+            occupant: if meta.file_type().is_symlink() {
+                Occupant::Symlink
+            } else {
+                Occupant::File
+            },
+        });
     }
     Ok(())
 }
@@ -313,7 +312,13 @@ mod tests {
         std::fs::write(&out, "old").unwrap();
         let error = write_output_file(&out, false, &[], b"new").unwrap_err();
         assert!(
-            error.to_string().contains("exists (pass --force"),
+            matches!(
+                error,
+                Error::OutputOccupied {
+                    occupant: Occupant::File,
+                    ..
+                }
+            ),
             "{error}"
         );
         assert_eq!(std::fs::read(&out).unwrap(), b"old");

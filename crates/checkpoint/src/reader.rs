@@ -431,7 +431,7 @@ impl Checkpoint {
 pub(crate) const TRUNCATED_WHILE_READ: &str =
     "the file ended before the tensor's data: it was truncated or replaced while amalgam read it";
 
-pub(crate) type ShardHeader = (usize, safetensors::tensor::Metadata);
+pub type ShardHeader = (usize, safetensors::tensor::Metadata);
 /// Tensor name → shard file, as the index says.
 type Placement = BTreeMap<String, String>;
 
@@ -505,7 +505,7 @@ fn check_placement(placement: &Placement, index: &Path, shard: &str, tensor: &st
 
 fn open_shard(files: &ModelDir, name: &str) -> Result<(Shard, ShardHeader)> {
     let (file, path) = files.open(name)?;
-    let header = read_header(&file, &path)?;
+    let header = read_shard_header(&file, &path)?;
     Ok((
         Shard {
             name: name.into(),
@@ -518,7 +518,7 @@ fn open_shard(files: &ModelDir, name: &str) -> Result<(Shard, ShardHeader)> {
 
 /// Reads and validates a shard's header (the safetensors crate's own
 /// validation of offsets, dtypes and shapes) against the file's length.
-pub(crate) fn read_header(file: &File, path: &Path) -> Result<ShardHeader> {
+pub fn read_shard_header(file: &File, path: &Path) -> Result<ShardHeader> {
     let fail = |tensor: Option<&str>, message: String| Error::Safetensors {
         path: path.into(),
         tensor: tensor.map(str::to_owned),

@@ -346,12 +346,12 @@ impl CheckpointWriter {
         self.dir.commit()
     }
 
-    /// Completes one part of an output split across processes (see
-    /// [`crate::parts`]): checked and synced as [`Self::finish`] does, with
-    /// `manifest` as its `part.json` instead of a config, index and card.
-    pub fn finish_part(self, manifest: &[u8]) -> Result<PathBuf> {
+    /// Completes one part of an output split across processes (a split
+    /// merge's): checked and synced as [`Self::finish`] does, with `manifest`
+    /// written as `manifest_file` instead of a config, index and card.
+    pub fn finish_part(self, manifest_file: &str, manifest: &[u8]) -> Result<PathBuf> {
         self.check_and_sync()?;
-        self.write_file(crate::parts::MANIFEST, manifest)?;
+        self.write_file(manifest_file, manifest)?;
         drop((self.files, self.direct));
         self.dir.commit()
     }
@@ -506,7 +506,7 @@ mod tests {
                 scope.spawn(move || writer.write_bytes(&format!("t{i}"), bytes).unwrap());
             }
         });
-        let dir = writer.finish_part(b"{}").unwrap();
+        let dir = writer.finish_part("part.json", b"{}").unwrap();
         let file = std::fs::read(dir.join("model.safetensors")).unwrap();
         let read = safetensors::SafeTensors::deserialize(&file).unwrap();
         for (i, bytes) in data.iter().enumerate() {

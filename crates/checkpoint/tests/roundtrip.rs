@@ -173,10 +173,15 @@ fn non_empty_output_is_refused_unless_forced_and_inputs_never_overwritten() {
 
     let err = CheckpointWriter::create(&out, specs.clone(), &WriteOptions::default())
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap();
     assert!(
-        err.contains("not empty") && err.contains("--force"),
+        matches!(
+            err,
+            amalgam_checkpoint::Error::OutputOccupied {
+                occupant: amalgam_checkpoint::Occupant::NonEmptyDirectory,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(listing(&out), vec!["keep.txt"]);

@@ -24,6 +24,14 @@ pub enum MergeError {
     /// A model the forward pass cannot load or run.
     #[error(transparent)]
     Model(#[from] amalgam_nn::NnError),
+    /// NaN or ±inf values a merge made from finite inputs, which are
+    /// written only when the caller allows them (the binary's
+    /// `--allow-nonfinite`, which it names when it reports this).
+    #[error("tensor {tensor}: {message}")]
+    NonFinite { tensor: String, message: String },
+    /// A join that finds no parts to join.
+    #[error("{}: no parts", dir.display())]
+    NoParts { dir: std::path::PathBuf },
     /// A merge split across processes (`--part`, `--join`) that does not fit together.
     #[error("{0}")]
     Part(String),

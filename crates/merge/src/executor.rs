@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use amalgam_checkpoint::{kind_from_dtype, parts, CheckpointWriter, Dtype, WriteOptions};
+use amalgam_checkpoint::{kind_from_dtype, CheckpointWriter, Dtype, WriteOptions};
 use amalgam_recipe::{InputTransform, Plan, PlannedTensor, Recipe};
 use rayon::prelude::*;
 use tch::{Device, Tensor};
@@ -16,6 +16,7 @@ use tch::{Device, Tensor};
 use crate::budget::{Budget, Permit};
 use crate::job::model_id;
 use crate::source::Source;
+use crate::split::manifest;
 use crate::{MergeContext, MergeError, MergeMethod, Result};
 
 /// How a plan is executed.
@@ -240,7 +241,7 @@ impl MergeJob {
                         if let Some(digests) = digests {
                             // On the CPU here, so the writer does not move it again.
                             merged = merged.to_device(Device::Cpu);
-                            let digest = parts::tensor_digest(&merged);
+                            let digest = manifest::tensor_digest(&merged);
                             digests
                                 .lock()
                                 .expect("no panics holding it")
@@ -286,17 +287,16 @@ impl MergeJob {
                 if inputs_nonfinite > 0 {
                     format!("its inputs hold {inputs_nonfinite}")
                 } else {
-                    "--allow-nonfinite".to_owned()
+                    "allowed".to_owned()
                 }
             );
             return Ok(());
         }
-        Err(MergeError::Tensor {
+        Err(MergeError::NonFinite {
             tensor: tensor.name.clone(),
             message: format!(
                 "the merge made {nonfinite} NaN or infinite values from finite inputs{}; check \
-                 the weights (do they sum to zero under `normalize`? are they huge?), or pass \
-                 --allow-nonfinite to write them anyway",
+                 the weights (do they sum to zero under `normalize`? are they huge?)",
                 self.parameter_lines(tensor)
             ),
         })
@@ -384,4 +384,4 @@ pub(crate) fn byte_len(t: &Tensor) -> u64 {
 type Computed<'p, 'b> = (&'p PlannedTensor, Tensor, Permit<'b>);
 
 /// The digest of each tensor's bytes as computed, by name (for a part's manifest).
-pub(crate) type Digests = Mutex<std::collections::HashMap<String, parts::Digest>>;
+pub(crate) type Digests = Mutex<std::collections::HashMap<String, manifest::Digest>>;

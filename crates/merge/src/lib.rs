@@ -31,7 +31,7 @@ pub mod pleas;
 pub mod registry;
 pub mod source;
 pub mod sparsify;
-mod split;
+pub mod split;
 pub mod stages;
 pub mod stream;
 pub mod vocabulary;

@@ -7,6 +7,7 @@
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use amalgam_checkpoint::IoContext as _;
 use amalgam_recipe::{Recipe, Stages, MAX_RECIPE_BYTES};
 
 use crate::{MergeError, Result};
@@ -86,7 +87,8 @@ impl StageOutputs {
                 return Err(MergeError::Stage {
                     path: out.clone(),
                     message: format!(
-                        "refusing to write a stage output over input {} (with or without --force)",
+                        "refusing to write a stage output over input {}, even where replacing outputs \
+                         is allowed",
                         input.display()
                     ),
                 });
@@ -142,12 +144,8 @@ impl StageOutput {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&marker)
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"written by amalgam as a stage\n"))
-            .map_err(|cause| {
-                MergeError::Checkpoint(amalgam_checkpoint::Error::Io {
-                    path: marker,
-                    cause,
-                })
-            })
+            .at(&marker)
+            .map_err(MergeError::from)
     }
 }
 

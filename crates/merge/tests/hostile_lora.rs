@@ -217,8 +217,8 @@ fn finite_adapters_that_compute_nonfinite_weights_are_refused() {
             &dir,
             &[
                 &format!("{Q_PROJ}.weight"),
+                "the merge made",
                 "from finite inputs",
-                "--allow-nonfinite",
             ],
         );
         let out = tmp.path().join(format!("{name}-allowed"));

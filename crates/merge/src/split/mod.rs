@@ -5,8 +5,10 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use amalgam_checkpoint::{parts, CheckpointWriter, TensorSpec, WriteOptions};
+use amalgam_checkpoint::{CheckpointWriter, TensorSpec, WriteOptions};
 use amalgam_recipe::PlannedTensor;
+
+pub mod manifest;
 
 use crate::executor::{ExecOptions, MergeJob, MergeSummary};
 use crate::{MergeError, Result};
@@ -47,8 +49,8 @@ impl MergeJob {
     }
 
     /// Computes part `part` (1-based) of `count` (at most
-    /// [`parts::MAX_PARTS`]) into `OUT.parts/part-I-of-N/` (see
-    /// [`amalgam_checkpoint::parts`]), its manifest holding the digest of
+    /// [`manifest::MAX_PARTS`]) into `OUT.parts/part-I-of-N/` (see
+    /// [`manifest`]), its manifest holding the digest of
     /// every tensor's bytes; [`MergeJob::join`] makes the output once every
     /// part is written.
     pub fn execute_part(
@@ -59,8 +61,8 @@ impl MergeJob {
         options: &ExecOptions,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<MergeSummary> {
-        parts::check_numbers(part, count)
-            .map_err(|message| MergeError::Part(format!("--part {part}/{count}: {message}")))?;
+        manifest::check_numbers(part, count)
+            .map_err(|message| MergeError::Part(format!("part {part}/{count}: {message}")))?;
         self.output_config()?;
         let indices = self.part_tensors(part, count);
         let all_specs = self.output_specs();
@@ -71,7 +73,7 @@ impl MergeJob {
             max_shard_bytes: u64::MAX,
             ..options.write.clone()
         };
-        let dir = parts::part_dir(out, part, count);
+        let dir = manifest::part_dir(out, part, count);
         let writer = CheckpointWriter::create(&dir, specs.clone(), &write)?;
         let digests = Mutex::new(std::collections::HashMap::new());
         let accepted = self.compute_into(&writer, mine, options, progress, Some(&digests))?;
@@ -86,7 +88,7 @@ impl MergeJob {
             })
             .collect::<Vec<_>>();
         let count_tensors = tensors.len();
-        let manifest = parts::PartManifest::new(
+        let manifest = manifest::PartManifest::new(
             part,
             count,
             options.seed,
@@ -95,7 +97,7 @@ impl MergeJob {
             tensors,
             accepted,
         );
-        let out = writer.finish_part(&manifest.to_json())?;
+        let out = writer.finish_part(manifest::MANIFEST, &manifest.to_json())?;
         Ok(MergeSummary {
             out,
             tensors: count_tensors,
@@ -109,17 +111,17 @@ impl MergeJob {
     /// process would have written; removes the parts when done. Every
     /// manifest is checked before anything is written (its checksum, this
     /// recipe, one seed, the tensors the plan gives its part, and
-    /// `--allow-nonfinite` here if the part needed it), every tensor's bytes
+    /// non-finite values allowed here if the part needed them), every tensor's bytes
     /// against its manifest's digest as they are copied, and their NaN or
     /// ±inf values as a single process checks them; a join that fails
     /// leaves no output and the parts as they were.
     pub fn join(&self, out: &Path, options: &ExecOptions) -> Result<MergeSummary> {
         let config = self.output_config()?;
-        let found = parts::find_parts(out)?;
-        let parts_dir = parts::parts_dir(out);
+        let found = manifest::find_parts(out)?;
+        let parts_dir = manifest::parts_dir(out);
         let bad = |message: String| MergeError::Part(format!("{}: {message}", parts_dir.display()));
         let Some(&(_, count, _)) = found.first() else {
-            return Err(bad("no parts (write them with --part I/N)".into()));
+            return Err(MergeError::NoParts { dir: parts_dir });
         };
         // Names are checked (1 ≤ I ≤ N ≤ MAX_PARTS, no duplicates): one N and
         // N of them make the whole.
@@ -175,7 +177,7 @@ impl MergeJob {
         let mut seed = None;
         let mut manifests = vec![];
         for (part, _, dir) in &found {
-            let manifest = parts::read_manifest(dir)?;
+            let manifest = manifest::read_manifest(dir)?;
             let at = |message: &str| {
                 MergeError::Part(format!("{}: part {part}: {message}", dir.display()))
             };
@@ -189,7 +191,7 @@ impl MergeJob {
                 return Err(at("written for another recipe"));
             }
             if *seed.get_or_insert(manifest.seed) != manifest.seed {
-                return Err(at("written with another --seed than part 1"));
+                return Err(at("written with another seed than part 1"));
             }
             let mut mine = std::mem::take(&mut planned_of[part - 1]);
             let mut listed = manifest.specs();
@@ -201,11 +203,14 @@ impl MergeJob {
             if manifest.allow_nonfinite && !options.write.allow_nonfinite {
                 for name in &manifest.accepted_nonfinite {
                     if self.inputs_nonfinite(planned(name)?)? == 0 {
-                        return Err(at(&format!(
-                            "computed with --allow-nonfinite, it holds NaN or infinite values \
-                             in tensor {name} made from finite inputs; join with \
-                             --allow-nonfinite to write them"
-                        )));
+                        return Err(MergeError::NonFinite {
+                            tensor: name.clone(),
+                            message: format!(
+                                "{}: part {part}, computed allowing non-finite values, holds \
+                                 NaN or infinite values made from finite inputs",
+                                dir.display()
+                            ),
+                        });
                     }
                 }
             }
@@ -218,7 +223,7 @@ impl MergeJob {
                 .iter()
                 .map(String::as_str)
                 .collect();
-            for copied in parts::copy_part(dir, manifest, &writer)? {
+            for copied in manifest::copy_part(dir, manifest, &writer)? {
                 if copied.nonfinite == 0 {
                     continue;
                 }

@@ -1,7 +1,7 @@
 //! An output split across processes or machines (`amalgam merge --part I/N`):
 //! part I of N is a directory `OUT.parts/part-I-of-N/` holding one
 //! safetensors file with its tensors and a manifest, `part.json` (a
-//! [`PartManifest`]), written by [`crate::CheckpointWriter::finish_part`]. The
+//! [`PartManifest`]), written by [`CheckpointWriter::finish_part`]. The
 //! join copies every part's tensors into the output's own writer, which lays
 //! out and finishes the checkpoint exactly as a single process would.
 //!
@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::IoContext;
-use crate::{CheckpointWriter, Dtype, Error, Result, TensorSpec, MAX_JSON_BYTES};
+use amalgam_checkpoint::{
+    CheckpointWriter, Dtype, Error, IoContext as _, Result, TensorSpec, MAX_JSON_BYTES,
+};
 
 /// A part's manifest file.
 pub const MANIFEST: &str = "part.json";
@@ -211,7 +212,7 @@ pub fn parse_manifest(bytes: &[u8]) -> std::result::Result<PartManifest, Manifes
             )))
         }
     }
-    if let Some(key) = crate::files::duplicate_key(bytes) {
+    if let Some(key) = amalgam_checkpoint::duplicate_key(bytes) {
         return Err(invalid(format!("field `{key}` given twice")));
     }
     let manifest: PartManifest =
@@ -381,7 +382,7 @@ pub fn find_parts(out: &Path) -> Result<Vec<(usize, usize, PathBuf)>> {
 /// A part's manifest (at most [`MAX_JSON_BYTES`], checked by [`parse_manifest`]).
 pub fn read_manifest(dir: &Path) -> Result<PartManifest> {
     let path = dir.join(MANIFEST);
-    let bytes = crate::read_regular(&path, MAX_JSON_BYTES, "a part manifest")?;
+    let bytes = amalgam_checkpoint::read_regular(&path, MAX_JSON_BYTES, "a part manifest")?;
     parse_manifest(&bytes).map_err(|e| Error::Input {
         path,
         message: e.message,
@@ -412,9 +413,9 @@ pub fn copy_part(
         return Ok(vec![]);
     }
     let path = dir.join("model.safetensors");
-    let file = crate::open_regular(&path)?;
+    let file = amalgam_checkpoint::open_regular(&path)?;
     // Validated as every shard is (offsets, dtypes, the file's length).
-    let (length, metadata) = crate::reader::read_header(&file, &path)?;
+    let (length, metadata) = amalgam_checkpoint::read_shard_header(&file, &path)?;
     let data_start = 8 + length as u64;
     let fail = |tensor: &str, message: String| Error::Safetensors {
         path: path.clone(),
