@@ -3,28 +3,18 @@
 //! of stitched families — or on any text file (`--text`), tokenized with each
 //! model's own tokenizer.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use clap::Args as ClapArgs;
 
-use amalgam_checkpoint::memory::MemoryEstimate;
-use amalgam_checkpoint::{hub, kind_from_dtype, Checkpoint};
+use amalgam_checkpoint::kind_from_dtype;
 use amalgam_elastic::stitch::{Network, StitchedFamily};
 use amalgam_nn::data::{Domain, Split};
-use amalgam_nn::eval::{
-    check_vocabulary, same_tokens, score_text, try_score_windows, DomainScore, EvalOptions,
-    LanguageModel, TextOptions, Window,
-};
-use amalgam_nn::text::{TextFile, TextTokenizer, CHUNKING};
-use amalgam_nn::{Decoder, DecoderConfig, NnError};
+use amalgam_nn::eval::{DomainScore, EvalOptions, TextOptions};
+use amalgam_nn::evaluation::{corpus_domains, Evaluated, Evaluation, Material, Settings, Work};
+use amalgam_nn::text::CHUNKING;
 use amalgam_recipe::FloatDtype;
-
-/// A corpus domain's windows, under its name.
-struct Scored {
-    label: String,
-    windows: Vec<Window>,
-}
 
 /// The windows scored per corpus domain when --max-windows is not given.
 const CORPUS_WINDOWS: usize = 256;
@@ -105,7 +95,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             .collect(),
         false => args.domains.clone(),
     };
-    let domains = crate::corpus::domains(&names, split)?;
+    let domains = corpus_domains(&names, split)?;
     let seq_len = args.windows.seq_len;
     if seq_len < 2 {
         return Err(anyhow!("--seq-len must be at least 2"));
@@ -118,205 +108,45 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.stride == 0 {
         return Err(anyhow!("--stride must be at least 1"));
     }
-    let device = args.device.resolve()?;
-    let dtype = args.dtype.safetensors();
-    let options = EvalOptions {
+    let corpus = EvalOptions {
         seq_len,
         max_windows: args.max_windows.unwrap_or(CORPUS_WINDOWS),
         batch: args.windows.batch.max(1),
     };
-    let text_options = TextOptions {
-        seq_len,
-        stride: args.stride,
-        batch: options.batch,
-        max_windows: args.max_windows,
-        chunking: CHUNKING,
+    let settings = Settings {
+        text: TextOptions {
+            seq_len,
+            stride: args.stride,
+            batch: corpus.batch,
+            max_windows: args.max_windows,
+            chunking: CHUNKING,
+        },
+        device: args.device.resolve()?,
+        dtype: args.dtype.safetensors(),
+        memory_limit: args.max_memory.limit(),
+        corpus,
     };
-    // What is scored: the corpus's held-out domains, or the text files —
-    // checked whole here, read again (a stretch at a time) for each model,
-    // as their tokens depend on its tokenizer.
-    let texts = args
-        .text
-        .iter()
-        .map(|path| {
-            let label = path.display().to_string();
-            let file = TextFile::scan(path, &args.field)?;
-            if file.document_bytes == 0 {
-                return Err(anyhow!("{label}: no text to score"));
-            }
-            Ok((label, file))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let corpus: Vec<Scored> = match texts.is_empty() {
-        true => crate::corpus::windows(&domains, split, &options)?
-            .into_iter()
-            .zip(&names)
-            .map(|(windows, name)| Scored {
-                label: name.clone(),
-                windows,
-            })
-            .collect(),
-        false => Vec::new(),
+    let material = match args.text.is_empty() {
+        true => Material::corpus(&domains, split, &settings.corpus)?,
+        false => Material::texts(&args.text, &args.field)?,
     };
-    // Reading, tokenizing and holding windows of the largest text file.
-    let text_bytes = |reference: bool| {
-        texts
-            .iter()
-            .map(|(_, file)| text_options.memory_bytes(file, reference))
-            .max()
-            .unwrap_or(0)
+    let kind = kind_from_dtype(settings.dtype).expect("a float dtype");
+    let device = settings.device;
+    let mut evaluation = Evaluation::new(material, settings);
+    if let Some(reference) = &args.reference {
+        evaluation.set_reference(reference)?;
+    }
+    let bar = |name: &str| match evaluation.work() {
+        Work::Windows(n) => crate::progress::steps(n, name, quiet),
+        Work::Bytes(n) => crate::progress::bytes(n, name, quiet),
     };
-    // Windows are scored `batch` at a time.
-    let batch = options.batch;
-    let kind = kind_from_dtype(dtype).expect("a float dtype");
-    // What the reference holds while each model is scored beside it.
-    let resident = std::cell::Cell::new(0u64);
-    let load = |path: &PathBuf| -> Result<(Decoder, PathBuf)> {
-        let path = &hub::locate(&path.to_string_lossy())?;
-        let checkpoint = Checkpoint::open(path)?;
-        let config =
-            DecoderConfig::from_model_config(checkpoint.config(), &path.join("config.json"))?;
-        let model_bytes = (config.weight_bytes() / 32 * dtype.bitsize() as u64)
-            .saturating_add(config.forward_bytes(batch, seq_len));
-        let memory = MemoryEstimate::new()
-            .held("the reference model", resident.get())
-            .held("the text", text_bytes(args.reference.is_some()))
-            .phase("the model with one batch's forward pass", model_bytes);
-        args.max_memory.check(
-            &memory,
-            &format!(
-                "evaluating {} at --batch {batch} --seq-len {seq_len}",
-                path.display(),
-            ),
-        )?;
-        let model = Decoder::load_as(path, device, kind)
-            .with_context(|| format!("loading {}", path.display()))?;
-        if texts.is_empty() {
-            check_vocabulary(&model).with_context(|| path.display().to_string())?;
-        }
-        if resident.get() == 0 && args.reference.is_some() {
-            resident.set(model_bytes); // the first model loaded is the reference
-        }
-        Ok((model, path.clone()))
-    };
-    // A model's tokenizer (for text), from the directory `dir`.
-    let tokenizer_of = |dir: &Path| -> Result<Option<TextTokenizer>> {
-        if texts.is_empty() {
-            return Ok(None);
-        }
-        let tokenizer = TextTokenizer::load(dir)?;
-        if tokenizer.prefix_token().is_none() {
-            return Err(anyhow!(
-                "{}: its tokenizer names no BOS or EOS token to start a document from",
-                dir.display()
-            ));
-        }
-        Ok(Some(tokenizer))
-    };
-    let reference = args.reference.as_ref().map(load).transpose()?;
-    let reference = match reference {
-        Some((model, dir)) => {
-            let tokenizer = tokenizer_of(&dir)?;
-            Some((model, tokenizer))
-        }
-        None => None,
-    };
-    let mut results: Vec<Evaluated> = vec![];
-    let mut score = |name: String,
-                     model: &dyn LanguageModel,
-                     tokenizer: Option<&TextTokenizer>,
-                     (dir, parameters): (&Path, usize),
-                     stitched: Option<(u64, &'static str)>|
-     -> Result<()> {
-        let differ = || {
-            anyhow!(
-                "{name}: its tokenizer splits the text differently from the reference's; \
-                 --reference compares models that share a tokenizer"
-            )
-        };
-        if let Some((reference, theirs)) = &reference {
-            if reference.config.vocab_size != model.vocab_size() {
-                // Text split differently is the more telling difference.
-                if let (Some(ours), Some(theirs)) = (tokenizer, theirs) {
-                    for (_, file) in &texts {
-                        if !same_tokens(ours, theirs, file, CHUNKING)? {
-                            return Err(differ());
-                        }
-                    }
-                }
-                return Err(anyhow!(
-                    "{name}: vocabulary of {} tokens, the reference has {}",
-                    model.vocab_size(),
-                    reference.config.vocab_size
-                ));
-            }
-        }
-        let scores = match tokenizer {
-            None => {
-                let reference = reference.as_ref().map(|(r, _)| r as &dyn LanguageModel);
-                let total: usize = corpus.iter().map(|s| s.windows.len()).sum();
-                let bar = crate::progress::steps(total as u64, &name, quiet);
-                let scores = corpus
-                    .iter()
-                    .map(|s| {
-                        try_score_windows(model, reference, &s.label, &s.windows, batch, &mut |n| {
-                            bar.inc(n as u64)
-                        })
-                        .with_context(|| format!("{name}: scoring {}", s.label))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                bar.finish_and_clear();
-                scores
-            }
-            Some(tokenizer) => {
-                let reference = reference.as_ref().map(|(r, t)| {
-                    (
-                        r as &dyn LanguageModel,
-                        t.as_ref().expect("a text reference has a tokenizer"),
-                    )
-                });
-                let total = texts.iter().map(|(_, f)| f.file_bytes).sum();
-                let bar = crate::progress::bytes(total, &name, quiet);
-                let mut done = 0;
-                let mut scores = Vec::new();
-                for (label, file) in &texts {
-                    let score = score_text(
-                        model,
-                        tokenizer,
-                        reference,
-                        file,
-                        label,
-                        &text_options,
-                        &mut |read| bar.set_position(done + read),
-                    )
-                    .map_err(|e| match e {
-                        NnError::TokenizersDiffer => differ(),
-                        NnError::OutsideVocabulary { .. } => anyhow!("{}: {e}", dir.display()),
-                        e => anyhow!(e).context(format!("{name}: scoring {label}")),
-                    })?;
-                    done += file.file_bytes;
-                    scores.push(score);
-                }
-                bar.finish_and_clear();
-                scores
-            }
-        };
-        results.push(Evaluated {
-            model: name,
-            parameters,
-            stitched,
-            scores,
-        });
-        Ok(())
-    };
+    let mut results: Vec<Reported> = vec![];
     for path in &args.models {
         if StitchedFamily::is_family(path) {
             let family = StitchedFamily::load(path, device, kind)?;
             // Every network reads and writes the anchors' shared tokens.
-            if texts.is_empty() {
-                check_vocabulary(&family.anchors[0]).with_context(|| path.display().to_string())?;
-            }
-            let tokenizer = tokenizer_of(&family.dirs[0])?;
+            evaluation.check_vocabulary(&family.anchors[0], path)?;
+            let tokenizer = evaluation.tokenizer(&family.dirs[0])?;
             let names: Vec<&str> = if args.route.is_empty() {
                 family.members.iter().map(|m| m.name.as_str()).collect()
             } else {
@@ -335,19 +165,30 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                             .join(", ")
                     )
                 })?;
-                score(
-                    format!("{}#{name}", path.display()),
+                let name = format!("{}#{name}", path.display());
+                let bar = bar(&name);
+                let scores = evaluation.score(
+                    &name,
                     &family.scorer(member),
                     tokenizer.as_ref(),
-                    (&family.dirs[0], member.parameters as usize),
-                    Some((
+                    &family.dirs[0],
+                    &mut |n| bar.inc(n),
+                )?;
+                bar.finish_and_clear();
+                results.push(Reported {
+                    evaluated: Evaluated {
+                        model: name,
+                        parameters: member.parameters as usize,
+                        scores,
+                    },
+                    stitched: Some((
                         member.flops_per_token,
                         match member.network {
                             Network::Anchor(_) => "anchors",
                             Network::Stitched(..) => "stitched routes",
                         },
                     )),
-                )?;
+                });
             }
             continue;
         }
@@ -357,25 +198,22 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 path.display()
             ));
         }
-        let (model, dir) = load(path)?;
-        let tokenizer = tokenizer_of(&dir)?;
-        score(
-            path.display().to_string(),
-            &model,
-            tokenizer.as_ref(),
-            (&dir, model.config.parameter_count()),
-            None,
-        )?;
+        let bar = bar(&path.display().to_string());
+        let evaluated = evaluation.checkpoint(path, &mut |n| bar.inc(n))?;
+        bar.finish_and_clear();
+        results.push(Reported {
+            evaluated,
+            stitched: None,
+        });
     }
-    let reference = reference.map(|(model, _)| model);
     if args.json {
         let value: Vec<serde_json::Value> = results
             .iter()
             .map(|r| {
                 let mut entry = serde_json::json!({
-                    "model": r.model,
-                    "parameters": r.parameters,
-                    "domains": r.scores,
+                    "model": r.evaluated.model,
+                    "parameters": r.evaluated.parameters,
+                    "domains": r.evaluated.scores,
                 });
                 if let Some((flops, group)) = &r.stitched {
                     entry["flops_per_token"] = (*flops).into();
@@ -391,8 +229,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         print_by_model(&results);
         return Ok(());
     }
-    let compared = reference.is_some();
-    let text = !texts.is_empty();
+    let compared = evaluation.has_reference();
+    let text = evaluation.is_text();
     println!(
         "| model | {} | loss | perplexity |{} accuracy | tokens |{}",
         if text { "text" } else { "domain" },
@@ -405,10 +243,10 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         if compared { "---|---|" } else { "" }
     );
     for r in &results {
-        for s in &r.scores {
+        for s in &r.evaluated.scores {
             println!(
                 "| {} | {} | {:.4} | {:.3} |{} {:.4} | {} |{}",
-                r.model,
+                r.evaluated.model,
                 s.domain,
                 s.loss,
                 s.perplexity,
@@ -424,14 +262,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// One model's scores.
-struct Evaluated {
-    model: String,
-    parameters: usize,
+/// One model's scores, as reported.
+struct Reported {
+    evaluated: Evaluated,
     /// For the networks of a stitched family: FLOPs per token, and
     /// `anchors` or `stitched routes`.
     stitched: Option<(u64, &'static str)>,
-    scores: Vec<DomainScore>,
 }
 
 /// The agreement and KL cells, when scored against a reference.
@@ -442,13 +278,14 @@ fn consistency(s: &DomainScore) -> String {
     }
 }
 
-fn print_by_model(results: &[Evaluated]) {
+fn print_by_model(results: &[Reported]) {
     let domains: Vec<&str> = results[0]
+        .evaluated
         .scores
         .iter()
         .map(|s| s.domain.as_str())
         .collect();
-    let compared = results[0].scores[0].agreement.is_some();
+    let compared = results[0].evaluated.scores[0].agreement.is_some();
     let mut header = String::from("| model | parameters |");
     for d in &domains {
         header += &format!(" {d} loss | {d} acc |");
@@ -460,7 +297,7 @@ fn print_by_model(results: &[Evaluated]) {
         "---|---|".repeat(domains.len()),
         if compared { "---|---|" } else { "" }
     );
-    for r in results {
+    for Reported { evaluated: r, .. } in results {
         let mut row = format!("| {} | {} |", r.model, r.parameters);
         for s in &r.scores {
             row += &format!(" {:.4} | {:.4} |", s.loss, s.accuracy);

@@ -2,7 +2,6 @@
 //! One module per subcommand.
 
 mod convert;
-mod corpus;
 mod device;
 mod eval;
 mod extract;

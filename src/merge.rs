@@ -6,7 +6,7 @@ use std::time::Instant;
 use amalgam_checkpoint::{ScratchDir, WriteOptions};
 use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry::{self, Method};
-use amalgam_merge::stages::{StageOutput, StageOutputs};
+use amalgam_merge::stages::{check_stages, Placement, StageOutput, StageOutputs};
 use amalgam_merge::RunOptions;
 use amalgam_recipe::{InputTransform, Recipe, Stages};
 use anyhow::Result;
@@ -96,15 +96,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 /// if amalgam wrote it as a stage (its marker file), never an input or a
 /// directory someone else made, with or without `--force`.
 fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
-    let final_stage = stages.final_stage();
-    for stage in &stages.run_order {
-        // Unknown methods and bad inputs of the first stages fail before anything is written.
-        if let (Method::PerTensor(method), true) =
-            (registry::of_recipe(&stage.recipe)?, stage.uses.is_empty())
-        {
-            MergeJob::prepare(stage.recipe.clone(), method)?;
-        }
-    }
+    check_stages(&stages)?;
     let scratch = match (&args.intermediate_dir, args.dry_run) {
         (None, false) => Some(ScratchDir::create(&args.output)?),
         _ => None,
@@ -118,21 +110,16 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
     if !args.dry_run {
         placed.refuse_outputs_over_inputs(&stages)?;
     }
-    let (names, outputs) = (&placed.names, &placed.outputs);
     for (i, stage) in stages.run_order.into_iter().enumerate() {
-        let label = names[i].as_deref().unwrap_or("(final)");
+        let (label, out) = (placed.label(i), &placed.outputs[i]);
         let mut recipe = stage.recipe;
         placed.resolve_models(&mut recipe);
         if args.dry_run {
-            println!("stage {label} → {}", outputs[i].display());
+            println!("stage {label} → {}", out.display());
             if stage.uses.is_empty() {
-                run_stage(recipe, &outputs[i], args, args.write.force(), quiet)?;
+                run_stage(recipe, out, args, args.write.force(), quiet)?;
             } else {
-                let used: Vec<&str> = stage
-                    .uses
-                    .iter()
-                    .filter_map(|&j| names[j].as_deref())
-                    .collect();
+                let used: Vec<&str> = stage.uses.iter().map(|&j| placed.label(j)).collect();
                 println!(
                     "  uses stages {}: planned once they are written",
                     used.join(", ")
@@ -141,17 +128,9 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
             println!();
             continue;
         }
-        if i == final_stage {
-            if !quiet {
-                println!("stage {label} → {}", outputs[i].display());
-            }
-            run_stage(recipe, &outputs[i], args, args.write.force(), quiet)?;
-            continue;
-        }
-        let out = &outputs[i];
-        let written_before = match StageOutput::at(out)? {
-            StageOutput::Absent => false,
-            StageOutput::Ours { recipe: kept } if kept.as_deref() == Some(&recipe.text) => {
+        let force = match placed.placement(i, &recipe)? {
+            Placement::Final => args.write.force(),
+            Placement::Reuse => {
                 if !quiet {
                     println!(
                         "stage {label}: reusing {} (its recipe is unchanged)",
@@ -160,21 +139,15 @@ fn run_stages(stages: Stages, args: &Args, quiet: bool) -> Result<()> {
                 }
                 continue;
             }
-            StageOutput::Ours { .. } => true,
-            StageOutput::Foreign => {
-                return Err(anyhow::anyhow!(
-                    "stage `{label}`: {} exists and is not a stage output amalgam wrote; \
-                     refusing to replace it (with or without --force): name the stage \
-                     differently or choose another --intermediate-dir",
-                    out.display()
-                ))
-            }
+            Placement::Write { replace } => replace,
         };
         if !quiet {
             println!("stage {label} → {}", out.display());
         }
-        run_stage(recipe, out, args, written_before, quiet)?;
-        StageOutput::mark(out)?;
+        run_stage(recipe, out, args, force, quiet)?;
+        if i != placed.final_stage {
+            StageOutput::mark(out)?;
+        }
     }
     Ok(())
 }
@@ -218,7 +191,7 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) 
 
     let memory_budget = match &args.memory.max_memory {
         Some(size) => size.bytes,
-        None => job.default_memory_budget(threads, half_the_available_memory()),
+        None => job.default_memory_budget(threads, crate::resources::half_the_available_memory()),
     };
     if args.dry_run {
         return print_plan(&job, threads, memory_budget, args.json);
@@ -308,10 +281,6 @@ fn parse_part(text: &str) -> Result<(usize, usize)> {
 
 /// Half of MemAvailable (or 4 GB where /proc/meminfo cannot be read): the
 /// most the default budget may take.
-fn half_the_available_memory() -> u64 {
-    crate::resources::available_memory().map_or(4_000_000_000, |bytes| bytes / 2)
-}
-
 fn print_plan(job: &MergeJob, threads: usize, memory_budget: u64, json: bool) -> Result<()> {
     let plan = &job.plan;
     let specs = job.output_specs();

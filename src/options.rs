@@ -130,6 +130,9 @@ pub fn flag_hint(error: &anyhow::Error) -> Option<&'static str> {
         if let Some(amalgam_checkpoint::Error::OutputOccupied { .. }) = checkpoint_error(cause) {
             return Some("pass --force to replace it");
         }
+        if let Some(amalgam_nn::NnError::WindowTooLong { .. }) = cause.downcast_ref() {
+            return Some("pass a smaller --seq-len");
+        }
         match cause.downcast_ref::<amalgam_merge::MergeError>()? {
             amalgam_merge::MergeError::NonFinite { .. } => {
                 Some("pass --allow-nonfinite to write them anyway")
@@ -151,12 +154,14 @@ fn checkpoint_error<'a>(
     fn of_nn(error: &NnError) -> Option<&amalgam_checkpoint::Error> {
         match error {
             NnError::Checkpoint(e) => Some(e),
+            NnError::Within { cause, .. } => of_nn(cause),
             _ => None,
         }
     }
     fn of_elastic(error: &ElasticError) -> Option<&amalgam_checkpoint::Error> {
         match error {
-            ElasticError::Checkpoint(e) | ElasticError::Nn(NnError::Checkpoint(e)) => Some(e),
+            ElasticError::Checkpoint(e) => Some(e),
+            ElasticError::Nn(error) => of_nn(error),
             ElasticError::SaveAnchor { cause, .. } => of_elastic(cause),
             _ => None,
         }

@@ -1,7 +1,9 @@
 //! `amalgam tune RECIPE OUT`: searches a merge recipe's `{tune: [lo, hi]}`
 //! parameters for the lowest mean loss on the corpus' validation split.
 //! Each trial merges in memory (the merged tensors go straight into the
-//! forward pass; nothing is written) and is scored on the validation split
+//! forward pass; of a multi-stage recipe, only the stages before the last
+//! are written, to a scratch directory, and reused while their recipe is
+//! unchanged) and is scored on the validation split
 //! only, so the evaluation split stays unseen. The search is TPE (one
 //! estimator per parameter, seeded): same recipe, seed and thread count, same
 //! trials.
@@ -10,13 +12,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use amalgam_checkpoint::OutputDir;
-use amalgam_merge::executor::MergeJob;
+use amalgam_checkpoint::{OutputDir, ScratchDir, WriteOptions};
+use amalgam_merge::executor::{ExecOptions, MergeJob};
 use amalgam_merge::registry::{self, Method};
+use amalgam_merge::stages::{Placement, StageOutput, StageOutputs};
+use amalgam_merge::MergeError;
 use amalgam_nn::data::Split;
 use amalgam_nn::eval::{check_vocabulary, score_windows, EvalOptions};
+use amalgam_nn::evaluation::{corpus_domain_windows, corpus_domains};
 use amalgam_nn::{Decoder, DecoderConfig};
-use amalgam_recipe::{SearchSpace, Stages, TuneParam};
+use amalgam_recipe::{Recipe, SearchSpace, Stages, TuneParam};
 use anyhow::{anyhow, bail, Context, Result};
 use rand_tpe::{RngExt, SeedableRng};
 use tch::{Device, Tensor};
@@ -35,7 +40,8 @@ use tch::{Device, Tensor};
     The first trial takes each marker's default (the middle of its range if it has none),\n\
     so the best recipe is never worse on validation than the defaults.")]
 pub struct Args {
-    /// The recipe with tune markers (a single-stage merge recipe).
+    /// The recipe with tune markers (a merge recipe of per-tensor methods;
+    /// with several stages, markers may sit in any of them).
     recipe: PathBuf,
     /// Output directory for best.yml and trials.md (must not exist or be
     /// empty, unless --force).
@@ -141,23 +147,24 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.windows.seq_len < 2 || args.max_windows == 0 {
         bail!("--seq-len must be at least 2 and --max-windows at least 1");
     }
-    let domains = crate::corpus::domains(&args.domains, Split::Validation)?;
+    let domains = corpus_domains(&args.domains, Split::Validation)?;
     let device = args.device.resolve()?;
     let options = EvalOptions {
         seq_len: args.windows.seq_len,
         max_windows: args.max_windows,
         batch: args.windows.batch.max(1),
     };
-    let windows = crate::corpus::windows(&domains, Split::Validation, &options)?;
+    let windows = corpus_domain_windows(&domains, Split::Validation, &options)?;
     let first: Vec<f64> = space
         .params
         .iter()
         .map(|p| p.default.unwrap_or_else(|| midpoint(p.low, p.high)))
         .collect();
     // The recipe and its models are checked before the output is created.
-    let job = prepare(&space.instantiate(&first), &source)?;
-    let out = OutputDir::create(&args.output, args.replace.force, &job.input_dirs())?;
-    drop(job);
+    let inputs = check(&space.instantiate(&first), &source)?;
+    let out = OutputDir::create(&args.output, args.replace.force, &inputs)?;
+    // The stages before the final one, written as trials need them.
+    let stages = ScratchDir::create(&args.output)?;
 
     let mut optimisers: Vec<tpe::TpeOptimizer> = ranges
         .into_iter()
@@ -185,7 +192,13 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 .map(|(o, p)| ask(o, p))
                 .collect()
         };
-        let losses = match merged(&space.instantiate(&values), &source, args.seed, device)? {
+        let losses = match merged(
+            &space.instantiate(&values),
+            &source,
+            args.seed,
+            device,
+            stages.path(),
+        )? {
             Some(model) => windows
                 .iter()
                 .zip(&domains)
@@ -256,31 +269,99 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// The job of a single-stage, per-tensor recipe text.
-fn prepare(text: &str, source: &str) -> Result<MergeJob> {
-    let mut stages = Stages::parse(text, source)?;
-    if !stages.is_single() {
-        bail!("{source}: tune searches a single-stage recipe");
-    }
-    let recipe = stages.run_order.remove(0).recipe;
+/// The job of one stage's recipe, which must be a per-tensor merge.
+fn per_tensor_job(recipe: Recipe) -> Result<MergeJob> {
     match registry::of_recipe(&recipe)? {
         Method::PerTensor(method) => Ok(MergeJob::prepare(recipe, method)?),
-        Method::WholeModel(_) => Err(recipe
-            .error(
-                recipe.merge_method_at,
-                format!(
-                    "`{}` runs on whole models; tune searches per-tensor methods",
-                    recipe.merge_method
-                ),
-            )
-            .into()),
+        Method::WholeModel(_) => Err(whole_model(&recipe)),
     }
 }
 
-/// The recipe merged in memory as a model on `device`, or `None` when the
-/// merge made non-finite weights.
-fn merged(text: &str, source: &str, seed: u64, device: Device) -> Result<Option<Decoder>> {
-    let job = prepare(text, source)?;
+fn whole_model(recipe: &Recipe) -> anyhow::Error {
+    recipe
+        .error(
+            recipe.merge_method_at,
+            format!(
+                "`{}` runs on whole models; tune searches per-tensor methods",
+                recipe.merge_method
+            ),
+        )
+        .into()
+}
+
+/// A recipe text's stages, checked before anything is written: every
+/// method known and per-tensor, the stages that read no other stage
+/// prepared. Returns the input directories of those.
+fn check(text: &str, source: &str) -> Result<Vec<PathBuf>> {
+    let stages = Stages::parse(text, source)?;
+    let mut inputs = vec![];
+    for stage in stages.run_order {
+        match registry::of_recipe(&stage.recipe)? {
+            Method::WholeModel(_) => return Err(whole_model(&stage.recipe)),
+            Method::PerTensor(method) if stage.uses.is_empty() => {
+                inputs.extend(MergeJob::prepare(stage.recipe, method)?.input_dirs())
+            }
+            Method::PerTensor(_) => {}
+        }
+    }
+    Ok(inputs)
+}
+
+/// The recipe merged as a model on `device`, or `None` when a merge made
+/// non-finite weights. The final stage merges in memory (its tensors go
+/// straight into the forward pass); the stages before it are written under
+/// `stages_dir` and placed as `amalgam merge` places them, so a stage whose
+/// recipe the trial leaves unchanged is reused from an earlier trial.
+fn merged(
+    text: &str,
+    source: &str,
+    seed: u64,
+    device: Device,
+    stages_dir: &Path,
+) -> Result<Option<Decoder>> {
+    let stages = Stages::parse(text, source)?;
+    let placed = StageOutputs::new(&stages, stages_dir, Path::new("(in memory)"));
+    placed.refuse_outputs_over_inputs(&stages)?;
+    let mut last = None;
+    for (i, stage) in stages.run_order.into_iter().enumerate() {
+        let mut recipe = stage.recipe;
+        placed.resolve_models(&mut recipe);
+        let replace = match placed.placement(i, &recipe)? {
+            Placement::Final => {
+                last = Some(per_tensor_job(recipe)?);
+                continue;
+            }
+            Placement::Reuse => continue,
+            Placement::Write { replace } => replace,
+        };
+        let job = per_tensor_job(recipe)?;
+        let threads = crate::resources::threads(None);
+        let options = ExecOptions {
+            seed,
+            device: Device::Cpu,
+            threads,
+            memory_budget: job
+                .default_memory_budget(threads, crate::resources::half_the_available_memory()),
+            write: WriteOptions {
+                force: replace,
+                inputs: job.input_dirs(),
+                ..WriteOptions::default()
+            },
+        };
+        let out = &placed.outputs[i];
+        match job.execute(out, &options, &|_| {}) {
+            Err(MergeError::NonFinite { tensor, .. }) => {
+                tracing::warn!(
+                    "stage {}: {tensor}: non-finite values; the trial scores infinity",
+                    placed.label(i)
+                );
+                return Ok(None);
+            }
+            written => written?,
+        };
+        StageOutput::mark(out)?;
+    }
+    let job = last.expect("every recipe has a final stage");
     let config = DecoderConfig::from_model_config(
         &job.output_config()?,
         Path::new("(the merged model's config.json)"),

@@ -608,7 +608,7 @@ fn eval_refuses_what_has_no_window() {
         "50000".as_ref(),
     ]);
     assert!(
-        message.contains("--seq-len 50000 is longer than the prose held-out text"),
+        message.contains("a window of 50000 tokens is longer than the prose held-out text (pass a smaller --seq-len)"),
         "{message}"
     );
     for (name, contents) in [("empty.txt", ""), ("blank.jsonl", "\n  \n\n")] {

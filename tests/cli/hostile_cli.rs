@@ -269,7 +269,7 @@ fn tune_refuses_a_window_longer_than_the_validation_text() {
     let out = tmp.path().join("tuned");
     let message = error_of(&tune(&recipe, &out, &["--seq-len", "50000"]));
     assert!(
-        message.contains("--seq-len 50000 is longer than the german held-out text"),
+        message.contains("a window of 50000 tokens is longer than the german held-out text (pass a smaller --seq-len)"),
         "{message}"
     );
     assert!(!out.exists(), "no best.yml from scoring nothing");
@@ -286,7 +286,7 @@ fn tune_refuses_a_window_longer_than_the_validation_text() {
         ],
     ));
     assert!(
-        message.contains("--seq-len 50000 is longer than the german held-out text"),
+        message.contains("a window of 50000 tokens is longer than the german held-out text (pass a smaller --seq-len)"),
         "{message}"
     );
 }
@@ -319,6 +319,64 @@ fn tune_tries_a_default_at_the_high_end_of_its_range() {
     assert_eq!(table.lines().count(), 2 + 2, "{table}");
     assert!(table.lines().nth(2).unwrap().starts_with("| 0"), "{table}");
     assert!(out.join("best.yml").is_file());
+}
+
+/// A multi-stage recipe is tuned through the stage placement `merge`
+/// uses: markers in any stage, earlier stages written to a scratch directory
+/// (removed afterwards), the same trials from the same seed, and a best
+/// recipe `amalgam merge` runs as it is.
+#[test]
+fn tune_searches_a_multi_stage_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth(&tmp.path().join("m"), &["--finetunes", "2"]);
+    let m = tmp.path().join("m").display().to_string();
+    let recipe = write(
+        tmp.path(),
+        "stages.yml",
+        &format!(
+            "name: soup\nmerge_method: linear\nmodels:\n  - model: {m}/finetune-1\n    \
+             parameters: {{weight: {{tune: [0, 1]}}}}\n  - model: {m}/finetune-2\n    \
+             parameters: {{weight: 1.0}}\n---\nmerge_method: linear\nmodels:\n  - model: soup\n    \
+             parameters: {{weight: {{tune: [0.5, 1]}}}}\n  - model: {m}/base\n    \
+             parameters: {{weight: 1.0}}\n"
+        ),
+    );
+    let trials = |out: &Path| {
+        let run = tune(&recipe, out, &["--seq-len", "33", "--max-windows", "2"]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        std::fs::read_to_string(out.join("trials.md")).unwrap()
+    };
+    let out = tmp.path().join("tuned");
+    let table = trials(&out);
+    assert_eq!(table.lines().count(), 2 + 2, "{table}");
+    assert!(table.lines().next().unwrap().contains("soup"), "{table}");
+    assert_eq!(
+        trials(&tmp.path().join("again")),
+        table,
+        "same seed, same trials"
+    );
+    assert_eq!(
+        listing(tmp.path()),
+        ["again", "m", "stages.yml", "tuned"],
+        "no scratch directory left"
+    );
+    let best = out.join("best.yml");
+    assert!(std::fs::read_to_string(&best).unwrap().contains("---"));
+    let merged = tmp.path().join("merged");
+    let run = within(
+        120,
+        ["merge".as_ref(), best.as_os_str(), merged.as_os_str()],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(merged.join("config.json").is_file());
 }
 
 fn synth_fails(out: &Path, args: &[&str]) -> String {

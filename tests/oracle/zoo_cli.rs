@@ -222,7 +222,7 @@ fn eval_and_zoo_refuse_bad_arguments_by_name() {
     assert!(message.contains("unknown domain \"french\""), "{message}");
     let message = fails(["eval", "x", "--seq-len", "10000000"]);
     assert!(
-        message.contains("longer than the prose held-out text"),
+        message.contains("longer than the prose held-out text (pass a smaller --seq-len)"),
         "{message}"
     );
     let message = fails(["zoo", "build", "--size", "huge"]);

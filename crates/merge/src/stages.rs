@@ -10,7 +10,23 @@ use std::path::{Path, PathBuf};
 use amalgam_checkpoint::IoContext as _;
 use amalgam_recipe::{Recipe, Stages, MAX_RECIPE_BYTES};
 
+use crate::executor::MergeJob;
+use crate::registry::{self, Method};
 use crate::{MergeError, Result};
+
+/// Every stage's method known, and every stage that reads no other stage
+/// prepared (its models opened and planned): a multi-stage run's mistakes
+/// in its first stages show before anything is written.
+pub fn check_stages(stages: &Stages) -> Result<()> {
+    for stage in &stages.run_order {
+        if let (Method::PerTensor(method), true) =
+            (registry::of_recipe(&stage.recipe)?, stage.uses.is_empty())
+        {
+            MergeJob::prepare(stage.recipe.clone(), method)?;
+        }
+    }
+    Ok(())
+}
 
 /// Marks a directory as a stage output amalgam wrote (so a later run may
 /// reuse or replace it); a file inside it, never read as part of the model.
@@ -23,6 +39,20 @@ pub struct StageOutputs {
     pub names: Vec<Option<String>>,
     /// Each stage's output: `dir/NAME`, the final stage's `out`.
     pub outputs: Vec<PathBuf>,
+    /// The final stage's index.
+    pub final_stage: usize,
+}
+
+/// What a run does at a stage's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The final stage: the run's own output, written as the run's options say.
+    Final,
+    /// Left as it is: amalgam wrote it from this same recipe.
+    Reuse,
+    /// Written (and then marked as a stage output); `replace`: over a stage
+    /// output amalgam wrote from another recipe.
+    Write { replace: bool },
 }
 
 impl StageOutputs {
@@ -42,7 +72,11 @@ impl StageOutputs {
                 _ => out.to_path_buf(),
             })
             .collect();
-        StageOutputs { names, outputs }
+        StageOutputs {
+            names,
+            outputs,
+            final_stage,
+        }
     }
 
     /// A stage's references to other stages (`NAME`, `NAME+ADAPTER`) as
@@ -57,6 +91,39 @@ impl StageOutputs {
             let out = self.outputs[j].display().to_string();
             Some(adapter.map_or(out.clone(), |a| format!("{out}+{a}")))
         });
+    }
+
+    /// The stage `i`'s name, for messages (`(final)` for the unnamed one).
+    pub fn label(&self, i: usize) -> &str {
+        self.names[i].as_deref().unwrap_or("(final)")
+    }
+
+    /// What a run does at stage `i`'s output, to run `recipe` (references
+    /// resolved) there: an intermediate stage's output is reused when
+    /// amalgam wrote it from the same recipe, replaced when amalgam wrote it
+    /// from another, and never replaced when amalgam did not write it (an
+    /// input, a user's directory, a file, a link), whatever the options.
+    pub fn placement(&self, i: usize, recipe: &Recipe) -> Result<Placement> {
+        if i == self.final_stage {
+            return Ok(Placement::Final);
+        }
+        let out = &self.outputs[i];
+        match StageOutput::at(out)? {
+            StageOutput::Absent => Ok(Placement::Write { replace: false }),
+            StageOutput::Ours { recipe: kept } if kept.as_deref() == Some(&recipe.text) => {
+                Ok(Placement::Reuse)
+            }
+            StageOutput::Ours { .. } => Ok(Placement::Write { replace: true }),
+            StageOutput::Foreign => Err(MergeError::Stage {
+                path: out.clone(),
+                message: format!(
+                    "stage `{}`: exists and is not a stage output amalgam wrote; refusing to \
+                     replace it, even where replacing outputs is allowed: name the stage \
+                     differently or write the stages to another directory",
+                    self.label(i)
+                ),
+            }),
+        }
     }
 
     /// No stage output (the final one included) may be, hold or sit inside

@@ -15,6 +15,7 @@ pub mod data;
 mod decoder;
 mod error;
 pub mod eval;
+pub mod evaluation;
 pub mod least_squares;
 pub mod linear;
 pub mod scores;

@@ -161,7 +161,7 @@ fn is_stage_name(name: &str) -> bool {
 /// The documents of a YAML stream, split at `---` lines: (index of the
 /// document's first line, its text). Documents holding only comments and
 /// blank lines (a leading `---`, a trailing one) are skipped.
-fn documents(text: &str) -> Vec<(usize, &str)> {
+pub(crate) fn documents(text: &str) -> Vec<(usize, &str)> {
     // (first line, first byte) of each document, then the end.
     let mut starts = vec![(0, 0)];
     let mut ends = vec![];

@@ -31,13 +31,36 @@ pub struct SearchSpace {
 }
 
 impl SearchSpace {
-    /// Finds the markers of a recipe text. Markers must be flow mappings
+    /// Finds the markers of a recipe text, in every stage of a multi-stage
+    /// one (labelled `STAGE: …` there). Markers must be flow mappings
     /// (`{tune: [lo, hi]}`) with finite `lo < hi`.
     pub fn parse(text: &str, source_name: &str) -> Result<Self, RecipeError> {
-        let root = load(text, source_name)?;
         let reader = Reader { source_name };
+        let documents = crate::stages::documents(text);
+        if documents.is_empty() {
+            load(text, source_name)?; // the error an empty recipe is
+        }
+        let several = documents.len() > 1;
         let mut params = vec![];
-        find_markers(&reader, text, &root, String::new(), &mut params)?;
+        for (first_line, document) in documents {
+            // Earlier lines padded out, so positions are the file's.
+            let padding = first_line;
+            let padded = format!("{}{document}", "\n".repeat(padding));
+            let root = load(&padded, source_name)?;
+            let stage = match several {
+                true => stage_name(&root).map(|name| format!("{name}: ")),
+                false => None,
+            };
+            let mut found = vec![];
+            find_markers(&reader, &padded, &root, String::new(), &mut found)?;
+            // The document's bytes start this far into `text`.
+            let from = document.as_ptr() as usize - text.as_ptr() as usize;
+            for mut param in found {
+                param.span = param.span.start - padding + from..param.span.end - padding + from;
+                param.label = format!("{}{}", stage.as_deref().unwrap_or_default(), param.label);
+                params.push(param);
+            }
+        }
         params.sort_by_key(|p| p.span.start);
         Ok(SearchSpace {
             text: text.to_owned(),
@@ -95,6 +118,22 @@ fn find_markers(
         _ => {}
     }
     Ok(())
+}
+
+/// A stage's `name`, if its document gives one.
+fn stage_name(root: &Node<'_>) -> Option<String> {
+    let YamlData::Mapping(map) = &root.data else {
+        return None;
+    };
+    map.iter()
+        .find_map(|(key, value)| match (&key.data, &value.data) {
+            (YamlData::Value(YamlScalar::String(k)), YamlData::Value(YamlScalar::String(name)))
+                if k == "name" =>
+            {
+                Some(name.to_string())
+            }
+            _ => None,
+        })
 }
 
 fn number(reader: &Reader<'_>, node: &Node<'_>, what: &str) -> Result<f64, RecipeError> {
@@ -228,6 +267,31 @@ dtype: float32
         assert!(again.params.is_empty());
         let recipe = crate::Recipe::parse(&text, "r.yml").unwrap();
         assert_eq!(recipe.models.len(), 2);
+    }
+
+    #[test]
+    fn markers_are_found_in_every_stage() {
+        let text = "# two stages\nname: soup\nmerge_method: linear\nmodels:\n  - model: a\n    \
+                    parameters: {weight: {tune: [0, 1]}}\n---\nmerge_method: linear\nmodels:\n  \
+                    - model: soup\n    parameters: {weight: {tune: [0.5, 2], default: 1}}\n";
+        let space = SearchSpace::parse(text, "r.yml").unwrap();
+        let labels: Vec<&str> = space.params.iter().map(|p| p.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "soup: models[0].parameters.weight",
+                "models[0].parameters.weight"
+            ]
+        );
+        assert_eq!(space.params[1].at.line, 11);
+        let instantiated = space.instantiate(&[0.25, 1.5]);
+        assert_eq!(
+            instantiated,
+            text.replace("{tune: [0, 1]}", "0.25")
+                .replace("{tune: [0.5, 2], default: 1}", "1.5")
+        );
+        let stages = crate::Stages::parse(&instantiated, "r.yml").unwrap();
+        assert_eq!(stages.run_order.len(), 2);
     }
 
     #[test]
