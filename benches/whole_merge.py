@@ -24,6 +24,8 @@ and prints the tables.
     --large-layers N   with --large: Mistral-7B's tensors but N of its 32 layers, where the disk does
                        not hold the whole shape (58 GB with the output); the table says so
     --keep             keep the generated inputs (the scaling families; with --large, the 7B ones)
+    --no-scaling       leave out the scaling runs (whose inputs need 31 GB of disk), e.g. to compare
+                       two builds quickly with --compare
 """
 import argparse
 import json
@@ -201,6 +203,7 @@ def main():
     parser.add_argument("--large", action="store_true")
     parser.add_argument("--large-layers", type=int)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--no-scaling", action="store_true")
     args = parser.parse_args()
     work = os.path.join(ROOT, args.work)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -224,6 +227,7 @@ def main():
         "Reproduce: `scripts/setup.sh && cargo build --release && .venv/bin/python benches/whole_merge.py` "
         f"(this run: `--runs {args.runs}{' --skip-mergekit' if args.skip_mergekit else ''}"
         f"{f' --mergekit-runs {args.mergekit_runs}' if args.mergekit_runs else ''}"
+        f"{' --no-scaling' if args.no_scaling else ''}"
         f"{f' --compare BINARY`, BINARY = {args.compare_label}' if args.compare else '`'}).",
         "",
         "Inputs: TinyLlama-1.1B-shape BF16 checkpoints from `amalgam synth` (base + 2 fine-tunes, "
@@ -255,24 +259,25 @@ def main():
             lines.append(f"| {method} | mergekit 0.1.5 | {theirs[0]:.2f} | {theirs[3]} | {theirs[1] / GB:.2f} | {theirs[2] / GB:.2f} | {theirs[0] / floor:.1f} | |")
         print("\n".join(lines[-(2 if theirs else 1):]), flush=True)
 
-    lines += ["", "## Scaling (amalgam, ties density 0.5)", "",
-              "Each family's inputs are read once before its run (warm where the page cache holds them: "
-              "base + 8 is 19.8 GB).", "",
-              "| inputs | read GB | output GB | wall s | s per GB read | peak RSS GB | peak anon GB | dry-run estimate GB |",
-              "|---|---|---|---|---|---|---|---|"]
-    for label, name, k, extra in [("base + 2, 22 layers", "tinyllama", 2, ()),
-                                  ("base + 4, 22 layers", "tinyllama-4", 4, ()),
-                                  ("base + 8, 22 layers", "tinyllama-8", 8, ())]:
-        f = family(work, name, k, extra)
-        path = recipe(work, f"scale-{name}", "ties", f, k)
-        size = sum(os.path.getsize(x) for x in inputs_of(f, 0))
-        read = sum(os.path.getsize(x) for x in inputs_of(f, k))
-        read_all(inputs_of(f, k))
-        wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", 1)
-        lines.append(f"| {label} | {read / GB:.1f} | {size / GB:.1f} | {wall:.1f} | {wall / (read / GB):.2f} | {rss / GB:.2f} | {anon / GB:.2f} | {dry_run_estimate(path) / GB:.2f} |")
-        print(lines[-1], flush=True)
-        if k > 2 and not args.keep:
-            shutil.rmtree(f)  # 11 and 20 GB; the base + 2 family stays for the next run
+    if not args.no_scaling:
+        lines += ["", "## Scaling (amalgam, ties density 0.5)", "",
+                  "Each family's inputs are read once before its run (warm where the page cache holds them: "
+                  "base + 8 is 19.8 GB).", "",
+                  "| inputs | read GB | output GB | wall s | s per GB read | peak RSS GB | peak anon GB | dry-run estimate GB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, name, k, extra in [("base + 2, 22 layers", "tinyllama", 2, ()),
+                                      ("base + 4, 22 layers", "tinyllama-4", 4, ()),
+                                      ("base + 8, 22 layers", "tinyllama-8", 8, ())]:
+            f = family(work, name, k, extra)
+            path = recipe(work, f"scale-{name}", "ties", f, k)
+            size = sum(os.path.getsize(x) for x in inputs_of(f, 0))
+            read = sum(os.path.getsize(x) for x in inputs_of(f, k))
+            read_all(inputs_of(f, k))
+            wall, rss, anon, _ = runs(amalgam_cmd(path, f"{args.work}/out"), f"{args.work}/out", 1)
+            lines.append(f"| {label} | {read / GB:.1f} | {size / GB:.1f} | {wall:.1f} | {wall / (read / GB):.2f} | {rss / GB:.2f} | {anon / GB:.2f} | {dry_run_estimate(path) / GB:.2f} |")
+            print(lines[-1], flush=True)
+            if k > 2 and not args.keep:
+                shutil.rmtree(f)  # 11 and 20 GB; the base + 2 family stays for the next run
 
     large_json = os.path.join(ROOT, "benches", "large.json")
     if os.path.exists(large_json):

@@ -191,7 +191,7 @@ fn run_stage(recipe: Recipe, out: &Path, args: &Args, force: bool, quiet: bool) 
 
     let memory_budget = match &args.memory.max_memory {
         Some(size) => size.bytes,
-        None => job.default_memory_budget(threads, crate::resources::half_the_available_memory()),
+        None => job.default_memory_budget(threads, amalgam_merge::half_the_available_memory()),
     };
     if args.dry_run {
         return print_plan(&job, threads, memory_budget, args.json);

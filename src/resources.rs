@@ -45,17 +45,6 @@ pub fn check_address_space() -> Result<()> {
     Ok(())
 }
 
-/// `MemAvailable` from /proc/meminfo, in bytes.
-pub fn available_memory() -> Option<u64> {
-    amalgam_checkpoint::memory::available()
-}
-
-/// The default cap of a merge's memory budget: half the memory available
-/// (4 GB where that cannot be read).
-pub fn half_the_available_memory() -> u64 {
-    available_memory().map_or(4_000_000_000, |bytes| bytes / 2)
-}
-
 /// Worker threads: as asked (default: the cores), at most four per core —
 /// thousands of threads only thrash (and can exhaust the process's limits).
 pub fn threads(requested: Option<usize>) -> usize {

@@ -3,17 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use amalgam_checkpoint::memory::MemoryEstimate;
-use amalgam_checkpoint::{hub, Checkpoint, Dtype, ModelCard};
-use amalgam_elastic::stitch::{
-    calibrate, family_routes, members, save_family, training_memory, AnchorOut, AnchorParts,
-    CalibrationPlan, StitchedFamily,
-};
-use amalgam_nn::calibration::CalibrationText;
-use amalgam_nn::text::TextTokenizer;
-use amalgam_nn::{Decoder, DecoderConfig, Part};
+use amalgam_checkpoint::ModelCard;
+use amalgam_elastic::stitch::{StitchJob, StitchProgress, StitchedFamily};
 use amalgam_recipe::StitchRecipe;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use tch::Kind;
 
 /// Stitch two anchors into a family of networks (SN-Net).
@@ -129,207 +122,42 @@ fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Resul
     let text = crate::resources::read_recipe(recipe_path)?;
     let recipe = StitchRecipe::parse(&text, &recipe_path.display().to_string())?;
     let device = args.device.resolve()?;
-    let located =
-        |path: &str, at, e: String| anyhow!("{}:{at}: anchor `{path}`: {e}", recipe.source_name);
-    // Local directories, or Hub ids found in the local Hugging Face cache.
-    let dirs = recipe
-        .anchors
-        .iter()
-        .map(|(path, at)| hub::locate(path).map_err(|e| located(path, at, e.to_string())))
-        .collect::<Result<Vec<_>>>()?;
-    let mut configs = vec![];
-    let mut dtypes = vec![];
-    for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
-        let checkpoint = Checkpoint::open(dir).map_err(|e| located(path, at, e.to_string()))?;
-        let config =
-            DecoderConfig::from_model_config(checkpoint.config(), &dir.join("config.json"))
-                .map_err(|e| located(path, at, e.to_string()))?;
-        dtypes.push(checkpoint.weights_dtype());
-        configs.push(config);
-    }
-    let (second, second_at) = &recipe.anchors[1];
-    if configs[0].vocab_size != configs[1].vocab_size {
-        return Err(located(
-            second,
-            second_at,
-            format!(
-                "a vocabulary of {} tokens, the other anchor's has {}: stitched anchors share \
-                 one tokenizer",
-                configs[1].vocab_size, configs[0].vocab_size
-            ),
-        ));
-    }
-    if let (Ok(a), Ok(b)) = (TextTokenizer::load(&dirs[0]), TextTokenizer::load(&dirs[1])) {
-        if !a.same_vocabulary(&b) {
-            return Err(located(
-                second,
-                second_at,
-                "a different tokenizer from the other anchor's (tokens or ids differ): \
-                 stitched anchors share one tokenizer"
-                    .into(),
-            ));
-        }
-    }
-    // Anchors stored in BF16 compute in BF16 (so do the routes through them).
-    let kinds: Vec<Kind> = dtypes
-        .iter()
-        .map(|d| {
-            if *d == Dtype::BF16 {
-                Kind::BFloat16
-            } else {
-                Kind::Float
-            }
-        })
-        .collect();
-    let pair = [&configs[0], &configs[1]];
-    let routes = family_routes(pair.map(DecoderConfig::num_hidden_layers));
-    if routes.is_empty() {
-        return Err(anyhow!(
-            "{}: no stitch positions: each anchor needs at least two blocks",
-            recipe.source_name
-        ));
-    }
-    let plan = CalibrationPlan::new(
-        pair,
-        [kinds[0], kinds[1]],
-        routes,
-        recipe.calibration.samples,
-        recipe.calibration.seq_len,
-        recipe.calibration.batch,
-    );
-    let training = recipe
-        .train
-        .as_ref()
-        .map(|t| training_memory(pair, plan.stitch_parameters, t));
-    let estimate = plan
-        .memory
-        .clone()
-        .phase("route training", training.unwrap_or(0));
-    args.max_memory.check(&estimate, "this stitching recipe")?;
-    // Configs against the stored shapes (reading nothing but one block).
-    for ((path, at), dir) in recipe.anchors.iter().zip(&dirs) {
-        Decoder::load_part(dir, tch::Device::Cpu, Kind::Float, Some(&Part::block(0)))
-            .map_err(|e| located(path, at, e.to_string()))?;
-    }
+    let job = StitchJob::prepare(recipe, args.max_memory.limit().as_ref())?;
     if args.dry_run {
-        print_plan(&recipe, &dirs, &configs, &dtypes, &plan, &estimate);
+        print_plan(&job);
         return Ok(());
     }
-    // Before the long work: never over, into or around an anchor.
-    amalgam_checkpoint::check_output(out, args.replace.force, &dirs)?;
-    let text_source = |seed: u64| {
-        let longest = recipe
-            .train
-            .as_ref()
-            .map_or(0, |t| t.seq_len)
-            .max(recipe.calibration.seq_len);
-        let models: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
-        CalibrationText::open(
-            &recipe.calibration.source,
-            &recipe.calibration.field,
-            configs[0].vocab_size,
-            &models,
-            longest,
-            seed,
-        )
-        .map_err(|e| {
-            anyhow!(
-                "{}:{}: {e}",
-                recipe.source_name,
-                recipe.calibration.source_at
-            )
-        })
-    };
-    let batches = text_source(recipe.calibration.seed)?.batches(
-        recipe.calibration.samples,
-        recipe.calibration.batch,
-        recipe.calibration.seq_len,
-    );
-    let sources: Vec<Box<AnchorParts<'_>>> = dirs
-        .iter()
-        .zip(&kinds)
-        .map(|(dir, &kind)| -> Box<AnchorParts<'_>> {
-            Box::new(move |part: &Part| Ok(Decoder::load_part(dir, device, kind, Some(part))?))
-        })
-        .collect();
-    let bar = crate::progress::steps(plan.blocks() as u64, "calibrating stitches", quiet);
-    let stitches = calibrate(
-        &plan,
-        [sources[0].as_ref(), sources[1].as_ref()],
-        &batches,
-        recipe.ridge,
-        &mut || bar.inc(1),
-    )?;
-    bar.finish_and_clear();
-    let members = members(pair, &plan.routes, stitches);
-    let card = ModelCard {
-        title: "An anchor of a stitched family".into(),
-        summary: format!(
-            "Saved by `amalgam stitch` as an anchor of the family in this directory's parent \
-             ({} networks; see family.json).",
-            members.len()
-        ),
-        recipe: Some(recipe.text.clone()),
-        inputs: vec![],
-    };
-    let (count, members) = match &recipe.train {
-        None => {
-            let anchors = dirs
-                .iter()
-                .map(|d| AnchorOut::Checkpoint(d))
-                .collect::<Vec<_>>();
-            save_family(out, args.replace.force, &anchors, &members, &card)?;
-            (members.len(), members)
+    let mut bar = None;
+    let members = job.run(out, args.replace.force, device, &mut |event| match event {
+        StitchProgress::Calibrating { blocks } => {
+            bar = Some(crate::progress::steps(
+                blocks as u64,
+                "calibrating stitches",
+                quiet,
+            ))
         }
-        Some(train) => {
-            let anchors = recipe
-                .anchors
-                .iter()
-                .zip(&dirs)
-                .map(|((path, at), dir)| {
-                    Decoder::load(dir, device).map_err(|e| located(path, at, e.to_string()))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let mut family = StitchedFamily {
-                anchors,
-                members,
-                dirs: dirs.clone(),
-            };
-            let bar = crate::progress::steps(train.steps as u64, "training routes", quiet);
-            let losses =
-                family.train(train, &mut text_source(train.seed)?, &mut |step, loss| {
-                    bar.set_position(step as u64 + 1);
-                    if step % 10 == 0 {
-                        bar.set_message(format!("loss {loss:.3}"));
-                    }
-                })?;
-            bar.finish_and_clear();
-            let tail = &losses[losses.len().saturating_sub(20)..];
-            tracing::info!(
-                "trained the routes for {} steps; final loss {:.3}",
-                train.steps,
-                tail.iter().sum::<f64>() / tail.len().max(1) as f64
-            );
-            // Frozen anchors are copied from their checkpoints, bit for bit.
-            let anchors = family
-                .anchors
-                .iter()
-                .zip(&dirs)
-                .map(|(model, dir)| match train.anchor_lr_scale > 0.0 {
-                    true => AnchorOut::Model {
-                        model,
-                        files_from: dir,
-                    },
-                    false => AnchorOut::Checkpoint(dir),
-                })
-                .collect::<Vec<_>>();
-            save_family(out, args.replace.force, &anchors, &family.members, &card)?;
-            (family.members.len(), family.members)
+        StitchProgress::Training { steps } => {
+            bar = Some(crate::progress::steps(
+                steps as u64,
+                "training routes",
+                quiet,
+            ))
         }
-    };
+        StitchProgress::Block => bar.iter().for_each(|b| b.inc(1)),
+        StitchProgress::Step { step, loss } => {
+            if let Some(bar) = &bar {
+                bar.set_position(step as u64 + 1);
+                if step % 10 == 0 {
+                    bar.set_message(format!("loss {loss:.3}"));
+                }
+            }
+        }
+        StitchProgress::Done => bar.take().iter().for_each(|b| b.finish_and_clear()),
+    })?;
     if !quiet {
         println!(
-            "stitched {count} networks into {} in {:.1} s",
+            "stitched {} networks into {} in {:.1} s",
+            members.len(),
             out.display(),
             started.elapsed().as_secs_f64()
         );
@@ -345,14 +173,15 @@ fn run_stitch(args: &Args, recipe_path: &Path, out: &Path, quiet: bool) -> Resul
 
 /// What `--dry-run` prints: the anchors, the routes, the calibration and
 /// the peak memory by phase.
-fn print_plan(
-    recipe: &StitchRecipe,
-    dirs: &[PathBuf],
-    configs: &[DecoderConfig],
-    dtypes: &[Dtype],
-    plan: &CalibrationPlan,
-    memory: &MemoryEstimate,
-) {
+fn print_plan(job: &StitchJob) {
+    let StitchJob {
+        recipe,
+        dirs,
+        configs,
+        dtypes,
+        plan,
+        memory,
+    } = job;
     let gb = |bytes: u64| bytes as f64 / 1e9;
     for (a, ((dir, config), dtype)) in dirs.iter().zip(configs).zip(dtypes).enumerate() {
         println!(

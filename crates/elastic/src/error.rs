@@ -22,6 +22,9 @@ pub enum ElasticError {
         anchor: usize,
         cause: Box<ElasticError>,
     },
+    /// A run whose memory estimate exceeds the limit.
+    #[error("{0}")]
+    Memory(String),
     /// A stitching layer that cannot be fitted or applied.
     #[error("stitching: {0}")]
     Stitch(String),

@@ -41,6 +41,9 @@ pub enum MergeError {
         path: std::path::PathBuf,
         message: String,
     },
+    /// A tuning search that cannot run or found nothing.
+    #[error("{0}")]
+    Search(String),
     /// A run whose memory estimate exceeds the limit.
     #[error("{0}")]
     Memory(String),

@@ -34,7 +34,15 @@ pub mod sparsify;
 pub mod split;
 pub mod stages;
 pub mod stream;
+pub mod tune;
 pub mod vocabulary;
 
 pub use error::{MergeError, Result};
 pub use method::{MergeContext, MergeMethod, Progress, RunOptions, RunReport, WholeModelMethod};
+
+/// The default cap of a merge's memory budget
+/// ([`executor::MergeJob::default_memory_budget`]): half the memory
+/// available, 4 GB where that cannot be read.
+pub fn half_the_available_memory() -> u64 {
+    amalgam_checkpoint::memory::available().map_or(4_000_000_000, |bytes| bytes / 2)
+}

@@ -6,6 +6,7 @@
 
 mod calibrate;
 mod family;
+mod job;
 
 use std::ops::Range;
 
@@ -18,6 +19,7 @@ pub use family::{
     members, save_family, training_memory, AnchorOut, MemberScorer, Network, StitchedFamily,
     StitchedMember, FAMILY_FILE,
 };
+pub use job::{StitchJob, StitchProgress};
 
 /// A linear map with bias from one residual stream to another.
 #[derive(Debug)]
