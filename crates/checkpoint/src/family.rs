@@ -73,6 +73,26 @@ pub struct Family {
     pub buffers: Vec<String>,
     /// What the output check compares between `config.json` and the tensors.
     pub shapes: Shapes,
+    /// The tokenizer class transformers' `AutoTokenizer` maps this model
+    /// type to (none: it maps it to none, as for Llama).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerChoice>,
+}
+
+/// How transformers picks a model type's tokenizer class, beside the one a
+/// checkpoint's `tokenizer_config.json` names.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerChoice {
+    /// The class the model type maps to; a generic one
+    /// (`TokenizersBackend`) means the file's own pipeline, whatever class
+    /// `tokenizer_config.json` names.
+    pub class: String,
+    /// Whether the model type's class replaces the one
+    /// `tokenizer_config.json` names (transformers distrusts the published
+    /// class for these model types).
+    #[serde(default)]
+    pub overrides_config: bool,
 }
 
 /// Global tensors packing one block per layer, layer-major along an axis.

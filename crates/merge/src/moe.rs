@@ -26,6 +26,7 @@ use amalgam_checkpoint::{
     kind_from_dtype, parse_dtype, CheckpointWriter, Dtype, Finish, InputRecord, ModelCard,
     ModelConfig, TensorSpec, WriteOptions, TOKENIZER_CONFIG,
 };
+use amalgam_nn::text::TextTokenizer;
 use amalgam_nn::Decoder;
 use amalgam_recipe::{Expert, GateMode, Location, ModelRef, MoeRecipe};
 use rand::{Rng, SeedableRng};
@@ -308,9 +309,12 @@ impl<'r> Moe<'r> {
             }
             GateMode::Hidden | GateMode::CheapEmbed => {}
         }
-        let tokenizer = self.base.checkpoint.tokenizer()?.ok_or_else(|| {
-            self.at_base("the base has no tokenizer.json, which prompt-based gates need".into())
-        })?;
+        // As transformers' AutoTokenizer reads the base's tokenizer (mergekit's prompts).
+        if self.base.checkpoint.tokenizer()?.is_none() {
+            return Err(self
+                .at_base("the base has no tokenizer.json, which prompt-based gates need".into()));
+        }
+        let tokenizer = TextTokenizer::load(self.base.checkpoint.dir())?;
         let bos = self.bos_token()?;
         // Every prompt's ids, checked before any forward pass: the work is
         // bounded by the prompt count times MAX_HIDDEN_PROMPT_TOKENS.
@@ -321,17 +325,11 @@ impl<'r> Moe<'r> {
                 .enumerate()
                 .map(|(i, prompt)| {
                     let at = places.get(i).copied().unwrap_or(expert.at);
-                    let encoding =
-                        tokenizer
-                            .encode(format!("{bos}{prompt}"), false)
-                            .map_err(|e| {
-                                MergeError::Recipe(
-                                    self.recipe
-                                        .error(at, format!("cannot tokenize this prompt: {e}")),
-                                )
-                            })?;
-                    let ids: Vec<i64> =
-                        encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+                    let ids = tokenizer
+                        .encode(&format!("{bos}{prompt}"), false)
+                        .map_err(|e| {
+                            MergeError::Recipe(self.recipe.error(at, format!("this prompt: {e}")))
+                        })?;
                     if ids.is_empty() {
                         return Err(MergeError::Recipe(self.recipe.error(
                             at,

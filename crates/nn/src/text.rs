@@ -3,30 +3,346 @@
 //! hand-written BPE), so byte-level BPE, SentencePiece-style (Metaspace, byte
 //! fallback), Unigram and WordPiece tokenizers all load, and amalgam's byte
 //! tokenizer is just another one. Where transformers 5 builds a tokenizer
-//! class's pipeline itself instead of taking the file's, the same is done
-//! here, so the ids are the ones `AutoTokenizer` gives: `LlamaTokenizer` and
-//! `CodeLlamaTokenizer` drop the file's normalizer and split nothing, with a
-//! `▁` Metaspace pre-tokenizer prepending to the first piece (`legacy: false`),
-//! every piece (`legacy: true`)
-//! or none (`add_prefix_space: false`).
+//! class's pipeline itself from the file's vocabulary and merges instead of
+//! taking the file's, the same is done here, so the ids are the ones
+//! `AutoTokenizer` gives; which class that is follows transformers' rule,
+//! from `tokenizer_config.json`'s `tokenizer_class` and the model type's
+//! mapping in the family descriptions ([`Pipeline::choose`]).
 
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
-use amalgam_checkpoint::{ModelDir, TOKENIZER_CONFIG};
+use amalgam_checkpoint::{family, ModelDir, TOKENIZER_CONFIG};
 use serde_json::Value;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::{NormalizerWrapper, PreTokenizerWrapper};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{
+    ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    SplitDelimiterBehavior,
+};
 
 use crate::{NnError, Result};
 
-/// Tokenizer classes whose pipeline transformers 5 rebuilds as Llama's.
-const LLAMA_CLASSES: &[&str] = &[
-    "LlamaTokenizer",
-    "LlamaTokenizerFast",
-    "CodeLlamaTokenizer",
-    "CodeLlamaTokenizerFast",
+/// Class names that stand for a file's own pipeline (transformers'
+/// `TokenizersBackend` and its aliases), without a `Fast` suffix.
+const GENERIC_CLASSES: &[&str] = &[
+    "TokenizersBackend",
+    "PythonBackend",
+    "PreTrainedTokenizer",
+    "MistralCommonBackend",
+    "BloomTokenizer",
 ];
+
+/// Qwen2's pre-tokenizer split, as transformers' `Qwen2Tokenizer` builds it.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The tokenization pipeline a model directory gets: the file's own, or
+/// the one transformers builds for a tokenizer class from the file's
+/// vocabulary and merges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipeline {
+    /// `tokenizer.json` as it is (transformers' `TokenizersBackend`).
+    File,
+    /// No normalizer; a `▁` Metaspace prepending to the first piece
+    /// (`legacy: false`), every piece (`legacy: true`) or none
+    /// (`add_prefix_space: false`).
+    Llama,
+    /// As Llama, but `legacy` is not read; BOS always added.
+    CodeLlama,
+    /// NFC; Qwen's split, then bytes.
+    Qwen2,
+    /// Spaces as `▁`, split after each.
+    Gemma,
+    /// No normalizer; GPT-2's byte-level split.
+    Gpt2,
+    /// NFC; GPT-2's byte-level split; no special tokens added.
+    GptNeoX,
+}
+
+/// A class name without its `Fast` suffix (`LlamaTokenizerFast` is
+/// `LlamaTokenizer`'s twin).
+fn base_class(class: &str) -> &str {
+    class.strip_suffix("Fast").unwrap_or(class)
+}
+
+fn is_generic(class: &str) -> bool {
+    GENERIC_CLASSES.contains(&base_class(class))
+}
+
+impl Pipeline {
+    /// The pipeline transformers builds for `class`; `None` for the
+    /// generic classes and those it builds no pipeline of its own for here.
+    pub fn of_class(class: &str) -> Option<Pipeline> {
+        match base_class(class) {
+            "LlamaTokenizer" => Some(Pipeline::Llama),
+            "CodeLlamaTokenizer" => Some(Pipeline::CodeLlama),
+            "Qwen2Tokenizer" => Some(Pipeline::Qwen2),
+            "GemmaTokenizer" => Some(Pipeline::Gemma),
+            "GPT2Tokenizer" => Some(Pipeline::Gpt2),
+            "GPTNeoXTokenizer" => Some(Pipeline::GptNeoX),
+            _ => None,
+        }
+    }
+
+    /// The pipeline of a model directory whose `config.json` gives
+    /// `model_type` and whose `tokenizer_config.json` (else `config.json`)
+    /// names `class`, as transformers 5's `AutoTokenizer` chooses it. The
+    /// model type's mapping (its family description's `tokenizer`) decides
+    /// where it is generic (the file's own pipeline, whatever the class) or
+    /// overrides the published class; a `LlamaTokenizer` over a byte-level
+    /// file (`byte_level`) keeps the file's; otherwise the class named wins,
+    /// and the model type's class serves where none is named. The second
+    /// value is a class named that transformers may build a pipeline of its
+    /// own for and amalgam does not (the file's is used).
+    pub fn choose<'c>(
+        model_type: Option<&str>,
+        class: Option<&'c str>,
+        byte_level: bool,
+    ) -> (Pipeline, Option<&'c str>) {
+        let mapped = model_type
+            .and_then(family::by_model_type)
+            .and_then(|f| f.tokenizer.as_ref());
+        let overrides = mapped.is_some_and(|m| m.overrides_config);
+        let resolve = |name: &'c str| match Pipeline::of_class(name) {
+            Some(pipeline) => (pipeline, None),
+            None if is_generic(name) => (Pipeline::File, None),
+            None => (Pipeline::File, Some(name)),
+        };
+        if class.is_some_and(|c| base_class(c) == "LlamaTokenizer") && !overrides && byte_level {
+            return (Pipeline::File, None);
+        }
+        match (class, mapped) {
+            (Some(named), Some(mapped)) if base_class(named) != base_class(&mapped.class) => {
+                if is_generic(&mapped.class) {
+                    return (Pipeline::File, None);
+                }
+                match overrides {
+                    true => (
+                        Pipeline::of_class(&mapped.class).unwrap_or(Pipeline::File),
+                        None,
+                    ),
+                    false => resolve(named),
+                }
+            }
+            (Some(named), _) => resolve(named),
+            (None, Some(mapped)) => (
+                Pipeline::of_class(&mapped.class).unwrap_or(Pipeline::File),
+                None,
+            ),
+            (None, None) => (Pipeline::File, None),
+        }
+    }
+}
+
+/// Whether the file's pipeline works on bytes (a byte-level pre-tokenizer,
+/// post-processor or decoder), as transformers tells a byte-level file
+/// named a Llama tokenizer.
+fn is_byte_level(tokenizer: &tokenizers::Tokenizer) -> bool {
+    let byte_level = |part: Option<String>| part.is_some_and(|p| p.contains("\"ByteLevel\""));
+    byte_level(
+        tokenizer
+            .get_pre_tokenizer()
+            .and_then(|p| serde_json::to_string(p).ok()),
+    ) || byte_level(
+        tokenizer
+            .get_post_processor()
+            .and_then(|p| serde_json::to_string(p).ok()),
+    ) || byte_level(
+        tokenizer
+            .get_decoder()
+            .and_then(|p| serde_json::to_string(p).ok()),
+    )
+}
+
+/// Builds `pipeline` over the file's vocabulary and merges, as the
+/// class's constructor does: `setting(key)` reads `tokenizer_config.json`
+/// (`None`: the key is absent; `Some(None)`: it is `null`), `flag(key,
+/// default)` its booleans.
+fn rebuild(
+    tokenizer: &mut tokenizers::Tokenizer,
+    pipeline: Pipeline,
+    setting: &dyn Fn(&str) -> Option<Option<String>>,
+    flag: &dyn Fn(&str, bool) -> bool,
+    dir: &Path,
+) -> Result<()> {
+    add_special_tokens(tokenizer, pipeline, setting);
+    let invalid = |e: tokenizers::Error| NnError::Invalid(format!("{}: {e}", dir.display()));
+    let metaspace = |scheme| PreTokenizerWrapper::Metaspace(Metaspace::new('▁', scheme, false));
+    let byte_level = |use_regex| {
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            flag("add_prefix_space", false),
+            flag("trim_offsets", true),
+            use_regex,
+        ))
+    };
+    let (normalizer, pre_tokenizer, byte_fallback): (Option<NormalizerWrapper>, _, _) =
+        match pipeline {
+            Pipeline::File => return Ok(()),
+            Pipeline::Llama => {
+                let scheme = match (flag("add_prefix_space", true), flag("legacy", false)) {
+                    (false, _) => PrependScheme::Never,
+                    (true, true) => PrependScheme::Always,
+                    (true, false) => PrependScheme::First,
+                };
+                (None, metaspace(scheme), true)
+            }
+            Pipeline::CodeLlama => {
+                let scheme = match flag("add_prefix_space", true) {
+                    true => PrependScheme::First,
+                    false => PrependScheme::Never,
+                };
+                (None, metaspace(scheme), true)
+            }
+            Pipeline::Qwen2 => {
+                let split = Split::new(
+                    SplitPattern::Regex(QWEN2_SPLIT.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(invalid)?;
+                let pre = Sequence::new(vec![PreTokenizerWrapper::Split(split), byte_level(false)]);
+                (Some(NFC.into()), PreTokenizerWrapper::Sequence(pre), false)
+            }
+            Pipeline::Gemma => {
+                let spaces = Replace::new(" ", "▁").map_err(invalid)?;
+                let split = Split::new(
+                    SplitPattern::String(" ".into()),
+                    SplitDelimiterBehavior::MergedWithPrevious,
+                    false,
+                )
+                .map_err(invalid)?;
+                (Some(spaces.into()), PreTokenizerWrapper::Split(split), true)
+            }
+            Pipeline::Gpt2 => (None, byte_level(true), false),
+            Pipeline::GptNeoX => (Some(NFC.into()), byte_level(true), false),
+        };
+    tokenizer.with_normalizer(normalizer);
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    // The model is built anew from the vocabulary and merges, with the
+    // class's options (merges never skipped; an unknown token where the
+    // class names one, as `str()` of the configured one, `None` included).
+    if let ModelWrapper::BPE(bpe) = tokenizer.get_model() {
+        let mut bpe = bpe.clone();
+        bpe.ignore_merges = false;
+        bpe.byte_fallback = byte_fallback;
+        bpe.fuse_unk = byte_fallback;
+        bpe.dropout = None;
+        bpe.unk_token = match pipeline {
+            Pipeline::Gemma | Pipeline::CodeLlama => Some(match setting("unk_token") {
+                None => "<unk>".to_owned(),
+                Some(token) => token.unwrap_or_else(|| "None".to_owned()),
+            }),
+            _ => None,
+        };
+        tokenizer.with_model(bpe);
+    }
+    match pipeline {
+        Pipeline::CodeLlama => {
+            // BOS before every text, whatever the file's post-processor says.
+            let bos = special_token(pipeline, setting, "bos_token");
+            let token = bos.and_then(|t| Some((tokenizer.token_to_id(&t)?, t)));
+            let processor = token
+                .map(|(id, token)| bos_template(&token, id))
+                .transpose()
+                .map_err(|e| NnError::Invalid(format!("{}: {e}", dir.display())))?;
+            tokenizer.with_post_processor(processor);
+        }
+        Pipeline::GptNeoX => {
+            tokenizer.with_post_processor(None::<PostProcessorWrapper>);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The special tokens a tokenizer class has, in transformers' order.
+const SPECIAL_TOKENS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
+/// The class's default for the special token `key` (none for the file's own
+/// pipeline: only what the configuration names).
+fn class_default(pipeline: Pipeline, key: &str) -> Option<&'static str> {
+    match (pipeline, key) {
+        (Pipeline::Llama | Pipeline::CodeLlama, "bos_token") => Some("<s>"),
+        (Pipeline::Llama | Pipeline::CodeLlama, "eos_token") => Some("</s>"),
+        (Pipeline::Llama | Pipeline::CodeLlama | Pipeline::Gemma, "unk_token") => Some("<unk>"),
+        (Pipeline::Gemma, "bos_token") => Some("<bos>"),
+        (Pipeline::Gemma, "eos_token") => Some("<eos>"),
+        (Pipeline::Gemma, "pad_token") => Some("<pad>"),
+        (Pipeline::Gemma, "mask_token") => Some("<mask>"),
+        (Pipeline::Qwen2, "unk_token" | "eos_token" | "pad_token") => Some("<|endoftext|>"),
+        (Pipeline::Gpt2 | Pipeline::GptNeoX, "unk_token" | "bos_token" | "eos_token") => {
+            Some("<|endoftext|>")
+        }
+        (Pipeline::GptNeoX, "pad_token") => Some("<|padding|>"),
+        _ => None,
+    }
+}
+
+/// The special token `key` of the tokenizer: the configuration's (`null`:
+/// none), else the class's default.
+fn special_token(
+    pipeline: Pipeline,
+    setting: &dyn Fn(&str) -> Option<Option<String>>,
+    key: &str,
+) -> Option<String> {
+    match setting(key) {
+        Some(token) => token,
+        None => class_default(pipeline, key).map(str::to_owned),
+    }
+}
+
+/// Adds the special tokens the vocabulary lacks, as transformers registers
+/// them (each a special added token, new ids in order): the class's, and
+/// CodeLlama's infilling tokens after them.
+fn add_special_tokens(
+    tokenizer: &mut tokenizers::Tokenizer,
+    pipeline: Pipeline,
+    setting: &dyn Fn(&str) -> Option<Option<String>>,
+) {
+    let mut tokens: Vec<String> = SPECIAL_TOKENS
+        .iter()
+        .filter_map(|key| special_token(pipeline, setting, key))
+        .collect();
+    if pipeline == Pipeline::CodeLlama {
+        for (key, default) in [
+            ("prefix_token", "▁<PRE>"),
+            ("middle_token", "▁<MID>"),
+            ("suffix_token", "▁<SUF>"),
+            ("eot_token", "▁<EOT>"),
+            ("fill_token", "<FILL_ME>"),
+        ] {
+            tokens.extend(setting(key).unwrap_or_else(|| Some(default.to_owned())));
+        }
+    }
+    for token in tokens {
+        if tokenizer.token_to_id(&token).is_none() {
+            tokenizer.add_special_tokens(&[tokenizers::AddedToken::from(token, true)]);
+        }
+    }
+}
+
+/// A post-processor putting the BOS `token` (`id`) before every text.
+fn bos_template(token: &str, id: u32) -> std::result::Result<TemplateProcessing, String> {
+    TemplateProcessing::builder()
+        .try_single(format!("{token} $A"))?
+        .try_pair(format!("{token} $A {token} $B:1"))?
+        .special_tokens(vec![(token.to_owned(), id)])
+        .build()
+        .map_err(|e| e.to_string())
+}
 
 /// A model's tokenizer.
 pub struct TextTokenizer {
@@ -51,30 +367,41 @@ impl TextTokenizer {
             true => files.json_object(TOKENIZER_CONFIG)?,
             false => Default::default(),
         };
-        // A special token is named as a string or as an added-token object.
-        let special = |key: &str| {
-            let token = config.get(key)?;
-            let text = token
-                .as_str()
-                .or_else(|| token.get("content").and_then(Value::as_str))?;
-            tokenizer.token_to_id(text).map(i64::from)
+        let model_config = match files.has("config.json") {
+            true => files.json_object("config.json")?,
+            false => Default::default(),
         };
-        let prefix = special("bos_token").or_else(|| special("eos_token"));
-        let class = config.get("tokenizer_class").and_then(Value::as_str);
-        if class.is_some_and(|c| LLAMA_CLASSES.contains(&c)) {
-            let flag = |key: &str, default: bool| {
-                config.get(key).and_then(Value::as_bool).unwrap_or(default)
-            };
-            let scheme = match (flag("add_prefix_space", true), flag("legacy", false)) {
-                (false, _) => PrependScheme::Never,
-                (true, true) => PrependScheme::Always,
-                (true, false) => PrependScheme::First,
-            };
-            tokenizer.with_normalizer(None::<NormalizerWrapper>);
-            tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(Metaspace::new(
-                '▁', scheme, false,
-            ))));
+        let class = config
+            .get("tokenizer_class")
+            .or_else(|| model_config.get("tokenizer_class"))
+            .and_then(Value::as_str);
+        let model_type = model_config.get("model_type").and_then(Value::as_str);
+        let (pipeline, unknown) = Pipeline::choose(model_type, class, is_byte_level(&tokenizer));
+        if let Some(class) = unknown {
+            tracing::warn!(
+                "{}: tokenizer class {class}: transformers may build a pipeline of its own for \
+                 it, which amalgam does not; tokenizer.json's is used as it is",
+                dir.display()
+            );
         }
+        let flag =
+            |key: &str, default: bool| config.get(key).and_then(Value::as_bool).unwrap_or(default);
+        // A special token is named as a string or as an added-token object.
+        let setting = |key: &str| -> Option<Option<String>> {
+            let token = config.get(key)?;
+            Some(
+                token
+                    .as_str()
+                    .or_else(|| token.get("content").and_then(Value::as_str))
+                    .map(str::to_owned),
+            )
+        };
+        rebuild(&mut tokenizer, pipeline, &setting, &flag, dir)?;
+        // The class's BOS (its default where the configuration names none), else EOS.
+        let prefix = ["bos_token", "eos_token"].iter().find_map(|key| {
+            let token = special_token(pipeline, &setting, key)?;
+            tokenizer.token_to_id(&token).map(i64::from)
+        });
         // transformers never truncates or pads unless asked; a file's own
         // settings would cut documents short (and each piece of a streamed one).
         tokenizer
@@ -689,4 +1016,62 @@ fn continuation(
         && wider.len() - j >= shared
         && wider[j..j + shared] == pending[..shared])
         .then_some(j)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The classes AutoTokenizer picked in the oracle tier's folders
+    /// (tests/oracle/real_tokenizers.rs), as the rule gives them.
+    #[test]
+    fn the_pipeline_follows_the_model_type_and_the_class() {
+        use Pipeline::*;
+        for (model_type, class, byte_level, expected) in [
+            // A generic mapping keeps the file's pipeline, whatever is named.
+            (Some("mistral"), Some("LlamaTokenizerFast"), false, File),
+            (Some("phi3"), Some("LlamaTokenizer"), false, File),
+            // A distrusted published class: the model type's wins.
+            (Some("qwen2"), Some("LlamaTokenizerFast"), false, Qwen2),
+            (Some("qwen2"), Some("PreTrainedTokenizerFast"), false, Qwen2),
+            // Otherwise the class named wins, generic meaning the file's.
+            (Some("qwen3"), Some("PreTrainedTokenizerFast"), false, File),
+            (
+                Some("gemma3_text"),
+                Some("LlamaTokenizerFast"),
+                false,
+                Llama,
+            ),
+            (
+                Some("llama"),
+                Some("CodeLlamaTokenizerFast"),
+                false,
+                CodeLlama,
+            ),
+            (None, Some("GPTNeoXTokenizerFast"), true, GptNeoX),
+            // A Llama class over a byte-level file keeps the file's.
+            (Some("llama"), Some("LlamaTokenizerFast"), true, File),
+            // No class named: the model type's, none for Llama.
+            (Some("qwen3_moe"), None, true, Qwen2),
+            (Some("starcoder2"), None, true, Gpt2),
+            (Some("llama"), None, false, File),
+            (
+                Some("not_a_model_type"),
+                Some("GemmaTokenizer"),
+                false,
+                Gemma,
+            ),
+        ] {
+            assert_eq!(
+                Pipeline::choose(model_type, class, byte_level),
+                (expected, None),
+                "{model_type:?} {class:?}"
+            );
+        }
+        // A class amalgam builds no pipeline for is named.
+        assert_eq!(
+            Pipeline::choose(Some("llama"), Some("T5TokenizerFast"), false),
+            (File, Some("T5TokenizerFast"))
+        );
+    }
 }

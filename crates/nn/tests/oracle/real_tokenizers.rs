@@ -130,3 +130,199 @@ fn special_token_flags_follow_transformers() {
         }
     }
 }
+
+/// Text tokenizers get wrong: whitespace runs at either end and inside,
+/// tabs, CRLF, literal special tokens and `▁`, CJK, emoji with joiners,
+/// decomposed accents, right-to-left text, digit runs.
+const HOSTILE: &[&str] = &[
+    " leading space",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "   ",
+    "x",
+    "                                 x",
+    "tabs\tand\t\ttabs",
+    "crlf\r\nlines\r\n\r\n",
+    "<s> literal </s> specials <unk> <|endoftext|> <|begin_of_text|> <bos> <|im_start|>",
+    "<s>glued</s>",
+    "▁literal ▁▁ underline",
+    "日本語のテキストと中文和한국어",
+    "family 👨‍👩‍👧‍👦 and 🏳️‍🌈 flags 👍🏽",
+    "cafe\u{301} nai\u{308}ve A\u{30a}ngstro\u{308}m",
+    "العربية עברית mixed with English",
+    "12345 and 3.14159 and 1,000,000",
+    "def f(x):\n    return x ** 2  # comment",
+    "",
+];
+
+/// The real tokenizers in model folders of every described family (and of
+/// none, and of a model type transformers does not know), named by their
+/// own class, by none, by the generic class and by other classes: the
+/// pipeline each folder gets (the model type's mapping in the family
+/// descriptions, the class named, a byte-level file) encodes the hostile
+/// strings to exactly AutoTokenizer's ids, with and without special tokens.
+#[test]
+fn tokenizers_follow_the_model_type_as_transformers_does() {
+    let model_types: Vec<Option<String>> = amalgam_checkpoint::family::families()
+        .iter()
+        .map(|f| Some(f.model_type.clone()))
+        .chain([None, Some("not_a_model_type".into())])
+        .collect();
+    // (tokenizer, class variants): `None` removes the class, an edit of
+    // tokenizer_config.json otherwise.
+    let own = |_: &mut serde_json::Value| {};
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let class =
+        |name: &'static str| -> Edit { Box::new(move |c| c["tokenizer_class"] = name.into()) };
+    let variants: Vec<(&str, Vec<(&str, Edit)>)> = vec![
+        (
+            "llama2",
+            vec![
+                ("own", Box::new(own)),
+                (
+                    "none",
+                    Box::new(|c| drop(c.as_object_mut().unwrap().remove("tokenizer_class"))),
+                ),
+                ("generic", class("PreTrainedTokenizerFast")),
+                ("codellama", class("CodeLlamaTokenizerFast")),
+                ("not-legacy", Box::new(|c| c["legacy"] = false.into())),
+                (
+                    "no-prefix",
+                    Box::new(|c| c["add_prefix_space"] = false.into()),
+                ),
+            ],
+        ),
+        (
+            "llama3",
+            vec![
+                ("own", Box::new(own)),
+                ("llama", class("LlamaTokenizerFast")),
+                ("gpt2", class("GPT2Tokenizer")),
+                ("neox", class("GPTNeoXTokenizerFast")),
+                ("qwen2", class("Qwen2TokenizerFast")),
+            ],
+        ),
+        (
+            "qwen3",
+            vec![
+                ("own", Box::new(own)),
+                (
+                    "none",
+                    Box::new(|c| drop(c.as_object_mut().unwrap().remove("tokenizer_class"))),
+                ),
+                ("generic", class("PreTrainedTokenizerFast")),
+            ],
+        ),
+        ("gemma3", vec![("own", Box::new(own))]),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs = vec![];
+    for (name, edits) in &variants {
+        let source = root().join(".cache/tokenizers").join(name);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(source.join("tokenizer_config.json")).unwrap())
+                .unwrap();
+        for (label, edit) in edits {
+            // Every model type for a tokenizer's own class; the class
+            // variants where the rule can tell them apart.
+            let types: Vec<&Option<String>> = match *label {
+                "own" => model_types.iter().collect(),
+                _ => model_types
+                    .iter()
+                    .filter(|t| {
+                        matches!(
+                            t.as_deref(),
+                            None | Some(
+                                "llama"
+                                    | "mistral"
+                                    | "phi3"
+                                    | "qwen2"
+                                    | "qwen3"
+                                    | "gemma3_text"
+                                    | "gpt_neox"
+                                    | "starcoder2"
+                            )
+                        )
+                    })
+                    .collect(),
+            };
+            for model_type in types {
+                let dir = tmp.path().join(format!(
+                    "{name}-{label}-{}",
+                    model_type.as_deref().unwrap_or("no-config")
+                ));
+                std::fs::create_dir(&dir).unwrap();
+                std::fs::copy(source.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+                let mut edited = config.clone();
+                edit(&mut edited);
+                std::fs::write(
+                    dir.join("tokenizer_config.json"),
+                    serde_json::to_vec(&edited).unwrap(),
+                )
+                .unwrap();
+                if let Some(model_type) = model_type {
+                    std::fs::write(
+                        dir.join("config.json"),
+                        serde_json::json!({ "model_type": model_type }).to_string(),
+                    )
+                    .unwrap();
+                }
+                dirs.push(dir);
+            }
+        }
+    }
+    let texts: Vec<String> = HOSTILE.iter().map(|t| t.to_string()).collect();
+    let spec = tmp.path().join("spec.json");
+    std::fs::write(
+        &spec,
+        serde_json::to_vec(&serde_json::json!({ "dirs": dirs, "texts": texts })).unwrap(),
+    )
+    .unwrap();
+    let expected = python_json("tests/oracles/hf_tokenize_dirs.py", &[spec.as_os_str()]);
+    let mut wrong = vec![];
+    let mut compared = 0;
+    for dir in &dirs {
+        let theirs = &expected[dir.to_str().unwrap()];
+        let ours = TextTokenizer::load(dir).unwrap();
+        for (special, key) in [(true, "with"), (false, "without")] {
+            for (text, ids) in texts.iter().zip(theirs[key].as_array().unwrap()) {
+                let ids: Vec<i64> = serde_json::from_value(ids.clone()).unwrap();
+                compared += 1;
+                if ours.encode(text, special).unwrap() != ids {
+                    wrong.push(format!(
+                        "{} ({}), special tokens {special}: {text:?}",
+                        dir.file_name().unwrap().to_string_lossy(),
+                        theirs["class"]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {compared} encodings differ from AutoTokenizer's:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    eprintln!("{} folders, {compared} encodings, identical", dirs.len());
+}
+
+/// Each family description's `tokenizer` is transformers' own mapping for
+/// its model type (the class, and whether it replaces the published one).
+#[test]
+fn family_descriptions_map_tokenizers_as_transformers_does() {
+    let families = amalgam_checkpoint::family::families();
+    let types: Vec<&str> = families.iter().map(|f| f.model_type.as_str()).collect();
+    let theirs = python_json("tests/oracles/hf_tokenizer_mapping.py", &types);
+    for family in families {
+        let expected = &theirs[&family.model_type];
+        let ours = family.tokenizer.as_ref().map(
+            |t| serde_json::json!({ "class": t.class, "overrides_config": t.overrides_config }),
+        );
+        let expected = match expected["class"].is_null() {
+            true => None,
+            false => Some(expected.clone()),
+        };
+        assert_eq!(ours, expected, "{}", family.model_type);
+    }
+}
