@@ -61,12 +61,20 @@ pub(crate) fn registry() -> MutexGuard<'static, Registry> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub(crate) fn register(path: &Path, removal: Removal) -> u64 {
+/// Creates what `create` makes at `path` and registers it for removal on
+/// an interrupt, with the registry held throughout: no interrupt cleanup
+/// runs between the two (one that did would leave it behind, unsaid).
+pub(crate) fn create_registered<T, E>(
+    path: &Path,
+    removal: Removal,
+    create: impl FnOnce() -> Result<T, E>,
+) -> Result<(T, u64), E> {
     let mut registry = registry();
+    let made = create()?;
     registry.next += 1;
     let id = registry.next;
     registry.entries.push((id, path.to_path_buf(), removal));
-    id
+    Ok((made, id))
 }
 
 /// Installs the interrupt cleanup. Call it before any other thread starts

@@ -56,22 +56,25 @@ impl OutputDir {
         };
         // From here on, Drop undoes what was created.
         for parent in missing {
-            std::fs::create_dir(&parent).at(&parent)?;
-            dir.registered
-                .push(interrupt::register(&parent, Removal::EmptyDir));
+            let ((), id) = interrupt::create_registered(&parent, Removal::EmptyDir, || {
+                std::fs::create_dir(&parent).at(&parent)
+            })?;
+            dir.registered.push(id);
             dir.created.push(parent);
         }
-        let lock = Lock::acquire(&dir.out)?;
-        dir.registered
-            .push(interrupt::register(&lock.path, Removal::File));
+        let (lock, id) = interrupt::create_registered(&lock_path(&dir.out), Removal::File, || {
+            Lock::acquire(&dir.out)
+        })?;
+        dir.registered.push(id);
         dir.lock = Some(lock);
         remove_stale_siblings(&dir.out)?;
         // Under the lock, again: the output may have changed since the check.
         check_replaceable(&dir.out, force)?;
         dir.found_empty_dir = dir.out.is_dir();
-        std::fs::create_dir(&dir.staging).at(&dir.staging)?;
-        dir.registered
-            .push(interrupt::register(&dir.staging, Removal::Tree));
+        let ((), id) = interrupt::create_registered(&dir.staging, Removal::Tree, || {
+            std::fs::create_dir(&dir.staging).at(&dir.staging)
+        })?;
+        dir.registered.push(id);
         Ok(dir)
     }
 
@@ -313,11 +316,12 @@ impl ScratchDir {
             None => sibling(&std::env::temp_dir().join("amalgam"), STAGES),
         };
         // Private: in a shared temporary directory no one else may plant files in it.
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .at(&path)?;
-        let registration = interrupt::register(&path, Removal::Tree);
+        let ((), registration) = interrupt::create_registered(&path, Removal::Tree, || {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .at(&path)
+        })?;
         Ok(Self { path, registration })
     }
 
@@ -507,9 +511,14 @@ struct Lock {
     file: File,
 }
 
+/// The lock file of the output `out`.
+fn lock_path(out: &Path) -> PathBuf {
+    out.with_file_name(format!("{}lock", sibling_prefix(out)))
+}
+
 impl Lock {
     fn acquire(out: &Path) -> Result<Self> {
-        let path = out.with_file_name(format!("{}lock", sibling_prefix(out)));
+        let path = lock_path(out);
         loop {
             let created = std::fs::OpenOptions::new()
                 .read(true)

@@ -50,22 +50,15 @@ impl OutputFile {
         check_replaceable(&out, force)?;
         remove_stale_temporaries(&out);
         let temp = sibling(&out, PURPOSE);
-        // Registered before it exists, so that no interrupt falls between
-        // creating it and registering it.
-        let registration = interrupt::register(&temp, Removal::File);
-        let created = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o666)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&temp);
-        let file = match created {
-            Ok(file) => file,
-            Err(e) => {
-                interrupt::registry().forget(registration);
-                return Err(e).at(&temp);
-            }
-        };
+        let (file, registration) = interrupt::create_registered(&temp, Removal::File, || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o666)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&temp)
+                .at(&temp)
+        })?;
         Ok(Self {
             out,
             temp,
