@@ -42,11 +42,17 @@ pub struct Args {
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let text = crate::resources::read_recipe(&args.config)?;
-    let recipe = MoeRecipe::parse(
-        &text,
-        &args.config.display().to_string(),
-        args.allow_identical_experts,
-    )?;
+    let recipe = MoeRecipe::parse(&text, &args.config.display().to_string())?;
+    if recipe.identical_experts() && !args.allow_identical_experts {
+        return Err(recipe
+            .error(
+                recipe.experts_at,
+                "every expert is the same model: the mixture would cost more and compute the \
+                 same (pass --allow-identical-experts to build it anyway, e.g. to train it \
+                 further)",
+            )
+            .into());
+    }
     let moe = Moe::open(&recipe)?;
     if args.dry_run {
         println!(

@@ -349,3 +349,38 @@ fn help_lists_the_commands_by_group() {
         .unwrap();
     assert_eq!(stdout(&result), help);
 }
+
+/// Experts that are all one model are refused at the recipe's `experts`
+/// line, the binary naming the flag that builds them anyway; with it, the
+/// mixture is built.
+#[test]
+fn identical_experts_need_their_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let family = tmp.path().join("m");
+    synth(&family, &["--finetunes", "1"]);
+    let config = write_recipe(
+        tmp.path(),
+        "moe.yml",
+        &format!(
+            "base_model: {0}/base\ngate_mode: random\nexperts:\n  - source_model: {0}/finetune-1\n  \
+             - source_model: {0}/finetune-1\n",
+            family.display()
+        ),
+    );
+    let out = tmp.path().join("moe");
+    let message = fails(["moe".as_ref(), config.as_os_str(), out.as_os_str()]);
+    assert!(
+        message.contains("moe.yml:3:")
+            && message.contains("every expert is the same model")
+            && message.contains("(pass --allow-identical-experts"),
+        "{message}"
+    );
+    assert!(!out.exists());
+    ok([
+        "moe".as_ref(),
+        config.as_os_str(),
+        out.as_os_str(),
+        "--allow-identical-experts".as_ref(),
+    ]);
+    assert!(out.join("config.json").is_file());
+}

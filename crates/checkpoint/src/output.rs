@@ -415,8 +415,8 @@ fn remove_stale_siblings(out: &Path) -> Result<()> {
                 if std::fs::symlink_metadata(out).is_err() {
                     std::fs::rename(old.previous(), out).at(&path)?;
                     tracing::warn!(
-                        "restored {} from {}: a run with --force (process {pid}) was killed \
-                         while replacing it",
+                        "restored {} from {}: a run (process {pid}) was killed while replacing \
+                         it",
                         out.display(),
                         path.display()
                     );

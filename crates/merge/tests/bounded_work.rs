@@ -144,7 +144,7 @@ fn hidden_state_gates_refuse_prompts_beyond_the_token_limit() {
         )
     };
     let gates = |prompt: &str| {
-        let recipe = MoeRecipe::parse(&config(prompt), "moe.yml", false).unwrap();
+        let recipe = MoeRecipe::parse(&config(prompt), "moe.yml").unwrap();
         let moe = Moe::open(&recipe).unwrap();
         moe.gates(0).map(|g| g.size()).map_err(|e| e.to_string())
     };

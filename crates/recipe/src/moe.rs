@@ -81,6 +81,8 @@ pub struct MoeRecipe {
     /// there is a shared expert.
     pub architecture: Option<(String, Location)>,
     pub at: Location,
+    /// Where the experts are listed.
+    pub experts_at: Location,
 }
 
 /// The outputs `amalgam moe` writes, by mergekit's names (lowercase).
@@ -97,13 +99,20 @@ const KEYS: &[&str] = &[
 ];
 
 impl MoeRecipe {
-    /// Parses and checks a config; `allow_identical` accepts experts that are
-    /// all one model (useful only as a start for training, as mergekit says).
-    pub fn parse(
-        text: &str,
-        source_name: &str,
-        allow_identical: bool,
-    ) -> Result<Self, RecipeError> {
+    /// Whether every expert is the same model: a mixture that costs more and
+    /// computes the same (useful only as a start for training, as mergekit
+    /// says; callers refuse it unless asked).
+    pub fn identical_experts(&self) -> bool {
+        self.experts.len() > 1
+            && self
+                .experts
+                .iter()
+                .all(|e| e.model.path == self.experts[0].model.path)
+    }
+
+    /// Parses and checks a config (experts that are all one model are
+    /// accepted here: see [`MoeRecipe::identical_experts`]).
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, RecipeError> {
         let reader = Reader { source_name };
         let root = load(text, source_name)?;
         let at = location(&root);
@@ -198,18 +207,6 @@ impl MoeRecipe {
                 ));
             }
         }
-        if !allow_identical
-            && experts.len() > 1
-            && experts
-                .iter()
-                .all(|e| e.model.path == experts[0].model.path)
-        {
-            return Err(reader.error(
-                experts_at,
-                "every expert is the same model: the mixture would cost more and compute the same \
-                 (pass --allow-identical-experts to build it anyway, e.g. to train it further)",
-            ));
-        }
         Ok(Self {
             source_name: source_name.into(),
             text: text.into(),
@@ -221,6 +218,7 @@ impl MoeRecipe {
             shared_experts,
             architecture,
             at,
+            experts_at,
         })
     }
 
@@ -328,9 +326,7 @@ mod tests {
                        - source_model: y\n    positive_prompts: [prose]\n";
 
     fn err(text: &str) -> String {
-        MoeRecipe::parse(text, "m.yml", false)
-            .unwrap_err()
-            .to_string()
+        MoeRecipe::parse(text, "m.yml").unwrap_err().to_string()
     }
 
     #[test]
@@ -338,7 +334,6 @@ mod tests {
         let recipe = MoeRecipe::parse(
             &format!("{TWO}gate_mode: cheap_embed\ndtype: bfloat16\n"),
             "m.yml",
-            false,
         )
         .unwrap();
         assert_eq!(recipe.experts.len(), 2);
@@ -355,8 +350,7 @@ mod tests {
             ("fp16", "float16"),
             ("F32", "float32"),
         ] {
-            let recipe =
-                MoeRecipe::parse(&format!("{TWO}dtype: {written}\n"), "m.yml", false).unwrap();
+            let recipe = MoeRecipe::parse(&format!("{TWO}dtype: {written}\n"), "m.yml").unwrap();
             assert_eq!(recipe.dtype.as_deref(), Some(name), "{written}");
         }
         let error = err(&format!("{TWO}dtype: int8\n"));
@@ -383,12 +377,12 @@ mod tests {
             "{}",
             err(no_prompts)
         );
-        assert!(
-            MoeRecipe::parse(&format!("{no_prompts}gate_mode: random\n"), "m.yml", false).is_ok()
-        );
+        assert!(MoeRecipe::parse(&format!("{no_prompts}gate_mode: random\n"), "m.yml").is_ok());
         let same = TWO.replace("source_model: y", "source_model: x");
-        assert!(err(&same).contains("--allow-identical-experts"));
-        assert!(MoeRecipe::parse(&same, "m.yml", true).is_ok());
+        assert!(MoeRecipe::parse(&same, "m.yml")
+            .unwrap()
+            .identical_experts());
+        assert!(!MoeRecipe::parse(TWO, "m.yml").unwrap().identical_experts());
     }
 
     /// A prompt of megabytes (3 MB took minutes and gigabytes through the
@@ -406,7 +400,7 @@ mod tests {
             &message[..200.min(message.len())]
         );
         let at_limit = TWO.replace("[prose]", &format!("[{}]", "x".repeat(MAX_PROMPT_BYTES)));
-        let recipe = MoeRecipe::parse(&at_limit, "m.yml", false).unwrap();
+        let recipe = MoeRecipe::parse(&at_limit, "m.yml").unwrap();
         assert_eq!(
             recipe.experts[1].positive_prompts[0].len(),
             MAX_PROMPT_BYTES
@@ -420,12 +414,8 @@ mod tests {
             "{message}"
         );
         let enough = vec!["p"; MAX_PROMPTS].join(", ");
-        let recipe = MoeRecipe::parse(
-            &TWO.replace("[code]", &format!("[{enough}]")),
-            "m.yml",
-            false,
-        )
-        .unwrap();
+        let recipe =
+            MoeRecipe::parse(&TWO.replace("[code]", &format!("[{enough}]")), "m.yml").unwrap();
         assert_eq!(recipe.experts[0].positive_prompts.len(), MAX_PROMPTS);
         assert_eq!(recipe.experts[0].positive_at.len(), MAX_PROMPTS);
         assert_eq!(recipe.experts[1].positive_at[0].line, 6);
