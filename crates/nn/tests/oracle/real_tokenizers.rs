@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use amalgam_nn::text::TextTokenizer;
 use amalgam_nn::tokenizer;
@@ -40,28 +40,38 @@ fn texts() -> Vec<String> {
     texts
 }
 
-fn transformers_ids(dir: &Path, texts: &[String]) -> Vec<Vec<i64>> {
-    let list = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(list.path(), serde_json::to_vec(texts).unwrap()).unwrap();
-    serde_json::from_value(python_json(
-        "tests/oracles/hf_tokenize.py",
-        &[dir.as_os_str(), list.path().as_os_str()],
-    ))
-    .unwrap()
+/// AutoTokenizer's ids for every text in every one of `dirs` (with special
+/// tokens added as the tokenizer adds them), from one Python process.
+fn transformers_ids(dirs: &[PathBuf], texts: &[String]) -> Vec<Vec<Vec<i64>>> {
+    let spec = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        spec.path(),
+        serde_json::to_vec(&serde_json::json!({ "dirs": dirs, "texts": texts })).unwrap(),
+    )
+    .unwrap();
+    let result = python_json("tests/oracles/hf_tokenize_dirs.py", &[spec.path()]);
+    dirs.iter()
+        .map(|dir| serde_json::from_value(result[dir.to_str().unwrap()]["with"].clone()).unwrap())
+        .collect()
 }
 
 #[test]
 fn published_tokenizers_encode_as_transformers_does() {
     let texts = texts();
-    for name in ["llama3", "qwen3", "gemma3", "llama2"] {
-        let dir = root().join(".cache/tokenizers").join(name);
+    let names = ["llama3", "qwen3", "gemma3", "llama2"];
+    let dirs: Vec<PathBuf> = names
+        .iter()
+        .map(|name| root().join(".cache/tokenizers").join(name))
+        .collect();
+    for dir in &dirs {
         assert!(
             dir.join("tokenizer.json").exists(),
             "{} is missing: run scripts/setup.sh",
             dir.display()
         );
-        let ours = TextTokenizer::load(&dir).unwrap();
-        let theirs = transformers_ids(&dir, &texts);
+    }
+    for ((name, dir), theirs) in names.iter().zip(&dirs).zip(transformers_ids(&dirs, &texts)) {
+        let ours = TextTokenizer::load(dir).unwrap();
         for (text, expected) in texts.iter().zip(&theirs) {
             assert_eq!(
                 &ours.encode(text, true).unwrap(),
@@ -103,6 +113,7 @@ fn special_token_flags_follow_transformers() {
         .map(str::to_owned)
         .to_vec();
     let tmp = tempfile::tempdir().unwrap();
+    let mut dirs = vec![];
     for name in ["llama3", "qwen3", "gemma3", "llama2"] {
         let source = root().join(".cache/tokenizers").join(name);
         let config: serde_json::Value =
@@ -119,14 +130,18 @@ fn special_token_flags_follow_transformers() {
                 serde_json::to_vec(&edited).unwrap(),
             )
             .unwrap();
-            let ours = TextTokenizer::load(&dir).unwrap();
-            for (text, expected) in texts.iter().zip(transformers_ids(&dir, &texts)) {
-                assert_eq!(
-                    ours.encode(text, true).unwrap(),
-                    expected,
-                    "{name} with {flag}: {value}: {text:?}"
-                );
-            }
+            dirs.push(dir);
+        }
+    }
+    for (dir, theirs) in dirs.iter().zip(transformers_ids(&dirs, &texts)) {
+        let ours = TextTokenizer::load(dir).unwrap();
+        for (text, expected) in texts.iter().zip(theirs) {
+            assert_eq!(
+                ours.encode(text, true).unwrap(),
+                expected,
+                "{}: {text:?}",
+                dir.file_name().unwrap().to_string_lossy()
+            );
         }
     }
 }
