@@ -649,3 +649,28 @@ impl Drop for Lock {
         let _ = &self.file;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While the interrupt cleanup holds the registry (it is removing what
+    /// is registered), an output being created makes nothing: creating a
+    /// staging directory and registering it are one step, so no interrupt
+    /// can fall between them and leave the directory behind.
+    #[test]
+    fn nothing_is_created_while_the_interrupt_cleanup_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let cleanup = interrupt::registry();
+        let creating = {
+            let out = out.clone();
+            std::thread::spawn(move || OutputDir::create(&out, false, &[]).map(drop))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let made: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert!(made.is_empty(), "created while the cleanup ran: {made:?}");
+        drop(cleanup);
+        creating.join().unwrap().unwrap();
+    }
+}
