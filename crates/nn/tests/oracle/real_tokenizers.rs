@@ -183,21 +183,19 @@ fn tokenizers_follow_the_model_type_as_transformers_does() {
         .map(|f| Some(f.model_type.clone()))
         .chain([None, Some("not_a_model_type".into())])
         .collect();
-    // (tokenizer, class variants): `None` removes the class, an edit of
-    // tokenizer_config.json otherwise.
+    // (tokenizer, class variants), each an edit of tokenizer_config.json.
     let own = |_: &mut serde_json::Value| {};
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let class =
         |name: &'static str| -> Edit { Box::new(move |c| c["tokenizer_class"] = name.into()) };
+    let no_class =
+        || -> Edit { Box::new(|c| drop(c.as_object_mut().unwrap().remove("tokenizer_class"))) };
     let variants: Vec<(&str, Vec<(&str, Edit)>)> = vec![
         (
             "llama2",
             vec![
                 ("own", Box::new(own)),
-                (
-                    "none",
-                    Box::new(|c| drop(c.as_object_mut().unwrap().remove("tokenizer_class"))),
-                ),
+                ("none", no_class()),
                 ("generic", class("PreTrainedTokenizerFast")),
                 ("codellama", class("CodeLlamaTokenizerFast")),
                 ("not-legacy", Box::new(|c| c["legacy"] = false.into())),
@@ -221,10 +219,7 @@ fn tokenizers_follow_the_model_type_as_transformers_does() {
             "qwen3",
             vec![
                 ("own", Box::new(own)),
-                (
-                    "none",
-                    Box::new(|c| drop(c.as_object_mut().unwrap().remove("tokenizer_class"))),
-                ),
+                ("none", no_class()),
                 ("generic", class("PreTrainedTokenizerFast")),
             ],
         ),
